@@ -1,0 +1,285 @@
+"""``imgclf data import``: any source → one cached dataset, each image decoded once.
+
+Decoding runs in a thread pool, in chunks (the decoders release the GIL); results are
+written straight into a memory-mapped ``images.npy`` inside a temporary folder that is
+renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.data.cache import FORMAT_VERSION, Dataset, load_dataset, publish
+from imgclf.data.decode import Size, cover_crop, decode_chunk, probe
+from imgclf.data.sources import Sample, ScannedSource, Skipped, scan_source
+from imgclf.data.splits import stratified_split
+from imgclf.errors import DataError
+from imgclf.paths import dataset_dir, datasets_dir
+
+CHUNK = 256
+
+Warn = Callable[[str], None]
+
+
+def _stderr_warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _thread_map(fn, jobs: list, workers: int) -> Iterator:
+    """``map`` in order over a thread pool: simplejpeg, Pillow and file reads release the GIL."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(fn, jobs)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        yield from pool.map(fn, jobs)
+
+
+def _target_size(sizes: list[Size], image_size: int | None) -> Size:
+    if image_size is not None:
+        return (image_size, image_size)
+    # The most common size; ties go to the larger image so little detail is lost.
+    counts = Counter(sizes)
+    return max(counts, key=lambda s: (counts[s], s[0] * s[1]))
+
+
+def import_dataset(
+    src: str | Path,
+    name: str | None = None,
+    *,
+    image_size: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    labels_csv: str | Path | None = None,
+    workers: int | None = None,
+    warn: Warn = _stderr_warn,
+    dest: Path | None = None,
+) -> Dataset:
+    """Import ``src`` into the cache as ``name`` (default: the source's file name)."""
+    src = Path(src).expanduser()
+    if image_size is not None and not 1 <= image_size <= 4096:
+        raise DataError(f"--image-size {image_size}: must be between 1 and 4096 pixels")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction}: must be at least 0 and below 1")
+    name = name or _default_name(src)
+    final = dest or dataset_dir(name)
+    tmp = _make_tmp(final)
+    try:
+        started = time.perf_counter()
+        scanned = scan_source(src, Path(labels_csv).expanduser() if labels_csv else None)
+        workers = workers or default_workers()
+        info = _decode_all(scanned, tmp, image_size, workers, warn)
+        meta = _finish(scanned, info, tmp, name, src, val_fraction, seed, warn)
+        meta["import_seconds"] = round(time.perf_counter() - started, 3)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_dataset(final)
+
+
+def _default_name(src: Path) -> str:
+    stem = src.name
+    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return stem or "dataset"
+
+
+def _make_tmp(final: Path) -> Path:
+    parent = final.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise DataError(
+            f"{parent}: cannot write the dataset cache ({exc.strerror}); "
+            f"set IMGCLF_HOME to a writable folder (now {datasets_dir().parent})"
+        ) from exc
+
+
+def _decode_all(
+    scanned: ScannedSource, tmp: Path, image_size: int | None, workers: int, warn: Warn
+) -> dict:
+    """Decode every sample into ``tmp/images.npy``; failed files join ``scanned.skipped``.
+
+    Without ``--image-size`` the target is the most common size. It is guessed from the
+    headers of the first chunk and checked at the end; only a wrong guess (a data set whose
+    first images are unlike the rest) costs a second pass.
+    """
+    if not scanned.samples:
+        raise DataError(f"{scanned.origin}: no image files found")
+    if image_size is not None:
+        target = (image_size, image_size)
+    else:
+        guesses = [_header_size(s) for s in scanned.samples[:CHUNK]]
+        target = _target_size([g for g in guesses if g is not None] or [(32, 32)], None)
+    images = tmp / "images.npy"
+    kept, natives, reasons = _decode_into(scanned.samples, images, target, workers)
+    if image_size is None:
+        best = _target_size([n for n in natives if n is not None] or [target], None)
+        if best != target:
+            target = best
+            kept, natives, reasons = _decode_into(scanned.samples, images, target, workers)
+    for s, reason in zip(scanned.samples, reasons, strict=True):
+        if reason is not None:
+            _skip(scanned, s, reason, warn)
+    if not kept:
+        n = len(scanned.samples)
+        raise DataError(f"{scanned.origin}: no readable images ({n} files skipped)")
+    scanned.samples = kept
+    for s in kept:  # the compressed bytes are no longer needed
+        s.data = s.array = None
+    resized = sum(1 for n in natives if n is not None and n != target)
+    return {"image_size": list(target), "resized": resized}
+
+
+def _header_size(s: Sample) -> Size | None:
+    return s.array.shape[:2] if s.array is not None else probe(s.data, s.path)
+
+
+def _decode_into(
+    samples: list[Sample], path: Path, target: Size, workers: int
+) -> tuple[list[Sample], list[Size | None], list[str | None]]:
+    """Decode all samples at ``target`` into a .npy file; returns kept samples, sizes, reasons."""
+    images = np.lib.format.open_memmap(
+        path, mode="w+", dtype=np.uint8, shape=(len(samples), *target, 3)
+    )
+    chunks = list(_chunks(samples, CHUNK))
+    kept: list[Sample] = []
+    natives: list[Size | None] = []
+    reasons: list[str | None] = []
+
+    def work(chunk: list[Sample]):
+        if all(s.array is not None for s in chunk):  # CIFAR batches: already decoded
+            arrays = [
+                s.array if s.array.shape[:2] == target else cover_crop(s.array, target)
+                for s in chunk
+            ]
+            return np.stack(arrays), [s.array.shape[:2] for s in chunk], [None] * len(chunk)
+        return decode_chunk([(s.data, s.path) for s in chunk], target)
+
+    results = _thread_map(work, chunks, workers)
+    for chunk, (arrays, sizes, why) in zip(chunks, results, strict=True):
+        images[len(kept) : len(kept) + len(arrays)] = arrays
+        kept += [s for s, r in zip(chunk, why, strict=True) if r is None]
+        natives += sizes
+        reasons += why
+    images.flush()
+    del images
+    if len(kept) < len(samples):  # some files failed: trim the unused tail
+        arr = np.load(path, mmap_mode="r")[: len(kept)].copy()
+        np.save(path, arr)
+    return kept, natives, reasons
+
+
+def _skip(scanned: ScannedSource, s: Sample, reason: str | None, warn: Warn) -> None:
+    reason = reason or "unknown"
+    scanned.skipped.append(Skipped(s.source, reason))
+    warn(f"{s.source}: skipped: {reason}")
+
+
+def _finish(
+    scanned: ScannedSource,
+    info: dict,
+    tmp: Path,
+    name: str,
+    src: Path,
+    val_fraction: float,
+    seed: int,
+    warn: Warn,
+) -> dict:
+    samples = scanned.samples
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    split_of = [s.split for s in samples]
+    _check_classes(scanned, labels, split_of)
+    split_names = sorted(set(split_of), key=["train", "val", "test"].index)
+    codes = np.array([split_names.index(s) for s in split_of], dtype=np.int8)
+    made_val = False
+    if "val" not in split_names and "train" in split_names and val_fraction > 0:
+        train_idx = np.flatnonzero(codes == split_names.index("train"))
+        val_idx = stratified_split(labels[train_idx], val_fraction, seed)
+        split_names = [*split_names, "val"]
+        codes[train_idx[val_idx]] = split_names.index("val")
+        made_val = True
+    np.save(tmp / "labels.npy", labels)
+    np.save(tmp / "splits.npy", codes)
+    _write_files_csv(tmp / "files.csv", samples, labels, codes, split_names)
+    _write_report(tmp / "import-report.csv", scanned.skipped)
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "source": str(src.resolve()),
+        "source_shape": scanned.shape,
+        "classes": scanned.classes,
+        "num_samples": len(samples),
+        "image_size": info["image_size"],
+        "resize_policy": "scale to cover, bicubic antialiased, centre crop",
+        "resized": info["resized"],
+        "split_names": split_names,
+        "val_split": (
+            {"from": "train", "fraction": val_fraction, "seed": seed, "stratified": True}
+            if made_val
+            else {"from": "source"}
+        ),
+        "skipped": len(scanned.skipped),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _check_classes(scanned: ScannedSource, labels: np.ndarray, split_of: list[str]) -> None:
+    if len(scanned.classes) < 2:
+        raise DataError(
+            f"{scanned.origin}: found {len(scanned.classes)} class(es) {scanned.classes}; "
+            "a classifier needs at least 2 class folders or labels"
+        )
+    counts = np.bincount(labels, minlength=len(scanned.classes))
+    train_only = {sp for sp in split_of} <= {"train"}
+    for cls, n in zip(scanned.classes, counts, strict=True):
+        if n == 0:
+            where = f"{scanned.origin}/{cls}" if train_only else f"class {cls!r}"
+            bad = sum(1 for s in scanned.skipped if f"/{cls}/" in s.path)
+            raise DataError(
+                f"{where}: no readable images ({bad} files skipped, see the warnings above); "
+                "add images or remove the folder"
+            )
+
+
+def _write_files_csv(path: Path, samples, labels, codes, split_names) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "split", "label", "source"])
+        for i, (s, lab, code) in enumerate(zip(samples, labels, codes, strict=True)):
+            w.writerow([i, split_names[code], int(lab), s.source])
+
+
+def _write_report(path: Path, skipped: list[Skipped]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        for s in skipped:
+            w.writerow([s.path, s.reason])

@@ -1,0 +1,22 @@
+"""A dataset's description, as ``imgclf data info`` prints it."""
+
+from __future__ import annotations
+
+from imgclf.data.cache import Dataset
+
+
+def dataset_info(ds: Dataset) -> dict:
+    return {
+        "name": ds.name,
+        "root": str(ds.root),
+        "source": ds.meta["source"],
+        "source_shape": ds.meta["source_shape"],
+        "classes": ds.classes,
+        "num_samples": len(ds.labels),
+        "image_size": list(ds.image_size),
+        "resize_policy": ds.meta["resize_policy"],
+        "resized": ds.meta["resized"],
+        "counts": ds.counts(),
+        "val_split": ds.meta["val_split"],
+        "skipped": ds.skipped(),
+    }

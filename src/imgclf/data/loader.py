@@ -1,0 +1,175 @@
+"""Batches from cached uint8 images, augmented as whole batches with tensor ops.
+
+No per-image PIL work and no DataLoader workers: the split's uint8 images sit in one
+tensor (on the training device when it is a GPU), and each batch is one gather that
+applies the random crop and the flip at once, then a float conversion, an optional
+resize and a normalization. On 2 CPU cores this serves well over 50,000 32×32 images/s
+(``benchmarks/bench_data.py``), far more than any model here consumes.
+
+Randomness comes from a CPU ``torch.Generator`` seeded by (seed, epoch): the same batches
+on CPU and CUDA, and after a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Batch augmentation. ``crop_padding``: random translation by up to that many pixels
+    with reflect padding (the standard CIFAR crop, as in airbench94 ``translate``);
+    ``flip``: horizontal flip with probability 1/2."""
+
+    crop_padding: int = 0
+    flip: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.crop_padding > 0 or self.flip
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # Distinct, reproducible streams per epoch; a resumed run replays the same ones.
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def epoch_order(
+    n: int, *, epoch: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1
+) -> torch.Tensor:
+    """Sample order for one epoch; the seam for data-parallel training (each rank a slice)."""
+    order = (
+        torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
+    )
+    return order[rank::world_size]
+
+
+def _reflect(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Reflect-pad index arithmetic (…2 1 | 0 1 2 … n-1 | n-2 …): padding without a copy."""
+    idx = idx.abs()
+    return torch.where(idx >= size, 2 * (size - 1) - idx, idx)
+
+
+def augment_indices(
+    batch: int, height: int, width: int, aug: Augment, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column source indices (B×H, B×W) for a random crop + flip of each image."""
+    rows = torch.arange(height).expand(batch, height)
+    cols = torch.arange(width).expand(batch, width)
+    p = aug.crop_padding
+    if p > 0:
+        dy = torch.randint(-p, p + 1, (batch, 1), generator=gen)
+        dx = torch.randint(-p, p + 1, (batch, 1), generator=gen)
+        rows, cols = _reflect(rows + dy, height), _reflect(cols + dx, width)
+    if aug.flip:
+        flip = torch.rand(batch, 1, generator=gen) < 0.5
+        cols = torch.where(flip, cols.flip(1), cols)
+    return rows, cols
+
+
+class BatchLoader:
+    """Iterate (images, labels) batches of a dataset split.
+
+    ``images``: N×H×W×3 uint8 (numpy, memmap or tensor). Yields float batches
+    B×3×S×S normalized by ``mean``/``std`` (0..1 scale), in channels_last memory format when
+    asked (free here: the cache is already NHWC), and int64 labels.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor,
+        *,
+        batch_size: int,
+        shuffle: bool = False,
+        augment: Augment | None = None,
+        size: int | Sequence[int] | None = None,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        channels_last: bool = True,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.device = torch.device(device)
+        # One copy of the split in RAM (or on the GPU): 45,000 CIFAR images are 138 MB.
+        self.images = torch.as_tensor(np.ascontiguousarray(images)).to(self.device)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(self.device)
+        if self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise ValueError(f"images must be N×H×W×3 uint8, got {tuple(self.images.shape)}")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment or Augment()
+        self.size = _pair(size) if size is not None else tuple(self.images.shape[1:3])
+        scale = 255.0
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * scale
+        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * scale)
+        self.channels_last = channels_last
+        self.dtype = dtype
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = -(-len(self.labels) // self.world_size)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = epoch_generator(self.seed + 1, self.epoch)  # augmentation stream
+        order = epoch_order(
+            len(self.labels),
+            epoch=self.epoch,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            if self.drop_last and len(idx) < self.batch_size:
+                break
+            yield self.batch(idx, gen), self.labels[idx.to(self.device)]
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """Images ``idx`` as a normalized float batch (augmented when a generator is given)."""
+        _, h, w, _ = self.images.shape
+        if gen is not None and self.augment.enabled:
+            rows, cols = augment_indices(len(idx), h, w, self.augment, gen)
+            b = idx.view(-1, 1, 1).to(self.device)
+            x = self.images[b, rows.to(self.device)[:, :, None], cols.to(self.device)[:, None, :]]
+        else:
+            x = self.images[idx.to(self.device)]
+        x = x.permute(0, 3, 1, 2).to(self.dtype)  # NHWC memory seen as NCHW: channels_last
+        if (h, w) != self.size:
+            # antialias when shrinking, as PIL would; plain bilinear when enlarging.
+            shrink = self.size[0] < h or self.size[1] < w
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=shrink)
+        x = x.sub_(self.mean).mul_(self.inv_std)
+        if self.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))

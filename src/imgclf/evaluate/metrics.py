@@ -1,0 +1,252 @@
+"""Inference and metrics, kept apart: ``infer`` turns batches into logits once, and
+everything else (metrics, ensembles, prediction files) is a function of those logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from imgclf.io_utils import atomic_write_text
+
+ArrayLike = np.ndarray | torch.Tensor | Sequence[Any]
+
+# Probabilities are clipped before the log, as sklearn.metrics.log_loss does with the
+# machine epsilon of the input dtype: float32 here, the dtype our models produce.
+_PROB_EPS = float(np.finfo(np.float32).eps)
+
+
+# ---------------------------------------------------------------------------- inference
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    # Restore each module's own flag rather than calling model.train(): the trainer keeps
+    # frozen BatchNorm layers in eval mode, and a blanket train() would wake them up.
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def infer(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[Any, Any]],
+    *,
+    device: str | torch.device | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` in eval mode over ``(x, y)`` batches.
+
+    Returns ``(logits, labels)``: float32 ``(N, C)`` and int64 ``(N,)``, both on the CPU.
+    ``device`` defaults to the model's own device; inputs are moved there. Autocast is
+    used only when ``autocast_dtype`` is given (e.g. ``torch.bfloat16``). Each module's
+    train/eval flag is restored afterwards. No batches gives empty tensors.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    logits_parts: list[torch.Tensor] = []
+    label_parts: list[torch.Tensor] = []
+    with _eval_mode(model), torch.inference_mode(), _autocast(device, autocast_dtype):
+        for x, y in batches:
+            logits = model(x.to(device, non_blocking=True))
+            logits_parts.append(logits.float().cpu())
+            label_parts.append(torch.as_tensor(y).reshape(-1).to("cpu", torch.int64))
+    if not logits_parts:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
+    return torch.cat(logits_parts), torch.cat(label_parts)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+# eq=False: a generated __eq__ would compare numpy arrays and raise on truth value
+@dataclass(frozen=True, eq=False)
+class Metrics:
+    """Scores of one set of predictions. Per-class arrays follow ``class_names``."""
+
+    class_names: list[str]
+    count: int
+    accuracy: float  # fraction in [0, 1]
+    loss: float  # mean cross-entropy (NLL of clipped probabilities when scored from probs)
+    confusion: np.ndarray  # (C, C) int64, rows = true class, cols = predicted class
+    precision: np.ndarray  # (C,), 0 where nothing was predicted as the class
+    recall: np.ndarray  # (C,), 0 where the class has no samples
+    f1: np.ndarray  # (C,)
+    support: np.ndarray  # (C,) int64, true samples per class
+    macro_precision: float  # unweighted means over all classes, as sklearn's "macro"
+    macro_recall: float
+    macro_f1: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict; non-finite numbers become ``None`` (JSON has no NaN)."""
+        per_class = [
+            {
+                "class": name,
+                "precision": _json_float(self.precision[i]),
+                "recall": _json_float(self.recall[i]),
+                "f1": _json_float(self.f1[i]),
+                "support": int(self.support[i]),
+            }
+            for i, name in enumerate(self.class_names)
+        ]
+        return {
+            "count": self.count,
+            "accuracy": _json_float(self.accuracy),
+            "loss": _json_float(self.loss),
+            "macro_precision": _json_float(self.macro_precision),
+            "macro_recall": _json_float(self.macro_recall),
+            "macro_f1": _json_float(self.macro_f1),
+            "class_names": list(self.class_names),
+            "per_class": per_class,
+            "confusion": self.confusion.tolist(),
+        }
+
+
+def _json_float(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _to_numpy(values: ArrayLike) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _mean_nll(scores: np.ndarray, labels: np.ndarray, from_probs: bool) -> float:
+    scores = scores.astype(np.float64, copy=False)
+    rows = np.arange(len(labels))
+    if from_probs:
+        picked = np.clip(scores[rows, labels], _PROB_EPS, 1.0)
+        return float(-np.log(picked).mean())
+    # log-softmax via the max-shifted log-sum-exp, stable for large logits
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(shifted).sum(axis=1))
+    return float((log_norm - shifted[rows, labels]).mean())
+
+
+def _check_inputs(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+    if scores.ndim != 2 or scores.shape[1] != num_classes:
+        raise ValueError(
+            f"scores must have shape (N, {num_classes}) to match class_names, got {scores.shape}"
+        )
+    if labels.ndim != 1 or len(labels) != len(scores):
+        raise ValueError(f"labels must have shape ({len(scores)},), got {labels.shape}")
+    if len(labels) == 0:
+        raise ValueError("no samples to score")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}"
+        )
+
+
+def compute_metrics(
+    logits_or_probs: ArrayLike,
+    labels: ArrayLike,
+    class_names: Sequence[str],
+    *,
+    from_probs: bool = False,
+) -> Metrics:
+    """Score ``(N, C)`` logits (or probabilities with ``from_probs=True``) against labels."""
+    scores = _to_numpy(logits_or_probs)
+    labels = _to_numpy(labels).astype(np.int64, copy=False)
+    num_classes = len(class_names)
+    _check_inputs(scores, labels, num_classes)
+
+    predicted = scores.argmax(axis=1)
+    every_class = list(range(num_classes))  # classes absent from this split still get a row
+    confusion = confusion_matrix(labels, predicted, labels=every_class).astype(np.int64)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=every_class, average=None, zero_division=0
+    )
+    return Metrics(
+        class_names=list(class_names),
+        count=len(labels),
+        accuracy=float((predicted == labels).mean()),
+        loss=_mean_nll(scores, labels, from_probs),
+        confusion=confusion,
+        precision=precision.astype(np.float64),
+        recall=recall.astype(np.float64),
+        f1=f1.astype(np.float64),
+        support=support.astype(np.int64),
+        macro_precision=float(precision.mean()),
+        macro_recall=float(recall.mean()),
+        macro_f1=float(f1.mean()),
+    )
+
+
+# ---------------------------------------------------------------------------- writers
+
+
+def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6f}"
+
+
+def write_confusion_csv(metrics: Metrics, path: str | os.PathLike[str]) -> None:
+    """Confusion matrix as CSV: header ``true\\pred,<classes>``, one row per true class."""
+    header = ["true\\pred", *metrics.class_names]
+    rows = [
+        [name, *(int(n) for n in counts)]
+        for name, counts in zip(metrics.class_names, metrics.confusion, strict=True)
+    ]
+    atomic_write_text(path, _csv_text([header, *rows]))
+
+
+def write_per_class_csv(metrics: Metrics, path: str | os.PathLike[str]) -> None:
+    """Columns ``class,precision,recall,f1,support``; then ``macro avg`` and ``accuracy``
+    rows laid out as in sklearn's classification_report (accuracy in the f1 column)."""
+    rows: list[list[Any]] = [["class", "precision", "recall", "f1", "support"]]
+    for i, name in enumerate(metrics.class_names):
+        rows.append(
+            [
+                name,
+                _fmt(metrics.precision[i]),
+                _fmt(metrics.recall[i]),
+                _fmt(metrics.f1[i]),
+                int(metrics.support[i]),
+            ]
+        )
+    rows.append(
+        [
+            "macro avg",
+            _fmt(metrics.macro_precision),
+            _fmt(metrics.macro_recall),
+            _fmt(metrics.macro_f1),
+            metrics.count,
+        ]
+    )
+    rows.append(["accuracy", "", "", _fmt(metrics.accuracy), metrics.count])
+    atomic_write_text(path, _csv_text(rows))

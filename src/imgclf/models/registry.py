@@ -1,0 +1,97 @@
+"""One registry for every model: ``@register`` adds a constructor, ``create`` builds one.
+
+Pattern after timm's model registry: names are the only way the rest of imgclf (recipes,
+the CLI, checkpoints) refers to an architecture.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from imgclf.errors import UnknownModel
+from imgclf.models.base import Classifier
+
+KINDS = ("scratch", "pretrained")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What ``imgclf models`` lists: enough to choose a model without building it."""
+
+    name: str
+    description: str
+    input_size: int  # default square input resolution
+    kind: str  # "scratch" (random init) or "pretrained" (downloads weights)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    spec: ModelSpec
+    build: Callable[..., Classifier]
+
+
+_MODELS: dict[str, _Entry] = {}
+
+Builder = TypeVar("Builder", bound=Callable[..., Classifier])
+
+
+def register(
+    name: str, *, description: str, input_size: int, kind: str = "scratch"
+) -> Callable[[Builder], Builder]:
+    """Register a Classifier subclass or factory under ``name``.
+
+    The constructor is called as ``build(num_classes=..., input_size=..., **kwargs)``.
+    A variant factory must accept every key of the model_args it produces, so that
+    ``create(name, **model.model_args)`` works, e.g.::
+
+        @register("fast_large", description="...", input_size=32)
+        def fast_large(num_classes, input_size=32, widths=(128, 384, 384), **kwargs):
+            return FastNet(num_classes, input_size, widths=widths, **kwargs)
+    """
+    if kind not in KINDS:
+        raise ValueError(f"model {name!r}: kind must be one of {KINDS}, got {kind!r}")
+
+    def add(build: Builder) -> Builder:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        _MODELS[name] = _Entry(ModelSpec(name, description, input_size, kind), build)
+        return build
+
+    return add
+
+
+def _entry(name: str) -> _Entry:
+    if name in _MODELS:
+        return _MODELS[name]
+    choices = ", ".join(sorted(_MODELS))
+    close = difflib.get_close_matches(name.lower(), list(_MODELS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
+    raise UnknownModel(f"unknown model {name!r}{hint} choose one of: {choices}")
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The spec of a registered model; UnknownModel (with a suggestion) otherwise."""
+    return _entry(name).spec
+
+
+def list_models() -> list[ModelSpec]:
+    """Every registered model, sorted by name."""
+    return [_MODELS[name].spec for name in sorted(_MODELS)]
+
+
+def create(name: str, num_classes: int, **kwargs: Any) -> Classifier:
+    """Build model ``name`` with ``num_classes`` outputs.
+
+    ``input_size`` defaults to the registered one; other kwargs go to the constructor.
+    ``create(name, **model.model_args)`` rebuilds the same architecture.
+    """
+    entry = _entry(name)
+    kwargs.setdefault("input_size", entry.spec.input_size)
+    model = entry.build(num_classes=num_classes, **kwargs)
+    if not isinstance(model, Classifier):
+        raise TypeError(f"model {name!r} built a {type(model).__name__}, not a Classifier")
+    model.name = name
+    return model
