@@ -46,7 +46,11 @@ def _data_import(args: argparse.Namespace) -> int:
 
     if args.src.lower() in ("cifar10", "cifar100") and not _exists(args.src):
         ds = import_named(
-            args.src, name_as=args.name, val_fraction=args.val_fraction, seed=args.seed
+            args.src,
+            name_as=args.name,
+            image_size=args.image_size,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
         )
     else:
         ds = import_dataset(
@@ -87,9 +91,9 @@ def _data_info(args: argparse.Namespace) -> int:
     print(f"dataset {info['name']} ({info['root']})")
     print(f"source: {info['source']} [{info['source_shape']}]")
     h, w = info["image_size"]
-    print(f"images: {info['num_samples']} at {h}×{w}, resized {info['resized']} ")
+    print(f"images: {info['num_samples']} at {h}×{w}, resized {info['resized']}")
     splits = list(info["counts"])
-    width = max(len(c) for c in info["classes"])
+    width = max(len(c) for c in ["class", "total", *info["classes"]])
     print(f"{'class':<{width}}  " + "  ".join(f"{s:>7}" for s in splits))
     for c in info["classes"]:
         print(f"{c:<{width}}  " + "  ".join(f"{info['counts'][s][c]:>7}" for s in splits))
@@ -173,6 +177,131 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_models)
 
 
+# ---------------------------------------------------------------- recipes, train, eval
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from imgclf.train.recipe import list_recipes, load_recipe, recipe_yaml
+
+    if args.name:
+        print(recipe_yaml(load_recipe(args.name)), end="")
+        return 0
+    for name, description in list_recipes().items():
+        print(f"{name:<24} {description}")
+    return 0
+
+
+def _add_recipes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipes", help="list bundled recipes, or print one resolved")
+    p.add_argument("name", nargs="?", help="a recipe to print in full")
+    p.set_defaults(handler=_recipes)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from imgclf.train import train
+
+    if args.recipe is None and args.resume is None:
+        raise UserError("give a RECIPE (see `imgclf recipes`) or --resume RUN_DIR")
+    run = train(
+        args.recipe,
+        args.data,
+        out=args.out,
+        epochs=args.epochs,
+        overrides=args.set or (),
+        resume=args.resume,
+        device=args.device,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    acc = run.summary.get("val_accuracy")
+    shown = f"val accuracy {acc:.4f}" if acc is not None else "no validation split"
+    print(f"{shown}; run folder: {run.path} (curves.png, confusion_matrix.png, summary.json)")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a recipe on a dataset",
+        description="Train RECIPE (a bundled name or a .yaml path) on an imported dataset. "
+        "Writes runs/<recipe>-<n>/ with config.yaml, metrics.csv, last.pt, best.pt, curves, "
+        "confusion matrix, per-class scores, summary.json and TensorBoard events.",
+    )
+    p.add_argument("recipe", nargs="?", help="recipe name (imgclf recipes) or YAML path")
+    p.add_argument("--data", help="dataset name or cache folder (imgclf data list)")
+    p.add_argument("--out", help="run folder (default runs/<recipe>-<n>)")
+    p.add_argument(
+        "--epochs", type=_positive_int, metavar="N", help="total epochs, shared among stages"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. optimizer.lr=0.05 or stages.0.epochs=3 (repeatable)",
+    )
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument(
+        "--threads", type=_positive_int, metavar="N", help="CPU threads (default: physical cores)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    p.set_defaults(handler=_train)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from imgclf.evaluate.runs import evaluate
+
+    if args.threads:
+        from imgclf.train.device import set_threads
+
+        set_threads(args.threads)
+    metrics = evaluate(
+        args.runs[0],
+        args.data,
+        split=args.split,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    if args.json:
+        print(json.dumps({"run": args.runs[0], **metrics.to_dict()}))
+        return 0
+    print(
+        f"{args.runs[0]}: accuracy {metrics.accuracy:.4f}  loss {metrics.loss:.4f}  "
+        f"macro F1 {metrics.macro_f1:.4f}  ({metrics.count} images)"
+    )
+    width = max(len(c) for c in metrics.class_names)
+    print(f"{'class':<{width}}  precision  recall      f1  support")
+    for i, c in enumerate(metrics.class_names):
+        print(
+            f"{c:<{width}}  {metrics.precision[i]:>9.4f}  {metrics.recall[i]:>6.4f}  "
+            f"{metrics.f1[i]:>6.4f}  {int(metrics.support[i]):>7}"
+        )
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="accuracy, per-class scores and confusion of runs on a dataset",
+        description="Evaluate RUN (a run folder or checkpoint) on an imported dataset or an "
+        "image folder. Classes are matched by name.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) or .pt checkpoint(s)")
+    p.add_argument("--data", required=True, help="dataset name, cache folder, or image folder")
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test", "all"],
+        help="split to score (default: test if present, else val, else all)",
+    )
+    p.add_argument("--tta", action="store_true", help="average flipped (and shifted) views")
+    p.add_argument("--batch-size", type=_positive_int, default=512, metavar="N")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--threads", type=_positive_int, metavar="N")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_eval)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -188,7 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_models]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_data,
+    _add_models,
+    _add_recipes,
+    _add_train,
+    _add_eval,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -116,7 +116,10 @@ def list_datasets() -> list[str]:
     base = datasets_dir()
     if not base.is_dir():
         return []
-    return sorted(p.name for p in base.iterdir() if (p / "meta.json").is_file())
+    # Hidden names are temporary (.NAME.tmp-*) or replaced (.NAME.old) folders.
+    return sorted(
+        p.name for p in base.iterdir() if not p.name.startswith(".") and (p / "meta.json").is_file()
+    )
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -127,6 +130,11 @@ def publish(tmp: Path, final: Path) -> None:
         if old.exists():
             shutil.rmtree(old)
         final.rename(old)
-    tmp.rename(final)
+    try:
+        tmp.rename(final)
+    except OSError:
+        if old is not None:
+            old.rename(final)  # put the previous dataset back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -19,6 +19,7 @@ simplejpeg rejects, goes through Pillow, whose error is the reason reported.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -36,7 +37,7 @@ def _reason(exc: BaseException) -> str:
         return "not an image Pillow can read"
     if isinstance(exc, PermissionError):
         return "unreadable: permission denied"
-    if isinstance(exc, OSError) and "truncated" in str(exc):
+    if isinstance(exc, OSError) and "truncated" in str(exc).lower():  # "Truncated File Read"
         return "truncated image"
     if isinstance(exc, ValueError) and "empty file" in str(exc):
         return str(exc)
@@ -53,6 +54,28 @@ def _read(data: bytes | None, path: str | None) -> bytes:
     return data
 
 
+# warnings.catch_warnings swaps process-wide state: two decoding threads inside it at once
+# can leave the "error" filter installed for good, or drop it while another thread opens.
+_OPEN_LOCK = threading.Lock()
+
+
+def _open(data: bytes) -> Image.Image:
+    """``Image.open`` (header only) with Pillow's decompression-bomb warning as an error."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+def _check_pixels(h: int, w: int) -> None:
+    """Pillow's decompression-bomb limit, for images that do not go through ``Image.open``."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and h * w > limit:
+        raise Image.DecompressionBombError(
+            f"Image size ({h * w} pixels) exceeds limit of {limit} pixels, "
+            "could be decompression bomb DOS attack."
+        )
+
+
 def _fast_jpeg_ok(data: bytes) -> bool:
     # EXIF may rotate the image and CMYK/YCCK need Adobe handling: leave both to Pillow.
     return data[:2] == b"\xff\xd8" and b"Exif\x00" not in data[:65536]
@@ -63,6 +86,10 @@ def _decode_fast(data: bytes, size: Size | None) -> tuple[np.ndarray, Size] | No
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if colorspace not in ("YCbCr", "Gray"):
             return None
+    except ValueError:
+        return None  # Pillow decides, and names the problem
+    _check_pixels(h, w)
+    try:
         if size is not None and size[0] < h and size[1] < w:
             # libjpeg scales by n/8 while decoding: far faster for photos.
             arr = simplejpeg.decode_jpeg(
@@ -76,17 +103,17 @@ def _decode_fast(data: bytes, size: Size | None) -> tuple[np.ndarray, Size] | No
 
 
 def _decode_pil(data: bytes, size: Size | None) -> tuple[np.ndarray, Size]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(data))
-        w, h = im.size
-        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotation by 90°
-            w, h = h, w
-        if size is not None and im.format == "JPEG":
-            im.draft("RGB", (size[1], size[0]))  # DCT scaling, as above
-        im = ImageOps.exif_transpose(im)  # loads the pixels: truncation raises here
-        im.load()
-        return np.asarray(_to_rgb(im), dtype=np.uint8), (h, w)
+    im = _open(data)
+    w, h = im.size
+    rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF rotation by 90°
+    if rotated:
+        w, h = h, w
+    if size is not None and im.format == "JPEG":
+        # DCT scaling, as above; draft() sees the stored image, before any rotation.
+        im.draft("RGB", (size[0], size[1]) if rotated else (size[1], size[0]))
+    im = ImageOps.exif_transpose(im)  # loads the pixels: truncation raises here
+    im.load()
+    return np.asarray(_to_rgb(im), dtype=np.uint8), (h, w)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -139,13 +166,11 @@ def probe(data: bytes | None, path: str | None) -> Size | None:
         if _fast_jpeg_ok(data):
             h, w, _, _ = simplejpeg.decode_jpeg_header(data)
             return (h, w)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90°
-                w, h = h, w
-            return (h, w)
+        im = _open(data)
+        w, h = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90°
+            w, h = h, w
+        return (h, w)
     except Exception:  # decoding will report the reason
         return None
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from imgclf.data.cache import FORMAT_VERSION, Dataset, load_dataset, publish
 from imgclf.data.decode import Size, cover_crop, decode_chunk, probe
-from imgclf.data.sources import Sample, ScannedSource, Skipped, scan_source
+from imgclf.data.sources import IMAGE_EXTENSIONS, Sample, ScannedSource, Skipped, scan_source
 from imgclf.data.splits import stratified_split
 from imgclf.errors import DataError
 from imgclf.paths import dataset_dir, datasets_dir
@@ -85,6 +85,11 @@ def import_dataset(
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction {val_fraction}: must be at least 0 and below 1")
     name = name or _default_name(src)
+    if name.startswith(".") or "/" in name or os.sep in name:
+        # A path would escape the cache; a leading dot is how temporary folders are named.
+        raise DataError(
+            f"{name!r}: not a usable dataset name (no '/', no leading '.'); pass --name"
+        )
     final = dest or dataset_dir(name)
     tmp = _make_tmp(final)
     try:
@@ -132,7 +137,8 @@ def _decode_all(
     first images are unlike the rest) costs a second pass.
     """
     if not scanned.samples:
-        raise DataError(f"{scanned.origin}: no image files found")
+        exts = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise DataError(f"{scanned.origin}: no image files found ({exts}); check the folder")
     if image_size is not None:
         target = (image_size, image_size)
     else:
@@ -216,7 +222,7 @@ def _finish(
     samples = scanned.samples
     labels = np.array([s.label for s in samples], dtype=np.int64)
     split_of = [s.split for s in samples]
-    _check_classes(scanned, labels, split_of)
+    _check_classes(scanned, labels)
     split_names = sorted(set(split_of), key=["train", "val", "test"].index)
     codes = np.array([split_names.index(s) for s in split_of], dtype=np.int8)
     made_val = False
@@ -251,21 +257,20 @@ def _finish(
     }
 
 
-def _check_classes(scanned: ScannedSource, labels: np.ndarray, split_of: list[str]) -> None:
+def _check_classes(scanned: ScannedSource, labels: np.ndarray) -> None:
     if len(scanned.classes) < 2:
         raise DataError(
             f"{scanned.origin}: found {len(scanned.classes)} class(es) {scanned.classes}; "
             "a classifier needs at least 2 class folders or labels"
         )
     counts = np.bincount(labels, minlength=len(scanned.classes))
-    train_only = {sp for sp in split_of} <= {"train"}
     for cls, n in zip(scanned.classes, counts, strict=True):
         if n == 0:
-            where = f"{scanned.origin}/{cls}" if train_only else f"class {cls!r}"
+            where = scanned.class_dirs.get(cls, f"{scanned.origin}: class {cls!r}")
             bad = sum(1 for s in scanned.skipped if f"/{cls}/" in s.path)
+            found = f"{bad} files skipped, see the warnings above" if bad else "empty folder"
             raise DataError(
-                f"{where}: no readable images ({bad} files skipped, see the warnings above); "
-                "add images or remove the folder"
+                f"{where}: no readable images ({found}); add images or remove the folder"
             )
 
 

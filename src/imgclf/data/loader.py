@@ -103,8 +103,8 @@ class BatchLoader:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.device = torch.device(device)
         # One copy of the split in RAM (or on the GPU): 45,000 CIFAR images are 138 MB.
-        self.images = torch.as_tensor(np.ascontiguousarray(images)).to(self.device)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(self.device)
+        self.images = _as_tensor(images).to(self.device)
+        self.labels = _as_tensor(labels).to(self.device, torch.int64)
         if self.images.ndim != 4 or self.images.shape[-1] != 3:
             raise ValueError(f"images must be N×H×W×3 uint8, got {tuple(self.images.shape)}")
         self.batch_size = batch_size
@@ -112,8 +112,8 @@ class BatchLoader:
         self.augment = augment or Augment()
         self.size = _pair(size) if size is not None else tuple(self.images.shape[1:3])
         scale = 255.0
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * scale
-        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * scale)
+        self.mean = torch.tensor(mean, device=self.device) * scale
+        self.inv_std = 1.0 / (torch.tensor(std, device=self.device) * scale)
         self.channels_last = channels_last
         self.dtype = dtype
         self.seed = seed
@@ -122,7 +122,7 @@ class BatchLoader:
         self.epoch = 0
 
     def __len__(self) -> int:
-        n = -(-len(self.labels) // self.world_size)
+        n = len(range(self.rank, len(self.labels), self.world_size))  # this rank's share
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     @property
@@ -133,6 +133,11 @@ class BatchLoader:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's batches from batch ``start`` on, exactly as a full pass yields them
+        (skipped batches still draw their random numbers): how a resume continues."""
         gen = epoch_generator(self.seed + 1, self.epoch)  # augmentation stream
         order = epoch_order(
             len(self.labels),
@@ -142,30 +147,51 @@ class BatchLoader:
             rank=self.rank,
             world_size=self.world_size,
         )
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        _, h, w, _ = self.images.shape
+        for i, begin in enumerate(range(0, len(order), self.batch_size)):
+            idx = order[begin : begin + self.batch_size]
             if self.drop_last and len(idx) < self.batch_size:
                 break
+            if i < start:
+                if self.augment.enabled:
+                    augment_indices(len(idx), h, w, self.augment, gen)
+                continue
             yield self.batch(idx, gen), self.labels[idx.to(self.device)]
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         """Images ``idx`` as a normalized float batch (augmented when a generator is given)."""
-        _, h, w, _ = self.images.shape
+        n, h, w, _ = self.images.shape
+        idx = idx.to(self.device)
         if gen is not None and self.augment.enabled:
             rows, cols = augment_indices(len(idx), h, w, self.augment, gen)
-            b = idx.view(-1, 1, 1).to(self.device)
-            x = self.images[b, rows.to(self.device)[:, :, None], cols.to(self.device)[:, None, :]]
+            rows, cols = rows.to(self.device), cols.to(self.device)
+            # One index_select of whole pixels over a flat view: ~5× faster than 3-tensor
+            # advanced indexing here (benchmarks/bench_data.py).
+            pixel = (idx.view(-1, 1, 1) * h + rows[:, :, None]) * w + cols[:, None, :]
+            x = self.images.view(n * h * w, 3).index_select(0, pixel.reshape(-1))
+            x = x.view(len(idx), h, w, 3)
         else:
-            x = self.images[idx.to(self.device)]
-        x = x.permute(0, 3, 1, 2).to(self.dtype)  # NHWC memory seen as NCHW: channels_last
+            x = self.images.index_select(0, idx)
+        # Normalize while still NHWC-contiguous (channel = last dim broadcasts fast), then
+        # view as NCHW: that view *is* channels_last, at no cost.
+        x = x.to(self.dtype).sub_(self.mean).mul_(self.inv_std).permute(0, 3, 1, 2)
         if (h, w) != self.size:
-            # antialias when shrinking, as PIL would; plain bilinear when enlarging.
+            # Per-channel affine commutes with interpolation, so resizing after normalizing
+            # is exact. Antialias when shrinking, as PIL would.
             shrink = self.size[0] < h or self.size[1] < w
             x = F.interpolate(x, size=self.size, mode="bilinear", antialias=shrink)
-        x = x.sub_(self.mean).mul_(self.inv_std)
         if self.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()
+
+
+def _as_tensor(values) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values
+    arr = np.ascontiguousarray(values)
+    if not arr.flags.writeable:  # a read-only memmap: torch wants memory it may write
+        arr = arr.copy()
+    return torch.from_numpy(arr)
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:

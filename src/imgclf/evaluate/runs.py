@@ -1,0 +1,132 @@
+"""Evaluate trained runs on a dataset: by name from the cache, or an image folder path.
+
+Classes are matched by name, never by index: a checkpoint trained on
+``[cat, dog]`` scores a folder whose classes sort as ``[dog, cat]`` correctly, and a
+different class set is an error that shows both.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgclf.data.cache import Dataset, load_dataset, resolve_dataset_dir
+from imgclf.data.importer import import_dataset
+from imgclf.data.loader import BatchLoader
+from imgclf.errors import CheckpointError, DataError
+from imgclf.evaluate.metrics import Metrics, compute_metrics, infer
+from imgclf.evaluate.tta import TTA
+from imgclf.train.checkpoint import build_model_from_checkpoint, load_checkpoint
+from imgclf.train.device import resolve_hardware
+
+
+@dataclass
+class LoadedRun:
+    """A checkpoint rebuilt for inference."""
+
+    path: Path
+    name: str
+    model: torch.nn.Module
+    state: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.state["class_names"])
+
+
+def load_run(run: str | Path | Any, device: torch.device | str = "cpu") -> LoadedRun:
+    """A run folder (its best.pt, else last.pt), a checkpoint file, or a ``Run``."""
+    path = Path(getattr(run, "path", run))
+    state = load_checkpoint(path)
+    model = build_model_from_checkpoint(state).to(device)
+    folder = path if path.is_dir() else path.parent
+    return LoadedRun(path, folder.name, model, state)
+
+
+def open_data(data: str | Path | Dataset) -> Dataset:
+    """A cached dataset by name or folder, or any importable source (imported to a temp
+    cache first, with no validation split carved out)."""
+    if isinstance(data, Dataset):
+        return data
+    try:
+        return load_dataset(resolve_dataset_dir(data))
+    except DataError:
+        if not Path(data).expanduser().exists():
+            raise
+    tmp = Path(tempfile.mkdtemp(prefix="imgclf-eval-"))
+    return import_dataset(data, "adhoc", val_fraction=0.0, dest=tmp / "adhoc")
+
+
+def default_split(ds: Dataset) -> str:
+    for split in ("test", "val"):
+        if ds.has_split(split):
+            return split
+    return "all"
+
+
+def label_map(run_classes: list[str], ds: Dataset) -> np.ndarray:
+    """Data label index → run class index; error when the class sets differ."""
+    if sorted(run_classes) != sorted(ds.classes):
+        raise CheckpointError(
+            f"checkpoint classes {run_classes} do not match data classes {ds.classes}"
+        )
+    where = {c: i for i, c in enumerate(run_classes)}
+    return np.array([where[c] for c in ds.classes], dtype=np.int64)
+
+
+def run_loader(lr: LoadedRun, images, labels, batch_size: int, device) -> BatchLoader:
+    st = lr.state
+    return BatchLoader(
+        images,
+        labels,
+        batch_size=batch_size,
+        size=st["input_size"],
+        mean=st["mean"],
+        std=st["std"],
+        channels_last=True,
+        device=device,
+    )
+
+
+def run_logits(
+    lr: LoadedRun,
+    ds: Dataset,
+    split: str,
+    *,
+    tta: bool = False,
+    batch_size: int = 512,
+    device: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of one run on a split, with labels in the run's class order."""
+    hw = resolve_hardware(device, "auto", "auto")
+    mapping = label_map(lr.classes, ds)
+    idx = ds.indices(split)
+    if len(idx) == 0:
+        raise DataError(f"dataset {ds.name!r}: split {split!r} is empty")
+    labels = mapping[ds.labels[idx]]
+    loader = run_loader(lr, ds.images[idx], labels, batch_size, hw.device)
+    lr.model.to(hw.device, memory_format=torch.channels_last)
+    net = TTA(lr.model) if tta else lr.model
+    return infer(net, loader, autocast_dtype=hw.autocast_dtype)
+
+
+def evaluate(
+    run: str | Path | Any,
+    data: str | Path | Dataset,
+    *,
+    split: str | None = None,
+    tta: bool = False,
+    batch_size: int = 512,
+    device: str | None = None,
+) -> Metrics:
+    """Accuracy, loss, per-class scores and confusion matrix of a run on a dataset."""
+    lr = load_run(run)
+    ds = open_data(data)
+    split = split or default_split(ds)
+    logits, labels = run_logits(lr, ds, split, tta=tta, batch_size=batch_size, device=device)
+    return compute_metrics(logits, labels, lr.classes)

@@ -1,0 +1,470 @@
+"""The trainer: stages in order, one epoch at a time, checkpointed, resumable.
+
+``train(recipe, data)`` builds the model, runs every stage of the recipe (freezing and
+unfreezing groups itself), logs each epoch to ``metrics.csv`` and TensorBoard, keeps
+``last.pt``/``best.pt`` and finally evaluates the best weights on the validation split.
+
+Resume is exact on CPU: batches are a function of (seed, epoch), the global RNG state is
+saved, and a checkpoint taken mid-epoch (Ctrl-C, or every ``checkpoint_minutes``) records
+how many batches of that epoch were done, which the resumed run skips.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from imgclf import __version__
+from imgclf.data.cache import Dataset, load_dataset
+from imgclf.data.loader import Augment, BatchLoader
+from imgclf.errors import CheckpointError, TrainingDiverged
+from imgclf.models import create, model_spec
+from imgclf.train.checkpoint import load_checkpoint, save_checkpoint
+from imgclf.train.device import Hardware, resolve_hardware, set_threads
+from imgclf.train.optim import build_optimizer, build_scheduler
+from imgclf.train.recipe import Recipe, load_recipe, recipe_yaml, validate
+from imgclf.train.rundir import MetricsLog, TensorBoard, new_run_dir
+from imgclf.train.stages import resolve_groups, set_trainable, train_mode
+
+# Mid-epoch checkpoints at most this often: cheap insurance for hour-long CPU epochs.
+CHECKPOINT_MINUTES = 10.0
+# Images used to fit a whitening stem (airbench94 uses 5,000).
+WHITENING_IMAGES = 5000
+
+
+@dataclass
+class Run:
+    """A finished (or stopped) run and where its files are."""
+
+    path: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    def __repr__(self) -> str:
+        acc = self.summary.get("val_accuracy")
+        return f"Run({str(self.path)!r}, val_accuracy={acc})"
+
+
+@dataclass
+class Position:
+    """Where training stands: stage index, epochs done in it, batches done in the next."""
+
+    stage: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class Progress:
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    epochs_since_best: int = 0
+    partial: dict[str, float] = field(default_factory=dict)  # mid-epoch accumulators
+    seconds: float = 0.0  # training wall time so far, across resumes
+
+
+def _data(data: str | Path | Dataset | None, state: dict | None) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    if data is None:
+        if state is None:
+            raise CheckpointError("no --data given and nothing to resume")
+        data = state["dataset"]
+    return load_dataset(data)
+
+
+class Trainer:
+    def __init__(
+        self,
+        recipe: Recipe,
+        ds: Dataset,
+        out: Path | None,
+        *,
+        device: str | None = None,
+        threads: int | None = None,
+        progress: bool = True,
+        state: dict | None = None,
+    ) -> None:
+        self.recipe, self.ds, self.out = recipe, ds, out
+        self.threads = set_threads(threads)
+        self.hw: Hardware = resolve_hardware(device, recipe.precision, recipe.channels_last)
+        self.show_progress = progress
+        torch.manual_seed(recipe.seed)
+        np.random.seed(recipe.seed)
+        self.model = self._build_model()
+        self.train_loader, self.val_loader = self._loaders()
+        self.position, self.progress = Position(), Progress()
+        for stage in recipe.stages:  # bad group names fail now, before any file is written
+            resolve_groups(self.model, stage.groups())
+        self.resume_state = state
+        if state is None:
+            self._init_from_data()
+        else:
+            self._restore(state)
+
+    # ------------------------------------------------------------------ setup
+
+    def _build_model(self) -> torch.nn.Module:
+        r = self.recipe
+        size = r.input_size or model_spec(r.model).input_size
+        kwargs = {**r.model_args, "input_size": size}
+        if model_spec(r.model).kind == "pretrained":
+            kwargs.update(pretrained=r.pretrained, weights=r.weights, head=r.head or None)
+        model = create(r.model, num_classes=len(self.ds.classes), **kwargs)
+        memory = torch.channels_last if self.hw.channels_last else torch.preserve_format
+        return model.to(self.hw.device, memory_format=memory)
+
+    def _loaders(self) -> tuple[BatchLoader, BatchLoader | None]:
+        r, ds, m = self.recipe, self.ds, self.model
+        common = dict(
+            size=m.input_size,
+            mean=m.mean,
+            std=m.std,
+            channels_last=self.hw.channels_last,
+            device=self.hw.device,
+        )
+        train_idx = ds.indices("train")
+        if len(train_idx) == 0:
+            raise CheckpointError(f"dataset {ds.name!r} has no training images")
+        train = BatchLoader(
+            ds.images[train_idx],
+            ds.labels[train_idx],
+            batch_size=min(r.batch_size, len(train_idx)),
+            shuffle=True,
+            augment=Augment(**r.augment.model_dump()),
+            seed=r.seed,
+            drop_last=len(train_idx) > r.batch_size,
+            **common,
+        )
+        val = None
+        if ds.has_split("val"):
+            val_idx = ds.indices("val")
+            val = BatchLoader(
+                ds.images[val_idx], ds.labels[val_idx], batch_size=r.eval_batch_size, **common
+            )
+        return train, val
+
+    def _init_from_data(self) -> None:
+        init = getattr(self.model, "init_whitening", None)
+        if init is None:
+            return
+        n = min(WHITENING_IMAGES, self.train_loader.num_samples)
+        idx = torch.randperm(
+            self.train_loader.num_samples, generator=torch.Generator().manual_seed(self.recipe.seed)
+        )[:n]
+        init(self.train_loader.batch(idx).float())
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model_state"])
+        pos = state["position"]
+        self.position = Position(pos["stage"], pos["epoch"], pos["batch"])
+        self.progress = Progress(**state["progress"])
+
+    # ------------------------------------------------------------------ state
+
+    def _global_epoch(self, stage: int, epoch_in_stage: int) -> int:
+        return sum(s.epochs for s in self.recipe.stages[:stage]) + epoch_in_stage
+
+    def _state(self, optimizer, scheduler) -> dict[str, Any]:
+        m = self.model
+        return {
+            "imgclf_version": __version__,
+            "model_name": m.name,
+            "model_args": m.model_args,
+            "class_names": list(self.ds.classes),
+            "input_size": m.input_size,
+            "mean": list(m.mean),
+            "std": list(m.std),
+            "recipe": self.recipe.model_dump(mode="json"),
+            "dataset": str(self.ds.root),
+            "position": vars(self.position).copy(),
+            "progress": vars(self.progress).copy(),
+            "model_state": m.state_dict(),
+            "optimizer_state": optimizer.state_dict() if optimizer else None,
+            "scheduler_state": scheduler.state_dict() if scheduler else None,
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng_seed": self.recipe.seed,
+        }
+
+    def _save(self, optimizer, scheduler, *, best: bool = False) -> None:
+        state = self._state(optimizer, scheduler)
+        if best:
+            save_checkpoint(state, self.out / "best.pt")
+        save_checkpoint(state, self.out / "last.pt")
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> None:
+        r = self.recipe
+        for si, stage in enumerate(r.stages):
+            if si < self.position.stage:
+                continue
+            if si > self.position.stage:
+                self.position = Position(si, 0, 0)
+            if self.position.epoch >= stage.epochs:
+                continue
+            n_train = set_trainable(self.model, stage.groups(), bn_update=stage.bn_update)
+            optimizer = build_optimizer(self.model, r, stage)
+            scheduler = build_scheduler(
+                optimizer, r.scheduler, len(self.train_loader), stage.epochs
+            )
+            state = self.resume_state
+            if state is not None and state.get("optimizer_state") is not None:
+                optimizer.load_state_dict(state["optimizer_state"])
+                scheduler.load_state_dict(state["scheduler_state"])
+            if state is not None:
+                torch.set_rng_state(state["torch_rng"])
+                self.resume_state = None
+            groups = stage.groups() or ["all"]
+            self._say(
+                f"stage {si + 1}/{len(r.stages)}: training {', '.join(groups)} "
+                f"({n_train:,} parameters) for {stage.epochs} epochs"
+            )
+            while self.position.epoch < stage.epochs:
+                stop = self._epoch(si, stage, optimizer, scheduler)
+                if stop:
+                    return
+
+    def _epoch(self, si: int, stage, optimizer, scheduler) -> bool:
+        """One epoch; returns True when early stopping says to stop."""
+        r, pos = self.recipe, self.position
+        global_epoch = self._global_epoch(si, pos.epoch) + 1
+        self.train_loader.set_epoch(global_epoch)
+        train_mode(self.model, stage.groups(), stage.bn_update)
+        stats = self._train_epoch(si, global_epoch, optimizer, scheduler, stage)
+        val_loss, val_acc = self._validate()
+        row = {
+            "stage": si + 1,
+            "epoch": global_epoch,
+            "stage_epoch": pos.epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": stats["loss"],
+            "train_acc": stats["acc"],
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "seconds": stats["seconds"],
+            "images_per_second": stats["images_per_second"],
+        }
+        self.log.append(row)
+        self.tb.log(row)
+        self._say(_summary_line(row, self.recipe.total_epochs))
+        improved = (
+            val_acc == val_acc and val_acc > self.progress.best_val_acc + r.early_stopping.min_delta
+        )
+        no_val = val_acc != val_acc
+        if improved or no_val:
+            self.progress.best_val_acc = val_acc if improved else self.progress.best_val_acc
+            self.progress.best_epoch = global_epoch
+            self.progress.epochs_since_best = 0
+        else:
+            self.progress.epochs_since_best += 1
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+        self.progress.partial = {}
+        done_stage = pos.epoch >= stage.epochs
+        self._save(
+            None if done_stage else optimizer,
+            None if done_stage else scheduler,
+            best=improved or no_val,
+        )
+        patience = r.early_stopping.patience
+        if patience and self.progress.epochs_since_best >= patience:
+            self._say(f"early stopping: no val accuracy gain in {patience} epochs")
+            return True
+        return False
+
+    def _train_epoch(self, si: int, global_epoch: int, optimizer, scheduler, stage) -> dict:
+        r, hw, pos = self.recipe, self.hw, self.position
+        acc = self.progress.partial or {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+        bar = tqdm(
+            total=len(self.train_loader),
+            initial=pos.batch,
+            desc=f"epoch {global_epoch}/{r.total_epochs}",
+            disable=not self.show_progress or None,
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        started = time.perf_counter()
+        last_save = started
+        autocast = torch.autocast(
+            hw.device.type, dtype=hw.autocast_dtype, enabled=hw.autocast_dtype is not None
+        )
+        try:
+            for step, (x, y) in enumerate(self.train_loader.iter_from(pos.batch), start=pos.batch):
+                with autocast:
+                    logits = self.model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=r.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at stage {si + 1}, epoch {global_epoch}, "
+                        f"step {step + 1}; lower the learning rate (last good checkpoint: "
+                        f"{self.out / 'last.pt'})"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if r.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                n = len(y)
+                acc["loss"] += loss.item() * n
+                acc["correct"] += (logits.argmax(1) == y).sum().item()
+                acc["count"] += n
+                pos.batch = step + 1
+                now = time.perf_counter()
+                ips = acc["count"] / max(acc["seconds"] + now - started, 1e-9)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{acc['loss'] / acc['count']:.3f}",
+                    acc=f"{acc['correct'] / acc['count']:.3f}",
+                    img_s=f"{ips:.0f}",
+                    refresh=False,
+                )
+                if now - last_save > CHECKPOINT_MINUTES * 60:
+                    self._checkpoint_mid_epoch(acc, started, optimizer, scheduler)
+                    last_save = now
+        except KeyboardInterrupt:
+            self._checkpoint_mid_epoch(acc, started, optimizer, scheduler)
+            bar.close()
+            raise
+        bar.close()
+        seconds = acc["seconds"] + time.perf_counter() - started
+        self.progress.seconds += time.perf_counter() - started
+        count = max(acc["count"], 1)
+        return {
+            "loss": acc["loss"] / count,
+            "acc": acc["correct"] / count,
+            "seconds": seconds,
+            "images_per_second": acc["count"] / max(seconds, 1e-9),
+        }
+
+    def _checkpoint_mid_epoch(self, acc: dict, started: float, optimizer, scheduler) -> None:
+        elapsed = time.perf_counter() - started
+        self.progress.partial = {**acc, "seconds": acc["seconds"] + elapsed}
+        self._save(optimizer, scheduler)
+        self.progress.partial = {}
+
+    def _validate(self) -> tuple[float, float]:
+        if self.val_loader is None:
+            return float("nan"), float("nan")
+        from imgclf.evaluate.metrics import infer
+
+        logits, labels = infer(self.model, self.val_loader, autocast_dtype=self.hw.autocast_dtype)
+        loss = F.cross_entropy(logits, labels).item()
+        return loss, (logits.argmax(1) == labels).float().mean().item()
+
+    def _say(self, text: str) -> None:
+        if self.show_progress:
+            tqdm.write(text, file=sys.stderr)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> Run:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(self.out / "metrics.csv")
+        # A resume drops rows logged after its checkpoint (a kill between the two writes).
+        self.log.truncate(self._global_epoch(self.position.stage, self.position.epoch))
+        (self.out / "config.yaml").write_text(self._config_yaml())
+        self.tb = TensorBoard(self.out / "tb")
+        try:
+            self.fit()
+        except KeyboardInterrupt:
+            self._say(
+                f"interrupted: checkpoint saved; continue with `imgclf train --resume {self.out}`"
+            )
+            raise
+        finally:
+            self.tb.close()
+        from imgclf.train.finish import finish_run
+
+        summary = finish_run(self)
+        return Run(self.out, summary)
+
+    def _config_yaml(self) -> str:
+        import yaml
+
+        extra = {
+            "dataset": {
+                "name": self.ds.name,
+                "path": str(self.ds.root),
+                "classes": self.ds.classes,
+            },
+            "hardware": {
+                "device": str(self.hw.device),
+                "precision": self.hw.precision,
+                "channels_last": self.hw.channels_last,
+                "threads": self.threads,
+                "torch": str(torch.__version__),
+            },
+            "imgclf_version": __version__,
+        }
+        return recipe_yaml(self.recipe) + yaml.safe_dump(extra, sort_keys=False)
+
+
+def _summary_line(row: dict, total_epochs: int) -> str:
+    val = (
+        ""
+        if math.isnan(row["val_acc"])
+        else f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+    )
+    return (
+        f"epoch {row['epoch']:>3}/{total_epochs} stage {row['stage']}  lr {row['lr']:.4g}  "
+        f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}{val}  "
+        f"{row['seconds']:.1f}s {row['images_per_second']:.0f} img/s"
+    )
+
+
+def train(
+    recipe: str | Path | Recipe | dict,
+    data: str | Path | Dataset | None = None,
+    *,
+    out: str | Path | None = None,
+    epochs: int | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: str | Path | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    runs_dir: str | Path = "runs",
+) -> Run:
+    """Train a recipe on a dataset; returns the :class:`Run` (its folder and summary).
+
+    >>> run = imgclf.train("fast", data="c10", epochs=2)
+    """
+    state = None
+    if resume is not None:
+        resume = Path(resume)
+        last = resume / "last.pt" if resume.is_dir() else resume
+        state = load_checkpoint(last)
+        rec = validate(state["recipe"], str(last))
+        if overrides or epochs:
+            raise CheckpointError("--resume continues the saved recipe; drop --set/--epochs")
+        out_dir = last.parent
+    else:
+        rec = load_recipe(recipe, overrides, epochs)
+        out_dir = Path(out) if out else None
+    ds = _data(data, state)
+    if state is not None and sorted(state["class_names"]) != sorted(ds.classes):
+        raise CheckpointError(
+            f"checkpoint classes {state['class_names']} do not match data classes {ds.classes}"
+        )
+    trainer = Trainer(
+        rec, ds, out_dir, device=device, threads=threads, progress=progress, state=state
+    )
+    return trainer.run()

@@ -1,0 +1,87 @@
+"""Optimizer and learning-rate schedule for one stage.
+
+Every schedule is a pure function of the step (``lr_factor``) under a ``LambdaLR``: its
+state is one integer, so a resumed run continues the exact same curve.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from imgclf.train.recipe import Recipe, SchedulerConfig, StageConfig
+from imgclf.train.stages import group_of, resolve_groups
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe, stage: StageConfig) -> torch.optim.Optimizer:
+    opt = recipe.optimizer
+    base_lr = stage.lr if stage.lr is not None else opt.lr
+    groups = resolve_groups(model, stage.groups())
+    top = groups[-1]  # groups come in network order: the last trained one is the top
+    owner = group_of(model)
+    buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = base_lr * (1.0 if owner[name] == top else stage.lower_lr_mult)
+        wd = opt.weight_decay
+        if p.ndim <= 1:  # biases and norm parameters
+            lr *= opt.bias_lr_mult
+            if opt.no_decay_1d:
+                wd = 0.0
+        buckets.setdefault((lr, wd), []).append(p)
+    param_groups = [
+        {"params": ps, "lr": lr, "weight_decay": wd, "initial_lr": lr}
+        for (lr, wd), ps in buckets.items()
+    ]
+    if not param_groups:
+        raise ValueError("no trainable parameters in this stage")
+    if opt.name == "sgd":
+        return torch.optim.SGD(
+            param_groups,
+            lr=base_lr,
+            momentum=opt.momentum,
+            nesterov=opt.nesterov and opt.momentum > 0,
+        )
+    return torch.optim.AdamW(param_groups, lr=base_lr, betas=opt.betas)
+
+
+def lr_factor(cfg: SchedulerConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate after ``step`` optimizer steps of a stage."""
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    epoch = step // max(1, steps_per_epoch)
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    progress = min(max(progress, 0.0), 1.0)
+    floor = cfg.min_lr_factor
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "step":
+        return cfg.gamma ** (epoch // cfg.step_size)
+    if cfg.name == "multistep":
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    if cfg.name == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.name == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    if cfg.name == "onecycle":
+        # Triangle: rise from floor to 1 over pct_start of the steps, then back down to 0
+        # (as in airbench94 and Smith & Topin, arXiv 1708.07120).
+        if progress < cfg.pct_start:
+            return floor + (1 - floor) * progress / cfg.pct_start
+        return (1 - progress) / (1 - cfg.pct_start)
+    raise ValueError(f"unknown schedule {cfg.name!r}")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    total = steps_per_epoch * epochs
+
+    def factor(step: int) -> float:
+        return lr_factor(cfg, step, steps_per_epoch, total)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

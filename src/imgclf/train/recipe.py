@@ -1,0 +1,266 @@
+"""Recipes: one YAML file per experiment, validated, with ``--set`` overrides.
+
+A recipe names the model, input size, augmentation, optimizer, scheduler, batch size and
+a list of stages (which parameter groups train, for how long, at what learning rate).
+Validation is pydantic's (``extra="forbid"``): an unknown key or a bad value is a one-line
+:class:`RecipeError` naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from imgclf.errors import RecipeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Strict):
+    crop_padding: int = Field(0, ge=0, le=64)
+    flip: bool = False
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    # Learning-rate multiplier for BatchNorm biases and other 1-D parameters
+    # (airbench94 trains its BatchNorm biases 64× faster than the weights).
+    bias_lr_mult: float = Field(1.0, gt=0)
+    no_decay_1d: bool = False  # no weight decay on biases and norm parameters
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["constant", "step", "multistep", "cosine", "onecycle", "linear"] = "constant"
+    step_size: int = Field(7, ge=1)  # epochs, for "step" (the study: StepLR(7, 0.1))
+    gamma: float = Field(0.1, gt=0)
+    milestones: list[int] = Field(default_factory=list)  # epochs, for "multistep"
+    warmup_epochs: float = Field(0.0, ge=0)
+    min_lr_factor: float = Field(0.0, ge=0, le=1)  # floor of cosine/linear/onecycle decay
+    pct_start: float = Field(0.25, gt=0, lt=1)  # onecycle: share of steps spent rising
+
+
+class EarlyStopConfig(_Strict):
+    patience: int = Field(0, ge=0)  # epochs without a better val accuracy; 0 = off
+    min_delta: float = Field(0.0, ge=0)
+
+
+class StageConfig(_Strict):
+    epochs: int = Field(1, ge=1)
+    train: str | list[str] = "all"  # parameter groups: "all", "head", [layer4, head]
+    lr: float | None = Field(None, gt=0)  # default: optimizer.lr
+    # Multiplier for groups outside the last trained one, e.g. 0.1 (discriminative lr).
+    lower_lr_mult: float = Field(1.0, gt=0)
+    bn_update: bool = False  # frozen BatchNorm layers keep updating running statistics
+    name: str = ""
+
+    @field_validator("train")
+    @classmethod
+    def _groups(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("train: give at least one parameter group, or 'all'")
+        return v
+
+    def groups(self) -> list[str] | None:
+        """Group names, or None for every parameter."""
+        if self.train == "all" or self.train == ["all"]:
+            return None
+        return [self.train] if isinstance(self.train, str) else list(self.train)
+
+
+class Recipe(_Strict):
+    name: str = "custom"
+    description: str = ""
+    model: str
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    input_size: int | None = Field(None, ge=8, le=1024)  # default: the model's own
+    batch_size: int = Field(256, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)
+    early_stopping: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    tta: bool = False  # evaluate with flipped (and shifted) views averaged
+    # Transfer learning (pretrained backbones): weights file and head.
+    pretrained: bool = True
+    weights: str | None = None
+    head: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+    def with_epochs(self, total: int) -> Recipe:
+        """Share ``total`` epochs among the stages in proportion, each stage at least 1."""
+        if total < len(self.stages):
+            raise RecipeError(
+                f"--epochs {total}: this recipe has {len(self.stages)} stages, "
+                "each needs at least 1 epoch"
+            )
+        old = [s.epochs for s in self.stages]
+        new = [max(1, round(total * e / sum(old))) for e in old]
+        # Fix rounding so the sum is exact: adjust the largest stages first.
+        order = sorted(range(len(new)), key=lambda i: -new[i])
+        i = 0
+        while sum(new) != total:
+            j = order[i % len(order)]
+            step = 1 if sum(new) < total else -1
+            if new[j] + step >= 1:
+                new[j] += step
+            i += 1
+        stages = [s.model_copy(update={"epochs": n}) for s, n in zip(self.stages, new, strict=True)]
+        return self.model_copy(update={"stages": stages})
+
+
+def recipes_dir() -> Path:
+    return Path(str(resources.files("imgclf") / "recipes"))
+
+
+def list_recipes() -> dict[str, str]:
+    """Bundled recipe names → descriptions."""
+    out = {}
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = str(data.get("description", ""))
+    return out
+
+
+def _recipe_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"{path}: no such recipe file")
+        return path
+    bundled = recipes_dir() / f"{name_or_path}.yaml"
+    if bundled.is_file():
+        return bundled
+    names = sorted(list_recipes())
+    close = difflib.get_close_matches(str(name_or_path), names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise RecipeError(
+        f"unknown recipe {str(name_or_path)!r}; {hint}choose one of: {', '.join(names)} "
+        "(or give a path to a .yaml file)"
+    )
+
+
+def load_recipe(
+    name_or_path: str | Path | dict | Recipe,
+    overrides: list[str] | tuple[str, ...] = (),
+    epochs: int | None = None,
+) -> Recipe:
+    """Read, override (``key.sub=value``, values in YAML syntax) and validate a recipe."""
+    if isinstance(name_or_path, Recipe):
+        data = name_or_path.model_dump()
+        where = name_or_path.name
+    elif isinstance(name_or_path, dict):
+        data, where = dict(name_or_path), "recipe"
+    else:
+        path = _recipe_path(name_or_path)
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: not valid YAML ({_one_line(str(exc))})") from exc
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a YAML mapping of keys to values")
+        data.setdefault("name", path.stem)
+    for item in overrides:
+        apply_override(data, item)
+    recipe = validate(data, where)
+    if epochs is not None:
+        recipe = recipe.with_epochs(epochs)
+    return recipe
+
+
+def validate(data: dict, where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{where}: {_describe(exc)}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(err["loc"][:-1])
+        valid = ", ".join(parent.model_fields) if parent else "see the docs"
+        msg = f"unknown key {loc!r}; valid keys here: {valid}"
+    else:
+        msg = f"{loc}: {err['msg']}"
+    more = len(exc.errors()) - 1
+    return msg + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        sub = getattr(ann, "__args__", (ann,))
+        nxt = next((a for a in sub if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply ``a.b.c=value`` to nested dicts/lists (list parts are indices: stages.0.lr)."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected key=value, e.g. optimizer.lr=0.05")
+    key, _, raw = item.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {key}: {part!r} is not an index below {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {key}: {'.'.join(parts[:i])!r} is not a mapping")
+        if last:
+            node[part] = value
+        else:
+            if part == "stages" and part not in node:
+                node[part] = [{}]
+            node = node.setdefault(part, {})
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

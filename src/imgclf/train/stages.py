@@ -1,0 +1,68 @@
+"""Freeze and unfreeze parameter groups by name, as a recipe stage says.
+
+Frozen BatchNorm layers are put in eval mode (their running statistics stay as they were,
+the usual fine-tuning practice: torchvision's reference scripts and fastai's ``freeze``
+keep pretrained statistics), unless the stage sets ``bn_update: true``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch.nn as nn
+
+from imgclf.errors import RecipeError
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def resolve_groups(model: nn.Module, groups: list[str] | None) -> list[str]:
+    """Validated group names (``None`` = all), in the model's order."""
+    available = list(model.param_groups())
+    if groups is None:
+        return available
+    unknown = [g for g in groups if g not in available]
+    if unknown:
+        raise RecipeError(
+            f"stage trains unknown group(s) {unknown} of model {model.name!r}; "
+            f"its groups are: {', '.join(available)} (or 'all')"
+        )
+    return [g for g in available if g in groups]
+
+
+def set_trainable(model: nn.Module, groups: list[str] | None, *, bn_update: bool = False) -> int:
+    """Make exactly ``groups`` trainable; returns the number of trainable parameters."""
+    chosen = resolve_groups(model, groups)
+    param_groups = model.param_groups()
+    train_names = {n for g in chosen for n in param_groups[g]} - model.frozen_parameter_names()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in train_names)
+    model.train()
+    if not bn_update:
+        freeze_bn_stats(model)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def freeze_bn_stats(model: nn.Module) -> None:
+    """Put BatchNorm layers whose parameters are all frozen in eval mode."""
+    for module in model.modules():
+        if isinstance(module, _BN):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
+def train_mode(model: nn.Module, groups: list[str] | None, bn_update: bool) -> None:
+    """Back to training mode for a stage (eval() elsewhere resets everything)."""
+    model.train()
+    if not bn_update:
+        freeze_bn_stats(model)
+
+
+def group_of(model: nn.Module) -> dict[str, str]:
+    """Parameter name → its group name."""
+    return {n: g for g, names in model.param_groups().items() for n in names}
+
+
+def trainable(params: Iterable[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in params if p.requires_grad]
