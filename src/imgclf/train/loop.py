@@ -467,4 +467,6 @@ def train(
     trainer = Trainer(
         rec, ds, out_dir, device=device, threads=threads, progress=progress, state=state
     )
+    if trainer.out is None:  # numbered only now, so a bad recipe leaves no empty folder
+        trainer.out = new_run_dir(rec.name, Path(runs_dir))
     return trainer.run()
