@@ -10,10 +10,10 @@ import urllib.error
 from pathlib import Path
 
 import pytest
-from conftest import cache_entries, make_class_tree, save_image, write_cifar10
-from test_data_import import ERROR_CASES, make_bad_source, source_for
 
+from conftest import cache_entries, make_class_tree, save_image, write_cifar10
 from imgclf.cli import main
+from test_data_import import ERROR_CASES, make_bad_source, source_for
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -27,7 +27,9 @@ def test_import_prints_one_summary_line(tmp_path, capsys, imgclf_home):
     code, out, err = run(capsys, "data", "import", str(tmp_path / "src"), "--name", "pets")
     assert code == 0 and err == ""
     (line,) = out.splitlines()
-    assert line.startswith("imported 'pets': 15 images 8×8, 2 classes (train 13, val 2); 0 skipped;")
+    assert line.startswith(
+        "imported 'pets': 15 images 8×8, 2 classes (train 13, val 2); 0 skipped;"
+    )
     assert line.endswith(f"→ {imgclf_home / 'datasets' / 'pets'}")
 
 
@@ -53,7 +55,13 @@ def test_labels_option(tmp_path, capsys):
     for stem, colour in (("1", (255, 0, 0)), ("2", (0, 255, 0)), ("3", (255, 0, 0))):
         save_image(tmp_path / "train" / f"{stem}.png", colour)
     (tmp_path / "trainLabels.csv").write_text("id,label\n1,cat\n2,dog\n3,cat\n")
-    argv = ["data", "import", str(tmp_path / "train"), "--labels", str(tmp_path / "trainLabels.csv")]
+    argv = [
+        "data",
+        "import",
+        str(tmp_path / "train"),
+        "--labels",
+        str(tmp_path / "trainLabels.csv"),
+    ]
     code, out, _ = run(capsys, *argv, "--val-fraction", "0")
     assert code == 0
     assert "'train': 3 images 8×8, 2 classes (train 3)" in out
@@ -64,7 +72,9 @@ def test_bad_files_warn_one_line_each(tmp_path, capsys):
     code, out, err = run(capsys, "data", "import", str(tmp_path / "src"), "--name", "bad")
     assert code == 0
     lines = err.splitlines()
-    assert sorted(lines) == sorted(f"warning: {p}: skipped: {r}" for p, r in decode_failures.items())
+    assert sorted(lines) == sorted(
+        f"warning: {p}: skipped: {r}" for p, r in decode_failures.items()
+    )
     assert f"; {len(decode_failures) + len(listed)} skipped;" in out
 
 
@@ -208,7 +218,8 @@ class Offline:
 
 
 @pytest.mark.parametrize(
-    "word, archive", [("cifar10", "cifar-10-python.tar.gz"), ("cifar100", "cifar-100-python.tar.gz")]
+    "word, archive",
+    [("cifar10", "cifar-10-python.tar.gz"), ("cifar100", "cifar-100-python.tar.gz")],
 )
 def test_named_import_offline_says_how_to_import_a_local_copy(
     tmp_path, capsys, monkeypatch, imgclf_home, word, archive
@@ -236,7 +247,9 @@ def test_named_import_uses_an_existing_download(tmp_path, capsys, monkeypatch, i
     write_cifar10(imgclf_home / "downloads" / "cifar-10-batches-py", per_batch=4)
     code, out, _ = run(capsys, "data", "import", "cifar10", "--image-size", "16", "--seed", "2")
     assert code == 0
-    assert out.startswith("imported 'cifar10': 24 images 16×16, 3 classes (train 17, test 4, val 3)")
+    assert out.startswith(
+        "imported 'cifar10': 24 images 16×16, 3 classes (train 17, test 4, val 3)"
+    )
 
 
 def test_a_local_folder_named_cifar10_is_imported_as_a_folder(tmp_path, capsys, monkeypatch):

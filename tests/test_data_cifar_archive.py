@@ -39,7 +39,12 @@ def test_counts_classes_and_split(cifar):
         "train": dict.fromkeys(CLASSES, 4_500),
         "val": dict.fromkeys(CLASSES, 500),
     }
-    assert cifar.meta["val_split"] == {"from": "train", "fraction": 0.1, "seed": 0, "stratified": True}
+    assert cifar.meta["val_split"] == {
+        "from": "train",
+        "fraction": 0.1,
+        "seed": 0,
+        "stratified": True,
+    }
     assert isinstance(cifar.images, np.memmap)
 
 

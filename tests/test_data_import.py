@@ -9,6 +9,8 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image, ImageOps
+
 from conftest import (
     BLUE,
     GREEN,
@@ -21,8 +23,6 @@ from conftest import (
     save_array,
     save_image,
 )
-from PIL import Image, ImageOps
-
 from imgclf.data import import_dataset, list_datasets, load_dataset
 from imgclf.data.cache import resolve_dataset_dir
 from imgclf.data.decode import cover_crop
@@ -275,7 +275,10 @@ def test_bad_files_inside_an_archive(tmp_path):
     assert len(ds.labels) == 4
     assert len(warnings) == len(decode_failures)
     got = {r["path"]: r["reason"] for r in ds.skipped()}
-    rel = {p.relative_to(tmp_path / "src").as_posix(): r for p, r in {**decode_failures, **listed}.items()}
+    rel = {
+        p.relative_to(tmp_path / "src").as_posix(): r
+        for p, r in {**decode_failures, **listed}.items()
+    }
     assert got == {f"{archive}/{k}": r for k, r in rel.items()}
 
 

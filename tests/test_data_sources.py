@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import (
     ARCHIVE_FORMATS,
     BLUE,
@@ -20,7 +21,6 @@ from conftest import (
     write_cifar10,
     write_cifar100,
 )
-
 from imgclf.data import import_dataset, load_dataset
 from imgclf.data.sources import scan_source
 from imgclf.errors import DataError
@@ -323,7 +323,19 @@ def build_shape(shape: str, root: Path) -> dict:
     if shape == "csv":
         make_flat(root, KAGGLE_LABELS)
         write_csv(root / "trainLabels.csv", ["id", "label"], list(KAGGLE_LABELS.items()))
-        return {"classes": ["bird", "cat", "dog"], "counts": {"train": {"bird": 1, "cat": 3, "dog": 2}}}
+        return {
+            "classes": ["bird", "cat", "dog"],
+            "counts": {"train": {"bird": 1, "cat": 3, "dog": 2}},
+        }
+    if shape == "cifar100":
+        write_cifar100(root / "cifar-100-python", n_train=10, n_test=4, num_classes=4)
+        return {
+            "classes": ["fine0", "fine1", "fine2", "fine3"],
+            "counts": {
+                "train": {"fine0": 3, "fine1": 2, "fine2": 2, "fine3": 3},
+                "test": {"fine0": 1, "fine1": 1, "fine2": 1, "fine3": 1},
+            },
+        }
     assert shape == "cifar10"
     write_cifar10(root / "cifar-10-batches-py", per_batch=3, num_classes=3)
     return {
@@ -335,7 +347,7 @@ def build_shape(shape: str, root: Path) -> dict:
     }
 
 
-SHAPES = ["class-tree", "split-tree", "csv", "cifar10"]
+SHAPES = ["class-tree", "split-tree", "csv", "cifar10", "cifar100"]
 
 
 @pytest.mark.parametrize("fmt", ARCHIVE_FORMATS)

@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_class_tree
 
+from conftest import make_class_tree
 from imgclf.data import import_dataset
 from imgclf.data.loader import Augment, BatchLoader
 
@@ -48,9 +48,7 @@ def test_dtype_option():
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channels_last_flag(channels_last):
-    loader = BatchLoader(
-        indexed_images(4), np.arange(4), batch_size=4, channels_last=channels_last
-    )
+    loader = BatchLoader(indexed_images(4), np.arange(4), batch_size=4, channels_last=channels_last)
     x, _ = next(iter(loader))
     assert x.shape == (4, 3, 8, 8)
     if channels_last:
@@ -71,9 +69,7 @@ def test_normalization_math():
     for b, pixel in enumerate(((200, 100, 0), (255, 255, 255))):
         for c in range(3):
             want = (pixel[c] / 255 - mean[c]) / std[c]
-            torch.testing.assert_close(
-                x[b, c], torch.full((4, 4), want), atol=1e-6, rtol=0
-            )
+            torch.testing.assert_close(x[b, c], torch.full((4, 4), want), atol=1e-6, rtol=0)
 
 
 def test_no_augmentation_gives_exact_pixels_in_order():
@@ -124,9 +120,9 @@ def test_same_seed_and_epoch_give_identical_batches():
 
 
 def test_different_epoch_or_seed_gives_different_batches():
-    x0, y0 = epoch(make_augmenting(), 0)
-    x1, y1 = epoch(make_augmenting(), 1)
-    xs, ys = epoch(make_augmenting(seed=1), 0)
+    _, y0 = epoch(make_augmenting(), 0)
+    _, y1 = epoch(make_augmenting(), 1)
+    _, ys = epoch(make_augmenting(seed=1), 0)
     assert torch.cat(y0).tolist() != torch.cat(y1).tolist()
     assert torch.cat(y0).tolist() != torch.cat(ys).tolist()
     # Same order, other epoch: the augmentation differs too.

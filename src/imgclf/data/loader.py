@@ -187,7 +187,7 @@ class BatchLoader:
 
 def _as_tensor(values) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
-        return values
+        return values.contiguous()  # batch() takes flat views of it
     arr = np.ascontiguousarray(values)
     if not arr.flags.writeable:  # a read-only memmap: torch wants memory it may write
         arr = arr.copy()
