@@ -64,6 +64,24 @@ class Classifier(nn.Module):
         whatever a training stage unfreezes (e.g. a whitening stem)."""
         return set()
 
+    def sequence(self) -> list[tuple[str | None, nn.Module]]:
+        """The forward pass as an ordered list of (group name or None, module) such that
+        applying the modules in turn equals ``forward``. ``None`` marks parameter-free glue
+        (pooling, flatten). Used to split a model at a group (:meth:`split_at`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define sequence()")
+
+    def split_at(self, group: str) -> tuple[nn.Module, nn.Module]:
+        """(prefix, suffix) with ``suffix(prefix(x)) == self(x)``; ``group`` starts the suffix.
+
+        The frozen-prefix feature cache (imgclf.train.feature_cache) runs the prefix once.
+        """
+        seq = self.sequence()
+        names = [g for g, _ in seq]
+        if group not in names:
+            raise ValueError(f"{self.name}: no group {group!r} in {names}")
+        cut = names.index(group)
+        return nn.Sequential(*(m for _, m in seq[:cut])), nn.Sequential(*(m for _, m in seq[cut:]))
+
     def groups_from_modules(self, modules: Mapping[str, nn.Module]) -> dict[str, list[str]]:
         """Build :meth:`param_groups` from named submodules, checking full coverage.
 

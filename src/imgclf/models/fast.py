@@ -108,6 +108,15 @@ class ConvGroup(nn.Module):
         return F.gelu(self.norm2(self.conv2(x)))
 
 
+class _Scale(nn.Module):
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
 @register(
     "fast",
     description="airbench94-style: frozen 2×2 whitening stem + 3 conv groups (64, 256, 256)",
@@ -176,6 +185,17 @@ class FastNet(Classifier):
                 "head": self.head,
             }
         )
+
+    def sequence(self) -> list[tuple[str | None, nn.Module]]:
+        return [
+            ("stem", self.stem),
+            ("block1", self.block1),
+            ("block2", self.block2),
+            ("block3", self.block3),
+            (None, self.pool),
+            (None, nn.Flatten(1)),
+            ("head", nn.Sequential(self.head, _Scale(self.output_scale))),
+        ]
 
     def frozen_parameter_names(self) -> set[str]:
         # From the structure, not from requires_grad: a stage may have unfrozen them.

@@ -52,6 +52,15 @@ class SimpleNet(Classifier):
             {"block1": self.block1, "block2": self.block2, "head": self.head}
         )
 
+    def sequence(self) -> list[tuple[str | None, nn.Module]]:
+        return [
+            ("block1", self.block1),
+            ("block2", self.block2),
+            (None, self.pool),
+            (None, nn.Flatten(1)),
+            ("head", self.head),
+        ]
+
 
 def _conv_relu_bn_pool(c_in: int, c_out: int) -> nn.Sequential:
     # The study's order: BatchNorm after the ReLU, so the conv keeps its bias.
@@ -95,6 +104,16 @@ class ComplexNet(Classifier):
         return self.groups_from_modules(
             {"block1": self.block1, "block2": self.block2, "block3": self.block3, "head": self.head}
         )
+
+    def sequence(self) -> list[tuple[str | None, nn.Module]]:
+        return [
+            ("block1", self.block1),
+            ("block2", self.block2),
+            ("block3", self.block3),
+            (None, self.pool),
+            (None, nn.Flatten(1)),
+            ("head", self.head),
+        ]
 
 
 def _conv_bn_relu_pool(c_in: int, c_out: int) -> nn.Sequential:
@@ -164,3 +183,14 @@ class MediumNet(Classifier):
                 "head": self.head,
             }
         )
+
+    def sequence(self) -> list[tuple[str | None, nn.Module]]:
+        return [
+            ("block1", self.block1),
+            ("block2", self.block2),
+            ("block3", self.block3),
+            ("block4", self.block4),
+            (None, nn.Flatten(1)),
+            ("fc", self.fc),
+            ("head", self.head),
+        ]
