@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from imgclf import __version__
 from imgclf.errors import UserError
@@ -255,29 +256,58 @@ def _eval(args: argparse.Namespace) -> int:
         from imgclf.train.device import set_threads
 
         set_threads(args.threads)
-    metrics = evaluate(
-        args.runs[0],
+    if len(args.runs) > 1:
+        return _eval_ensemble(args)
+    run = args.runs[0]
+    kwargs = dict(split=args.split, tta=args.tta, batch_size=args.batch_size)
+    metrics = evaluate(run, args.data, device=args.device, **kwargs)
+    if args.json:
+        print(json.dumps({"run": run, **metrics.to_dict()}))
+    else:
+        _print_metrics(run, metrics)
+    return 0
+
+
+def _eval_ensemble(args: argparse.Namespace) -> int:
+    from imgclf.evaluate.compare import compare_runs
+
+    comparison = compare_runs(
+        args.runs,
         args.data,
         split=args.split,
+        vote=args.vote,
+        prefer=args.prefer,
+        weights=args.weights,
         tta=args.tta,
         batch_size=args.batch_size,
         device=args.device,
     )
+    image = comparison.plot(Path(args.out_dir) / "ensemble_confusion.png")
     if args.json:
-        print(json.dumps({"run": args.runs[0], **metrics.to_dict()}))
-        return 0
+        print(json.dumps({**comparison.to_dict(), "confusion_image": str(image)}))
+    else:
+        print(comparison.table())
+        print(f"best model and {comparison.vote} vote, side by side: {image}")
+    return 0
+
+
+def _print_metrics(run: str, metrics) -> None:
     print(
-        f"{args.runs[0]}: accuracy {metrics.accuracy:.4f}  loss {metrics.loss:.4f}  "
+        f"{run}: accuracy {metrics.accuracy:.4f}  loss {metrics.loss:.4f}  "
         f"macro F1 {metrics.macro_f1:.4f}  ({metrics.count} images)"
     )
-    width = max(len(c) for c in metrics.class_names)
+    corner = "true\\pred"  # rows: true class, columns: predicted class
+    width = max(len(c) for c in [corner, *metrics.class_names])
     print(f"{'class':<{width}}  precision  recall      f1  support")
     for i, c in enumerate(metrics.class_names):
         print(
             f"{c:<{width}}  {metrics.precision[i]:>9.4f}  {metrics.recall[i]:>6.4f}  "
             f"{metrics.f1[i]:>6.4f}  {int(metrics.support[i]):>7}"
         )
-    return 0
+    cell = max(5, *(len(c) for c in metrics.class_names))
+    print(f"{corner:<{width}}  " + " ".join(f"{c:>{cell}}" for c in metrics.class_names))
+    for c, counts in zip(metrics.class_names, metrics.confusion, strict=True):
+        print(f"{c:<{width}}  " + " ".join(f"{int(n):>{cell}}" for n in counts))
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -299,7 +329,188 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--threads", type=_positive_int, metavar="N")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_vote_options(p)
+    p.add_argument(
+        "--out-dir",
+        default=".",
+        metavar="DIR",
+        help="with several runs: where ensemble_confusion.png goes (default: here)",
+    )
     p.set_defaults(handler=_eval)
+
+
+def _add_vote_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--vote",
+        choices=["hard", "soft", "weighted"],
+        default="hard",
+        help="how several runs combine (hard: majority of top-1 labels; soft: mean "
+        "probability; weighted: weighted mean probability) (hard)",
+    )
+    p.add_argument(
+        "--prefer",
+        nargs="+",
+        metavar="RUN",
+        help="hard-vote tie-break order, by run name (default: the order the runs are given)",
+    )
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        metavar="RUN:W",
+        help="weighted-vote weights, e.g. simple-1:0.5 fast-2:1 (default: each run's "
+        "validation accuracy)",
+    )
+
+
+# ---------------------------------------------------------------- predict, report
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from imgclf.predict import predict
+
+    if args.threads:
+        from imgclf.train.device import set_threads
+
+        set_threads(args.threads)
+    result = predict(
+        args.runs,
+        args.input,
+        args.out,
+        vote=args.vote,
+        prefer=args.prefer,
+        weights=args.weights,
+        tta=args.tta,
+        format=args.format,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(result.summary())
+    if args.strict and result.failures:
+        print(f"error: {result.failures} files could not be read (--strict)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="label every image in a folder, archive or list with one run or a vote",
+        description="Write one CSV row per image file under PATH (a folder, searched "
+        "recursively; a .tar/.tar.gz/.tgz/.zip archive; or a text file listing image paths "
+        "relative to it), in natural filename order. Columns: file,label,confidence "
+        "(+ label_<run> per run when several) and error (why a file could not be read; "
+        "empty otherwise). --format kaggle writes id,label with the file stem as id.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) or .pt checkpoint(s)")
+    p.add_argument("--input", required=True, metavar="PATH", help="folder, archive or list")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write (predictions.csv)")
+    _add_vote_options(p)
+    p.add_argument("--tta", action="store_true", help="average flipped (and shifted) views")
+    p.add_argument("--format", choices=["default", "kaggle"], default="default")
+    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="N")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any file could not be read")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads")
+    p.set_defaults(handler=_predict)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from imgclf.report import build_report
+
+    ensemble = None
+    if args.data:
+        ensemble = {"data": args.data, "split": args.split, "vote": args.vote}
+    report = build_report(args.paths, args.out, format=args.format, ensemble=ensemble)
+    print(f"report of {len(report.runs)} runs: {report.path}")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML (or Markdown) report of runs",
+        description="Report RUN_OR_DIR (a run folder, or a folder of run folders): per run "
+        "its recipe, stages, curves, confusion matrix and per-class scores; then a "
+        "comparison table and, with --data, the ensemble of all runs on that data. HTML "
+        "embeds every image; --format md writes PNGs into <out>_files/ beside it.",
+    )
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_DIR")
+    p.add_argument("--out", default=None, help="report file (report.html or report.md)")
+    p.add_argument(
+        "--format",
+        choices=["html", "md"],
+        default=None,
+        help="html or md (default: from --out's suffix, else html)",
+    )
+    p.add_argument("--data", help="dataset to score the ensemble of all runs on")
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test", "all"],
+        help="split for the ensemble (default: test if present, else val, else all)",
+    )
+    p.add_argument(
+        "--vote",
+        choices=["hard", "soft", "weighted"],
+        default="hard",
+        help="the ensemble's vote (hard)",
+    )
+    p.set_defaults(handler=_report)
+
+
+# ---------------------------------------------------------------- demo
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from imgclf.demo import run_demo
+
+    run = run_demo(
+        args.archive,
+        args.epochs,
+        recipe=args.recipe,
+        out=args.out,
+        overrides=args.set or (),
+        device=args.device,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    acc = run.summary.get("val_accuracy")
+    if acc is not None:
+        print(
+            f"val accuracy {acc:.4f} on {run.summary['val_count']} {run.summary['dataset']} images"
+        )
+    print(f"run folder:       {run.path}")
+    print(f"curves:           {run.path / 'curves.png'}")
+    print(f"confusion matrix: {run.path / 'confusion_matrix.png'}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train the fast recipe on CIFAR-10 and show where the results are",
+        description="Train RECIPE (default fast) on CIFAR-10: the cached dataset cifar10, "
+        "else --archive imported as cifar10, else a torchvision download; offline without "
+        "an archive, scikit-learn's bundled 8×8 digits stand in. Prints the validation "
+        "accuracy and where the run folder, curves and confusion matrix are.",
+    )
+    p.add_argument(
+        "--archive",
+        type=Path,
+        metavar="PATH",
+        help="CIFAR-10 archive to import, e.g. cifar-10-python.tar.gz or an image-folder .tar.gz",
+    )
+    p.add_argument(
+        "--epochs", type=_positive_int, metavar="N", help="total epochs (default: the recipe's)"
+    )
+    p.add_argument("--recipe", default="fast", help="recipe name or YAML path (fast)")
+    p.add_argument("--out", help="run folder (default runs/<recipe>-<n>)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a recipe field (repeatable)"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    p.set_defaults(handler=_demo)
 
 
 # ---------------------------------------------------------------- main
@@ -323,6 +534,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_recipes,
     _add_train,
     _add_eval,
+    _add_predict,
+    _add_report,
+    _add_demo,
 ]
 
 

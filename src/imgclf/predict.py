@@ -1,0 +1,502 @@
+"""Files in, one row per file out: ``predict(runs, input, out)``.
+
+The input is a folder (searched recursively), an archive (.tar, .tar.gz, .tgz, .zip, read
+in place) or a text file listing image paths, one per line, relative to the list's folder.
+Every image file (by extension) becomes exactly one row, in natural filename order
+(``2.png`` before ``10.png``); a file that cannot be read keeps its row, with an empty label
+and the reason in the ``error`` column, so no row is ever shifted or dropped. Listed
+files always get a row, whatever their extension: the list says they are images.
+
+Output columns (``format="default"``)::
+
+    file,label,confidence[,label_<run>...],error
+
+``error`` is always there (empty when the file was read) so the schema does not depend on
+the data; ``label_<run>`` columns appear with several runs. ``confidence`` is the
+ensemble's score of the chosen label: the model's probability for one run, the share of
+models voting for it (hard), the mean (soft) or weighted mean (weighted) probability.
+``format="kaggle"`` writes ``id,label`` with the file stem as id.
+
+Decoding overlaps with compute: chunks of files are read and decoded in a thread pool
+(file reads, simplejpeg and Pillow release the GIL) while the main thread runs the models
+on earlier chunks. Each image is decoded once: a small square image (up to 128 px, or the
+largest run input if larger) keeps its native size, as the training cache holds such data
+(CIFAR at 32 px feeds a 16-px and a 224-px net alike); anything else is scaled to cover
+the largest run input and centre-cropped (:func:`imgclf.data.decode.cover_crop`, with
+libjpeg's DCT scaling for big JPEGs).
+Each run then resizes and normalizes the batch to its own checkpoint's input size, mean and
+std with :class:`imgclf.data.loader.BatchLoader`, exactly as ``imgclf eval`` feeds it, so
+a 32-px scratch net and a 224-px ResNet vote on the same files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import re
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from imgclf.data.decode import decode, probe
+from imgclf.data.loader import BatchLoader
+from imgclf.data.sources import IMAGE_EXTENSIONS, is_archive, open_tree
+from imgclf.ensemble import vote as ensemble_vote
+from imgclf.errors import DataError, UserError
+from imgclf.evaluate.compare import (
+    RunSet,
+    check_vote,
+    load_runs,
+    prefer_order,
+    resolve_weights,
+)
+from imgclf.evaluate.tta import TTA
+from imgclf.io_utils import atomic_path
+from imgclf.train.device import resolve_hardware
+
+FORMATS = ("default", "kaggle")
+# Square images up to this side are decoded at their native size (CIFAR 32, Tiny-ImageNet
+# 64, STL-10 96): then a run resizes them on the batch exactly as it does the cached
+# dataset it was evaluated on. 256 of them at 128 px are 12 MB of uint8 per chunk.
+KEEP_NATIVE_UP_TO = 128
+# Chunks decoded ahead of the model, per decoding thread: enough to hide a slow chunk.
+PREFETCH_PER_WORKER = 2
+
+
+class PredictFailures(UserError):
+    """``strict=True`` and some files could not be read (the output is written anyway)."""
+
+    exit_code = 1
+    result: PredictResult
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Item:
+    """One input file: its name in the output, and where its bytes come from."""
+
+    file: str  # relative POSIX path (folder, archive) or the line as listed
+    path: str | None = None  # read by a decoding thread
+    data: bytes | None = None  # archive members, already in memory
+
+
+@dataclass
+class Inputs:
+    items: list[Item]
+    ignored: Counter = field(default_factory=Counter)  # reason → files
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(rel: str) -> tuple:
+    """Sort key: digit runs compare as numbers (``2.png`` < ``10.png``), per path part,
+    case-insensitively; the path itself breaks the remaining ties (``02`` vs ``2``)."""
+    parts = tuple(
+        tuple(int(t) if i % 2 else t.casefold() for i, t in enumerate(_DIGITS.split(part)))
+        for part in rel.split("/")
+    )
+    return parts, rel
+
+
+def _is_image(rel: str) -> bool:
+    return PurePosixPath(rel).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _os_metadata(rel: str) -> bool:
+    # macOS archive litter: __MACOSX/ trees and AppleDouble "._name.jpg" files are not images
+    parts = rel.split("/")
+    return "__MACOSX" in parts or parts[-1].startswith("._")
+
+
+def list_inputs(src: str | os.PathLike[str]) -> Inputs:
+    """Every image under a folder or in an archive, or every file a list names, sorted."""
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise DataError(f"{src}: no such file or folder")
+    if src.is_dir() or is_archive(src):
+        inputs = _tree_inputs(src)
+    elif src.suffix.lower() in IMAGE_EXTENSIONS:
+        inputs = Inputs([Item(src.name, path=str(src))])
+    else:
+        inputs = _list_file_inputs(src)
+    if not inputs.items:
+        ignored = sum(inputs.ignored.values())
+        exts = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise DataError(f"{src}: no image files ({exts}); {ignored} other files ignored")
+    inputs.items.sort(key=lambda item: natural_key(item.file))
+    return inputs
+
+
+def _tree_inputs(src: Path) -> Inputs:
+    tree = open_tree(src)  # a folder walk, or an archive read once into memory
+    folder = src.is_dir()
+    inputs = Inputs([])
+    for rel in tree.files:
+        if _os_metadata(rel):
+            inputs.ignored["OS metadata"] += 1
+        elif not _is_image(rel):
+            inputs.ignored["not an image file"] += 1
+        elif folder:
+            inputs.items.append(Item(rel, path=str(src / rel)))
+        else:
+            inputs.items.append(Item(rel, data=tree.read(rel)))
+    return inputs
+
+
+def _list_file_inputs(src: Path) -> Inputs:
+    try:
+        lines = src.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{src}: not a folder, an archive or a text list of image paths") from None
+    inputs, seen = Inputs([]), set()
+    for line in lines:
+        name = line.strip()
+        if not name:
+            continue
+        full = os.path.normpath(src.parent / name)
+        if full in seen:
+            inputs.ignored["listed twice"] += 1
+            continue
+        seen.add(full)
+        inputs.items.append(Item(name, path=full))
+    return inputs
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class Decoded:
+    """One chunk: the reason each file failed (None when read), and the good images
+    grouped by decoded size as (positions in the chunk, N×H×W×3 uint8)."""
+
+    reasons: list[str | None]
+    groups: list[tuple[np.ndarray, np.ndarray]]
+
+
+def _read(item: Item) -> tuple[bytes | None, str | None]:
+    if item.data is not None:
+        return item.data, None
+    try:
+        with open(item.path, "rb") as f:  # type: ignore[arg-type]
+            return f.read(), None
+    except OSError as exc:
+        return None, f"cannot read file ({exc.strerror or exc})"
+
+
+def _decode_one(item: Item, max_side: int) -> tuple[np.ndarray | None, str | None]:
+    data, why = _read(item)
+    if data is None:
+        return None, why
+    native = probe(data, None)
+    # A small square image stays as it is, like the cache the runs were trained from; the
+    # runs' batch resize then scales it. Anything else is cropped to the largest input.
+    keep = native is not None and native[0] == native[1] <= max(max_side, KEEP_NATIVE_UP_TO)
+    arr, _, why = decode(data, None, None if keep else (max_side, max_side))
+    return arr, why
+
+
+def decode_items(items: Sequence[Item], max_side: int) -> Decoded:
+    """Decode a chunk (runs in a worker thread)."""
+    reasons: list[str | None] = []
+    by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    for pos, item in enumerate(items):
+        arr, why = _decode_one(item, max_side)
+        reasons.append(why)
+        if arr is not None:
+            by_size.setdefault(arr.shape[:2], []).append((pos, arr))
+    groups = [
+        (np.array([p for p, _ in group]), np.stack([a for _, a in group]))
+        for group in by_size.values()
+    ]
+    return Decoded(reasons, groups)
+
+
+def _decode_ahead(
+    chunks: list[list[Item]], max_side: int, workers: int
+) -> Iterator[tuple[list[Item], Decoded]]:
+    """Chunks in order, each decoded in the pool while the caller works on earlier ones."""
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="imgclf-decode")
+    pending: deque[tuple[list[Item], Future[Decoded]]] = deque()
+    todo = iter(chunks)
+    try:
+        for chunk in todo:
+            pending.append((chunk, pool.submit(decode_items, chunk, max_side)))
+            if len(pending) >= workers * PREFETCH_PER_WORKER:
+                break
+        while pending:
+            chunk, future = pending.popleft()
+            following = next(todo, None)
+            if following is not None:
+                pending.append((following, pool.submit(decode_items, following, max_side)))
+            yield chunk, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@dataclass
+class _Member:
+    """One run, ready to score batches: network, preprocessing, column order."""
+
+    name: str
+    net: torch.nn.Module
+    size: int
+    mean: list[float]
+    std: list[float]
+    order: torch.Tensor  # output columns in the first run's class order
+
+
+def _members(rs: RunSet, device: torch.device, tta: bool) -> list[_Member]:
+    out = []
+    for lr, order in zip(rs.runs, rs.orders, strict=True):
+        lr.model.to(device, memory_format=torch.channels_last).eval()
+        st = lr.state
+        net = TTA(lr.model) if tta else lr.model
+        out.append(
+            _Member(
+                lr.name,
+                net,
+                int(st["input_size"]),
+                list(st["mean"]),
+                list(st["std"]),
+                torch.from_numpy(order).to(device),
+            )
+        )
+    return out
+
+
+def chunk_probs(
+    members: list[_Member], decoded: Decoded, num_rows: int, num_classes: int, device, autocast
+) -> np.ndarray:
+    """Probabilities ``(models, rows, classes)`` of a chunk; failed rows stay NaN."""
+    probs = np.full((len(members), num_rows, num_classes), np.nan, dtype=np.float32)
+    for positions, images in decoded.groups:
+        pixels = torch.from_numpy(images).to(device, non_blocking=True)
+        no_labels = torch.zeros(len(images), dtype=torch.int64)
+        every = torch.arange(len(images))
+        for m, member in enumerate(members):
+            # The loader's own preprocessing, so predict and eval feed models identically.
+            loader = BatchLoader(
+                pixels,
+                no_labels,
+                batch_size=len(images),
+                size=member.size,
+                mean=member.mean,
+                std=member.std,
+                channels_last=True,
+                device=device,
+            )
+            with autocast():
+                logits = member.net(loader.batch(every))
+            scores = torch.softmax(logits.float(), dim=1)[:, member.order]
+            probs[m, positions] = scores.cpu().numpy()
+    return probs
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+@dataclass
+class _Plan:
+    """How rows are labelled and written: the vote and the output columns."""
+
+    classes: list[str]
+    names: list[str]
+    vote: str
+    prefer: list[int] | None
+    weights: list[float] | None
+    format: str
+
+    def header(self) -> list[str]:
+        if self.format == "kaggle":
+            return ["id", "label"]
+        per_model = [f"label_{n}" for n in self.names] if len(self.names) > 1 else []
+        return ["file", "label", "confidence", *per_model, "error"]
+
+    def rows(self, items: list[Item], reasons: list[str | None], probs: np.ndarray) -> list:
+        ok = np.array([r is None for r in reasons], dtype=bool)
+        labels = np.full(len(items), -1, dtype=np.int64)
+        confidence = np.zeros(len(items), dtype=np.float64)
+        per_model = np.full((len(self.names), len(items)), -1, dtype=np.int64)
+        if ok.any():
+            good = probs[:, ok]
+            voted, scores = self._vote(good)
+            labels[ok] = voted
+            confidence[ok] = scores[np.arange(len(voted)), voted]
+            per_model[:, ok] = good.argmax(axis=2)
+        return [
+            self._row(items[i], reasons[i], labels[i], confidence[i], per_model[:, i])
+            for i in range(len(items))
+        ]
+
+    def _vote(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(probs) == 1:
+            return probs[0].argmax(axis=1), probs[0]
+        weights = self.weights if self.vote == "weighted" else None
+        return ensemble_vote(self.vote, probs, prefer_order=self.prefer, weights=weights)
+
+    def _row(self, item: Item, reason, label: int, confidence: float, models) -> list[str]:
+        name = self.classes[label] if label >= 0 else ""
+        if self.format == "kaggle":
+            return [PurePosixPath(item.file).stem, name]
+        per_model = [self.classes[m] if m >= 0 else "" for m in models]
+        conf = f"{confidence:.6f}" if label >= 0 else ""
+        return [item.file, name, conf, *(per_model if len(self.names) > 1 else []), reason or ""]
+
+
+def _check_kaggle_ids(items: list[Item]) -> None:
+    seen: dict[str, str] = {}
+    for item in items:
+        stem = PurePosixPath(item.file).stem
+        if stem in seen:
+            raise DataError(
+                f"--format kaggle: {seen[stem]} and {item.file} both give id {stem!r}; "
+                "ids (file stems) must be unique"
+            )
+        seen[stem] = item.file
+
+
+# ---------------------------------------------------------------------------- predict
+
+
+@dataclass
+class PredictResult:
+    out: Path
+    rows: int
+    failures: int
+    runs: list[str]
+    vote: str
+    seconds: float
+    ignored: Counter = field(default_factory=Counter)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        how = f"{len(self.runs)} runs, {self.vote} vote" if len(self.runs) > 1 else self.runs[0]
+        lines = [
+            f"wrote {self.rows} rows to {self.out} ({how}) in {self.seconds:.1f} s, "
+            f"{self.images_per_second:.0f} images/s"
+        ]
+        lines.append(f"{_files(self.failures)} could not be read" + (":" if self.failures else ""))
+        lines += [f"  {file}: {reason}" for file, reason in self.failed[:10]]
+        if self.failures > 10:
+            lines.append(f"  … {self.failures - 10} more (see the error column)")
+        if self.ignored:
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.ignored.items()))
+            lines.append(f"ignored {_files(sum(self.ignored.values()))} ({why})")
+        return "\n".join(lines)
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
+
+
+def predict(
+    runs: Sequence[str | os.PathLike[str]],
+    input: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    vote: str = "hard",
+    prefer: Sequence[str] | None = None,
+    weights: Mapping[str, float] | Sequence[float] | Sequence[str] | None = None,
+    tta: bool = False,
+    format: str = "default",
+    batch_size: int = 256,
+    strict: bool = False,
+    device: str | None = None,
+    workers: int | None = None,
+) -> PredictResult:
+    """Label every image in ``input`` with the runs' vote; write a CSV to ``out`` atomically.
+
+    ``prefer``: run names in hard-vote tie-break order (default: the order given).
+    ``weights``: for ``vote="weighted"``, ``{run: w}``, ``["run:w", ...]`` or one number per
+    run (default: each run's validation accuracy). ``strict``: raise
+    :class:`PredictFailures` (after writing ``out``) when any file could not be read.
+    """
+    started = time.perf_counter()
+    if format not in FORMATS:
+        raise UserError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    check_vote(vote)
+    hw = resolve_hardware(device, "auto", "auto")
+    rs = load_runs(runs)
+    plan = _Plan(
+        classes=rs.classes,
+        names=rs.names,
+        vote=vote,
+        prefer=prefer_order(rs, prefer),
+        weights=resolve_weights(rs, weights) if vote == "weighted" and len(rs.runs) > 1 else None,
+        format=format,
+    )
+    if vote != "hard" and plan.prefer is not None:
+        raise UserError(f"--prefer breaks hard-vote ties; it does not apply to --vote {vote}")
+    if vote != "weighted" and weights is not None:
+        raise UserError(f"--weights apply to --vote weighted, not --vote {vote}")
+    inputs = list_inputs(input)
+    if format == "kaggle":
+        _check_kaggle_ids(inputs.items)
+    members = _members(rs, hw.device, tta)
+    max_side = max(m.size for m in members)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if hw.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(hw.device.type, dtype=hw.autocast_dtype)
+
+    chunks = [inputs.items[i : i + batch_size] for i in range(0, len(inputs.items), batch_size)]
+    failed: list[tuple[str, str]] = []
+    decoding = _decode_ahead(chunks, max_side, workers or default_workers())
+    with (
+        atomic_path(out) as tmp,
+        open(tmp, "w", newline="", encoding="utf-8") as f,
+        torch.inference_mode(),
+        contextlib.closing(decoding),  # on an error, stop the decoding threads now
+    ):
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(plan.header())
+        for chunk, decoded in decoding:
+            probs = chunk_probs(members, decoded, len(chunk), len(rs.classes), hw.device, autocast)
+            writer.writerows(plan.rows(chunk, decoded.reasons, probs))
+            failed += [(it.file, r) for it, r in zip(chunk, decoded.reasons, strict=True) if r]
+    result = PredictResult(
+        out=Path(out),
+        rows=len(inputs.items),
+        failures=len(failed),
+        runs=rs.names,
+        vote=vote,
+        seconds=time.perf_counter() - started,
+        ignored=inputs.ignored,
+        failed=failed,
+    )
+    if strict and failed:
+        exc = PredictFailures(
+            f"{len(failed)} of {result.rows} files could not be read "
+            f"(rows with an error in {out}); first: {failed[0][0]}: {failed[0][1]}"
+        )
+        exc.result = result
+        raise exc
+    return result

@@ -1,0 +1,246 @@
+"""What a report shows of a run folder, read from its files (nothing is recomputed).
+
+A run folder is one with ``summary.json`` or ``metrics.csv`` (a run stopped early has only
+the latter); every other file is optional, and what is missing is left out of the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgclf.errors import DataError
+from imgclf.evaluate.compare import unique_names
+from imgclf.predict import natural_key
+from imgclf.train.rundir import read_metrics
+
+# The run folder's images, in the order a run section shows them.
+IMAGES = {"curves": "curves.png", "confusion": "confusion_matrix.png"}
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "summary.json").is_file() or (path / "metrics.csv").is_file()
+
+
+def find_runs(paths: list[str | os.PathLike[str]]) -> list[Path]:
+    """Run folders, each given directly or as a folder of run folders (natural order)."""
+    found: list[Path] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if not path.is_dir():
+            raise DataError(f"{path}: no such folder; give run folders or a folder of them")
+        if is_run_dir(path):
+            runs = [path]
+        else:
+            children = [c for c in path.iterdir() if c.is_dir() and is_run_dir(c)]
+            runs = sorted(children, key=lambda c: natural_key(c.name))
+        if not runs:
+            raise DataError(
+                f"{path}: not a run folder (no summary.json or metrics.csv) "
+                "and no run folders inside"
+            )
+        found += [r for r in runs if r.resolve() not in {f.resolve() for f in found}]
+    return found
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    name: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    per_class: list[dict[str, str]] = field(default_factory=list)
+    images: dict[str, Path] = field(default_factory=dict)  # key of IMAGES → existing file
+
+    # ------------------------------------------------------------ what the report shows
+
+    def recipe_rows(self) -> list[tuple[str, str]]:
+        s, c = self.summary, self.config
+        dataset = c.get("dataset") or {}
+        rows = [
+            ("model", str(s.get("model") or c.get("model") or "?")),
+            ("recipe", str(s.get("recipe") or c.get("name") or "?")),
+            ("input size", _px(self.input_size)),
+            ("epochs", str(self.epochs)),
+            ("batch size", str(c.get("batch_size", "?"))),
+            ("optimizer", describe_optimizer(c.get("optimizer") or {})),
+            ("scheduler", describe_scheduler(c.get("scheduler") or {})),
+            ("augmentation", describe_augment(c.get("augment") or {})),
+            ("dataset", str(s.get("dataset") or dataset.get("name") or "?")),
+            ("device", f"{s.get('device', '?')}, {s.get('precision', '?')}"),
+        ]
+        if c.get("label_smoothing"):
+            rows.append(("label smoothing", str(c["label_smoothing"])))
+        return rows
+
+    def stage_rows(self) -> list[dict[str, str]]:
+        """One row per stage of the recipe, with what its epochs reached."""
+        stages = self.config.get("stages") or []
+        default_lr = (self.config.get("optimizer") or {}).get("lr")
+        count = max(len(stages), max((int(r["stage"]) for r in self.metrics), default=0))
+        out = []
+        for i in range(count):
+            stage = stages[i] if i < len(stages) else {}
+            rows = [r for r in self.metrics if int(r["stage"]) == i + 1]  # 1-based in the CSV
+            val = [r["val_acc"] for r in rows if _finite(r.get("val_acc"))]
+            trains = stage.get("train", "?")
+            out.append(
+                {
+                    "stage": str(i + 1),
+                    "name": str(stage.get("name") or ""),
+                    "epochs": f"{len(rows)}/{stage.get('epochs', len(rows))}",
+                    "trains": ", ".join(trains) if isinstance(trains, list) else str(trains),
+                    "lr": _num(stage.get("lr") or default_lr),
+                    "best val acc": f"{max(val):.4f}" if val else "",
+                    "last train loss": f"{rows[-1]['train_loss']:.4f}" if rows else "",
+                }
+            )
+        return out
+
+    def comparison_row(self) -> dict[str, str]:
+        s = self.summary
+        acc = self.val_accuracy
+        return {
+            "run": self.name,
+            "model": str(s.get("model") or self.config.get("model") or "?"),
+            "recipe": str(s.get("recipe") or self.config.get("name") or "?"),
+            "input": _px(self.input_size),
+            "epochs": str(self.epochs),
+            "params": f"{s['parameters']:,}" if "parameters" in s else "",
+            "train time": _duration(s.get("train_seconds")),
+            "val accuracy": f"{acc:.4f}" if acc is not None else "",
+        }
+
+    @property
+    def input_size(self) -> Any:
+        return self.summary.get("input_size") or self.config.get("input_size")
+
+    @property
+    def epochs(self) -> int:
+        return int(self.summary.get("epochs") or len(self.metrics))
+
+    @property
+    def val_accuracy(self) -> float | None:
+        acc = self.summary.get("val_accuracy")
+        if acc is None:  # a run stopped before its summary: the best epoch so far
+            val = [r["val_acc"] for r in self.metrics if _finite(r.get("val_acc"))]
+            acc = max(val) if val else None
+        return None if acc is None else float(acc)
+
+
+def read_run(path: Path, name: str) -> RunInfo:
+    info = RunInfo(path, name)
+    info.summary = _read_json(path / "summary.json")
+    info.config = _read_yaml(path / "config.yaml")
+    info.metrics = read_metrics(path / "metrics.csv")
+    info.per_class = _read_csv(path / "per_class.csv")
+    info.images = {k: path / f for k, f in IMAGES.items() if (path / f).is_file()}
+    return info
+
+
+def read_runs(paths: list[str | os.PathLike[str]]) -> list[RunInfo]:
+    folders = find_runs(paths)
+    names = unique_names([f.name for f in folders])
+    return [read_run(f, n) for f, n in zip(folders, names, strict=True)]
+
+
+# ---------------------------------------------------------------------------- describing
+
+
+def describe_optimizer(opt: dict[str, Any]) -> str:
+    if not opt:
+        return "?"
+    parts = [str(opt.get("name", "?")), f"lr {_num(opt.get('lr'))}"]
+    if opt.get("name") == "sgd":
+        parts.append(f"momentum {_num(opt.get('momentum'))}")
+        if opt.get("nesterov"):
+            parts.append("nesterov")
+    if opt.get("weight_decay"):
+        parts.append(f"weight decay {_num(opt['weight_decay'])}")
+    return ", ".join(parts)
+
+
+def describe_scheduler(sched: dict[str, Any]) -> str:
+    name = sched.get("name")
+    if not name:
+        return "?"
+    detail = {
+        "step": lambda: f"×{_num(sched.get('gamma'))} every {sched.get('step_size')} epochs",
+        "multistep": lambda: f"×{_num(sched.get('gamma'))} at epochs {sched.get('milestones')}",
+        "onecycle": lambda: f"peak at {_num(sched.get('pct_start'))} of the steps",
+    }.get(name, lambda: "")()
+    if sched.get("warmup_epochs"):
+        detail = ", ".join(filter(None, [detail, f"warm-up {sched['warmup_epochs']} epochs"]))
+    return f"{name} ({detail})" if detail else str(name)
+
+
+def describe_augment(aug: dict[str, Any]) -> str:
+    parts = []
+    if aug.get("crop_padding"):
+        parts.append(f"random crop (padding {aug['crop_padding']})")
+    if aug.get("flip"):
+        parts.append("horizontal flip")
+    return ", ".join(parts) or "none"
+
+
+def short_number(value: str) -> str:
+    """'0.912345' → '0.9123' (four decimals are what a reader compares); '3' stays '3'."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() and "." not in value else f"{number:.4f}"
+
+
+def _num(value: Any) -> str:
+    return "?" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _px(size: Any) -> str:
+    return f"{size}×{size}" if isinstance(size, int) else str(size or "?")
+
+
+def _duration(seconds: Any) -> str:
+    if seconds is None:
+        return ""
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes} min {sec} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
