@@ -30,6 +30,10 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable or incompatible with the data."""
 
 
+class WeightsMissing(CheckpointError):
+    """Pretrained weights that are not on this machine and cannot be downloaded."""
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 

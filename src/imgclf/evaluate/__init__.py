@@ -6,6 +6,9 @@ pay for importing matplotlib.
 
 from __future__ import annotations
 
+import sys
+import types
+
 from imgclf.evaluate.metrics import (
     Metrics,
     compute_metrics,
@@ -21,3 +24,17 @@ __all__ = [
     "write_confusion_csv",
     "write_per_class_csv",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    # `imgclf.evaluate` is both this package and the documented function
+    # `imgclf.evaluate(run, data=...)`: once the package is imported, Python binds the
+    # package to that name, so the package itself must be callable (module __class__
+    # assignment, Python ≥ 3.5, is the supported way).
+    def __call__(self, *args, **kwargs) -> Metrics:
+        from imgclf.evaluate.runs import evaluate
+
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -7,6 +7,8 @@ different class set is an error that shows both.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +52,8 @@ def load_run(run: str | Path | Any, device: torch.device | str = "cpu") -> Loade
 
 def open_data(data: str | Path | Dataset) -> Dataset:
     """A cached dataset by name or folder, or any importable source (imported to a temp
-    cache first, with no validation split carved out)."""
+    cache first, with no validation split carved out, read into memory and the temp cache
+    removed: evaluating a folder leaves nothing behind)."""
     if isinstance(data, Dataset):
         return data
     try:
@@ -59,7 +62,11 @@ def open_data(data: str | Path | Dataset) -> Dataset:
         if not Path(data).expanduser().exists():
             raise
     tmp = Path(tempfile.mkdtemp(prefix="imgclf-eval-"))
-    return import_dataset(data, "adhoc", val_fraction=0.0, dest=tmp / "adhoc")
+    try:
+        ds = import_dataset(data, "adhoc", val_fraction=0.0, dest=tmp / "adhoc")
+        return dataclasses.replace(ds, images=np.array(ds.images))  # off the memory map
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_split(ds: Dataset) -> str:

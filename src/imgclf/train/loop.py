@@ -6,13 +6,17 @@ unfreezing groups itself), logs each epoch to ``metrics.csv`` and TensorBoard, k
 
 Resume is exact on CPU: batches are a function of (seed, epoch), the global RNG state is
 saved, and a checkpoint taken mid-epoch (Ctrl-C, or every ``checkpoint_minutes``) records
-how many batches of that epoch were done, which the resumed run skips.
+how many batches of that epoch were done, which the resumed run skips. Ctrl-C is acted on
+between two steps, never inside one: a checkpoint taken half-way through
+``optimizer.step()`` would hold weights that its position says are not updated yet.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +30,8 @@ from tqdm.auto import tqdm
 from imgclf import __version__
 from imgclf.data.cache import Dataset, load_dataset
 from imgclf.data.loader import Augment, BatchLoader
-from imgclf.errors import CheckpointError, TrainingDiverged
+from imgclf.errors import CheckpointError, RecipeError, TrainingDiverged
+from imgclf.io_utils import atomic_write_text
 from imgclf.models import create, model_spec
 from imgclf.train.checkpoint import load_checkpoint, save_checkpoint
 from imgclf.train.device import Hardware, resolve_hardware, set_threads
@@ -79,6 +84,32 @@ class Progress:
     seconds: float = 0.0  # training wall time so far, across resumes
 
 
+class _CtrlC:
+    """While training, the first Ctrl-C only sets ``requested``; the loop checks it between
+    steps, checkpoints and raises KeyboardInterrupt. A second Ctrl-C interrupts at once.
+    Installed only where Python's own handler is (the main thread, SIGINT not ignored)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
 def _data(data: str | Path | Dataset | None, state: dict | None) -> Dataset:
     if isinstance(data, Dataset):
         return data
@@ -105,6 +136,7 @@ class Trainer:
         self.threads = set_threads(threads)
         self.hw: Hardware = resolve_hardware(device, recipe.precision, recipe.channels_last)
         self.show_progress = progress
+        self.ctrl_c = _CtrlC()
         torch.manual_seed(recipe.seed)
         np.random.seed(recipe.seed)
         self.model = self._build_model()
@@ -126,7 +158,10 @@ class Trainer:
         kwargs = {**r.model_args, "input_size": size}
         if model_spec(r.model).kind == "pretrained":
             kwargs.update(pretrained=r.pretrained, weights=r.weights, head=r.head or None)
-        model = create(r.model, num_classes=len(self.ds.classes), **kwargs)
+        try:
+            model = create(r.model, num_classes=len(self.ds.classes), **kwargs)
+        except (TypeError, ValueError) as exc:  # bad model_args or input_size in the recipe
+            raise RecipeError(f"model {r.model!r}: {exc}") from exc
         memory = torch.channels_last if self.hw.channels_last else torch.preserve_format
         return model.to(self.hw.device, memory_format=memory)
 
@@ -238,6 +273,8 @@ class Trainer:
             )
             while self.position.epoch < stage.epochs:
                 stop = self._epoch(si, stage, optimizer, scheduler)
+                if self.ctrl_c.requested:  # during validation or the save: saved by now
+                    raise KeyboardInterrupt
                 if stop:
                     return
 
@@ -253,7 +290,7 @@ class Trainer:
             "stage": si + 1,
             "epoch": global_epoch,
             "stage_epoch": pos.epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": _lr_of_last_step(optimizer, scheduler),
             "train_loss": stats["loss"],
             "train_acc": stats["acc"],
             "val_loss": val_loss,
@@ -311,10 +348,11 @@ class Trainer:
                     logits = self.model(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=r.label_smoothing)
                 if not torch.isfinite(loss):
+                    last = self.out / "last.pt"
+                    kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint"
                     raise TrainingDiverged(
                         f"loss became {loss.item()} at stage {si + 1}, epoch {global_epoch}, "
-                        f"step {step + 1}; lower the learning rate (last good checkpoint: "
-                        f"{self.out / 'last.pt'})"
+                        f"step {step + 1}; lower the learning rate ({kept})"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -336,14 +374,16 @@ class Trainer:
                     img_s=f"{ips:.0f}",
                     refresh=False,
                 )
+                if self.ctrl_c.requested:
+                    self._checkpoint_mid_epoch(acc, started, optimizer, scheduler)
+                    raise KeyboardInterrupt
                 if now - last_save > CHECKPOINT_MINUTES * 60:
                     self._checkpoint_mid_epoch(acc, started, optimizer, scheduler)
                     last_save = now
-        except KeyboardInterrupt:
-            self._checkpoint_mid_epoch(acc, started, optimizer, scheduler)
+        finally:
+            # An immediate interrupt (a second Ctrl-C) saves nothing: it may have landed
+            # inside a step, and the previous checkpoint is a consistent one.
             bar.close()
-            raise
-        bar.close()
         seconds = acc["seconds"] + time.perf_counter() - started
         self.progress.seconds += time.perf_counter() - started
         count = max(acc["count"], 1)
@@ -380,13 +420,18 @@ class Trainer:
         self.log = MetricsLog(self.out / "metrics.csv")
         # A resume drops rows logged after its checkpoint (a kill between the two writes).
         self.log.truncate(self._global_epoch(self.position.stage, self.position.epoch))
-        (self.out / "config.yaml").write_text(self._config_yaml())
+        atomic_write_text(self.out / "config.yaml", self._config_yaml())
         self.tb = TensorBoard(self.out / "tb")
+        self._say(f"run folder: {self.out}")  # known before a kill: what --resume needs
         try:
-            self.fit()
+            with self.ctrl_c:
+                self.fit()
         except KeyboardInterrupt:
-            self._say(
-                f"interrupted: checkpoint saved; continue with `imgclf train --resume {self.out}`"
+            # Printed even with --quiet: it is the one line that says how to go on.
+            saved = "checkpoint saved" if self.ctrl_c.requested else "not saved mid-step"
+            print(
+                f"interrupted ({saved}); continue with `imgclf train --resume {self.out}`",
+                file=sys.stderr,
             )
             raise
         finally:
@@ -415,6 +460,13 @@ class Trainer:
             "imgclf_version": __version__,
         }
         return recipe_yaml(self.recipe) + yaml.safe_dump(extra, sort_keys=False)
+
+
+def _lr_of_last_step(optimizer, scheduler) -> float:
+    """The learning rate the epoch's last step used (the first group's); the optimizer
+    already holds the next step's, which for StepLR(7) would log epoch 7 at the decayed lr."""
+    group = optimizer.param_groups[0]
+    return group["initial_lr"] * scheduler.lr_lambdas[0](max(scheduler.last_epoch - 1, 0))
 
 
 def _summary_line(row: dict, total_epochs: int) -> str:

@@ -8,7 +8,9 @@ Validation is pydantic's (``extra="forbid"``): an unknown key or a bad value is 
 
 from __future__ import annotations
 
+import copy
 import difflib
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imgclf.errors import RecipeError
+
+# A run's config.yaml is the resolved recipe plus these facts about the run; reading it
+# back as a recipe (to repeat the run) skips them.
+RUN_INFO_KEYS = ("dataset", "hardware", "imgclf_version")
 
 
 class _Strict(BaseModel):
@@ -116,16 +122,16 @@ class Recipe(_Strict):
                 "each needs at least 1 epoch"
             )
         old = [s.epochs for s in self.stages]
-        new = [max(1, round(total * e / sum(old))) for e in old]
-        # Fix rounding so the sum is exact: adjust the largest stages first.
-        order = sorted(range(len(new)), key=lambda i: -new[i])
-        i = 0
-        while sum(new) != total:
-            j = order[i % len(order)]
-            step = 1 if sum(new) < total else -1
-            if new[j] + step >= 1:
-                new[j] += step
-            i += 1
+        share = [total * e / sum(old) for e in old]
+        # Largest remainders (Hamilton's method): each stage within 1 of its exact share,
+        # a longer stage never shorter than a shorter one, and the sum exact. Raising a
+        # share below 1 to 1 is paid by the stages most over their shares.
+        new = [max(1, math.floor(x)) for x in share]
+        while sum(new) < total:
+            new[max(range(len(new)), key=lambda i: share[i] - new[i])] += 1
+        while sum(new) > total:
+            over = [i for i in range(len(new)) if new[i] > 1]
+            new[max(over, key=lambda i: new[i] - share[i])] -= 1
         stages = [s.model_copy(update={"epochs": n}) for s, n in zip(self.stages, new, strict=True)]
         return self.model_copy(update={"stages": stages})
 
@@ -171,7 +177,8 @@ def load_recipe(
         data = name_or_path.model_dump()
         where = name_or_path.name
     elif isinstance(name_or_path, dict):
-        data, where = dict(name_or_path), "recipe"
+        # A deep copy: --set overrides write into nested dicts, not into the caller's.
+        data, where = copy.deepcopy(name_or_path), "recipe"
     else:
         path = _recipe_path(name_or_path)
         where = str(path)
@@ -181,6 +188,8 @@ def load_recipe(
             raise RecipeError(f"{path}: not valid YAML ({_one_line(str(exc))})") from exc
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a YAML mapping of keys to values")
+        for key in RUN_INFO_KEYS:
+            data.pop(key, None)
         data.setdefault("name", path.stem)
     for item in overrides:
         apply_override(data, item)

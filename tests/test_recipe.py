@@ -1,0 +1,381 @@
+"""Recipes, ``--set`` overrides, ``--epochs`` sharing, schedules and optimizer groups.
+
+No training here: every test runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import yaml
+
+from imgclf.errors import RecipeError
+from imgclf.models import create, model_spec
+from imgclf.train.optim import build_optimizer, build_scheduler, lr_factor
+from imgclf.train.recipe import (
+    Recipe,
+    SchedulerConfig,
+    list_recipes,
+    load_recipe,
+    recipe_yaml,
+    validate,
+)
+from imgclf.train.stages import resolve_groups, set_trainable
+
+BUNDLED = sorted(list_recipes())
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
+    text = str(excinfo.value)
+    assert "\n" not in text, text
+    return text
+
+
+# ---------------------------------------------------------------- bundled recipes
+
+
+def test_the_study_recipes_and_fast_are_bundled() -> None:
+    assert {"fast", "scratch-simple", "scratch-medium", "scratch-complex"} <= set(BUNDLED)
+    assert all(list_recipes()[name] for name in BUNDLED), "every recipe has a description"
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_recipe_validates_and_fits_its_model(name: str) -> None:
+    recipe = load_recipe(name)
+    assert isinstance(recipe, Recipe) and recipe.name == name
+    spec = model_spec(recipe.model)  # a registered model
+    model = create(recipe.model, num_classes=3, input_size=recipe.input_size or spec.input_size)
+    for stage in recipe.stages:  # every stage names groups the model has
+        resolve_groups(model, stage.groups())
+    assert recipe.total_epochs >= 1
+    # Printing and reading back gives the same recipe.
+    assert validate(yaml.safe_load(recipe_yaml(recipe))) == recipe
+
+
+# ---------------------------------------------------------------- --set overrides
+
+
+def test_set_nested_values_with_yaml_typing() -> None:
+    recipe = load_recipe(
+        "scratch-simple",
+        [
+            "optimizer.lr=0.05",
+            "stages.0.epochs=3",
+            "augment.flip=false",
+            "optimizer.name=adamw",
+            "batch_size=64",
+            "grad_clip=1.5",
+            "stages.0.train=[block2, head]",
+            "optimizer.betas=[0.8, 0.99]",
+            "optimizer.weight_decay=1e-4",  # YAML 1.1 reads 1e-4 as a string: still a float
+        ],
+    )
+    assert recipe.optimizer.lr == 0.05 and isinstance(recipe.optimizer.lr, float)
+    assert recipe.stages[0].epochs == 3 and recipe.total_epochs == 3
+    assert recipe.augment.flip is False
+    assert recipe.augment.crop_padding == 4  # untouched siblings keep their values
+    assert recipe.optimizer.name == "adamw"
+    assert recipe.batch_size == 64 and recipe.grad_clip == 1.5
+    assert recipe.stages[0].groups() == ["block2", "head"]
+    assert recipe.optimizer.betas == (0.8, 0.99)
+    assert recipe.optimizer.weight_decay == pytest.approx(1e-4)
+
+
+def test_set_can_add_a_stage_field_and_clear_an_optional() -> None:
+    recipe = load_recipe("scratch-simple", ["stages.0.lr=0.3", "grad_clip="])
+    assert recipe.stages[0].lr == 0.3
+    assert recipe.grad_clip is None
+
+
+def test_overrides_do_not_touch_the_callers_dict() -> None:
+    data = {"model": "simple", "optimizer": {"lr": 0.1}, "stages": [{"epochs": 2}]}
+    recipe = load_recipe(data, ["optimizer.lr=0.5", "stages.0.epochs=4"])
+    assert recipe.optimizer.lr == 0.5 and recipe.stages[0].epochs == 4
+    assert data == {"model": "simple", "optimizer": {"lr": 0.1}, "stages": [{"epochs": 2}]}
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optimzer.lr=0.1", ["unknown key 'optimzer'", "optimizer", "scheduler", "stages"]),
+        ("optimizer.lrr=0.1", ["unknown key 'optimizer.lrr'", "lr", "momentum", "nesterov"]),
+        ("stages.0.epoch=3", ["unknown key 'stages.0.epoch'", "epochs", "train", "bn_update"]),
+        ("augment.mixup=0.2", ["unknown key 'augment.mixup'", "crop_padding", "flip"]),
+        ("optimizer.name=adam", ["optimizer.name", "'sgd'", "'adamw'"]),
+        ("scheduler.name=poly", ["scheduler.name", "'step'", "'cosine'", "'onecycle'"]),
+        ("precision=fp8", ["precision", "'fp32'", "'bf16'"]),
+        ("stages.0.epochs=0", ["stages.0.epochs", "greater than or equal to 1"]),
+        ("optimizer.lr=-1", ["optimizer.lr", "greater than 0"]),
+        ("batch_size=lots", ["batch_size", "integer"]),
+        ("augment.flip=sometimes", ["augment.flip", "bool"]),
+        ("stages.3.epochs=2", ["stages.3.epochs", "not an index below 1"]),
+        ("optimizer.lr.max=2", ["'optimizer.lr' is not a mapping"]),
+        ("optimizer.lr", ["expected key=value"]),
+        ("stages.0.train=[]", ["at least one parameter group"]),
+    ],
+)
+def test_bad_override_is_a_one_line_error_naming_the_choices(override, expected) -> None:
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe("scratch-simple", [override])
+    text = one_line_error(excinfo)
+    for part in expected:
+        assert part in text, text
+
+
+def test_several_problems_are_counted_on_the_one_line() -> None:
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe("scratch-simple", ["batch_size=0", "optimizer.lr=0", "seed=x"])
+    assert "(and 2 more problems)" in one_line_error(excinfo)
+
+
+# ---------------------------------------------------------------- recipe files and names
+
+
+def test_recipe_from_a_path(tmp_path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("model: simple\nstages:\n  - {epochs: 2, train: [head]}\n  - {epochs: 1}\n")
+    recipe = load_recipe(path, epochs=6)
+    assert recipe.name == "mine"
+    assert [s.epochs for s in recipe.stages] == [4, 2]
+    assert load_recipe(str(path)).stages[0].groups() == ["head"]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model: simple\nbatch: 3\n", "unknown key 'batch'"),
+        ("- just\n- a list\n", "a recipe is a YAML mapping"),
+        ("model: [simple\n", "not valid YAML"),
+        ("batch_size: 8\n", "model"),  # model is required
+    ],
+)
+def test_bad_recipe_file_is_one_line(tmp_path, text, expected) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe(path)
+    message = one_line_error(excinfo)
+    assert expected in message and str(path) in message
+
+
+def test_missing_recipe_file(tmp_path) -> None:
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_unknown_recipe_name_suggests_a_close_one() -> None:
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe("scratch-simpel")
+    text = one_line_error(excinfo)
+    assert "did you mean 'scratch-simple'?" in text
+    for name in BUNDLED:
+        assert name in text
+
+
+# ---------------------------------------------------------------- --epochs
+
+
+def stages(*epochs: int) -> Recipe:
+    return validate({"model": "simple", "stages": [{"epochs": e} for e in epochs]})
+
+
+@pytest.mark.parametrize(
+    "old, total, new",
+    [
+        ([10], 3, [3]),
+        ([30, 30], 10, [5, 5]),
+        ([1, 9], 4, [1, 3]),
+        ([2, 1], 6, [4, 2]),
+        ([12, 11, 11], 17, [6, 6, 5]),  # the longest stage never gets fewer epochs
+        ([1, 1, 1, 1, 96], 5, [1, 1, 1, 1, 1]),
+        ([5, 5], 2, [1, 1]),
+    ],
+)
+def test_with_epochs_examples(old, total, new) -> None:
+    assert [s.epochs for s in stages(*old).with_epochs(total).stages] == new
+
+
+def test_with_epochs_is_proportional_exact_and_at_least_one() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        old = [rng.randint(1, 30) for _ in range(rng.randint(1, 6))]
+        total = rng.randint(len(old), 100)
+        new = [s.epochs for s in stages(*old).with_epochs(total).stages]
+        share = [total * e / sum(old) for e in old]
+        case = f"{old} → {total}: {new}"
+        assert sum(new) == total, case
+        assert min(new) >= 1, case
+        for i in range(len(old)):
+            assert new[i] < max(share[i], 1) + 1, case  # never a whole epoch over its share
+            for j in range(len(old)):
+                if old[i] > old[j]:
+                    assert new[i] >= new[j], case
+        if all(x >= 1 for x in share):
+            assert all(abs(n - x) < 1 for n, x in zip(new, share, strict=True)), case
+        if total == sum(old):
+            assert new == old, case
+
+
+def test_with_epochs_keeps_everything_else() -> None:
+    recipe = load_recipe("scratch-simple", ["stages.0.lr=0.01"], epochs=3)
+    assert recipe.total_epochs == 3
+    assert recipe.stages[0].lr == 0.01 and recipe.optimizer.lr == 0.05
+
+
+def test_fewer_epochs_than_stages_is_an_error() -> None:
+    with pytest.raises(RecipeError) as excinfo:
+        stages(1, 1, 1).with_epochs(2)
+    assert "3 stages" in one_line_error(excinfo)
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def sched(**kwargs) -> SchedulerConfig:
+    return SchedulerConfig(**kwargs)
+
+
+def test_step_is_torch_steplr_7_01_in_epochs() -> None:
+    cfg = sched(name="step", step_size=7, gamma=0.1)
+    spe = 10  # optimizer steps per epoch
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    reference = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
+    for epoch in range(22):
+        for k in (0, spe // 2, spe - 1):  # constant within an epoch
+            assert lr_factor(cfg, epoch * spe + k, spe, 22 * spe) == pytest.approx(
+                reference.get_last_lr()[0]
+            )
+        opt.step()
+        reference.step()
+    assert lr_factor(cfg, 6 * spe + 9, spe, 220) == 1.0  # the 7th epoch: still full lr
+    assert lr_factor(cfg, 7 * spe, spe, 220) == pytest.approx(0.1)  # the 8th
+    assert lr_factor(cfg, 14 * spe, spe, 220) == pytest.approx(0.01)
+
+
+def test_multistep_matches_torch_multisteplr() -> None:
+    cfg = sched(name="multistep", milestones=[2, 5], gamma=0.5)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    reference = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 5], gamma=0.5)
+    expected = [1, 1, 0.5, 0.5, 0.5, 0.25, 0.25]
+    for epoch, value in enumerate(expected):
+        assert reference.get_last_lr()[0] == pytest.approx(value)
+        assert lr_factor(cfg, epoch * 4 + 3, 4, 28) == pytest.approx(value)
+        opt.step()
+        reference.step()
+
+
+def test_cosine_by_hand() -> None:
+    cfg = sched(name="cosine")
+    assert lr_factor(cfg, 0, 10, 100) == 1.0
+    assert lr_factor(cfg, 25, 10, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(cfg, 50, 10, 100) == pytest.approx(0.5)
+    assert lr_factor(cfg, 100, 10, 100) == pytest.approx(0.0)
+    floored = sched(name="cosine", min_lr_factor=0.1)
+    assert lr_factor(floored, 50, 10, 100) == pytest.approx(0.55)
+    assert lr_factor(floored, 100, 10, 100) == pytest.approx(0.1)
+
+
+def test_linear_by_hand() -> None:
+    assert lr_factor(sched(name="linear"), 30, 10, 100) == pytest.approx(0.7)
+    assert lr_factor(sched(name="linear", min_lr_factor=0.2), 50, 10, 100) == pytest.approx(0.6)
+
+
+def test_onecycle_triangle_by_hand() -> None:
+    # airbench94: from min_lr_factor up to 1 over pct_start of the steps, then down to 0.
+    cfg = sched(name="onecycle", pct_start=0.25, min_lr_factor=0.2)
+    assert lr_factor(cfg, 0, 10, 100) == pytest.approx(0.2)
+    assert lr_factor(cfg, 10, 10, 100) == pytest.approx(0.2 + 0.8 * 0.4)
+    assert lr_factor(cfg, 25, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(cfg, 50, 10, 100) == pytest.approx(0.5 / 0.75)
+    assert lr_factor(cfg, 100, 10, 100) == pytest.approx(0.0)
+
+
+def test_warmup_then_schedule_by_hand() -> None:
+    cfg = sched(name="cosine", warmup_epochs=2)
+    spe, total = 5, 110  # warmup: 10 steps, then cosine over the other 100
+    assert [lr_factor(cfg, s, spe, total) for s in range(10)] == pytest.approx(
+        [(s + 1) / 10 for s in range(10)]
+    )
+    assert lr_factor(cfg, 10, spe, total) == pytest.approx(1.0)
+    assert lr_factor(cfg, 60, spe, total) == pytest.approx(0.5)
+    warm_step = sched(name="step", step_size=3, gamma=0.1, warmup_epochs=1)
+    assert lr_factor(warm_step, 0, 4, 40) == pytest.approx(0.25)
+    assert lr_factor(warm_step, 4, 4, 40) == 1.0  # epoch 1: warm, not yet decayed
+    assert lr_factor(warm_step, 12, 4, 40) == pytest.approx(0.1)  # epoch 3: first decay
+
+
+def test_constant_is_one() -> None:
+    assert {lr_factor(sched(), s, 7, 70) for s in range(70)} == {1.0}
+
+
+def test_scheduler_drives_the_optimizer_lr() -> None:
+    recipe = validate(
+        {"model": "simple", "optimizer": {"lr": 0.2}, "scheduler": {"name": "linear"}}
+    )
+    model = create("simple", num_classes=3, input_size=16)
+    set_trainable(model, None)
+    opt = build_optimizer(model, recipe, recipe.stages[0])
+    scheduler = build_scheduler(opt, recipe.scheduler, steps_per_epoch=5, epochs=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.2 * (1 - s / 10) for s in range(10)])
+
+
+# ---------------------------------------------------------------- optimizers
+
+
+def test_sgd_with_momentum_nesterov_decay_and_lower_lr_groups() -> None:
+    recipe = validate(
+        {
+            "model": "simple",
+            "optimizer": {
+                "name": "sgd",
+                "lr": 0.1,
+                "momentum": 0.8,
+                "nesterov": True,
+                "weight_decay": 5e-4,
+                "bias_lr_mult": 2.0,
+                "no_decay_1d": True,
+            },
+            "stages": [{"train": ["block2", "head"], "lower_lr_mult": 0.1}],
+        }
+    )
+    model = create("simple", num_classes=3, input_size=16)
+    set_trainable(model, recipe.stages[0].groups())
+    opt = build_optimizer(model, recipe, recipe.stages[0])
+    assert isinstance(opt, torch.optim.SGD)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = {}
+    for group in opt.param_groups:
+        assert group["momentum"] == 0.8 and group["nesterov"] is True
+        for p in group["params"]:
+            seen[names[id(p)]] = (group["lr"], group["weight_decay"])
+    assert seen == {
+        "block2.0.weight": (pytest.approx(0.01), 5e-4),  # lower group: lr × 0.1
+        "block2.0.bias": (pytest.approx(0.02), 0.0),  # × 0.1 × bias_lr_mult, no decay
+        "head.weight": (pytest.approx(0.1), 5e-4),
+        "head.bias": (pytest.approx(0.2), 0.0),
+    }
+
+
+def test_adamw_with_betas_and_stage_lr() -> None:
+    recipe = validate(
+        {
+            "model": "simple",
+            "optimizer": {"name": "adamw", "lr": 0.1, "betas": [0.8, 0.95], "weight_decay": 0.01},
+            "stages": [{"lr": 0.003}],
+        }
+    )
+    model = create("simple", num_classes=3, input_size=16)
+    set_trainable(model, None)
+    opt = build_optimizer(model, recipe, recipe.stages[0])
+    assert isinstance(opt, torch.optim.AdamW)
+    assert {g["lr"] for g in opt.param_groups} == {0.003}
+    assert {g["betas"] for g in opt.param_groups} == {(0.8, 0.95)}
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.01}
