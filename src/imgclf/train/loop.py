@@ -35,6 +35,7 @@ from imgclf.io_utils import atomic_write_text
 from imgclf.models import create, model_spec
 from imgclf.train.checkpoint import load_checkpoint, save_checkpoint
 from imgclf.train.device import Hardware, resolve_hardware, set_threads
+from imgclf.train.feature_cache import FeatureCache
 from imgclf.train.optim import build_optimizer, build_scheduler
 from imgclf.train.recipe import Recipe, load_recipe, recipe_yaml, validate
 from imgclf.train.rundir import MetricsLog, TensorBoard, new_run_dir
@@ -142,6 +143,7 @@ class Trainer:
         self.model = self._build_model()
         self.train_loader, self.val_loader = self._loaders()
         self.position, self.progress = Position(), Progress()
+        self.cache: FeatureCache | None = None
         for stage in recipe.stages:  # bad group names fail now, before any file is written
             resolve_groups(self.model, stage.groups())
         self.resume_state = state
@@ -255,6 +257,17 @@ class Trainer:
             if self.position.epoch >= stage.epochs:
                 continue
             n_train = set_trainable(self.model, stage.groups(), bn_update=stage.bn_update)
+            self.cache = None
+            if r.feature_cache:
+                self.cache = FeatureCache.build(
+                    self.model,
+                    r,
+                    stage,
+                    self.train_loader,
+                    self.val_loader,
+                    self.hw.autocast_dtype,
+                    say=self._say,
+                )
             optimizer = build_optimizer(self.model, r, stage)
             scheduler = build_scheduler(
                 optimizer, r.scheduler, len(self.train_loader), stage.epochs
@@ -277,12 +290,13 @@ class Trainer:
                     raise KeyboardInterrupt
                 if stop:
                     return
+            self.cache = None
 
     def _epoch(self, si: int, stage, optimizer, scheduler) -> bool:
         """One epoch; returns True when early stopping says to stop."""
         r, pos = self.recipe, self.position
         global_epoch = self._global_epoch(si, pos.epoch) + 1
-        self.train_loader.set_epoch(global_epoch)
+        self._batches().set_epoch(global_epoch)
         train_mode(self.model, stage.groups(), stage.bn_update)
         stats = self._train_epoch(si, global_epoch, optimizer, scheduler, stage)
         val_loss, val_acc = self._validate()
@@ -329,7 +343,7 @@ class Trainer:
         r, hw, pos = self.recipe, self.hw, self.position
         acc = self.progress.partial or {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
         bar = tqdm(
-            total=len(self.train_loader),
+            total=len(self._batches()),
             initial=pos.batch,
             desc=f"epoch {global_epoch}/{r.total_epochs}",
             disable=not self.show_progress or None,
@@ -342,10 +356,11 @@ class Trainer:
         autocast = torch.autocast(
             hw.device.type, dtype=hw.autocast_dtype, enabled=hw.autocast_dtype is not None
         )
+        batches, net = self._batches(), self._net()
         try:
-            for step, (x, y) in enumerate(self.train_loader.iter_from(pos.batch), start=pos.batch):
+            for step, (x, y) in enumerate(batches.iter_from(pos.batch), start=pos.batch):
                 with autocast:
-                    logits = self.model(x)
+                    logits = net(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=r.label_smoothing)
                 if not torch.isfinite(loss):
                     last = self.out / "last.pt"
@@ -394,6 +409,13 @@ class Trainer:
             "images_per_second": acc["count"] / max(seconds, 1e-9),
         }
 
+    def _batches(self):
+        """This stage's training batches: cached prefix features, or images."""
+        return self.cache if self.cache is not None else self.train_loader
+
+    def _net(self) -> torch.nn.Module:
+        return self.cache.suffix if self.cache is not None else self.model
+
     def _checkpoint_mid_epoch(self, acc: dict, started: float, optimizer, scheduler) -> None:
         elapsed = time.perf_counter() - started
         self.progress.partial = {**acc, "seconds": acc["seconds"] + elapsed}
@@ -405,7 +427,14 @@ class Trainer:
             return float("nan"), float("nan")
         from imgclf.evaluate.metrics import infer
 
-        logits, labels = infer(self.model, self.val_loader, autocast_dtype=self.hw.autocast_dtype)
+        if self.cache is not None and self.cache.val_features is not None:
+            logits, labels = infer(
+                self.cache.suffix, self.cache.val_batches(), autocast_dtype=self.hw.autocast_dtype
+            )
+        else:
+            logits, labels = infer(
+                self.model, self.val_loader, autocast_dtype=self.hw.autocast_dtype
+            )
         loss = F.cross_entropy(logits, labels).item()
         return loss, (logits.argmax(1) == labels).float().mean().item()
 

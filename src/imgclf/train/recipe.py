@@ -104,6 +104,9 @@ class Recipe(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
+    # Frozen-prefix feature cache for stages that freeze a prefix with fixed views
+    # (imgclf.train.feature_cache); off only to compare against the uncached path.
+    feature_cache: bool = True
     tta: bool = False  # evaluate with flipped (and shifted) views averaged
     # Transfer learning (pretrained backbones): weights file and head.
     pretrained: bool = True

@@ -37,9 +37,7 @@ def set_trainable(model: nn.Module, groups: list[str] | None, *, bn_update: bool
     train_names = {n for g in chosen for n in param_groups[g]} - model.frozen_parameter_names()
     for name, p in model.named_parameters():
         p.requires_grad_(name in train_names)
-    model.train()
-    if not bn_update:
-        freeze_bn_stats(model)
+    train_mode(model, groups, bn_update)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -53,10 +51,34 @@ def freeze_bn_stats(model: nn.Module) -> None:
 
 
 def train_mode(model: nn.Module, groups: list[str] | None, bn_update: bool) -> None:
-    """Back to training mode for a stage (eval() elsewhere resets everything)."""
+    """Back to training mode for a stage (eval() elsewhere resets everything).
+
+    A frozen prefix (every group before the first trained one) is a fixed feature
+    extractor: fully in eval mode (BatchNorm statistics, dropout, stochastic depth), which
+    is also what lets the feature cache reproduce this path exactly.
+    """
     model.train()
-    if not bn_update:
-        freeze_bn_stats(model)
+    if bn_update:
+        return
+    freeze_bn_stats(model)
+    prefix = frozen_prefix(model, groups)
+    if prefix is not None:
+        prefix.eval()
+
+
+def frozen_prefix(model: nn.Module, groups: list[str] | None) -> nn.Module | None:
+    """The modules before the first trained group, for models that can split there."""
+    if groups is None or not hasattr(model, "split_at"):
+        return None
+    order = list(model.param_groups())
+    first = next((g for g in order if g in groups), None)
+    if first is None or first == order[0]:
+        return None
+    try:
+        prefix, _ = model.split_at(first)
+    except (NotImplementedError, ValueError):
+        return None
+    return prefix
 
 
 def group_of(model: nn.Module) -> dict[str, str]:

@@ -1,0 +1,92 @@
+"""The frozen-prefix feature cache gives the uncached path's results, and is used only
+when a stage freezes a prefix with fixed views."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers_train import import_tiny, tiny_recipe
+from imgclf.train import train
+from imgclf.train.checkpoint import load_checkpoint
+from imgclf.train.rundir import read_metrics
+
+
+def _staged(**changes) -> dict:
+    recipe = tiny_recipe(
+        model="complex",
+        augment={"crop_padding": 0, "flip": False},
+        stages=[{"epochs": 2, "train": ["block3", "head"]}, {"epochs": 1, "train": "all"}],
+    )
+    recipe.update(changes)
+    return recipe
+
+
+def _run(tmp_path: Path, name: str, ds, **changes):
+    return train(_staged(**changes), ds, out=tmp_path / name, progress=False, threads=1)
+
+
+def test_cached_stage_equals_uncached(tmp_path: Path) -> None:
+    ds = import_tiny(tmp_path)
+    cached = _run(tmp_path, "cached", ds)
+    plain = _run(tmp_path, "plain", ds, feature_cache=False)
+    a = load_checkpoint(cached.last)["model_state"]
+    b = load_checkpoint(plain.last)["model_state"]
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-4, rtol=1e-4), key
+    rows_a, rows_b = (
+        read_metrics(cached.path / "metrics.csv"),
+        read_metrics(plain.path / "metrics.csv"),
+    )
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for col in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert ra[col] == pytest.approx(rb[col], abs=1e-4), (ra["epoch"], col)
+
+
+def test_cache_used_only_for_frozen_prefix(tmp_path: Path, capsys) -> None:
+    from imgclf.data.loader import BatchLoader
+    from imgclf.models import create
+    from imgclf.train.feature_cache import FeatureCache
+    from imgclf.train.recipe import validate
+
+    ds = import_tiny(tmp_path)
+    model = create("complex", num_classes=3, input_size=16)
+    idx = ds.indices("train")
+    loader = BatchLoader(ds.images[idx], ds.labels[idx], batch_size=8, size=16)
+    recipe = validate(_staged())
+    msgs: list[str] = []
+    head_only = FeatureCache.build(model, recipe, recipe.stages[0], loader, None, None, msgs.append)
+    assert head_only is not None and "feature cache" in msgs[0]
+    # Everything trains: nothing to cache.
+    assert (
+        FeatureCache.build(model, recipe, recipe.stages[1], loader, None, None, msgs.append) is None
+    )
+    # Random crops change the prefix's input every epoch: not cacheable.
+    cropped = validate(_staged(augment={"crop_padding": 2, "flip": False}))
+    assert FeatureCache.build(model, cropped, cropped.stages[0], loader, None, None, print) is None
+    # Flips are a fixed set of two views: cached, twice.
+    flipped = validate(_staged(augment={"crop_padding": 0, "flip": True}))
+    cache = FeatureCache.build(model, flipped, flipped.stages[0], loader, None, None, print)
+    assert cache is not None and len(cache.features) == 2
+    assert not torch.allclose(cache.features[0], cache.features[1])
+
+
+def test_cache_respects_memory_limit(tmp_path: Path, monkeypatch) -> None:
+    from imgclf.data.loader import BatchLoader
+    from imgclf.models import create
+    from imgclf.train.feature_cache import FeatureCache
+    from imgclf.train.recipe import validate
+
+    monkeypatch.setenv("IMGCLF_FEATURE_CACHE_GB", "0.000001")
+    ds = import_tiny(tmp_path)
+    idx = ds.indices("train")
+    loader = BatchLoader(ds.images[idx], ds.labels[idx], batch_size=8, size=16)
+    recipe = validate(_staged())
+    msgs: list[str] = []
+    model = create("complex", num_classes=3, input_size=16)
+    assert (
+        FeatureCache.build(model, recipe, recipe.stages[0], loader, None, None, msgs.append) is None
+    )
+    assert "IMGCLF_FEATURE_CACHE_GB" in msgs[0]
