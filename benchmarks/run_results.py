@@ -1,0 +1,71 @@
+"""Train recipes on a dataset and print accuracy and wall time: the numbers in
+docs/results.md come from this script.
+
+    python benchmarks/run_results.py --data cifar10 --runs-dir runs/results \\
+        scratch-simple:5 scratch-complex:2 fast:2
+
+Each argument is RECIPE[:EPOCHS][@SEED]. With --ensemble, the trained runs are then voted
+together on the validation split (hard, soft, weighted) and compared with the best one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def parse(spec: str) -> tuple[str, int | None, int | None]:
+    seed = None
+    if "@" in spec:
+        spec, s = spec.split("@", 1)
+        seed = int(s)
+    epochs = None
+    if ":" in spec:
+        spec, e = spec.split(":", 1)
+        epochs = int(e)
+    return spec, epochs, seed
+
+
+def main() -> None:
+    from imgclf.evaluate.compare import compare_runs
+    from imgclf.train import train
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", metavar="RECIPE[:EPOCHS][@SEED]")
+    p.add_argument("--data", required=True)
+    p.add_argument("--runs-dir", default="runs/results")
+    p.add_argument("--ensemble", action="store_true", help="vote the runs together on val")
+    p.add_argument("--threads", type=int)
+    args = p.parse_args()
+    done = []
+    print(f"{'recipe':<24} {'epochs':>6} {'seed':>4} {'val acc':>8} {'train s':>8} {'wall s':>8}")
+    for spec in args.runs:
+        recipe, epochs, seed = parse(spec)
+        overrides = [f"seed={seed}"] if seed is not None else []
+        started = time.perf_counter()
+        run = train(
+            recipe,
+            args.data,
+            epochs=epochs,
+            overrides=overrides,
+            runs_dir=Path(args.runs_dir),
+            threads=args.threads,
+            progress=False,
+        )
+        wall = time.perf_counter() - started
+        s = run.summary
+        print(
+            f"{recipe:<24} {s['epochs']:>6} {seed if seed is not None else 0:>4} "
+            f"{s.get('val_accuracy', float('nan')):8.4f} {s['train_seconds']:8.1f} {wall:8.1f}"
+            f"  {run.path}",
+            flush=True,
+        )
+        done.append(run.path)
+    if args.ensemble and len(done) > 1:
+        comparison = compare_runs(done, args.data, split="val")
+        print(comparison.table())
+
+
+if __name__ == "__main__":
+    main()
