@@ -288,3 +288,54 @@ def _write_report(path: Path, skipped: list[Skipped]) -> None:
         w.writerow(["path", "reason"])
         for s in skipped:
             w.writerow([s.path, s.reason])
+
+
+def import_arrays(
+    images: np.ndarray,
+    labels: np.ndarray | list[int],
+    classes: list[str],
+    name: str,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    source: str = "arrays",
+    warn: Warn = _stderr_warn,
+    dest: Path | None = None,
+) -> Dataset:
+    """Import in-memory N×H×W×3 uint8 images with label indices into ``classes`` as ``name``.
+
+    The same path as :func:`import_dataset` (decoded samples, stratified val split, atomic
+    publish); ``source`` is recorded as the dataset's origin, e.g. a function name.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise DataError(
+            f"{source}: images must be N×H×W×3 uint8, got {images.dtype} {images.shape}"
+        )
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{source}: need one integer label per image, got {labels.shape}")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
+        raise DataError(f"{source}: labels must lie in 0..{len(classes) - 1}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction {val_fraction}: must be at least 0 and below 1")
+    if name.startswith(".") or "/" in name or os.sep in name:
+        raise DataError(f"{name!r}: not a usable dataset name (no '/', no leading '.')")
+    samples = [
+        Sample(f"{source}[{i}]", "train", int(lab), array=img)
+        for i, (img, lab) in enumerate(zip(images, labels, strict=True))
+    ]
+    scanned = ScannedSource("arrays", list(classes), samples, origin=source)
+    final = dest or dataset_dir(name)
+    tmp = _make_tmp(final)
+    try:
+        started = time.perf_counter()
+        info = _decode_all(scanned, tmp, None, default_workers(), warn)
+        meta = _finish(scanned, info, tmp, name, Path(source), val_fraction, seed, warn)
+        meta["source"] = source  # not a path
+        meta["import_seconds"] = round(time.perf_counter() - started, 3)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_dataset(final)

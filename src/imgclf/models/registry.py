@@ -7,7 +7,7 @@ the CLI, checkpoints) refers to an architecture.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -63,13 +63,54 @@ def register(
     return add
 
 
+# Names outside the registry that a resolver can still build (backbones.py: any
+# torchvision classification model). Each resolver maps a name to (spec, build) or None,
+# lists its names for "did you mean", and adds a hint to the unknown-model message.
+@dataclass(frozen=True)
+class _Fallback:
+    resolve: Callable[[str], tuple[ModelSpec, Callable[..., Classifier]] | None]
+    names: Callable[[], Iterable[str]]
+    hint: str
+
+
+_FALLBACKS: list[_Fallback] = []
+
+# difflib's default cutoff (0.6) suggests 'resnet50' for 'resnet9000'; 0.8 still catches
+# typos like 'simpel' (0.83) and 'mobilenetv2' (0.96).
+_SUGGEST_CUTOFF = 0.8
+
+
+def register_fallback(
+    resolve: Callable[[str], tuple[ModelSpec, Callable[..., Classifier]] | None],
+    *,
+    names: Callable[[], Iterable[str]],
+    hint: str,
+) -> None:
+    """Let ``create``/``model_spec`` build names that are not registered.
+
+    Registered names always win; ``list_models`` lists only registered ones.
+    """
+    _FALLBACKS.append(_Fallback(resolve, names, hint))
+
+
 def _entry(name: str) -> _Entry:
     if name in _MODELS:
         return _MODELS[name]
+    for fallback in _FALLBACKS:
+        found = fallback.resolve(name)
+        if found is not None:
+            return _Entry(*found)
     choices = ", ".join(sorted(_MODELS))
-    close = difflib.get_close_matches(name.lower(), list(_MODELS), n=1)
+    close = difflib.get_close_matches(name.lower(), list(_MODELS), n=1, cutoff=_SUGGEST_CUTOFF)
+    for fallback in _FALLBACKS:
+        if close:
+            break
+        close = difflib.get_close_matches(
+            name.lower(), list(fallback.names()), n=1, cutoff=_SUGGEST_CUTOFF
+        )
     hint = f"; did you mean {close[0]!r}?" if close else ";"
-    raise UnknownModel(f"unknown model {name!r}{hint} choose one of: {choices}")
+    extra = "".join(f" ({fallback.hint})" for fallback in _FALLBACKS)
+    raise UnknownModel(f"unknown model {name!r}{hint} choose one of: {choices}{extra}")
 
 
 def model_spec(name: str) -> ModelSpec:
