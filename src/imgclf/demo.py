@@ -37,12 +37,14 @@ def run_demo(
 ) -> Run:
     """Train ``recipe`` on CIFAR-10 (or the digits fallback); returns the evaluated run."""
     ds = demo_dataset(archive, say)
+    # A mirrored digit is another glyph (or none): no flips, in training or at test time.
+    no_flips = ["augment.flip=false", "tta=false"] if ds.name == "digits" else []
     return train(
         recipe,
         ds,
         out=out,
         epochs=epochs,
-        overrides=list(overrides),
+        overrides=[*no_flips, *overrides],
         device=device,
         threads=threads,
         progress=progress,
