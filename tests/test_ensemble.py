@@ -115,11 +115,13 @@ def test_vote_shares():
 def test_soft_and_hard_disagree_on_a_crafted_table():
     # Two lukewarm votes for class 0 against one very confident vote for class 1:
     # hard voting counts heads (0), soft voting weighs confidence (mean 0.633 for class 1).
-    probs = np.array([
-        [[0.55, 0.45, 0.0]],
-        [[0.55, 0.45, 0.0]],
-        [[0.00, 1.00, 0.0]],
-    ])
+    probs = np.array(
+        [
+            [[0.55, 0.45, 0.0]],
+            [[0.55, 0.45, 0.0]],
+            [[0.00, 1.00, 0.0]],
+        ]
+    )
     assert hard_vote(probs).tolist() == [0]
     labels, mean_probs = soft_vote(probs)
     assert labels.tolist() == [1]
@@ -130,10 +132,12 @@ def test_soft_and_hard_disagree_on_a_crafted_table():
 
 
 def test_weighted_vote_weights_are_normalized():
-    probs = np.array([
-        [[0.9, 0.1]],
-        [[0.2, 0.8]],
-    ])
+    probs = np.array(
+        [
+            [[0.9, 0.1]],
+            [[0.2, 0.8]],
+        ]
+    )
     labels, mixed = weighted_vote(probs, [1, 3])  # 0.25*model0 + 0.75*model1
     assert labels.tolist() == [1]
     np.testing.assert_allclose(mixed, [[0.375, 0.625]])
@@ -147,8 +151,12 @@ def test_weighted_vote_weights_are_normalized():
 
 @pytest.mark.parametrize(
     ("weights", "message"),
-    [([0, 0], "all zero"), ([1, -1], "non-negative"), ([1, float("nan")], "finite"),
-     ([1, 1, 1], "3 weights for 2 models")],
+    [
+        ([0, 0], "all zero"),
+        ([1, -1], "non-negative"),
+        ([1, float("nan")], "finite"),
+        ([1, 1, 1], "3 weights for 2 models"),
+    ],
 )
 def test_weighted_vote_rejects_bad_weights(weights, message):
     probs = np.full((2, 1, 2), 0.5)
@@ -164,8 +172,10 @@ def test_vote_dispatch_matches_direct_calls():
     labels, shares = vote("hard", probs, prefer_order=[1])
     assert labels.tolist() == hard_vote(probs, prefer_order=[1]).tolist()
     np.testing.assert_allclose(shares, vote_shares(probs))
-    for method, direct in (("soft", soft_vote(probs)),
-                           ("weighted", weighted_vote(probs, [1, 2, 3]))):
+    for method, direct in (
+        ("soft", soft_vote(probs)),
+        ("weighted", weighted_vote(probs, [1, 2, 3])),
+    ):
         got = vote(method, probs, weights=[1, 2, 3] if method == "weighted" else None)
         assert got[0].tolist() == direct[0].tolist()
         np.testing.assert_allclose(got[1], direct[1])

@@ -23,14 +23,16 @@ from imgclf.io_utils import atomic_path, atomic_write_text
 CLASSES = ["cat", "dog", "bird"]
 LABELS = np.array([0, 0, 1, 1, 2, 2])
 # predictions (argmax):  0, 1, 1, 1, 2, 0  -> 4 of 6 right
-PROBS = np.array([
-    [0.500, 0.25, 0.250],
-    [0.250, 0.50, 0.250],
-    [0.250, 0.50, 0.250],
-    [0.125, 0.75, 0.125],
-    [0.250, 0.25, 0.500],
-    [0.500, 0.25, 0.250],
-])
+PROBS = np.array(
+    [
+        [0.500, 0.25, 0.250],
+        [0.250, 0.50, 0.250],
+        [0.250, 0.50, 0.250],
+        [0.125, 0.75, 0.125],
+        [0.250, 0.25, 0.500],
+        [0.500, 0.25, 0.250],
+    ]
+)
 # -log p(true): ln2, ln4, ln2, ln(4/3), ln2, ln4
 EXPECTED_LOSS = (3 * math.log(2) + 2 * math.log(4) + math.log(4 / 3)) / 6
 
@@ -60,8 +62,9 @@ def test_metrics_match_hand_computed_values(metrics):
 
 def test_logits_give_the_same_metrics_as_probs_whatever_the_row_shift(metrics):
     logits = np.log(PROBS) + np.array([[0.0], [50.0], [-7.0], [3.0], [1000.0], [0.0]])
-    from_logits = compute_metrics(torch.from_numpy(logits).float(), torch.from_numpy(LABELS),
-                                  CLASSES)
+    from_logits = compute_metrics(
+        torch.from_numpy(logits).float(), torch.from_numpy(LABELS), CLASSES
+    )
     assert from_logits.loss == pytest.approx(EXPECTED_LOSS, rel=1e-5)
     assert from_logits.confusion.tolist() == metrics.confusion.tolist()
     np.testing.assert_allclose(from_logits.f1, metrics.f1)
@@ -74,8 +77,9 @@ def test_zero_probability_of_the_true_class_is_clipped_not_infinite():
 
 
 def test_class_never_seen_nor_predicted_scores_zero_not_nan():
-    result = compute_metrics(PROBS[:, [0, 1, 2, 2]] * [1, 1, 1, 0], LABELS, [*CLASSES, "fish"],
-                             from_probs=True)
+    result = compute_metrics(
+        PROBS[:, [0, 1, 2, 2]] * [1, 1, 1, 0], LABELS, [*CLASSES, "fish"], from_probs=True
+    )
     assert result.confusion.shape == (4, 4)
     assert result.precision[3] == result.recall[3] == result.f1[3] == 0
     assert result.support[3] == 0
@@ -87,14 +91,22 @@ def test_to_dict_is_json_able(metrics):
     assert data["count"] == 6
     assert data["confusion"][2] == [1, 0, 1]
     assert data["per_class"][1] == {
-        "class": "dog", "precision": pytest.approx(2 / 3), "recall": 1.0, "f1": 0.8, "support": 2
+        "class": "dog",
+        "precision": pytest.approx(2 / 3),
+        "recall": 1.0,
+        "f1": 0.8,
+        "support": 2,
     }
 
 
 @pytest.mark.parametrize(
     ("scores", "labels", "message"),
-    [(PROBS[:, :2], LABELS, r"shape \(N, 3\)"), (PROBS, LABELS[:5], "labels must have shape"),
-     (PROBS, LABELS + 1, r"labels must lie in \[0, 3\)"), (PROBS[:0], LABELS[:0], "no samples")],
+    [
+        (PROBS[:, :2], LABELS, r"shape \(N, 3\)"),
+        (PROBS, LABELS[:5], "labels must have shape"),
+        (PROBS, LABELS + 1, r"labels must lie in \[0, 3\)"),
+        (PROBS[:0], LABELS[:0], "no samples"),
+    ],
 )
 def test_bad_inputs_are_refused(scores, labels, message):
     with pytest.raises(ValueError, match=message):
@@ -107,12 +119,7 @@ def test_bad_inputs_are_refused(scores, labels, message):
 def test_confusion_csv_exact(metrics, tmp_path):
     path = tmp_path / "confusion.csv"
     write_confusion_csv(metrics, path)
-    assert path.read_text() == (
-        "true\\pred,cat,dog,bird\n"
-        "cat,1,1,0\n"
-        "dog,0,2,0\n"
-        "bird,1,0,1\n"
-    )
+    assert path.read_text() == ("true\\pred,cat,dog,bird\ncat,1,1,0\ndog,0,2,0\nbird,1,0,1\n")
 
 
 def test_per_class_csv_exact(metrics, tmp_path):
@@ -209,8 +216,9 @@ def test_curves_without_val_or_with_nan_and_strings(tmp_path):
     rows = curve_rows()
     rows[2]["val_loss"] = float("nan")
     rows[3]["val_acc"] = None
-    as_csv = [{key: str(value) if value is not None else "" for key, value in row.items()}
-              for row in rows]
+    as_csv = [
+        {key: str(value) if value is not None else "" for key, value in row.items()} for row in rows
+    ]
     plots.plot_curves(as_csv, tmp_path / "curves.png")
     png_size(tmp_path / "curves.png")
 
@@ -296,8 +304,9 @@ def test_infer_collects_float32_logits_and_int64_labels_in_eval_mode():
 
 def test_infer_with_autocast_returns_float32():
     model = torch.nn.Linear(4, 3)
-    logits, _ = infer(model, [(torch.randn(3, 4), torch.zeros(3))], device="cpu",
-                      autocast_dtype=torch.bfloat16)
+    logits, _ = infer(
+        model, [(torch.randn(3, 4), torch.zeros(3))], device="cpu", autocast_dtype=torch.bfloat16
+    )
     assert logits.dtype == torch.float32
 
 

@@ -44,7 +44,10 @@ def split_for_stage(model: nn.Module, stage: StageConfig) -> tuple[nn.Module, nn
     split_at = getattr(model, "split_at", None)
     if group is None or split_at is None or group == next(iter(model.param_groups())):
         return None
-    return split_at(group)
+    try:
+        return split_at(group)
+    except (NotImplementedError, ValueError):  # a model that cannot split there: no cache
+        return None
 
 
 def views_for(recipe: Recipe) -> int | None:

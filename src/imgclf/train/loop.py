@@ -140,13 +140,13 @@ class Trainer:
         self.ctrl_c = _CtrlC()
         torch.manual_seed(recipe.seed)
         np.random.seed(recipe.seed)
+        self.resume_state = state
         self.model = self._build_model()
         self.train_loader, self.val_loader = self._loaders()
         self.position, self.progress = Position(), Progress()
         self.cache: FeatureCache | None = None
         for stage in recipe.stages:  # bad group names fail now, before any file is written
             resolve_groups(self.model, stage.groups())
-        self.resume_state = state
         if state is None:
             self._init_from_data()
         else:
@@ -159,7 +159,13 @@ class Trainer:
         size = r.input_size or model_spec(r.model).input_size
         kwargs = {**r.model_args, "input_size": size}
         if model_spec(r.model).kind == "pretrained":
-            kwargs.update(pretrained=r.pretrained, weights=r.weights, head=r.head or None)
+            # On resume the checkpoint holds the weights: never fetch or read them again.
+            fresh = self.resume_state is None
+            kwargs.update(
+                pretrained=r.pretrained and fresh,
+                weights=r.weights if fresh else None,
+                head=r.head or None,
+            )
         try:
             model = create(r.model, num_classes=len(self.ds.classes), **kwargs)
         except (TypeError, ValueError) as exc:  # bad model_args or input_size in the recipe

@@ -35,8 +35,7 @@ def build_optimizer(model: nn.Module, recipe: Recipe, stage: StageConfig) -> tor
     # The group at the stage's base lr first: metrics.csv logs param_groups[0]'s lr.
     ordered = sorted(buckets.items(), key=lambda item: item[0][0] != base_lr)
     param_groups = [
-        {"params": ps, "lr": lr, "weight_decay": wd, "initial_lr": lr}
-        for (lr, wd), ps in ordered
+        {"params": ps, "lr": lr, "weight_decay": wd, "initial_lr": lr} for (lr, wd), ps in ordered
     ]
     if not param_groups:
         raise ValueError("no trainable parameters in this stage")
