@@ -64,6 +64,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--threads", type=int, default=physical_cores())
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--size", type=int, help="input size for every model (default: recipe's)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     names = args.models or [s.name for s in list_models()]
@@ -74,8 +76,9 @@ def main() -> None:
     print(f"{'model':<18} {'px':>4} {'precision':>9} {'layout':>13} {'mode':>8} {'img/s':>8}")
     modes = [False] if args.no_compile else [False, True]
     for name in names:
-        size = RECIPE_SIZE.get(name, 64)
-        for bf16, cl, compiled in itertools.product([False, True], [False, True], modes):
+        size = args.size or RECIPE_SIZE.get(name, 64)
+        bf16s = [p == "bf16" for p in args.precisions]
+        for bf16, cl, compiled in itertools.product(bf16s, [False, True], modes):
             try:
                 ips = images_per_second(name, size, args.batch, args.steps, bf16, cl, compiled)
                 shown = f"{ips:8.1f}"

@@ -90,3 +90,31 @@ def test_cache_respects_memory_limit(tmp_path: Path, monkeypatch) -> None:
         FeatureCache.build(model, recipe, recipe.stages[0], loader, None, None, msgs.append) is None
     )
     assert "IMGCLF_FEATURE_CACHE_GB" in msgs[0]
+
+
+def test_stage_augment_override_enables_cache(tmp_path: Path) -> None:
+    """Crops for the recipe, flips only in the head stage: that stage is cached, and the
+    next stage trains with the recipe's crops again."""
+    ds = import_tiny(tmp_path)
+    recipe = _staged(
+        augment={"crop_padding": 2, "flip": True},
+        stages=[
+            {"epochs": 1, "train": ["head"], "augment": {"crop_padding": 0, "flip": True}},
+            {"epochs": 1, "train": "all"},
+        ],
+    )
+    msgs: list[str] = []
+    from imgclf.train import loop
+    from imgclf.train.recipe import validate
+
+    trainer = loop.Trainer(
+        validate(recipe),
+        ds,
+        tmp_path / "run",
+        progress=True,
+        threads=1,
+    )
+    trainer._say = msgs.append
+    trainer.run()
+    assert any("feature cache: 2 view(s)" in m for m in msgs)
+    assert trainer.train_loader.augment.crop_padding == 2  # stage 2 restored the crops

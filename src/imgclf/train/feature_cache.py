@@ -50,9 +50,9 @@ def split_for_stage(model: nn.Module, stage: StageConfig) -> tuple[nn.Module, nn
         return None
 
 
-def views_for(recipe: Recipe) -> int | None:
+def views_for(recipe: Recipe, stage: StageConfig) -> int | None:
     """How many fixed views the augmentation has (1, or 2 with flips); None: not cacheable."""
-    aug = recipe.augment
+    aug = stage.augment_for(recipe)
     if aug.crop_padding > 0:
         return None
     return 2 if aug.flip else 1
@@ -95,7 +95,7 @@ class FeatureCache:
         autocast_dtype: torch.dtype | None,
         say=print,
     ) -> FeatureCache | None:
-        views = views_for(recipe)
+        views = views_for(recipe, stage)
         split = split_for_stage(model, stage)
         if views is None or split is None or stage.bn_update:
             return None

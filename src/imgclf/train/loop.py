@@ -263,6 +263,7 @@ class Trainer:
             if self.position.epoch >= stage.epochs:
                 continue
             n_train = set_trainable(self.model, stage.groups(), bn_update=stage.bn_update)
+            self.train_loader.augment = Augment(**stage.augment_for(r).model_dump())
             self.cache = None
             if r.feature_cache:
                 self.cache = FeatureCache.build(

@@ -69,6 +69,9 @@ class StageConfig(_Strict):
     # Multiplier for groups outside the last trained one, e.g. 0.1 (discriminative lr).
     lower_lr_mult: float = Field(1.0, gt=0)
     bn_update: bool = False  # frozen BatchNorm layers keep updating running statistics
+    # This stage's augmentation, when it differs from the recipe's: e.g. flips only in a
+    # head-only stage, so the frozen backbone's features can be cached.
+    augment: AugmentConfig | None = None
     name: str = ""
 
     @field_validator("train")
@@ -77,6 +80,9 @@ class StageConfig(_Strict):
         if isinstance(v, list) and not v:
             raise ValueError("train: give at least one parameter group, or 'all'")
         return v
+
+    def augment_for(self, recipe: Recipe) -> AugmentConfig:
+        return self.augment or recipe.augment
 
     def groups(self) -> list[str] | None:
         """Group names, or None for every parameter."""
