@@ -90,14 +90,39 @@ def import_dataset(
         raise DataError(
             f"{name!r}: not a usable dataset name (no '/', no leading '.'); pass --name"
         )
-    final = dest or dataset_dir(name)
+    labels = Path(labels_csv).expanduser() if labels_csv else None
+    return _build_cache(
+        lambda: scan_source(src, labels),
+        dest or dataset_dir(name),
+        name=name,
+        source=str(src.resolve()),
+        image_size=image_size,
+        val_fraction=val_fraction,
+        seed=seed,
+        workers=workers or default_workers(),
+        warn=warn,
+    )
+
+
+def _build_cache(
+    scan: Callable[[], ScannedSource],
+    final: Path,
+    *,
+    name: str,
+    source: str,
+    image_size: int | None,
+    val_fraction: float,
+    seed: int,
+    workers: int,
+    warn: Warn,
+) -> Dataset:
+    """Scan, decode and write a dataset in a temporary folder, then rename it into place."""
     tmp = _make_tmp(final)
     try:
         started = time.perf_counter()
-        scanned = scan_source(src, Path(labels_csv).expanduser() if labels_csv else None)
-        workers = workers or default_workers()
+        scanned = scan()
         info = _decode_all(scanned, tmp, image_size, workers, warn)
-        meta = _finish(scanned, info, tmp, name, src, val_fraction, seed, warn)
+        meta = _finish(scanned, info, tmp, name, source, val_fraction, seed, warn)
         meta["import_seconds"] = round(time.perf_counter() - started, 3)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         publish(tmp, final)
@@ -214,7 +239,7 @@ def _finish(
     info: dict,
     tmp: Path,
     name: str,
-    src: Path,
+    source: str,
     val_fraction: float,
     seed: int,
     warn: Warn,
@@ -239,7 +264,7 @@ def _finish(
     return {
         "format_version": FORMAT_VERSION,
         "name": name,
-        "source": str(src.resolve()),
+        "source": source,
         "source_shape": scanned.shape,
         "classes": scanned.classes,
         "num_samples": len(samples),
@@ -325,17 +350,14 @@ def import_arrays(
         for i, (img, lab) in enumerate(zip(images, labels, strict=True))
     ]
     scanned = ScannedSource("arrays", list(classes), samples, origin=source)
-    final = dest or dataset_dir(name)
-    tmp = _make_tmp(final)
-    try:
-        started = time.perf_counter()
-        info = _decode_all(scanned, tmp, None, default_workers(), warn)
-        meta = _finish(scanned, info, tmp, name, Path(source), val_fraction, seed, warn)
-        meta["source"] = source  # not a path
-        meta["import_seconds"] = round(time.perf_counter() - started, 3)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return load_dataset(final)
+    return _build_cache(
+        lambda: scanned,
+        dest or dataset_dir(name),
+        name=name,
+        source=source,
+        image_size=None,
+        val_fraction=val_fraction,
+        seed=seed,
+        workers=default_workers(),
+        warn=warn,
+    )
