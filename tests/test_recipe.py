@@ -379,3 +379,9 @@ def test_adamw_with_betas_and_stage_lr() -> None:
     assert {g["lr"] for g in opt.param_groups} == {0.003}
     assert {g["betas"] for g in opt.param_groups} == {(0.8, 0.95)}
     assert {g["weight_decay"] for g in opt.param_groups} == {0.01}
+
+
+@pytest.mark.parametrize(("given", "expected"), [("off", "off"), ("on", "on"), ("auto", "auto")])
+def test_channels_last_on_off_survive_yaml_booleans(given: str, expected: str) -> None:
+    # YAML 1.1 turns a bare on/off into True/False; the recipe still means on/off.
+    assert load_recipe("fast", [f"channels_last={given}"]).channels_last == expected

@@ -119,6 +119,14 @@ class Recipe(_Strict):
     weights: str | None = None
     head: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean: `channels_last: off` means "off".
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        return v
+
     @property
     def total_epochs(self) -> int:
         return sum(s.epochs for s in self.stages)
