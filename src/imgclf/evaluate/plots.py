@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from imgclf.io_utils import atomic_path
 
@@ -103,6 +104,7 @@ def curves_figure(rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Figu
         _draw_series(ax, epochs, _series(rows, f"train_{kind}"), _series(rows, f"val_{kind}"))
         _draw_stage_lines(ax, starts)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.lines:
