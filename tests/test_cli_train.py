@@ -63,8 +63,9 @@ def test_train_prints_epoch_lines_and_where_the_run_is(tiny, tmp_path, capsys):
     out = tmp_path / "my-run"
     code, stdout, stderr = run_cli(capsys, "train", recipe, "--data", "tiny", "--out", out)
     assert code == 0
-    assert stdout.splitlines()[-1].startswith("val accuracy ")
-    assert f"run folder: {out} (curves.png, confusion_matrix.png, summary.json)" in stdout
+    assert stdout.splitlines()[0].startswith("val accuracy ")
+    assert f"run folder:       {out}\n" in stdout
+    assert f"curves:           {out / 'curves.png'}" in stdout
     epoch_lines = [line for line in stderr.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 2 and "train loss" in epoch_lines[0] and "img/s" in epoch_lines[0]
     assert "val loss" in epoch_lines[0] and "stage 1" in epoch_lines[0]
@@ -78,7 +79,7 @@ def test_train_numbers_run_folders_and_takes_epochs_and_set(tiny, tmp_path, caps
     for n in (1, 2):
         code, stdout, stderr = run_cli(capsys, *argv, "--set", "optimizer.lr=0.02")
         assert code == 0 and stderr == ""
-        assert f"run folder: {Path('runs') / f'tiny-{n}'} " in stdout
+        assert f"run folder:       {Path('runs') / f'tiny-{n}'}\n" in stdout
     state = load_pt(tmp_path / "runs" / "tiny-2" / "last.pt")
     assert state["recipe"]["optimizer"]["lr"] == 0.02
     assert state["recipe"]["stages"][0]["epochs"] == 1
@@ -125,7 +126,7 @@ def test_resume_of_a_finished_run_changes_nothing(trained_run, tmp_path, capsys)
     rows = (out / "metrics.csv").read_text()
     before = load_pt(out / "last.pt")["model_state"]
     code, stdout, _ = run_cli(capsys, "train", "--resume", out, "--quiet")
-    assert code == 0 and f"run folder: {out}" in stdout
+    assert code == 0 and f"run folder:       {out}" in stdout
     assert (out / "metrics.csv").read_text() == rows
     after = load_pt(out / "last.pt")["model_state"]
     assert all(torch.equal(before[k], after[k]) for k in before)

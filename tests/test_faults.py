@@ -84,7 +84,7 @@ def resume_in_process(out: Path, capsys) -> None:
     code = main(["train", "--resume", str(out), "--threads", "1", "--quiet"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert f"run folder: {out}" in captured.out
+    assert f"run folder:       {out}" in captured.out
 
 
 def assert_same_run(run: Path, reference: Path) -> None:

@@ -198,6 +198,42 @@ def _add_recipes(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_recipes)
 
 
+def _add_hardware_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument(
+        "--threads", type=_positive_int, metavar="N", help="CPU threads (default: physical cores)"
+    )
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `train` and `demo`: both end in imgclf.train.train."""
+    p.add_argument("--out", help="run folder (default runs/<recipe>-<n>)")
+    p.add_argument(
+        "--epochs", type=_positive_int, metavar="N", help="total epochs, shared among stages"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. optimizer.lr=0.05 or stages.0.epochs=3 (repeatable)",
+    )
+    _add_hardware_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+
+
+def _print_run(run) -> None:
+    acc = run.summary.get("val_accuracy")
+    if acc is not None:
+        print(
+            f"val accuracy {acc:.4f} on {run.summary['val_count']} {run.summary['dataset']} images"
+        )
+    else:
+        print("no validation split: nothing evaluated")
+    print(f"run folder:       {run.path}")
+    print(f"curves:           {run.path / 'curves.png'}")
+    print(f"confusion matrix: {run.path / 'confusion_matrix.png'}")
+
+
 def _train(args: argparse.Namespace) -> int:
     from imgclf.train import train
 
@@ -214,9 +250,7 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.quiet,
     )
-    acc = run.summary.get("val_accuracy")
-    shown = f"val accuracy {acc:.4f}" if acc is not None else "no validation split"
-    print(f"{shown}; run folder: {run.path} (curves.png, confusion_matrix.png, summary.json)")
+    _print_run(run)
     return 0
 
 
@@ -230,22 +264,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", nargs="?", help="recipe name (imgclf recipes) or YAML path")
     p.add_argument("--data", help="dataset name or cache folder (imgclf data list)")
-    p.add_argument("--out", help="run folder (default runs/<recipe>-<n>)")
-    p.add_argument(
-        "--epochs", type=_positive_int, metavar="N", help="total epochs, shared among stages"
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a recipe field, e.g. optimizer.lr=0.05 or stages.0.epochs=3 (repeatable)",
-    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
-    p.add_argument(
-        "--threads", type=_positive_int, metavar="N", help="CPU threads (default: physical cores)"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    _add_training_options(p)
     p.set_defaults(handler=_train)
 
 
@@ -326,8 +346,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tta", action="store_true", help="average flipped (and shifted) views")
     p.add_argument("--batch-size", type=_positive_int, default=512, metavar="N")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
-    p.add_argument("--threads", type=_positive_int, metavar="N")
+    _add_hardware_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_vote_options(p)
     p.add_argument(
@@ -409,8 +428,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["default", "kaggle"], default="default")
     p.add_argument("--batch-size", type=_positive_int, default=256, metavar="N")
     p.add_argument("--strict", action="store_true", help="exit 1 when any file could not be read")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads")
+    _add_hardware_options(p)
     p.set_defaults(handler=_predict)
 
 
@@ -473,14 +491,7 @@ def _demo(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.quiet,
     )
-    acc = run.summary.get("val_accuracy")
-    if acc is not None:
-        print(
-            f"val accuracy {acc:.4f} on {run.summary['val_count']} {run.summary['dataset']} images"
-        )
-    print(f"run folder:       {run.path}")
-    print(f"curves:           {run.path / 'curves.png'}")
-    print(f"confusion matrix: {run.path / 'confusion_matrix.png'}")
+    _print_run(run)
     return 0
 
 
@@ -499,17 +510,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="CIFAR-10 archive to import, e.g. cifar-10-python.tar.gz or an image-folder .tar.gz",
     )
-    p.add_argument(
-        "--epochs", type=_positive_int, metavar="N", help="total epochs (default: the recipe's)"
-    )
     p.add_argument("--recipe", default="fast", help="recipe name or YAML path (fast)")
-    p.add_argument("--out", help="run folder (default runs/<recipe>-<n>)")
-    p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a recipe field (repeatable)"
-    )
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    _add_training_options(p)
     p.set_defaults(handler=_demo)
 
 
