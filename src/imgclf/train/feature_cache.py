@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from imgclf.data.loader import BatchLoader, epoch_generator, epoch_order
 from imgclf.train.recipe import Recipe, StageConfig
+from imgclf.train.stages import split_at_first_trained
 
 # Largest cache, by default: activations are fp32 and live in RAM (or GPU memory).
 DEFAULT_LIMIT_GB = 4.0
@@ -28,26 +29,6 @@ DEFAULT_LIMIT_GB = 4.0
 
 def cache_limit_bytes() -> float:
     return float(os.environ.get("IMGCLF_FEATURE_CACHE_GB", DEFAULT_LIMIT_GB)) * 2**30
-
-
-def first_trained_group(model: nn.Module, stage: StageConfig) -> str | None:
-    groups = stage.groups()
-    if groups is None:
-        return None
-    order = list(model.param_groups())
-    return next((g for g in order if g in groups), None)
-
-
-def split_for_stage(model: nn.Module, stage: StageConfig) -> tuple[nn.Module, nn.Module] | None:
-    """(prefix, suffix) around the first trained group, when the model can split there."""
-    group = first_trained_group(model, stage)
-    split_at = getattr(model, "split_at", None)
-    if group is None or split_at is None or group == next(iter(model.param_groups())):
-        return None
-    try:
-        return split_at(group)
-    except (NotImplementedError, ValueError):  # a model that cannot split there: no cache
-        return None
 
 
 def views_for(recipe: Recipe, stage: StageConfig) -> int | None:
@@ -96,7 +77,7 @@ class FeatureCache:
         say=print,
     ) -> FeatureCache | None:
         views = views_for(recipe, stage)
-        split = split_for_stage(model, stage)
+        split = split_at_first_trained(model, stage.groups())
         if views is None or split is None or stage.bn_update:
             return None
         prefix, suffix = split

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -139,7 +138,6 @@ class Trainer:
         self.show_progress = progress
         self.ctrl_c = _CtrlC()
         torch.manual_seed(recipe.seed)
-        np.random.seed(recipe.seed)
         self.resume_state = state
         self.model = self._build_model()
         self.train_loader, self.val_loader = self._loaders()
@@ -242,7 +240,6 @@ class Trainer:
             "optimizer_state": optimizer.state_dict() if optimizer else None,
             "scheduler_state": scheduler.state_dict() if scheduler else None,
             "torch_rng": torch.get_rng_state(),
-            "numpy_rng_seed": self.recipe.seed,
         }
 
     def _save(self, optimizer, scheduler, *, best: bool = False) -> None:

@@ -7,8 +7,6 @@ keep pretrained statistics), unless the stage sets ``bn_update: true``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch.nn as nn
 
 from imgclf.errors import RecipeError
@@ -66,8 +64,11 @@ def train_mode(model: nn.Module, groups: list[str] | None, bn_update: bool) -> N
         prefix.eval()
 
 
-def frozen_prefix(model: nn.Module, groups: list[str] | None) -> nn.Module | None:
-    """The modules before the first trained group, for models that can split there."""
+def split_at_first_trained(
+    model: nn.Module, groups: list[str] | None
+) -> tuple[nn.Module, nn.Module] | None:
+    """(frozen prefix, rest) around the first trained group, for models that can split
+    there; None when everything trains or the model cannot split."""
     if groups is None or not hasattr(model, "split_at"):
         return None
     order = list(model.param_groups())
@@ -75,16 +76,16 @@ def frozen_prefix(model: nn.Module, groups: list[str] | None) -> nn.Module | Non
     if first is None or first == order[0]:
         return None
     try:
-        prefix, _ = model.split_at(first)
+        return model.split_at(first)
     except (NotImplementedError, ValueError):
         return None
-    return prefix
+
+
+def frozen_prefix(model: nn.Module, groups: list[str] | None) -> nn.Module | None:
+    split = split_at_first_trained(model, groups)
+    return split[0] if split else None
 
 
 def group_of(model: nn.Module) -> dict[str, str]:
     """Parameter name → its group name."""
     return {n: g for g, names in model.param_groups().items() for n in names}
-
-
-def trainable(params: Iterable[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in params if p.requires_grad]
