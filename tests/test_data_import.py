@@ -101,9 +101,9 @@ def exif_rotated(path, arr: np.ndarray, orientation: int, **kwargs) -> None:
     save_array(path, arr, exif=exif.tobytes(), **kwargs)
 
 
-def stored_4x8() -> np.ndarray:
-    """Stored 4 wide × 8 high: top row red, the rest green."""
-    arr = np.zeros((8, 4, 3), np.uint8)
+def stored_top_red() -> np.ndarray:
+    """Stored 8×8: top row red, the rest green."""
+    arr = np.zeros((8, 8, 3), np.uint8)
     arr[:] = GREEN
     arr[0] = RED
     return arr
@@ -113,15 +113,14 @@ def stored_4x8() -> np.ndarray:
 def test_exif_orientation_is_applied(tmp_path, ext):
     src = tmp_path / "src"
     kwargs = {"quality": 100, "subsampling": 0} if ext == ".jpg" else {}
-    exif_rotated(src / "cat" / f"rot{ext}", stored_4x8(), 6, **kwargs)
-    # The other images are 8 wide × 4 high: the rotated one needs no resize.
-    make_class_tree(src, {"dog": 2}, size=(4, 8))
+    exif_rotated(src / "cat" / f"rot{ext}", stored_top_red(), 6, **kwargs)
+    make_class_tree(src, {"dog": 2}, size=(8, 8))
     ds = import_dataset(src, "exif", val_fraction=0)
-    assert ds.image_size == (4, 8)
+    assert ds.image_size == (8, 8)
     assert ds.meta["resized"] == 0
     out = ds.images[ds.files().index(str(src / "cat" / f"rot{ext}"))].astype(int)
     # Orientation 6 = rotate 90° clockwise: the stored top row becomes the right column.
-    want = np.zeros((4, 8, 3), int)
+    want = np.zeros((8, 8, 3), int)
     want[:] = GREEN
     want[:, -1] = RED
     tol = 0 if ext == ".png" else 80
@@ -149,6 +148,18 @@ def test_most_common_size_wins_even_when_the_first_images_differ(tmp_path):
     ds = import_dataset(src, "mixed", val_fraction=0)
     assert ds.image_size == (8, 8)
     assert ds.meta["resized"] == 3
+
+
+def test_guessed_size_is_a_square_capped_for_photos(tmp_path):
+    """Portrait photos become centre-cropped squares (their shorter side, at most 224):
+    a non-square cache would be squashed to the model's square input."""
+    src = tmp_path / "src"
+    make_class_tree(src, {"cat": 2, "dog": 1}, size=(20, 12))  # 20 high × 12 wide
+    ds = import_dataset(src, "portrait", val_fraction=0)
+    assert ds.image_size == (12, 12)
+    big = tmp_path / "big"
+    make_class_tree(big, {"cat": 1, "dog": 1}, size=(300, 260))
+    assert import_dataset(big, "big", val_fraction=0).image_size == (224, 224)
 
 
 def test_image_size_forces_n_by_n(tmp_path):
@@ -200,12 +211,12 @@ def test_exif_rotated_jpeg_is_not_shrunk_below_the_target_while_decoding(tmp_pat
     src = tmp_path / "src"
     path = src / "cat" / "rot.jpg"
     exif_rotated(path, noise(64, 16), 6, quality=95)  # shown 64 wide × 16 high
-    make_class_tree(src, {"dog": 3}, size=(32, 8))  # target: 32 high × 8 wide
+    make_class_tree(src, {"dog": 3}, size=(16, 16))
     ds = import_dataset(src, "draft", val_fraction=0)
-    assert ds.image_size == (32, 8)
+    assert ds.image_size == (16, 16)
     full = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
     assert full.shape == (16, 64, 3)
-    ref = cover_crop(full, (32, 8)).astype(int)
+    ref = cover_crop(full, (16, 16)).astype(int)
     got = ds.images[ds.files().index(str(path))].astype(int)
     assert np.abs(got - ref).mean() < 2
 
