@@ -19,14 +19,12 @@ models voting for it (hard), the mean (soft) or weighted mean (weighted) probabi
 
 Decoding overlaps with compute: chunks of files are read and decoded in a thread pool
 (file reads, simplejpeg and Pillow release the GIL) while the main thread runs the models
-on earlier chunks. Each image is decoded once: a small square image (up to 128 px, or the
-largest run input if larger) keeps its native size, as the training cache holds such data
-(CIFAR at 32 px feeds a 16-px and a 224-px net alike); anything else is scaled to cover
-the largest run input and centre-cropped (:func:`imgclf.data.decode.cover_crop`, with
-libjpeg's DCT scaling for big JPEGs).
-Each run then resizes and normalizes the batch to its own checkpoint's input size, mean and
-std with :class:`imgclf.data.loader.BatchLoader`, exactly as ``imgclf eval`` feeds it, so
-a 32-px scratch net and a 224-px ResNet vote on the same files.
+on earlier chunks. Every file goes through :mod:`imgclf.data.preprocess`, the transform
+the runs' training and validation images went through: cropped to cover the run's
+``source_size`` (the size of the cache it was trained on, from its checkpoint), then
+normalized and resized to its input size on the batch. A file is decoded once per distinct
+source size among the runs (usually once), so a 32-px scratch net and a 224-px backbone
+vote on the same files, each seeing them as it saw its training data.
 """
 
 from __future__ import annotations
@@ -45,8 +43,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from imgclf.data.decode import decode, probe
-from imgclf.data.loader import BatchLoader
+from imgclf.data.decode import Size
+from imgclf.data.preprocess import Preprocess, file_to_uint8
 from imgclf.data.sources import IMAGE_EXTENSIONS, is_archive, open_tree
 from imgclf.ensemble import vote as ensemble_vote
 from imgclf.errors import DataError, UserError
@@ -62,10 +60,6 @@ from imgclf.io_utils import atomic_path
 from imgclf.train.device import resolve_hardware
 
 FORMATS = ("default", "kaggle")
-# Square images up to this side are decoded at their native size (CIFAR 32, Tiny-ImageNet
-# 64, STL-10 96): then a run resizes them on the batch exactly as it does the cached
-# dataset it was evaluated on. 256 of them at 128 px are 12 MB of uint8 per chunk.
-KEEP_NATIVE_UP_TO = 128
 # Chunks decoded ahead of the model, per decoding thread: enough to hide a slow chunk.
 PREFETCH_PER_WORKER = 2
 
@@ -177,11 +171,11 @@ def _list_file_inputs(src: Path) -> Inputs:
 
 @dataclass
 class Decoded:
-    """One chunk: the reason each file failed (None when read), and the good images
-    grouped by decoded size as (positions in the chunk, N×H×W×3 uint8)."""
+    """One chunk: the reason each file failed (None when read), and for each source size
+    the good images as (positions in the chunk, N×H×W×3 uint8)."""
 
     reasons: list[str | None]
-    groups: list[tuple[np.ndarray, np.ndarray]]
+    groups: dict[Size, tuple[np.ndarray, np.ndarray]]
 
 
 def _read(item: Item) -> tuple[bytes | None, str | None]:
@@ -194,36 +188,33 @@ def _read(item: Item) -> tuple[bytes | None, str | None]:
         return None, f"cannot read file ({exc.strerror or exc})"
 
 
-def _decode_one(item: Item, max_side: int) -> tuple[np.ndarray | None, str | None]:
-    data, why = _read(item)
-    if data is None:
-        return None, why
-    native = probe(data, None)
-    # A small square image stays as it is, like the cache the runs were trained from; the
-    # runs' batch resize then scales it. Anything else is cropped to the largest input.
-    keep = native is not None and native[0] == native[1] <= max(max_side, KEEP_NATIVE_UP_TO)
-    arr, _, why = decode(data, None, None if keep else (max_side, max_side))
-    return arr, why
-
-
-def decode_items(items: Sequence[Item], max_side: int) -> Decoded:
-    """Decode a chunk (runs in a worker thread)."""
+def decode_items(items: Sequence[Item], sizes: Sequence[Size]) -> Decoded:
+    """Decode a chunk at every source size (runs in a worker thread)."""
     reasons: list[str | None] = []
-    by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    good: dict[Size, list[tuple[int, np.ndarray]]] = {size: [] for size in sizes}
     for pos, item in enumerate(items):
-        arr, why = _decode_one(item, max_side)
+        data, why = _read(item)
+        arrays = {}
+        for size in sizes:
+            if why is not None:
+                break
+            arrays[size], why = file_to_uint8(data, None, size)
         reasons.append(why)
-        if arr is not None:
-            by_size.setdefault(arr.shape[:2], []).append((pos, arr))
-    groups = [
-        (np.array([p for p, _ in group]), np.stack([a for _, a in group]))
-        for group in by_size.values()
-    ]
+        if why is None:
+            for size, arr in arrays.items():
+                good[size].append((pos, arr))
+    groups = {
+        size: (
+            np.array([p for p, _ in rows], dtype=np.int64),
+            np.stack([a for _, a in rows]) if rows else np.empty((0, *size, 3), np.uint8),
+        )
+        for size, rows in good.items()
+    }
     return Decoded(reasons, groups)
 
 
 def _decode_ahead(
-    chunks: list[list[Item]], max_side: int, workers: int
+    chunks: list[list[Item]], sizes: Sequence[Size], workers: int
 ) -> Iterator[tuple[list[Item], Decoded]]:
     """Chunks in order, each decoded in the pool while the caller works on earlier ones."""
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="imgclf-decode")
@@ -231,14 +222,14 @@ def _decode_ahead(
     todo = iter(chunks)
     try:
         for chunk in todo:
-            pending.append((chunk, pool.submit(decode_items, chunk, max_side)))
+            pending.append((chunk, pool.submit(decode_items, chunk, sizes)))
             if len(pending) >= workers * PREFETCH_PER_WORKER:
                 break
         while pending:
             chunk, future = pending.popleft()
             following = next(todo, None)
             if following is not None:
-                pending.append((following, pool.submit(decode_items, following, max_side)))
+                pending.append((following, pool.submit(decode_items, following, sizes)))
             yield chunk, future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -260,9 +251,7 @@ class _Member:
 
     name: str
     net: torch.nn.Module
-    size: int
-    mean: list[float]
-    std: list[float]
+    preprocess: Preprocess
     order: torch.Tensor  # output columns in the first run's class order
 
 
@@ -270,15 +259,12 @@ def _members(rs: RunSet, device: torch.device, tta: bool) -> list[_Member]:
     out = []
     for lr, order in zip(rs.runs, rs.orders, strict=True):
         lr.model.to(device, memory_format=torch.channels_last).eval()
-        st = lr.state
         net = TTA(lr.model) if tta else lr.model
         out.append(
             _Member(
                 lr.name,
                 net,
-                int(st["input_size"]),
-                list(st["mean"]),
-                list(st["std"]),
+                Preprocess.from_state(lr.state),
                 torch.from_numpy(order).to(device),
             )
         )
@@ -290,26 +276,17 @@ def chunk_probs(
 ) -> np.ndarray:
     """Probabilities ``(models, rows, classes)`` of a chunk; failed rows stay NaN."""
     probs = np.full((len(members), num_rows, num_classes), np.nan, dtype=np.float32)
-    for positions, images in decoded.groups:
+    for m, member in enumerate(members):
+        positions, images = decoded.groups[member.preprocess.source_size]
+        if len(positions) == 0:
+            continue
         pixels = torch.from_numpy(images).to(device, non_blocking=True)
-        no_labels = torch.zeros(len(images), dtype=torch.int64)
-        every = torch.arange(len(images))
-        for m, member in enumerate(members):
-            # The loader's own preprocessing, so predict and eval feed models identically.
-            loader = BatchLoader(
-                pixels,
-                no_labels,
-                batch_size=len(images),
-                size=member.size,
-                mean=member.mean,
-                std=member.std,
-                channels_last=True,
-                device=device,
-            )
-            with autocast():
-                logits = member.net(loader.batch(every))
-            scores = torch.softmax(logits.float(), dim=1)[:, member.order]
-            probs[m, positions] = scores.cpu().numpy()
+        # The loader's own preprocessing, so predict and eval feed models identically.
+        x = member.preprocess.batch_to_input(pixels)
+        with autocast():
+            logits = member.net(x)
+        scores = torch.softmax(logits.float(), dim=1)[:, member.order]
+        probs[m, positions] = scores.cpu().numpy()
     return probs
 
 
@@ -460,7 +437,7 @@ def predict(
     if format == "kaggle":
         _check_kaggle_ids(inputs.items)
     members = _members(rs, hw.device, tta)
-    max_side = max(m.size for m in members)
+    sizes = list(dict.fromkeys(m.preprocess.source_size for m in members))
 
     def autocast() -> contextlib.AbstractContextManager:
         if hw.autocast_dtype is None:
@@ -469,7 +446,7 @@ def predict(
 
     chunks = [inputs.items[i : i + batch_size] for i in range(0, len(inputs.items), batch_size)]
     failed: list[tuple[str, str]] = []
-    decoding = _decode_ahead(chunks, max_side, workers or default_workers())
+    decoding = _decode_ahead(chunks, sizes, workers or default_workers())
     with (
         atomic_path(out) as tmp,
         open(tmp, "w", newline="", encoding="utf-8") as f,

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from imgclf.data.preprocess import batch_to_input
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,7 @@ class BatchLoader:
         self.shuffle = shuffle
         self.augment = augment or Augment()
         self.size = _pair(size) if size is not None else tuple(self.images.shape[1:3])
-        scale = 255.0
-        self.mean = torch.tensor(mean, device=self.device) * scale
-        self.inv_std = 1.0 / (torch.tensor(std, device=self.device) * scale)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.channels_last = channels_last
         self.dtype = dtype
         self.seed = seed
@@ -172,17 +171,15 @@ class BatchLoader:
             x = x.view(len(idx), h, w, 3)
         else:
             x = self.images.index_select(0, idx)
-        # Normalize while still NHWC-contiguous (channel = last dim broadcasts fast), then
-        # view as NCHW: that view *is* channels_last, at no cost.
-        x = x.to(self.dtype).sub_(self.mean).mul_(self.inv_std).permute(0, 3, 1, 2)
-        if (h, w) != self.size:
-            # Per-channel affine commutes with interpolation, so resizing after normalizing
-            # is exact. Antialias when shrinking, as PIL would.
-            shrink = self.size[0] < h or self.size[1] < w
-            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=shrink)
-        if self.channels_last:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x.contiguous()
+        # The one preprocessing definition shared with predict and serve.
+        return batch_to_input(
+            x,
+            self.size,
+            self.mean,
+            self.std,
+            dtype=self.dtype,
+            channels_last=self.channels_last,
+        )
 
 
 def _as_tensor(values) -> torch.Tensor:

@@ -22,7 +22,7 @@ from imgclf.data.cache import Dataset
 from imgclf.ensemble import VOTE_METHODS, EnsembleError, hard_vote, vote_shares, weighted_vote
 from imgclf.errors import CheckpointError, UserError
 from imgclf.evaluate.metrics import Metrics, compute_metrics
-from imgclf.evaluate.runs import LoadedRun, default_split, load_run, open_data, run_logits
+from imgclf.evaluate.runs import LoadedRun, default_split, load_run, open_data_for, run_logits
 
 RunLike = str | os.PathLike[str]
 Weights = Mapping[str, float] | Sequence[float] | Sequence[str] | None
@@ -277,12 +277,13 @@ def compare_runs(
     check_vote(vote)
     rs = load_runs(runs)
     prefer_idx = prefer_order(rs, prefer)
-    ds = open_data(data)
+    datasets = open_data_for(data, rs.runs)
+    ds = datasets[0]
     split = split or default_split(ds)
     probs, models, labels = [], {}, None
-    for lr, order in zip(rs.runs, rs.orders, strict=True):
+    for lr, order, run_ds in zip(rs.runs, rs.orders, datasets, strict=True):
         logits, run_labels = run_logits(
-            lr, ds, split, tta=tta, batch_size=batch_size, device=device
+            lr, run_ds, split, tta=tta, batch_size=batch_size, device=device
         )
         logits = logits[:, torch.from_numpy(order)]  # columns in the first run's order
         if labels is None:

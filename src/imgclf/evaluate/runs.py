@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from imgclf.data.cache import Dataset, load_dataset, resolve_dataset_dir
+from imgclf.data.decode import Size
 from imgclf.data.importer import import_dataset
 from imgclf.data.loader import BatchLoader
+from imgclf.data.preprocess import Preprocess
 from imgclf.errors import CheckpointError, DataError
 from imgclf.evaluate.metrics import Metrics, compute_metrics, infer
 from imgclf.evaluate.tta import TTA
@@ -50,10 +52,16 @@ def load_run(run: str | Path | Any, device: torch.device | str = "cpu") -> Loade
     return LoadedRun(path, folder.name, model, state)
 
 
-def open_data(data: str | Path | Dataset) -> Dataset:
+def open_data(data: str | Path | Dataset, source_size: Size | None = None) -> Dataset:
     """A cached dataset by name or folder, or any importable source (imported to a temp
     cache first, with no validation split carved out, read into memory and the temp cache
-    removed: evaluating a folder leaves nothing behind)."""
+    removed: evaluating a folder leaves nothing behind).
+
+    ``source_size``: the run's training-cache size (its checkpoint's ``source_size``). A
+    source is imported at that size, so its files become exactly the tensors ``predict``
+    makes of them and the validation images were (imgclf.data.preprocess); a size guessed
+    from the photos instead cost 14 points on portrait photos (issue #9).
+    """
     if isinstance(data, Dataset):
         return data
     try:
@@ -61,12 +69,40 @@ def open_data(data: str | Path | Dataset) -> Dataset:
     except DataError:
         if not Path(data).expanduser().exists():
             raise
+    square = source_size is not None and source_size[0] == source_size[1]
     tmp = Path(tempfile.mkdtemp(prefix="imgclf-eval-"))
     try:
-        ds = import_dataset(data, "adhoc", val_fraction=0.0, dest=tmp / "adhoc")
+        ds = import_dataset(
+            data,
+            "adhoc",
+            val_fraction=0.0,
+            dest=tmp / "adhoc",
+            image_size=source_size[0] if square else None,
+        )
         return dataclasses.replace(ds, images=np.array(ds.images))  # off the memory map
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_data_for(data: str | Path | Dataset, runs: list[LoadedRun]) -> list[Dataset]:
+    """The dataset each run is scored on: one cached dataset for all, or a source imported
+    once per distinct training-cache size among the runs."""
+    try:
+        ds = (
+            open_data(data)
+            if isinstance(data, Dataset)
+            else load_dataset(resolve_dataset_dir(data))
+        )
+        return [ds] * len(runs)
+    except DataError:
+        if not Path(data).expanduser().exists():
+            raise
+    by_size: dict[Size, Dataset] = {}
+    for lr in runs:
+        size = Preprocess.from_state(lr.state).source_size
+        if size not in by_size:
+            by_size[size] = open_data(data, size)
+    return [by_size[Preprocess.from_state(lr.state).source_size] for lr in runs]
 
 
 def default_split(ds: Dataset) -> str:
@@ -87,14 +123,14 @@ def label_map(run_classes: list[str], ds: Dataset) -> np.ndarray:
 
 
 def run_loader(lr: LoadedRun, images, labels, batch_size: int, device) -> BatchLoader:
-    st = lr.state
+    pre = Preprocess.from_state(lr.state)
     return BatchLoader(
         images,
         labels,
         batch_size=batch_size,
-        size=st["input_size"],
-        mean=st["mean"],
-        std=st["std"],
+        size=pre.input_size,
+        mean=pre.mean,
+        std=pre.std,
         channels_last=True,
         device=device,
     )
@@ -133,7 +169,7 @@ def evaluate(
 ) -> Metrics:
     """Accuracy, loss, per-class scores and confusion matrix of a run on a dataset."""
     lr = load_run(run)
-    ds = open_data(data)
+    ds = open_data_for(data, [lr])[0]
     split = split or default_split(ds)
     logits, labels = run_logits(lr, ds, split, tta=tta, batch_size=batch_size, device=device)
     return compute_metrics(logits, labels, lr.classes)

@@ -232,6 +232,9 @@ class Trainer:
             "input_size": m.input_size,
             "mean": list(m.mean),
             "std": list(m.std),
+            # What turns a raw file into this model's input (imgclf.data.preprocess):
+            # files are cropped to the training cache's size, then resized on the batch.
+            "source_size": list(self.ds.image_size),
             "recipe": self.recipe.model_dump(mode="json"),
             "dataset": str(self.ds.root),
             "position": vars(self.position).copy(),
