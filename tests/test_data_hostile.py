@@ -7,15 +7,20 @@ and read its peak RSS from ``resource.getrusage(RUSAGE_CHILDREN)``.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import pickle
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import make_archive, write_cifar10
+from conftest import make_archive, png_bytes, write_cifar10
 from imgclf.data import import_dataset
 from imgclf.errors import DataError
 
@@ -27,6 +32,43 @@ def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(IMGCLF), *args], capture_output=True, text=True, env=env, timeout=300
     )
+
+
+def peak_rss_mb(*args: str, home: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``imgclf ARGS`` in a grandchild; its peak RSS, measured by the child that waits
+    for it (so no earlier child of this test process can raise the figure)."""
+    code = (
+        "import resource, subprocess, sys\n"
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "sys.stdout.write(p.stdout); sys.stderr.write(p.stderr)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+        "sys.exit(p.returncode)\n"
+    )
+    env = {**os.environ, "IMGCLF_HOME": str(home)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(IMGCLF), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    *rest, kib = proc.stderr.rstrip("\n").split("\n")
+    proc.stderr = "\n".join(rest)
+    return proc, int(kib) / 1024  # ru_maxrss is in KiB on Linux
+
+
+def report_rows(home: Path, name: str) -> dict[str, str]:
+    with open(home / "datasets" / name / "import-report.csv", newline="") as f:
+        return {row["path"]: row["reason"] for row in csv.DictReader(f)}
+
+
+def small_pngs() -> dict[str, bytes]:
+    """Two classes of two 8×8 PNGs each, by member name."""
+    out = {}
+    for cls, value in (("cat", 40), ("dog", 200)):
+        for i in range(2):
+            out[f"{cls}/{i}.png"] = png_bytes(np.full((8, 8, 3), value + i, np.uint8))
+    return out
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -86,3 +128,62 @@ def test_real_cifar_pickles_still_load_at_every_protocol(tmp_path):
                 f.write_bytes(pickle.dumps(obj, protocol=protocol))
         ds = import_dataset(root, f"c{protocol}")
         assert len(ds.labels) == 12
+
+
+# ---------------------------------------------------------------- 2a. archive bombs
+
+ZEROS = 300 << 20  # 300 MiB of zeros: ~300 kB deflated
+
+
+class _Zeros(io.RawIOBase):
+    """``n`` zero bytes as a file, never held in memory at once."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self.left)
+        buf[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def _bomb_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in small_pngs().items():
+            zf.writestr(name, data)
+        for name in ("cat/zeros.bin", "dog/zeros.png"):
+            with zf.open(name, "w", force_zip64=True) as f:
+                for _ in range(ZEROS >> 20):
+                    f.write(bytes(1 << 20))
+    return path
+
+
+def _bomb_tar_gz(path: Path) -> Path:
+    with tarfile.open(path, "w:gz", compresslevel=6) as tf:
+        for name, data in small_pngs().items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name in ("cat/zeros.bin", "dog/zeros.png"):
+            info = tarfile.TarInfo(name)
+            info.size = ZEROS
+            tf.addfile(info, _Zeros(ZEROS))
+    return path
+
+
+@pytest.mark.parametrize("make", [_bomb_zip, _bomb_tar_gz], ids=["zip", "tar.gz"])
+def test_archive_of_zeros_is_streamed_capped_and_reported(tmp_path, imgclf_home, make):
+    archive = make(tmp_path / ("bomb.zip" if make is _bomb_zip else "bomb.tar.gz"))
+    assert archive.stat().st_size < 2 << 20
+    proc, peak = peak_rss_mb("data", "import", str(archive), "--name", "bomb", home=imgclf_home)
+    assert proc.returncode == 0, proc.stderr
+    print(f"peak RSS {peak:.0f} MB")
+    assert peak < 600, f"peak RSS {peak:.0f} MB"
+    rows = report_rows(imgclf_home, "bomb")
+    assert "not an image" in rows[f"{archive}/cat/zeros.bin"]
+    assert "over the 64 MiB limit" in rows[f"{archive}/dog/zeros.png"]
+    assert "imported 'bomb': 4 images" in proc.stdout

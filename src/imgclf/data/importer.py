@@ -134,6 +134,8 @@ def _build_cache(
     try:
         started = time.perf_counter()
         scanned = scan()
+        for msg in scanned.warnings:
+            warn(msg)
         info = _decode_all(scanned, tmp, image_size, workers, warn)
         meta = _finish(scanned, info, tmp, name, source, val_fraction, seed, warn)
         meta["import_seconds"] = round(time.perf_counter() - started, 3)
