@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from conftest import make_archive, png_bytes, write_cifar10
+from conftest import make_archive, png_bytes, save_array, write_cifar10
 from imgclf.data import import_dataset
+from imgclf.data.decode import cover_crop
 from imgclf.errors import DataError
 
 IMGCLF = Path(sys.executable).with_name("imgclf")
@@ -187,3 +189,36 @@ def test_archive_of_zeros_is_streamed_capped_and_reported(tmp_path, imgclf_home,
     assert "not an image" in rows[f"{archive}/cat/zeros.bin"]
     assert "over the 64 MiB limit" in rows[f"{archive}/dog/zeros.png"]
     assert "imported 'bomb': 4 images" in proc.stdout
+
+
+# ---------------------------------------------------------------- 2b. thin images
+
+
+def test_thin_png_costs_the_target_size_not_its_cover_scale(tmp_path, imgclf_home):
+    src = tmp_path / "thin"
+    for cls, value in (("cat", 40), ("dog", 200)):
+        for i in range(2):
+            save_array(src / cls / f"{i}.png", np.full((32, 32, 3), value, np.uint8))
+    strip = np.zeros((1, 300_000, 3), np.uint8)
+    strip[0, 150_000 - 8 : 150_000 + 8] = 255  # the centre is white
+    save_array(src / "cat" / "strip.png", strip)
+    assert (src / "cat" / "strip.png").stat().st_size < 10_000
+    proc, peak = peak_rss_mb("data", "import", str(src), "--name", "thin", home=imgclf_home)
+    assert proc.returncode == 0, proc.stderr
+    assert peak < 600, f"peak RSS {peak:.0f} MB"
+    ds = import_dataset(src, "thin-again", val_fraction=0)
+    (i,) = [k for k, f in enumerate(ds.files()) if f.endswith("strip.png")]
+    assert ds.images[i].shape == (32, 32, 3)
+    assert ds.images[i].mean() > 128  # the centre of the strip, scaled up
+
+
+def test_cover_crop_of_a_thin_strip_equals_scaling_whole_then_cropping():
+    # A smooth strip, 2×4000: small enough that the whole-then-crop reference is cheap.
+    x = np.linspace(0, 4 * np.pi, 4000)
+    row = (127.5 + 127.5 * np.sin(x)).astype(np.uint8)
+    strip = np.stack([np.stack([row, row[::-1], row // 2], axis=-1)] * 2)
+    whole = Image.fromarray(strip).resize((32_000, 16), Image.Resampling.BICUBIC)
+    reference = np.asarray(whole.crop((16_000 - 8, 0, 16_000 + 8, 16)))
+    out = cover_crop(strip, (16, 16))
+    assert out.shape == (16, 16, 3)
+    assert np.abs(out.astype(int) - reference).max() <= 2

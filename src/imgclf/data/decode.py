@@ -133,14 +133,26 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+# Scaling whole then cropping costs the scaled image's pixels; past this many times the
+# target's pixels (aspect ratios beyond 4:1) only the kept box is resampled, so a 1×300000
+# strip costs the target's size, not 67 million columns (issue #10: 1.7 GB for 954 bytes).
+_COVER_WASTE = 4
+
+
 def cover_crop(arr: np.ndarray, size: Size) -> np.ndarray:
     """Scale to cover ``size`` keeping aspect ratio (bicubic, antialiased), centre-crop."""
     th, tw = size
     h, w = arr.shape[:2]
     scale = max(tw / w, th / h)
     nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
-    im = Image.fromarray(arr).resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - tw) // 2, (nh - th) // 2
+    im = Image.fromarray(arr)
+    if nw * nh > _COVER_WASTE * tw * th:
+        # The same centre box in source coordinates: Pillow resamples only that region.
+        sx, sy = nw / w, nh / h
+        box = (left / sx, top / sy, (left + tw) / sx, (top + th) / sy)
+        return np.asarray(im.resize((tw, th), Image.Resampling.BICUBIC, box=box))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
     return np.asarray(im.crop((left, top, left + tw, top + th)))
 
 
