@@ -222,3 +222,76 @@ def test_cover_crop_of_a_thin_strip_equals_scaling_whole_then_cropping():
     out = cover_crop(strip, (16, 16))
     assert out.shape == (16, 16, 3)
     assert np.abs(out.astype(int) - reference).max() <= 2
+
+
+# ---------------------------------------------------------------- 3. full disks, kills
+
+
+def _tiny_tree(root: Path) -> Path:
+    for cls, value in (("cat", 40), ("dog", 200)):
+        for i in range(2):
+            save_array(root / cls / f"{i}.png", np.full((8, 8, 3), value + i, np.uint8))
+    return root
+
+
+def test_temp_folder_of_a_killed_import_is_removed_by_the_next(tmp_path, imgclf_home):
+    # A real process makes its temporary folder, as an import does, then dies by SIGKILL.
+    code = (
+        "import os, signal\n"
+        "from imgclf.data.importer import _make_tmp\n"
+        "from imgclf.paths import dataset_dir\n"
+        "tmp = _make_tmp(dataset_dir('photos'))\n"
+        "(tmp / 'images.npy').write_bytes(bytes(1000))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "IMGCLF_HOME": str(imgclf_home)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, timeout=120)
+    assert proc.returncode == -9
+    datasets = imgclf_home / "datasets"
+    (dead,) = [p for p in datasets.iterdir() if p.name.startswith(".photos.tmp-")]
+    alive = datasets / f".other.tmp-{os.getpid()}-abc"  # an import still running here
+    alive.mkdir()
+    untagged_old = datasets / ".older.tmp-k3j2x"  # made before pids were recorded
+    untagged_old.mkdir()
+    os.utime(untagged_old, (0, 0))
+    import_dataset(_tiny_tree(tmp_path / "src"), "photos")
+    left = sorted(p.name for p in datasets.iterdir())
+    assert left == [alive.name, "photos"]
+    assert not dead.exists()
+
+
+def test_not_enough_disk_space_is_one_line_before_writing(
+    tmp_path, imgclf_home, monkeypatch, capsys
+):
+    import shutil
+
+    from imgclf.cli import main
+
+    real = shutil.disk_usage
+
+    def nearly_full(path):
+        return real(path)._replace(free=1 << 20)
+
+    monkeypatch.setattr("imgclf.data.importer.shutil.disk_usage", nearly_full)
+    rc = main(["data", "import", str(_tiny_tree(tmp_path / "src")), "--name", "full"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("error:") == 1 and err.startswith("error:") and len(err.splitlines()) == 1
+    assert "not enough disk space" in err and "MiB free" in err
+    assert sorted(p.name for p in (imgclf_home / "datasets").iterdir()) == []
+
+
+def test_disk_full_during_import_is_one_line(tmp_path, imgclf_home, monkeypatch, capsys):
+    import errno
+
+    from imgclf.cli import main
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("imgclf.data.importer.np.save", no_space)
+    rc = main(["data", "import", str(_tiny_tree(tmp_path / "src")), "--name", "full"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error:") and "disk full" in err
+    assert sorted(p.name for p in (imgclf_home / "datasets").iterdir()) == []

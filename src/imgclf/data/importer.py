@@ -8,8 +8,10 @@ renamed into place only when everything succeeded.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -141,6 +143,14 @@ def _build_cache(
         meta["import_seconds"] = round(time.perf_counter() - started, 3)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         publish(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(
+                f"{final.parent}: disk full while writing dataset {name!r} ({exc.strerror}); "
+                "free some space or set IMGCLF_HOME to a folder on another disk"
+            ) from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -156,15 +166,51 @@ def _default_name(src: Path) -> str:
 
 
 def _make_tmp(final: Path) -> Path:
+    """``.NAME.tmp-PID-XXXX`` beside ``final``; the pid lets a later import see it is stale."""
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+        _remove_stale_tmp(parent)
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
     except OSError as exc:
         raise DataError(
             f"{parent}: cannot write the dataset cache ({exc.strerror}); "
             f"set IMGCLF_HOME to a writable folder (now {datasets_dir().parent})"
         ) from exc
+
+
+# A temporary folder without a pid (written before pids were recorded) counts as stale
+# once no import could still be running in it.
+_UNTAGGED_STALE_SECONDS = 24 * 3600
+_TMP_NAME = re.compile(r"\..+\.tmp-(?:(\d+)-)?[^/]*")
+
+
+def _remove_stale_tmp(parent: Path) -> None:
+    """Remove ``.NAME.tmp-PID-*`` folders whose import died (kill -9, power cut, full disk):
+    without this they hold their disk space forever, invisible to ``data list``."""
+    for entry in parent.iterdir():
+        match = _TMP_NAME.fullmatch(entry.name)
+        if match is None or not entry.is_dir():
+            continue
+        pid = match.group(1)
+        if pid is not None:
+            stale = not _pid_alive(int(pid))
+        else:
+            stale = time.time() - entry.stat().st_mtime > _UNTAGGED_STALE_SECONDS
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a pid this platform cannot hold)
+    return True
 
 
 def _decode_all(
@@ -212,9 +258,11 @@ def _decode_into(
     samples: list[Sample], path: Path, target: Size, workers: int
 ) -> tuple[list[Sample], list[Size | None], list[str | None]]:
     """Decode all samples at ``target`` into a .npy file; returns kept samples, sizes, reasons."""
-    images = np.lib.format.open_memmap(
-        path, mode="w+", dtype=np.uint8, shape=(len(samples), *target, 3)
-    )
+    shape = (len(samples), *target, 3)
+    path.unlink(missing_ok=True)  # a second pass: the first pass's space is free again
+    _check_space(path.parent, shape)
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    _allocate(path)
     chunks = list(_chunks(samples, CHUNK))
     kept: list[Sample] = []
     natives: list[Size | None] = []
@@ -241,6 +289,41 @@ def _decode_into(
         arr = np.load(path, mmap_mode="r")[: len(kept)].copy()
         np.save(path, arr)
     return kept, natives, reasons
+
+
+# Besides the images: labels, split codes, files.csv, the report and the .npy header.
+_SPACE_MARGIN = 16 << 20
+
+
+def _check_space(folder: Path, shape: tuple[int, ...]) -> None:
+    """One line when the images array cannot fit: its size is known before any decoding."""
+    need = int(np.prod(shape)) + _SPACE_MARGIN
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        n, h, w, _ = shape
+        raise DataError(
+            f"{folder.parent}: not enough disk space for {n} images at {h}×{w} "
+            f"({need / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free); "
+            "free some space, pass a smaller --image-size, or set IMGCLF_HOME to another disk"
+        )
+
+
+def _allocate(path: Path) -> None:
+    """Give the memory-mapped file real blocks now.
+
+    A memory-mapped file is sparse: on a full disk a write into one of its pages dies with
+    SIGBUS, no exception and no message. Allocating up front (posix_fallocate) turns that
+    into ENOSPC here, and another writer cannot take the space during the decode.
+    """
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # EOPNOTSUPP/EINVAL: the file system cannot preallocate; the space check stands.
 
 
 def _skip(scanned: ScannedSource, s: Sample, reason: str | None, warn: Warn) -> None:
