@@ -602,7 +602,10 @@ def test_reimport_replaces_the_dataset_atomically(tmp_path, imgclf_home):
     second = import_dataset(tmp_path / "two", "pets", val_fraction=0)
     assert second.classes == ["bird", "cat"]
     assert len(load_dataset("pets").labels) == 4
-    assert cache_entries(imgclf_home) == ["pets"]  # no .old or .tmp folder left behind
+    # No .old or .tmp folder left behind: the name and the one version it points at.
+    version, name = cache_entries(imgclf_home)
+    assert name == "pets" and version.startswith(".pets.v-")
+    assert os.readlink(imgclf_home / "datasets" / "pets") == version
     assert tuple(old_images[0, 0, 0]) == RED
 
 

@@ -11,13 +11,24 @@ A dataset folder (``$IMGCLF_HOME/datasets/NAME``) holds:
 
 Loads read the arrays with ``mmap_mode="r"``: opening a 50,000-image set costs
 milliseconds, and pages come in as batches touch them.
+
+Each import writes a new version folder ``.NAME.v-XXXX`` and publishes it by swapping the
+symbolic link ``NAME`` → ``.NAME.v-XXXX`` with one ``os.replace``. A load resolves the link
+once and reads every file from that one folder, so a dataset read while it is imported
+again never mixes the ``meta.json`` of one version with the ``labels.npy`` of another.
+Publishes hold a lock on the datasets folder: two imports of one name at once both
+succeed, the later one wins.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +51,9 @@ class Dataset:
     labels: np.ndarray  # N int64
     splits: np.ndarray  # N int8
     meta: dict
+    # The version folder these arrays were read from; ``root`` (a name in the cache)
+    # points at whatever was imported last.
+    version_root: Path | None = None
 
     @property
     def split_names(self) -> list[str]:
@@ -64,8 +78,18 @@ class Dataset:
 
     def files(self) -> list[str]:
         """Source path of every sample, in index order."""
-        with open(self.root / "files.csv", newline="", encoding="utf-8") as f:
+        with self._open("files.csv") as f:
             return [row["source"] for row in csv.DictReader(f)]
+
+    def _open(self, name: str):
+        """A text file of the same version as the arrays (never of a later import)."""
+        try:
+            return open((self.version_root or self.root) / name, newline="", encoding="utf-8")
+        except FileNotFoundError:
+            raise DataError(
+                f"{self.root}: dataset {self.name!r} was imported again since it was loaded; "
+                "load it again"
+            ) from None
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Samples per split and class."""
@@ -76,7 +100,7 @@ class Dataset:
         return out
 
     def skipped(self) -> list[dict[str, str]]:
-        with open(self.root / "import-report.csv", newline="", encoding="utf-8") as f:
+        with self._open("import-report.csv") as f:
             return list(csv.DictReader(f))
 
 
@@ -97,19 +121,41 @@ def resolve_dataset_dir(name_or_path: str | Path) -> Path:
 
 def load_dataset(name_or_path: str | Path) -> Dataset:
     root = resolve_dataset_dir(name_or_path)
+    for _ in range(_LOAD_TRIES):
+        version = root.resolve()  # one version folder for every file read below
+        try:
+            return _load_version(root, version)
+        except FileNotFoundError:
+            if root.resolve() == version:
+                raise DataError(
+                    f"{root}: damaged dataset cache (a file is missing); import it again"
+                ) from None
+            # Imported again between resolving and opening: read the new version.
+    raise DataError(f"{root}: the dataset is being imported again and again; retry later")
+
+
+# A load races at most one publish per try; three tries outlast any sane re-import loop.
+_LOAD_TRIES = 3
+
+
+def _load_version(root: Path, version: Path) -> Dataset:
     try:
-        meta = json.loads((root / "meta.json").read_text())
+        meta = json.loads((version / "meta.json").read_text())
         if meta.get("format_version") != FORMAT_VERSION:
             raise DataError(
                 f"{root}: cache format {meta.get('format_version')} is not {FORMAT_VERSION}; "
                 "import the dataset again"
             )
-        images = np.load(root / "images.npy", mmap_mode="r")
-        labels = np.load(root / "labels.npy")
-        splits = np.load(root / "splits.npy")
-    except (OSError, ValueError, KeyError) as exc:
+        images = np.load(version / "images.npy", mmap_mode="r")
+        labels = np.load(version / "labels.npy")
+        splits = np.load(version / "splits.npy")
+        ds = Dataset(meta["name"], root, list(meta["classes"]), images, labels, splits, meta)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{root}: damaged dataset cache ({exc}); import it again") from exc
-    return Dataset(meta["name"], root, list(meta["classes"]), images, labels, splits, meta)
+    ds.version_root = version
+    return ds
 
 
 def list_datasets() -> list[str]:
@@ -123,7 +169,57 @@ def list_datasets() -> list[str]:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Move a finished dataset folder into place; readers never see half of one."""
+    """Make the finished folder ``tmp`` the dataset ``final``: one atomic link swap."""
+    with _publish_lock(final.parent):
+        version = final.with_name(f".{final.name}.v-{secrets.token_hex(6)}")
+        tmp.rename(version)
+        link = final.with_name(f".{final.name}.link-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.symlink(version.name, link)  # relative: the cache folder may be moved
+        except (OSError, NotImplementedError):  # no symlinks here: rename into place
+            _publish_by_rename(version, final)
+            return
+        if final.is_dir() and not final.is_symlink():
+            # A dataset published before versions existed: a real folder, renamed aside
+            # once (os.replace cannot put a link over a folder).
+            final.rename(final.with_name(f".{final.name}.v-legacy-{secrets.token_hex(4)}"))
+        os.replace(link, final)
+        _remove_other_versions(final, keep=version.name)
+
+
+def _remove_other_versions(final: Path, keep: str) -> None:
+    """Earlier versions, folders of dead publishes (.old, .v-, .link-): under the lock, no
+    publish of this name is half done, so only ``keep`` is live. A reader that already
+    holds the old arrays keeps them (memory maps survive the unlink)."""
+    prefixes = (f".{final.name}.v-", f".{final.name}.link-")
+    for entry in final.parent.iterdir():
+        if entry.name == keep:
+            continue
+        if entry.name.startswith(prefixes) or entry.name == f".{final.name}.old":
+            if entry.is_symlink() or not entry.is_dir():
+                entry.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextmanager
+def _publish_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the datasets folder while a publish swaps names (Unix flock)."""
+    try:
+        import fcntl
+    except ImportError:  # not on Unix: publishes are not serialized
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _publish_by_rename(tmp: Path, final: Path) -> None:
+    """Where links are unavailable: move the old folder aside, the new one in."""
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old")
