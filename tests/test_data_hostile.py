@@ -361,3 +361,127 @@ def test_two_imports_of_one_name_at_once_both_succeed(tmp_path, imgclf_home):
     assert len(ds.labels) == ds.meta["num_samples"] in (6, 10)
     entries = sorted(p.name for p in (imgclf_home / "datasets").iterdir())
     assert len(entries) == 2 and entries[1] == "pets"  # one version, no leftovers
+
+
+# ---------------------------------------------------------------- 5-7. names in archives
+
+
+def _tar(path: Path, members: list[tuple[str | bytes, bytes]], **kw) -> Path:
+    """A tar of (name, data); bytes names are stored exactly as given."""
+    with tarfile.open(path, "w:gz" if path.name.endswith("gz") else "w", **kw) as tf:
+        for name, data in members:
+            if isinstance(name, bytes):
+                name = name.decode("utf-8", "surrogateescape")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _zip(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members:
+            zf.writestr(zipfile.ZipInfo(name), data)
+    return path
+
+
+def _png(value: int) -> bytes:
+    return png_bytes(np.full((8, 8, 3), value, np.uint8))
+
+
+@pytest.mark.parametrize("fmt", [".tar", ".zip"])
+def test_unsafe_member_paths_are_reported_never_a_class(tmp_path, imgclf_home, fmt):
+    members = [(name, data) for name, data in small_pngs().items()]
+    members += [("../evil.png", _png(1)), ("/tmp/x.png", _png(2)), ("cat/../../y.png", _png(3))]
+    make = _tar if fmt == ".tar" else _zip
+    archive = make(tmp_path / f"unsafe{fmt}", members)
+    ds = import_dataset(archive, "unsafe", val_fraction=0)
+    assert ds.classes == ["cat", "dog"] and len(ds.labels) == 4
+    rows = report_rows(imgclf_home, "unsafe")
+    for name in ("../evil.png", "/tmp/x.png", "cat/../../y.png"):
+        assert "unsafe path" in rows[f"{archive}/{name}"]
+    assert not (tmp_path / "evil.png").exists()
+
+
+@pytest.mark.parametrize("fmt", [".tar", ".tar.gz", ".zip"])
+def test_duplicate_members_are_reported_and_the_first_copy_kept(tmp_path, imgclf_home, fmt):
+    members = [*small_pngs().items(), ("cat/0.png", b"garbage, not a PNG")]
+    if fmt == ".zip":
+        import warnings
+
+        with warnings.catch_warnings():  # zipfile warns about the duplicate name
+            warnings.simplefilter("ignore", UserWarning)
+            archive = _zip(tmp_path / "dup.zip", members)
+    else:
+        archive = _tar(tmp_path / f"dup{fmt}", members)
+    ds = import_dataset(archive, "dup", val_fraction=0, image_size=8)
+    (i,) = [k for k, f in enumerate(ds.files()) if f.endswith("cat/0.png")]
+    assert ds.images[i].max() == 40  # the good first copy, not the garbage
+    rows = report_rows(imgclf_home, "dup")
+    assert "duplicate archive member" in rows[f"{archive}/cat/0.png"]
+
+
+def test_zip_with_backslash_paths_is_read_as_folders(tmp_path):
+    members = [(name.replace("/", "\\"), data) for name, data in small_pngs().items()]
+    ds = import_dataset(_zip(tmp_path / "windows.zip", members), "win", val_fraction=0)
+    assert ds.classes == ["cat", "dog"] and len(ds.labels) == 4
+
+
+def test_latin1_tar_names_stay_two_classes(tmp_path, imgclf_home):
+    members = []
+    for k, cls in enumerate((b"caf\xe9", b"caf\xe8")):  # café, cafè in latin-1
+        for i in range(6):
+            members.append((cls + b"/%d.png" % i, _png(50 + 100 * k)))
+    archive = _tar(tmp_path / "latin1.tar.gz", members, format=tarfile.GNU_FORMAT)
+    proc = run_cli("data", "import", str(archive), "--name", "cafes", home=imgclf_home)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "not UTF-8; read them as cp1252" in proc.stderr
+    ds = load_dataset("cafes")
+    assert ds.classes == ["cafè", "café"]
+    assert np.bincount(ds.labels).tolist() == [6, 6]
+
+
+def _latin1_csv_folder(root: Path) -> Path:
+    rows = ["id,label"]
+    for i in range(8):
+        save_array(root / f"{i}.png", np.full((8, 8, 3), 30 * i, np.uint8))
+        rows.append(f"{i},{'café' if i % 2 else 'cafè'}")
+    (root.parent / "labels.csv").write_bytes("\n".join(rows).encode("latin-1"))
+    return root
+
+
+def test_latin1_labels_csv_inside_a_folder_keeps_two_classes(tmp_path, imgclf_home):
+    src = _latin1_csv_folder(tmp_path / "src" / "images")
+    (tmp_path / "src" / "labels.csv").rename(src / "labels.csv")
+    proc = run_cli("data", "import", str(src), "--name", "csv-in", home=imgclf_home)
+    assert proc.returncode == 0, proc.stderr
+    assert "labels.csv: not UTF-8; read as cp1252" in proc.stderr
+    assert load_dataset("csv-in").classes == ["cafè", "café"]
+
+
+def test_latin1_labels_option_is_no_traceback(tmp_path, imgclf_home):
+    src = _latin1_csv_folder(tmp_path / "images")
+    labels = tmp_path / "labels.csv"
+    proc = run_cli(
+        "data", "import", str(src), "--labels", str(labels), "--name", "csv-opt", home=imgclf_home
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "not UTF-8" in proc.stderr
+    ds = load_dataset("csv-opt")
+    assert ds.classes == ["cafè", "café"] and np.bincount(ds.labels).tolist() == [4, 4]
+
+
+def test_folder_names_that_are_not_utf8_stay_distinct_classes(tmp_path, imgclf_home):
+    src = os.fsencode(tmp_path / "src")
+    for k, cls in enumerate((b"caf\xe9", b"caf\xe8", "café".encode())):
+        folder = os.path.join(src, cls)
+        os.makedirs(folder)
+        for i in range(2):
+            with open(os.path.join(folder, b"%d\xff.png" % i), "wb") as f:
+                f.write(_png(40 * k))
+    proc = run_cli("data", "import", str(tmp_path / "src"), "--name", "raw", home=imgclf_home)
+    assert proc.returncode == 0, proc.stderr
+    assert "not UTF-8" in proc.stderr
+    ds = load_dataset("raw")
+    assert len(ds.classes) == 3 and len(ds.labels) == 6  # café twice would merge: latin-1

@@ -214,7 +214,50 @@ def scan_source(src: Path, labels_csv: Path | None = None) -> ScannedSource:
     scanned = _scan(tree, src, labels_csv)
     scanned.skipped[:0] = tree.skipped + hidden
     scanned.warnings[:0] = tree.warnings
+    _decode_folder_names(scanned)
     return scanned
+
+
+def _decode_folder_names(scanned: ScannedSource) -> None:
+    """Give names that are not UTF-8 a readable, distinct spelling for classes and reports.
+
+    ``os.walk`` keeps undecodable bytes as surrogates: distinct, but they cannot be written
+    to files.csv or printed. A sample keeps its raw ``path`` for reading; its class and the
+    names shown are decoded as UTF-8, else cp1252; if that made two class names one, every
+    name is read as latin-1 (one character per byte, so nothing can merge).
+    """
+    names = [*scanned.classes, *(s.source for s in scanned.samples)]
+    names += [k.path for k in scanned.skipped]
+    if not any(_has_surrogates(n) for n in names):
+        return
+
+    def per_name(name: str) -> str:
+        raw = os.fsencode(name)
+        for encoding in ("utf-8", "cp1252", "latin-1"):
+            try:
+                return raw.decode(encoding)
+            except UnicodeDecodeError:
+                continue
+        raise AssertionError("latin-1 decodes any bytes")
+
+    def latin1(name: str) -> str:
+        return os.fsencode(name).decode("latin-1")
+
+    decode, how = per_name, "cp1252"
+    if len({per_name(c) for c in scanned.classes}) < len(scanned.classes):
+        decode, how = latin1, "latin-1"
+    scanned.classes = [decode(c) for c in scanned.classes]
+    scanned.class_dirs = {decode(c): decode(d) for c, d in scanned.class_dirs.items()}
+    for sample in scanned.samples:
+        sample.source = decode(sample.source)
+    for skipped in scanned.skipped:
+        skipped.path = decode(skipped.path)
+    scanned.origin = decode(scanned.origin)
+    scanned.warnings.append(f"{scanned.origin}: some file names are not UTF-8; shown as {how}")
+
+
+def _has_surrogates(name: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in name)
 
 
 def _drop_hidden(tree: _Tree) -> list[Skipped]:
@@ -317,6 +360,18 @@ _ID_COLUMNS = ("id", "filename", "file", "image", "image_id", "path", "name")
 _LABEL_COLUMNS = ("label", "class", "category", "target")
 
 
+def decode_text(data: bytes) -> tuple[str, str]:
+    """Text of a file and the encoding used: UTF-8 (a BOM allowed), else cp1252 (what
+    Excel on Windows writes), else latin-1, which maps every byte to its own character.
+    Each is one-to-one, so distinct labels stay distinct whichever applies."""
+    for encoding in ("utf-8-sig", "cp1252", "latin-1"):
+        try:
+            return data.decode(encoding), encoding.removesuffix("-sig")
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("latin-1 decodes any bytes")
+
+
 def _read_labels_csv(text: str, where: str) -> list[tuple[str, str]]:
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
@@ -346,19 +401,22 @@ def _scan_csv(tree: _Tree, labels_csv: str | Path) -> ScannedSource:
     if isinstance(labels_csv, Path):
         where = str(labels_csv)
         try:
-            text = labels_csv.read_text(encoding="utf-8-sig")
+            raw = labels_csv.read_bytes()
         except OSError as exc:
             raise DataError(f"{labels_csv}: cannot read labels CSV ({exc.strerror})") from exc
         csv_rel = _relative_in(tree, labels_csv)  # a --labels CSV inside SRC is no stray file
     else:
         where = tree.describe(labels_csv)
-        text = tree.read(labels_csv).decode("utf-8-sig", errors="replace")
+        raw = tree.read(labels_csv)
         csv_rel = labels_csv
+    text, encoding = decode_text(raw)
     rows = _read_labels_csv(text, where)
     by_key = _index_images(tree)
     classes = sorted({label for _, label in rows})
     index = {c: i for i, c in enumerate(classes)}
     out = ScannedSource("csv", classes, [], origin=tree.where())
+    if encoding != "utf-8":
+        out.warnings.append(f"{where}: not UTF-8; read as {encoding}")
     missing, used = [], set()
     for key, label in rows:
         rel = by_key.get(key)
