@@ -100,7 +100,7 @@ BAD_TRAIN = [
     (["RECIPE", "--data", "nosuchdata"], "no imported dataset 'nosuchdata'"),
     (["RECIPE"], "no --data given"),
     (["--resume", "TMP/nothing-here"], "no such checkpoint"),
-    ([], "give a RECIPE"),
+    ([], "give --data DATASET"),
 ]
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from helpers_runs import session_runs
 from imgclf.cli import main
-from imgclf.evaluate.compare import compare_runs, unique_names
+from imgclf.evaluate.compare import Comparison, compare_runs, unique_names
+from imgclf.evaluate.metrics import Metrics, compute_metrics
 from imgclf.evaluate.runs import evaluate
 
 
@@ -121,3 +123,59 @@ def test_errors_are_one_line(trained, capsys):
 def test_unique_names():
     assert unique_names(["a", "b", "a", "a"]) == ["a", "b", "a-2", "a-3"]
     assert unique_names(["a-2", "a", "a"]) == ["a-2", "a", "a-3"]
+
+
+def unbalanced_metrics(names: list[str]) -> Metrics:
+    """9 "common", 1 "rare", always answered "common": accuracy 0.9, balanced accuracy 0.5,
+    macro F1 (18/19 + 0) / 2 = 0.4737; three different numbers, so no column can hide."""
+    return compute_metrics(np.tile([0.8, 0.2], (10, 1)), [0] * 9 + [1], names)
+
+
+def test_eval_text_shows_balanced_accuracy_and_macro_f1_beside_accuracy(capsys):
+    from imgclf.cli import _print_metrics
+
+    _print_metrics("run1", unbalanced_metrics(["common", "rare"]))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("run1: accuracy 0.9000  balanced accuracy 0.5000  macro F1 0.4737")
+
+    m = unbalanced_metrics(["common", "rare"])
+    right = compute_metrics(np.tile([0.8, 0.2], (10, 1)), [0] * 10, ["common", "rare"])
+    comparison = Comparison(
+        names=["run1"],
+        classes=["common", "rare"],
+        dataset="d",
+        split="val",
+        count=10,
+        models={"run1": m},
+        votes={"hard": right, "soft": m},
+        vote="hard",
+        weights=None,
+        prefer=[],
+    )
+    lines = comparison.table().splitlines()
+    assert lines[1].split() == ["accuracy", "balanced", "acc", "macro", "F1"]
+    assert lines[2].split() == ["run1", "0.9000", "0.5000", "0.4737", "best", "model"]
+    assert lines[3].split() == ["vote", "hard", "1.0000", "1.0000", "0.5000", "ensemble"]
+    got = json.loads(json.dumps(comparison.to_dict()))
+    assert got["scores"]["models"]["run1"] == pytest.approx(
+        {"accuracy": 0.9, "balanced_accuracy": 0.5, "macro_f1": 9 / 19}
+    )
+    assert (got["accuracy"], got["balanced_accuracy"], got["macro_f1"]) == (1.0, 1.0, 0.5)
+    assert got["models"] == {"run1": 0.9}  # accuracy alone, as before
+
+
+def test_eval_json_has_the_same_scores_as_evaluate(trained, tmp_path, capsys):
+    data, runs = str(trained.ds.root), [trained.run32, trained.swapped]
+    scores = {}
+    for run in runs:
+        m = evaluate(run, trained.ds, split="all")
+        scores[run.name] = {
+            "accuracy": m.accuracy,
+            "balanced_accuracy": m.balanced_accuracy,
+            "macro_f1": m.macro_f1,
+        }
+    one = run_json(capsys, "eval", str(runs[1]), "--data", data, "--split", "all", "--json")
+    assert {k: one[k] for k in scores["swapped"]} == scores["swapped"]
+    common = ["--data", data, "--split", "all", "--out-dir", str(tmp_path), "--json"]
+    got = run_json(capsys, "eval", *map(str, runs), *common)
+    assert got["scores"]["models"] == scores

@@ -14,6 +14,7 @@ from imgclf.evaluate import (
     Metrics,
     compute_metrics,
     infer,
+    mistakes,
     plots,
     write_confusion_csv,
     write_per_class_csv,
@@ -58,6 +59,39 @@ def test_metrics_match_hand_computed_values(metrics):
     assert metrics.support.tolist() == [2, 2, 2]
     assert metrics.macro_f1 == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     assert metrics.macro_precision == pytest.approx((0.5 + 2 / 3 + 1) / 3)
+    assert metrics.balanced_accuracy == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)  # mean recall
+
+
+def test_unbalanced_two_classes_high_accuracy_but_balanced_accuracy_one_half():
+    # 9 "common", 1 "rare"; the model says "common" every time
+    labels = [0] * 9 + [1]
+    result = compute_metrics(np.tile([0.8, 0.2], (10, 1)), labels, ["common", "rare"])
+    assert result.accuracy == pytest.approx(0.9)
+    assert result.balanced_accuracy == pytest.approx((1.0 + 0.0) / 2)
+    # F1 common = 2·0.9·1 / (0.9 + 1) = 18/19; F1 rare = 0 (never predicted)
+    assert result.macro_f1 == pytest.approx((18 / 19 + 0) / 2)
+    assert result.to_dict()["balanced_accuracy"] == pytest.approx(0.5)
+
+
+def test_balanced_accuracy_leaves_out_a_class_without_samples_macro_f1_counts_it_as_zero():
+    """Labels 0,0,1,1 predicted 0,2,1,1 with a third class that has no samples but is
+    predicted once: its recall is 0/0 (left out of the balanced accuracy), its F1 is 0
+    (counted in macro F1, as sklearn's macro average over every listed class)."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    labels = np.array([0, 0, 1, 1])
+    predicted = np.array([0, 2, 1, 1])
+    result = compute_metrics(np.eye(3)[predicted], labels, ["a", "b", "c"], from_probs=True)
+    assert result.recall.tolist() == [0.5, 1.0, 0.0] and result.support[2] == 0
+    assert result.balanced_accuracy == pytest.approx((0.5 + 1.0) / 2)
+    # F1: a = 2·1·0.5/1.5 = 2/3, b = 1, c = 0
+    assert result.macro_f1 == pytest.approx((2 / 3 + 1 + 0) / 3)
+    # the same numbers sklearn gives
+    with pytest.warns(UserWarning, match="y_pred contains classes not in y_true"):
+        assert result.balanced_accuracy == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert result.macro_f1 == pytest.approx(
+        f1_score(labels, predicted, labels=[0, 1, 2], average="macro", zero_division=0)
+    )
 
 
 def test_logits_give_the_same_metrics_as_probs_whatever_the_row_shift(metrics):
@@ -84,11 +118,14 @@ def test_class_never_seen_nor_predicted_scores_zero_not_nan():
     assert result.precision[3] == result.recall[3] == result.f1[3] == 0
     assert result.support[3] == 0
     assert result.macro_f1 == pytest.approx((0.5 + 0.8 + 2 / 3) / 4)  # sklearn's macro
+    assert result.balanced_accuracy == pytest.approx(2 / 3)  # over the 3 classes with samples
 
 
 def test_to_dict_is_json_able(metrics):
     data = json.loads(json.dumps(metrics.to_dict(), allow_nan=False))
     assert data["count"] == 6
+    assert data["balanced_accuracy"] == pytest.approx(2 / 3)
+    assert data["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     assert data["confusion"][2] == [1, 0, 1]
     assert data["per_class"][1] == {
         "class": "dog",
@@ -265,6 +302,107 @@ def test_confusion_shape_must_match_class_names(tmp_path):
     with pytest.raises(ValueError, match="does not match 2 class names"):
         plots.plot_confusion(np.eye(3), ["a", "b"], tmp_path / "cm.png")
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------- mistakes
+
+# Rows: true label, and the probabilities. Wrong ones: 0 (0.9 "dog"), 2 (0.6 "cat"),
+# 3 (0.9 "bird", a tie with row 0: the lower index comes first), 5 (0.5 "cat").
+MISTAKE_LABELS = np.array([0, 1, 2, 0, 1, 2])
+MISTAKE_PROBS = np.array(
+    [
+        [0.05, 0.90, 0.05],
+        [0.10, 0.80, 0.10],
+        [0.60, 0.30, 0.10],
+        [0.05, 0.05, 0.90],
+        [0.20, 0.70, 0.10],
+        [0.50, 0.20, 0.30],
+    ]
+)
+
+
+def test_top_mistakes_most_confident_first_ties_by_index():
+    found = mistakes.top_mistakes(MISTAKE_PROBS, MISTAKE_LABELS, k=None)
+    assert [(m.index, m.true, m.predicted) for m in found] == [
+        (0, 0, 1),
+        (3, 0, 2),
+        (2, 2, 0),
+        (5, 2, 0),
+    ]
+    assert [m.confidence for m in found] == pytest.approx([0.9, 0.9, 0.6, 0.5])
+    assert [m.index for m in mistakes.top_mistakes(MISTAKE_PROBS, MISTAKE_LABELS, k=2)] == [0, 3]
+    assert mistakes.top_mistakes(np.eye(3), [0, 1, 2]) == []
+
+
+def test_mistakes_csv_exact(tmp_path):
+    found = mistakes.top_mistakes(MISTAKE_PROBS, MISTAKE_LABELS, k=3)
+    # the split is samples 10..15 of the dataset; files are listed for every sample
+    files = [f"/photos/{i}.jpg" for i in range(20)]
+    path = tmp_path / "mistakes.csv"
+    mistakes.write_mistakes_csv(
+        found, CLASSES, path, dataset_indices=np.arange(10, 16), files=files
+    )
+    assert path.read_text() == (
+        "rank,val_index,dataset_index,file,true,predicted,confidence\n"
+        "1,0,10,/photos/10.jpg,cat,dog,0.900000\n"
+        "2,3,13,/photos/13.jpg,cat,bird,0.900000\n"
+        "3,2,12,/photos/12.jpg,bird,cat,0.600000\n"
+    )
+    mistakes.write_mistakes_csv(found[:1], CLASSES, path)  # nothing known of the dataset
+    assert path.read_text().splitlines()[1] == "1,0,,,cat,dog,0.900000"
+
+
+def solid_images(colours) -> np.ndarray:
+    return np.stack([np.full((8, 8, 3), c, dtype=np.uint8) for c in colours])
+
+
+def test_mistakes_grid_shows_each_image_with_its_caption(tmp_path):
+    found = mistakes.top_mistakes(MISTAKE_PROBS, MISTAKE_LABELS, k=None)
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0)]
+    images = solid_images(colours)
+    fig = mistakes.mistakes_figure(images, found, CLASSES, title="tiny")
+    captions = [ax.get_xlabel() for ax in fig.axes]
+    assert captions == [
+        "true: cat\npred: dog\n90.0%",
+        "true: cat\npred: bird\n90.0%",
+        "true: bird\npred: cat\n60.0%",
+        "true: bird\npred: cat\n50.0%",
+    ]
+    path = tmp_path / "mistakes.png"
+    mistakes.plot_mistakes(images, found, CLASSES, path)
+    with Image.open(path) as im:
+        pixels = {tuple(p[:3]) for _, p in im.convert("RGB").getcolors(1 << 20)}
+    assert all(c in pixels for c in colours)  # every thumbnail is drawn, unblurred
+
+    big = mistakes.top_mistakes(np.tile([0.1, 0.9, 0.0], (40, 1)), np.zeros(40), k=16)
+    fig = mistakes.mistakes_figure(solid_images([(9, 9, 9)] * 16), big, CLASSES)
+    assert len(big) == 16 and len(fig.axes) == 16  # a 4×4 grid
+    with pytest.raises(ValueError, match="3 images for 4 mistakes"):
+        mistakes.mistakes_figure(images[:3], found, CLASSES)
+
+
+def test_class_names_that_look_like_mathtext_or_html_are_drawn_as_plain_text(tmp_path):
+    """A class named $\\foo$ used to crash the end of a training (mathtext: unknown
+    symbol) when the confusion matrix was drawn; every plot must draw it as typed."""
+    names = ["$\\foo$", "a$b", "<script>alert(1)</script>"]
+    plots.plot_confusion(np.eye(3, dtype=int), names, tmp_path / "cm.png", title="$\\bar$")
+    plots.plot_confusions_side_by_side(
+        [("$\\x$", np.eye(3)), ("$y$", np.eye(3))], names, tmp_path / "both.png"
+    )
+    plots.plot_curves(curve_rows(), tmp_path / "curves.png", title="$\\foo$ on $\\data$")
+    found = mistakes.top_mistakes(MISTAKE_PROBS, MISTAKE_LABELS)
+    mistakes.plot_mistakes(
+        solid_images([(1, 2, 3)] * 4), found, names, tmp_path / "m.png", title="$\\foo$"
+    )
+    for name in ("cm.png", "both.png", "curves.png", "m.png"):
+        png_size(tmp_path / name)
+    fig = plots.confusion_figure([("$\\bar$", np.eye(3))], names)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+    shown = [*ax.get_xticklabels(), *ax.get_yticklabels(), ax.title]
+    assert all(not t.get_parse_math() and not t.get_usetex() for t in shown)
+    grid = mistakes.mistakes_figure(solid_images([(1, 2, 3)] * 4), found, names)
+    assert grid.axes[0].get_xlabel() == "true: $\\foo$\npred: a$b\n90.0%"
 
 
 # ---------------------------------------------------------------------------- infer

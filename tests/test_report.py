@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import re
 import shutil
 import subprocess
+from html import escape
+from urllib.parse import unquote
 
 import pytest
 from PIL import Image
 
 from helpers_runs import session_runs
+from helpers_train import make_image_folder, tiny_recipe
 from imgclf.cli import main
 from imgclf.errors import DataError
 from imgclf.report import build_report, find_runs
@@ -18,6 +23,25 @@ from imgclf.report import build_report, find_runs
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     return session_runs(tmp_path_factory)
+
+
+# A run folder and class names a report must show as text, never as markup.
+HOSTILE_RUN = "<img src=x onerror=alert(1)>"
+HOSTILE_CLASSES = ("$\\foo$", "<script>alert(2)<\\script>", "c")
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A 2-epoch run that makes mistakes (its first two classes share a colour), named and
+    with classes named like HTML and mathtext."""
+    from imgclf.data.importer import import_dataset
+    from imgclf.train import train
+
+    base = tmp_path_factory.mktemp("hostile")
+    folder = make_image_folder(base / "src", per_class=12, classes=HOSTILE_CLASSES)
+    ds = import_dataset(folder, "odd", val_fraction=0.25, dest=base / "odd", warn=print)
+    run = train(tiny_recipe(epochs=2), ds, out=base / HOSTILE_RUN, threads=1, progress=False)
+    return run.path
 
 
 def comparison_rows(page: str) -> list[str]:
@@ -40,9 +64,15 @@ def test_html_has_one_comparison_row_per_run_and_embeds_every_image(trained, tmp
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     # nothing is fetched: no external stylesheet, script or link to another origin
     assert not re.search(r"<link\b|<script[^>]*\bsrc=|https?://|@import", page)
-    for section in ("Recipe", "Stages", "Curves", "Confusion matrix", "Per class"):
+    for section in ("Recipe", "Stages", "Validation", "Curves", "Confusion matrix", "Per class"):
         assert section in page
     assert "sgd, lr 0.05, momentum 0.9" in page
+    # these runs got every validation image right: said, with no empty grid
+    assert page.count("no mistakes on the validation split") == 3
+    header = re.search(r'<table id="comparison"><thead>(.*?)</thead>', page).group(1)
+    assert "<th>val balanced acc</th><th>val macro F1</th>" in header
+    summary = json.loads((trained.run32 / "summary.json").read_text())
+    assert f'<td class="num">{summary["val_balanced_accuracy"]:.4f}</td>' in rows[1]
 
 
 def test_ensemble_section_from_compare_runs(trained, tmp_path, capsys):
@@ -104,6 +134,47 @@ def test_not_a_run_folder_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_html_shows_the_most_confident_mistakes_and_escapes_names(hostile, tmp_path):
+    out = tmp_path / "report.html"
+    build_report([hostile], out)
+    page = out.read_text(encoding="utf-8")
+    images = re.findall(r'<img src="data:image/png;base64,[^"]*" alt="([^"]*)">', page)
+    assert len(images) == 3 and images[2].endswith("most confident mistakes")
+    with open(hostile / "mistakes.csv", newline="", encoding="utf-8") as f:
+        mistakes = list(csv.DictReader(f))
+    assert mistakes  # the run did make mistakes
+    listed = re.search(r"<summary>(\d+) of (\d+) mistakes</summary>(.*?)</details>", page, re.S)
+    assert listed and listed.group(1) == listed.group(2) == str(len(mistakes))
+    assert escape(mistakes[0]["file"]) in listed.group(3)
+    assert "&lt;script&gt;alert(2)" in listed.group(3)
+    summary = json.loads((hostile / "summary.json").read_text())
+    scores = re.search(r"<h3>Validation \(best weights\)</h3>(.*?)</table>", page, re.S).group(1)
+    balanced = f"{summary['val_balanced_accuracy']:.4f}"
+    assert f'<td>balanced accuracy</td><td class="num">{balanced}</td>' in scores
+    for raw in (HOSTILE_RUN, "<script>alert(2)"):
+        assert raw not in page
+
+
+def test_markdown_escapes_run_and_class_names_and_links_the_mistakes(hostile, tmp_path):
+    out = tmp_path / "report.md"
+    report = build_report([hostile], out)
+    text = out.read_text(encoding="utf-8")
+    links = re.findall(r"!\[[^\]]*\]\(<([^>]+)>\)", text)
+    assert len(links) == 3 and "mistakes" in links[2]
+    for link in links:  # percent-encoded, they still lead to the PNGs written beside it
+        assert (out.parent / unquote(link)).resolve() in {p.resolve() for p in report.files}
+    # apart from the image links' <...>, no "<" reaches the Markdown: no raw HTML at all
+    assert "<" not in re.sub(r"\]\(<[^>]+>\)", "", text)
+    assert "## &lt;img src=x onerror=alert(1)&gt;" in text
+    assert "&lt;script&gt;alert(2)&lt;\\\\script&gt;" in text  # the class, in the tables
+    assert "$\\\\foo$" in text  # its backslash escaped: shown as typed
+    with open(hostile / "mistakes.csv", newline="", encoding="utf-8") as f:
+        count = len(list(csv.DictReader(f)))
+    section = text.split("### Most confident mistakes (validation)", 1)[1].split("###", 1)[0]
+    assert len(re.findall(r"^\| \d+ \|", section, re.M)) == min(count, 16)
+    assert "| val balanced acc | val macro F1 |" in text
 
 
 # ---------------------------------------------------------------------------- a browser

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import imgclf
 from helpers_train import (
@@ -30,6 +31,7 @@ from imgclf.data.importer import import_dataset
 from imgclf.data.loader import BatchLoader
 from imgclf.errors import RecipeError
 from imgclf.evaluate.metrics import Metrics, compute_metrics, infer
+from imgclf.evaluate.mistakes import top_mistakes
 from imgclf.models import create
 from imgclf.train.checkpoint import build_model_from_checkpoint, load_checkpoint
 from imgclf.train.loop import Run, Trainer, train
@@ -277,6 +279,48 @@ def test_plots_tables_summary_and_tensorboard(trained, tiny_ds):
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss/train")] == [1, 2]
     assert [e.step for e in acc.Scalars("accuracy/val")] == [1, 2]
+
+
+def test_mistakes_and_balanced_scores_with_class_names_like_mathtext_and_html(tmp_path):
+    """Classes named like mathtext and HTML: the run finishes (a class named $\\foo$ used
+    to crash it after the epochs, drawing the confusion matrix), and its folder lists every
+    wrong validation prediction, most confident first, with the file it came from."""
+    # the first two share a colour (helpers_train knows only a, b, c): sure mistakes
+    classes = ("$\\foo$", "<i>x", "c")
+    folder = make_image_folder(tmp_path / "src", per_class=12, classes=classes)
+    ds = import_dataset(folder, "odd", val_fraction=0.25, dest=tmp_path / "odd", warn=print)
+    recipe = tiny_recipe(epochs=2)
+    trainer = Trainer(load_recipe(recipe), ds, tmp_path / "run", threads=1, progress=False)
+    run = trainer.run()
+
+    logits, labels = infer(trainer.model, trainer.val_loader)  # the best weights
+    expected = compute_metrics(logits, labels, ds.classes)
+    wrong = top_mistakes(torch.softmax(logits, 1).numpy(), labels.numpy(), k=None)
+    assert 0 < len(wrong) < len(labels)
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["val_balanced_accuracy"] == pytest.approx(expected.balanced_accuracy, abs=1e-6)
+    assert summary["val_macro_f1"] == pytest.approx(expected.macro_f1, abs=1e-6)
+    assert summary["val_accuracy"] == pytest.approx(1 - len(wrong) / len(labels), abs=1e-6)
+
+    with open(run.path / "mistakes.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == [
+        "rank", "val_index", "dataset_index", "file", "true", "predicted", "confidence"
+    ]  # fmt: skip
+    assert [int(r["val_index"]) for r in rows] == [m.index for m in wrong]
+    assert [float(r["confidence"]) for r in rows] == pytest.approx(
+        [m.confidence for m in wrong], abs=1e-5
+    )
+    val, files = ds.indices("val"), ds.files()
+    for row, m in zip(rows, wrong, strict=True):
+        index = int(row["dataset_index"])
+        assert index == val[m.index] and row["file"] == files[index]
+        assert row["file"].startswith(str(folder / row["true"]))  # the photo's class folder
+        assert (row["true"], row["predicted"]) == (ds.classes[m.true], ds.classes[m.predicted])
+        assert ds.labels[index] == m.true != m.predicted
+    columns = min(4, len(wrong))  # the grid: 4 thumbnails a row, 240 px each
+    with Image.open(run.path / "mistakes.png") as im:
+        assert im.format == "PNG" and im.width == 240 * columns
 
 
 def test_checkpoint_alone_predicts_like_the_trained_model(trained, tiny_ds):

@@ -229,6 +229,11 @@ def _print_run(run) -> None:
         )
     else:
         print("no validation split: nothing evaluated")
+    best = run.summary.get("best_epoch")
+    if acc is not None and best:
+        print(f"best epoch:       {best} (best.pt: what eval and predict use by default)")
+    for text in run.summary.get("warnings", []):
+        print(f"warning: {text}")
     print(f"run folder:       {run.path}")
     print(f"curves:           {run.path / 'curves.png'}")
     print(f"confusion matrix: {run.path / 'confusion_matrix.png'}")
@@ -237,8 +242,11 @@ def _print_run(run) -> None:
 def _train(args: argparse.Namespace) -> int:
     from imgclf.train import train
 
-    if args.recipe is None and args.resume is None:
-        raise UserError("give a RECIPE (see `imgclf recipes`) or --resume RUN_DIR")
+    if args.recipe is None and args.resume is None and args.data is None:
+        raise UserError(
+            "give --data DATASET (a recipe is chosen for it), a RECIPE (see `imgclf "
+            "recipes`) or --resume RUN_DIR"
+        )
     run = train(
         args.recipe,
         args.data,
@@ -313,8 +321,9 @@ def _eval_ensemble(args: argparse.Namespace) -> int:
 
 def _print_metrics(run: str, metrics) -> None:
     print(
-        f"{run}: accuracy {metrics.accuracy:.4f}  loss {metrics.loss:.4f}  "
-        f"macro F1 {metrics.macro_f1:.4f}  ({metrics.count} images)"
+        f"{run}: accuracy {metrics.accuracy:.4f}  "
+        f"balanced accuracy {metrics.balanced_accuracy:.4f}  macro F1 {metrics.macro_f1:.4f}  "
+        f"loss {metrics.loss:.4f}  ({metrics.count} images)"
     )
     corner = "true\\pred"  # rows: true class, columns: predicted class
     width = max(len(c) for c in [corner, *metrics.class_names])

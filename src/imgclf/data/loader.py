@@ -41,12 +41,29 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def epoch_order(
-    n: int, *, epoch: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1
+    n: int,
+    *,
+    epoch: int,
+    seed: int,
+    shuffle: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sample order for one epoch; the seam for data-parallel training (each rank a slice)."""
-    order = (
-        torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
-    )
+    """Sample order for one epoch; the seam for data-parallel training (each rank a slice).
+
+    ``weights`` (one per sample): draw the epoch's ``n`` samples with replacement in
+    proportion to them instead of a permutation, as torch's ``WeightedRandomSampler`` does
+    (``class_balance: sampler``).
+    """
+    if not shuffle:
+        order = torch.arange(n)
+    elif weights is not None:
+        order = torch.multinomial(
+            weights.double(), n, replacement=True, generator=epoch_generator(seed, epoch)
+        )
+    else:
+        order = torch.randperm(n, generator=epoch_generator(seed, epoch))
     return order[rank::world_size]
 
 
@@ -99,6 +116,7 @@ class BatchLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        sample_weights: torch.Tensor | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -118,6 +136,7 @@ class BatchLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
+        self.sample_weights = sample_weights  # class-balanced sampling, when set
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -145,6 +164,7 @@ class BatchLoader:
             shuffle=self.shuffle,
             rank=self.rank,
             world_size=self.world_size,
+            weights=self.sample_weights,
         )
         _, h, w, _ = self.images.shape
         for i, begin in enumerate(range(0, len(order), self.batch_size)):

@@ -1,4 +1,4 @@
-"""Several runs side by side: each model's accuracy and each vote's, on one split.
+"""Several runs side by side: each model's scores and each vote's, on one split.
 
 ``compare_runs(runs, data)`` scores every run as ``imgclf eval`` would (same logits, same
 accuracy), then the three votes of :mod:`imgclf.ensemble` over their probabilities. The
@@ -159,6 +159,23 @@ def check_vote(method: str) -> None:
 
 # ---------------------------------------------------------------------------- comparison
 
+# Accuracy alone hides a model that ignores a rare class; balanced accuracy (mean recall)
+# and macro F1 show it. The three columns of every score table, text and report alike.
+SCORE_HEADER = "accuracy  balanced acc  macro F1"
+
+
+def score_cells(metrics: Metrics) -> str:
+    """The three scores, aligned under :data:`SCORE_HEADER`."""
+    return f"{metrics.accuracy:8.4f}  {metrics.balanced_accuracy:12.4f}  {metrics.macro_f1:8.4f}"
+
+
+def _scores(metrics: Metrics) -> dict[str, float]:
+    return {
+        "accuracy": metrics.accuracy,
+        "balanced_accuracy": metrics.balanced_accuracy,
+        "macro_f1": metrics.macro_f1,
+    }
+
 
 @dataclass(eq=False)
 class Comparison:
@@ -186,38 +203,46 @@ class Comparison:
         return self.votes[self.vote].accuracy
 
     def to_dict(self) -> dict[str, Any]:
+        chosen = self.votes[self.vote]
         return {
             "accuracy": self.accuracy,
+            "balanced_accuracy": chosen.balanced_accuracy,
+            "macro_f1": chosen.macro_f1,
             "vote": self.vote,
             "dataset": self.dataset,
             "split": self.split,
             "count": self.count,
+            # accuracy alone, as before; "scores" has all three numbers of each
             "models": {n: m.accuracy for n, m in self.models.items()},
             "votes": {v: m.accuracy for v, m in self.votes.items()},
+            "scores": {
+                "models": {n: _scores(m) for n, m in self.models.items()},
+                "votes": {v: _scores(m) for v, m in self.votes.items()},
+            },
             "best_model": self.best_model,
             "weights": self.weights,
             "prefer": self.prefer,
             "notes": self.notes,
         }
 
-    def rows(self) -> list[tuple[str, str, float]]:
-        """(kind, name, accuracy): every model, then every vote."""
-        out = [("model", n, self.models[n].accuracy) for n in self.names]
-        out += [("vote", v, m.accuracy) for v, m in self.votes.items()]
+    def rows(self) -> list[tuple[str, str, Metrics]]:
+        """(kind, name, metrics): every model, then every vote."""
+        out = [("model", n, self.models[n]) for n in self.names]
+        out += [("vote", v, m) for v, m in self.votes.items()]
         return out
 
     def table(self) -> str:
         width = max(len(n) for n in [*self.names, "vote weighted"])
         lines = [f"{self.dataset} {self.split}: {self.count} images, {len(self.names)} models"]
-        lines.append(f"{'':<{width}}  accuracy")
-        for kind, name, acc in self.rows():
+        lines.append(f"{'':<{width}}  {SCORE_HEADER}")
+        for kind, name, metrics in self.rows():
             label = name if kind == "model" else f"vote {name}"
             mark = ""
             if kind == "model" and name == self.best_model:
                 mark = "  best model"
             elif kind == "vote" and name == self.vote:
                 mark = "  ensemble"
-            lines.append(f"{label:<{width}}  {acc:8.4f}{mark}")
+            lines.append(f"{label:<{width}}  {score_cells(metrics)}{mark}")
         if self.weights:
             shown = ", ".join(f"{n} {w:.4g}" for n, w in self.weights.items())
             lines.append(f"weights: {shown}")

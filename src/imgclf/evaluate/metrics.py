@@ -94,13 +94,21 @@ class Metrics:
     class_names: list[str]
     count: int
     accuracy: float  # fraction in [0, 1]
+    # Mean recall over the classes that occur in the labels, as sklearn's
+    # balanced_accuracy_score: a class with no samples has no recall (0/0) and is left out
+    # rather than counted as 0. Equals accuracy when every class has the same support.
+    balanced_accuracy: float
     loss: float  # mean cross-entropy (NLL of clipped probabilities when scored from probs)
     confusion: np.ndarray  # (C, C) int64, rows = true class, cols = predicted class
     precision: np.ndarray  # (C,), 0 where nothing was predicted as the class
     recall: np.ndarray  # (C,), 0 where the class has no samples
     f1: np.ndarray  # (C,)
     support: np.ndarray  # (C,) int64, true samples per class
-    macro_precision: float  # unweighted means over all classes, as sklearn's "macro"
+    # Unweighted means over *all* classes, as sklearn's average="macro" with every class
+    # listed and zero_division=0: a class with no samples scores 0 precision, recall and
+    # F1 (none of its predictions can be right), so it pulls these means down. Kept as
+    # sklearn defines it, so the numbers can be checked against sklearn directly.
+    macro_precision: float
     macro_recall: float
     macro_f1: float
 
@@ -119,6 +127,7 @@ class Metrics:
         return {
             "count": self.count,
             "accuracy": _json_float(self.accuracy),
+            "balanced_accuracy": _json_float(self.balanced_accuracy),
             "loss": _json_float(self.loss),
             "macro_precision": _json_float(self.macro_precision),
             "macro_recall": _json_float(self.macro_recall),
@@ -190,6 +199,7 @@ def compute_metrics(
         class_names=list(class_names),
         count=len(labels),
         accuracy=float((predicted == labels).mean()),
+        balanced_accuracy=float(recall[support > 0].mean()),  # labels are non-empty: ≥ 1 class
         loss=_mean_nll(scores, labels, from_probs),
         confusion=confusion,
         precision=precision.astype(np.float64),

@@ -26,8 +26,14 @@ _COUNTS_TOO_MAX_CLASSES = 10  # cells are big enough for a count under the perce
 
 PathLike = str | os.PathLike[str]
 
+# Keyword arguments for every text that shows a name (class, recipe, run): such names are
+# the user's, and matplotlib would otherwise read "$\foo$" as mathtext (and fail to draw
+# it, after all the epochs) or hand it to LaTeX when the user's rc sets text.usetex.
+PLAIN_TEXT: dict[str, Any] = {"parse_math": False, "usetex": False}
 
-def _save(fig: Figure, path: PathLike) -> None:
+
+def save_figure(fig: Figure, path: PathLike) -> None:
+    """Render ``fig`` with Agg into a PNG at ``path``, atomically."""
     FigureCanvasAgg(fig)  # attaches itself to fig; savefig then renders with Agg
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=_DPI)
@@ -77,6 +83,7 @@ def _draw_stage_lines(ax: Axes, starts: list[tuple[float, int]]) -> None:
             va="top",
             fontsize=8,
             color="grey",
+            **PLAIN_TEXT,
         )
 
 
@@ -87,7 +94,7 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: PathLike, *, title: str
     ``val_loss``, ``train_acc``, ``val_acc``; val values may be missing or NaN. Values may
     be strings, as read back from a CSV file. Saved as PNG, atomically.
     """
-    _save(curves_figure(rows, title=title), path)
+    save_figure(curves_figure(rows, title=title), path)
 
 
 def curves_figure(rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Figure:
@@ -103,14 +110,14 @@ def curves_figure(rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Figu
     for ax, kind, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy")):
         _draw_series(ax, epochs, _series(rows, f"train_{kind}"), _series(rows, f"val_{kind}"))
         _draw_stage_lines(ax, starts)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch", **PLAIN_TEXT)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        ax.set_ylabel(label)
+        ax.set_ylabel(label, **PLAIN_TEXT)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, **PLAIN_TEXT)
     return fig
 
 
@@ -152,7 +159,9 @@ def _annotate(ax: Axes, matrix: np.ndarray, shown: np.ndarray, normalize: bool) 
         for j in range(num_classes):
             text = _cell_text(int(matrix[i, j]), shares[i, j], num_classes, normalize)
             color = "white" if shown[i, j] > threshold else "black"  # legible on dark cells
-            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=fontsize)
+            ax.text(
+                j, i, text, ha="center", va="center", color=color, fontsize=fontsize, **PLAIN_TEXT
+            )
 
 
 def _draw_confusion(
@@ -166,13 +175,8 @@ def _draw_confusion(
         )
     shown = _row_normalized(matrix) if normalize else matrix
     image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
-    fig.colorbar(
-        image,
-        ax=ax,
-        fraction=0.046,
-        pad=0.04,
-        label="fraction of true class" if normalize else "count",
-    )
+    colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    colorbar.set_label("fraction of true class" if normalize else "count", **PLAIN_TEXT)
 
     fontsize = _tick_fontsize(num_classes)
     ticks = np.arange(num_classes)
@@ -183,12 +187,13 @@ def _draw_confusion(
         rotation=90 if num_classes > _ANNOTATE_MAX_CLASSES else 45,
         ha="right" if num_classes <= _ANNOTATE_MAX_CLASSES else "center",
         rotation_mode="anchor" if num_classes <= _ANNOTATE_MAX_CLASSES else "default",
+        **PLAIN_TEXT,
     )
-    ax.set_yticks(ticks, labels=class_names, fontsize=fontsize)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_yticks(ticks, labels=class_names, fontsize=fontsize, **PLAIN_TEXT)
+    ax.set_xlabel("predicted", **PLAIN_TEXT)
+    ax.set_ylabel("true", **PLAIN_TEXT)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, **PLAIN_TEXT)
     if num_classes <= _ANNOTATE_MAX_CLASSES:
         _annotate(ax, matrix, shown, normalize)
 
@@ -207,7 +212,7 @@ def plot_confusion(
     recall); cells carry percent (and counts for ≤ 10 classes) up to 20 classes.
     """
     panels = [(title, matrix)]
-    _save(confusion_figure(panels, class_names, normalize=normalize), path)
+    save_figure(confusion_figure(panels, class_names, normalize=normalize), path)
 
 
 def plot_confusions_side_by_side(
@@ -218,7 +223,7 @@ def plot_confusions_side_by_side(
     normalize: bool = True,
 ) -> None:
     """Several ``(title, matrix)`` confusion heatmaps in one row, e.g. ensemble vs best."""
-    _save(confusion_figure(panels, class_names, normalize=normalize), path)
+    save_figure(confusion_figure(panels, class_names, normalize=normalize), path)
 
 
 def confusion_figure(

@@ -94,16 +94,32 @@ def head_config(head: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def build_head(in_features: int, num_classes: int, cfg: Mapping[str, Any]) -> nn.Module:
-    """A fresh classification head from a :func:`head_config` mapping."""
+    """A fresh classification head from a :func:`head_config` mapping.
+
+    Its last layer starts at zero, so the first logits are exactly 0 and the first loss is
+    ln(classes), whatever the scale of the backbone's features (Big Transfer, Kolesnikov et
+    al. 2020, zero-initialises its heads the same way). PyTorch's default init on Lite0's
+    1280 features gave a first loss of 1.39 for two classes and a head that started out
+    confidently wrong (issue #9). The gradient of a zero last layer is not zero (features
+    times the softmax error), so it learns at once; an MLP's hidden layer follows a step
+    later.
+    """
     if cfg["type"] == "mlp":
+        last = _zeroed(nn.Linear(cfg["hidden"], num_classes))
         return nn.Sequential(
             nn.Linear(in_features, cfg["hidden"]),
             nn.ReLU(inplace=True),
             nn.Dropout(cfg["dropout"]),
-            nn.Linear(cfg["hidden"], num_classes),
+            last,
         )
-    linear = nn.Linear(in_features, num_classes)
+    linear = _zeroed(nn.Linear(in_features, num_classes))
     return nn.Sequential(nn.Dropout(cfg["dropout"]), linear) if cfg["dropout"] else linear
+
+
+def _zeroed(linear: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return linear
 
 
 # ---------------------------------------------------------------------------- weights

@@ -22,7 +22,8 @@ from imgclf.predict import natural_key
 from imgclf.train.rundir import read_metrics
 
 # The run folder's images, in the order a run section shows them.
-IMAGES = {"curves": "curves.png", "confusion": "confusion_matrix.png"}
+IMAGES = {"curves": "curves.png", "confusion": "confusion_matrix.png", "mistakes": "mistakes.png"}
+MISTAKES_SHOWN = 16  # rows of mistakes.csv a report lists: the ones in mistakes.png
 
 
 def is_run_dir(path: Path) -> bool:
@@ -58,6 +59,9 @@ class RunInfo:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     per_class: list[dict[str, str]] = field(default_factory=list)
+    # rows of mistakes.csv, most confident first; None when the run wrote none (older runs,
+    # no validation split), [] when the model made no mistake
+    mistakes: list[dict[str, str]] | None = None
     images: dict[str, Path] = field(default_factory=dict)  # key of IMAGES → existing file
 
     # ------------------------------------------------------------ what the report shows
@@ -105,6 +109,35 @@ class RunInfo:
             )
         return out
 
+    def score_rows(self) -> list[tuple[str, str]]:
+        """The best weights' validation scores (empty for a run without a summary of them)."""
+        s = self.summary
+        shown = [
+            ("accuracy", "val_accuracy"),
+            ("balanced accuracy", "val_balanced_accuracy"),
+            ("macro F1", "val_macro_f1"),
+            ("loss", "val_loss"),
+        ]
+        rows = [(label, _score(s.get(key))) for label, key in shown if s.get(key) is not None]
+        if rows and s.get("val_count") is not None:
+            rows.append(("images", str(s["val_count"])))
+        return rows
+
+    def mistake_rows(self) -> list[dict[str, str]]:
+        """The mistakes the report lists: those in mistakes.png, confidence as a percent."""
+        rows = []
+        for row in (self.mistakes or [])[:MISTAKES_SHOWN]:
+            rows.append(
+                {
+                    "#": row.get("rank", ""),
+                    "true": row.get("true", ""),
+                    "predicted": row.get("predicted", ""),
+                    "confidence": _percent(row.get("confidence") or ""),
+                    "file": row.get("file") or f"val image {row.get('val_index', '?')}",
+                }
+            )
+        return rows
+
     def comparison_row(self) -> dict[str, str]:
         s = self.summary
         acc = self.val_accuracy
@@ -117,6 +150,9 @@ class RunInfo:
             "params": f"{s['parameters']:,}" if "parameters" in s else "",
             "train time": _duration(s.get("train_seconds")),
             "val accuracy": f"{acc:.4f}" if acc is not None else "",
+            # older runs, and runs stopped before their summary, have neither: left blank
+            "val balanced acc": _score(s.get("val_balanced_accuracy")),
+            "val macro F1": _score(s.get("val_macro_f1")),
         }
 
     @property
@@ -142,6 +178,8 @@ def read_run(path: Path, name: str) -> RunInfo:
     info.config = _read_yaml(path / "config.yaml")
     info.metrics = read_metrics(path / "metrics.csv")
     info.per_class = _read_csv(path / "per_class.csv")
+    if (path / "mistakes.csv").is_file():
+        info.mistakes = _read_csv(path / "mistakes.csv")
     info.images = {k: path / f for k, f in IMAGES.items() if (path / f).is_file()}
     return info
 
@@ -198,6 +236,17 @@ def short_number(value: str) -> str:
     except ValueError:
         return value
     return value if number.is_integer() and "." not in value else f"{number:.4f}"
+
+
+def _percent(text: str) -> str:
+    try:
+        return f"{float(text):.1%}"
+    except ValueError:
+        return text
+
+
+def _score(value: Any) -> str:
+    return f"{float(value):.4f}" if _finite(value) else ""
 
 
 def _num(value: Any) -> str:

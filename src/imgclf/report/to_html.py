@@ -86,11 +86,16 @@ def _run_section(run: RunInfo, pngs: dict[str, bytes]) -> str:
     if stages:
         parts.append("<h3>Stages</h3>")
         parts.append(table(list(stages[0]), [list(s.values()) for s in stages]))
+    scores = run.score_rows()
+    if scores:
+        parts.append("<h3>Validation (best weights)</h3>")
+        parts.append(table(["score", "value"], [list(r) for r in scores]))
     if "curves" in pngs:
         parts.append("<h3>Curves</h3>" + _img(pngs["curves"], f"{run.name} curves"))
     if "confusion" in pngs:
         alt = f"{run.name} confusion matrix"
         parts.append("<h3>Confusion matrix</h3>" + _img(pngs["confusion"], alt))
+    parts.append(_mistakes(run, pngs))
     if run.per_class:
         header = list(run.per_class[0])
         rows = [[short_number(row.get(h, "")) for h in header] for row in run.per_class]
@@ -102,6 +107,23 @@ def _run_section(run: RunInfo, pngs: dict[str, bytes]) -> str:
     return "\n".join(parts)
 
 
+def _mistakes(run: RunInfo, pngs: dict[str, bytes]) -> str:
+    """The most confident mistakes: the thumbnail grid, then its rows (with file paths)."""
+    if run.mistakes is None and "mistakes" not in pngs:
+        return ""  # a run from before mistakes were written, or without a validation split
+    parts = ["<h3>Most confident mistakes (validation)</h3>"]
+    if "mistakes" in pngs:
+        parts.append(_img(pngs["mistakes"], f"{run.name} most confident mistakes"))
+    rows = run.mistake_rows()
+    if rows:
+        listed = table(list(rows[0]), [list(r.values()) for r in rows])
+        shown = f"{len(rows)} of {len(run.mistakes or [])}"
+        parts.append(f"<details><summary>{escape(shown)} mistakes</summary>{listed}</details>")
+    elif run.mistakes == []:
+        parts.append('<p class="meta">no mistakes on the validation split</p>')
+    return "\n".join(parts)
+
+
 def _ensemble_section(ensemble: dict) -> str:
     c = ensemble["comparison"]
     parts = ['<section id="ensemble"><h2>Ensemble</h2>']
@@ -110,15 +132,15 @@ def _ensemble_section(ensemble: dict) -> str:
         f"({c.count} images); the ensemble is the {escape(c.vote)} vote.</p>"
     )
     rows, marked = [], []
-    for kind, name, acc in c.rows():
+    for kind, name, m in c.rows():
         label = name if kind == "model" else f"{name} vote"
         role = "best model" if kind == "model" and name == c.best_model else ""
         role = "ensemble" if kind == "vote" and name == c.vote else role
-        rows.append([label, kind, f"{acc:.4f}", role])
+        scores = [f"{m.accuracy:.4f}", f"{m.balanced_accuracy:.4f}", f"{m.macro_f1:.4f}"]
+        rows.append([label, kind, *scores, role])
         marked.append(bool(role))
-    parts.append(
-        table(["", "kind", "accuracy", ""], rows, table_id="ensemble-table", marked=marked)
-    )
+    header = ["", "kind", "accuracy", "balanced acc", "macro F1", ""]
+    parts.append(table(header, rows, table_id="ensemble-table", marked=marked))
     if c.weights:
         shown = ", ".join(f"{n} {w:.4g}" for n, w in c.weights.items())
         parts.append(f'<p class="meta">weighted vote weights: {escape(shown)}</p>')

@@ -1,39 +1,60 @@
-"""The report as Markdown, with its PNGs as files beside it (``<name>_files/``)."""
+"""The report as Markdown, with its PNGs as files beside it (``<name>_files/``).
+
+Names in it (runs, classes, recipes, paths, the title) are the user's, so every one goes
+through :func:`text`: a run folder called ``<img src=x onerror=alert(1)>`` must show as
+those characters, not run in whatever renders the Markdown (most renderers pass raw HTML
+through), and a ``*`` or ``[`` must not start emphasis or a link.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from html import escape
+from urllib.parse import quote
 
 from imgclf.report.collect import RunInfo, short_number
 
+# CommonMark's backslash escapes for the characters that start inline markup here;
+# "<", ">" and "&" become entities instead (a backslash does not stop an HTML block).
+_MARKUP = re.compile(r"([\\`*_\[\]#|~!])")
 
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+
+def text(value: object) -> str:
+    """Any value as literal Markdown text on one line."""
+    plain = " ".join(str(value).splitlines())
+    return escape(_MARKUP.sub(r"\\\1", plain), quote=False)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = [
-        "| " + " | ".join(_cell(h) for h in header) + " |",
+        "| " + " | ".join(text(h) for h in header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(text(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def _image(alt: str, link: str) -> str:
-    return f"![{_cell(alt)}](<{link}>)"  # <...>: links with spaces still work
+    # percent-encoded inside <...>: a file named after a run with spaces, ">" or ")" still
+    # links to itself and cannot end the link early
+    return f"![{text(alt)}](<{quote(link, safe='/')}>)"
 
 
 def _run_section(run: RunInfo, links: dict[str, str]) -> str:
-    parts = [f"## {run.name}", f"`{run.path}`", "### Recipe"]
+    parts = [f"## {text(run.name)}", text(run.path), "### Recipe"]
     parts.append(table(["setting", "value"], [list(r) for r in run.recipe_rows()]))
     stages = run.stage_rows()
     if stages:
         parts += ["### Stages", table(list(stages[0]), [list(s.values()) for s in stages])]
+    scores = run.score_rows()
+    if scores:
+        parts += ["### Validation (best weights)", table(["score", "value"], scores)]
     if "curves" in links:
         parts += ["### Curves", _image(f"{run.name} curves", links["curves"])]
     if "confusion" in links:
         parts += ["### Confusion matrix", _image(f"{run.name} confusion", links["confusion"])]
+    parts += _mistakes(run, links)
     if run.per_class:
         header = list(run.per_class[0])
         rows = [[short_number(row.get(h, "")) for h in header] for row in run.per_class]
@@ -41,23 +62,41 @@ def _run_section(run: RunInfo, links: dict[str, str]) -> str:
     return "\n\n".join(parts)
 
 
+def _mistakes(run: RunInfo, links: dict[str, str]) -> list[str]:
+    if run.mistakes is None and "mistakes" not in links:
+        return []  # a run from before mistakes were written, or without a validation split
+    parts = ["### Most confident mistakes (validation)"]
+    if "mistakes" in links:
+        parts.append(_image(f"{run.name} most confident mistakes", links["mistakes"]))
+    rows = run.mistake_rows()
+    if rows:
+        parts.append(table(list(rows[0]), [list(r.values()) for r in rows]))
+    elif run.mistakes == []:
+        parts.append("no mistakes on the validation split")
+    return parts
+
+
 def _ensemble_section(ensemble: dict, link: str) -> str:
     c = ensemble["comparison"]
     rows = []
-    for kind, name, acc in c.rows():
+    for kind, name, m in c.rows():
         role = "best model" if kind == "model" and name == c.best_model else ""
         role = "ensemble" if kind == "vote" and name == c.vote else role
-        rows.append([name if kind == "model" else f"{name} vote", kind, f"{acc:.4f}", role])
+        label = name if kind == "model" else f"{name} vote"
+        scores = [f"{m.accuracy:.4f}", f"{m.balanced_accuracy:.4f}", f"{m.macro_f1:.4f}"]
+        rows.append([label, kind, *scores, role])
     parts = [
         "## Ensemble",
-        f"{len(c.names)} runs on {c.dataset} {c.split} ({c.count} images); "
-        f"the ensemble is the {c.vote} vote.",
-        table(["", "kind", "accuracy", ""], rows),
+        text(
+            f"{len(c.names)} runs on {c.dataset} {c.split} ({c.count} images); "
+            f"the ensemble is the {c.vote} vote."
+        ),
+        table(["", "kind", "accuracy", "balanced acc", "macro F1", ""], rows),
     ]
     if c.weights:
         shown = ", ".join(f"{n} {w:.4g}" for n, w in c.weights.items())
-        parts.append(f"weighted vote weights: {shown}")
-    parts += [f"note: {note}" for note in c.notes]
+        parts.append(text(f"weighted vote weights: {shown}"))
+    parts += [text(f"note: {note}") for note in c.notes]
     parts.append(_image("best model and ensemble confusion matrices", link))
     return "\n\n".join(parts)
 
@@ -72,7 +111,7 @@ def render_markdown(
     ensemble_link: str = "",
 ) -> str:
     """``links[run.name][kind]``: relative paths of the PNGs written beside the report."""
-    parts = [f"# {title}", f"generated {generated} by imgclf"]
+    parts = [f"# {text(title)}", text(f"generated {generated} by imgclf")]
     parts += [_run_section(r, links.get(r.name, {})) for r in runs]
     header = list(runs[0].comparison_row())
     parts += ["## Comparison", table(header, [list(r.comparison_row().values()) for r in runs])]

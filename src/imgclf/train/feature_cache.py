@@ -58,6 +58,7 @@ class FeatureCache:
         self.drop_last = train.drop_last
         self.seed = train.seed
         self.labels = train.labels
+        self.sample_weights = train.sample_weights
         self.features = [
             _features(prefix, train, flip=v == 1, dtype=autocast_dtype) for v in range(views)
         ]
@@ -107,7 +108,9 @@ class FeatureCache:
 
     def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        order = epoch_order(n, epoch=self.epoch, seed=self.seed, shuffle=True)
+        order = epoch_order(
+            n, epoch=self.epoch, seed=self.seed, shuffle=True, weights=self.sample_weights
+        )
         # Which view each sample shows this epoch: a coin per sample, as a random flip.
         gen = epoch_generator(self.seed + 2, self.epoch)
         view = torch.randint(0, self.views, (n,), generator=gen)

@@ -1,5 +1,6 @@
 """End of a run: evaluate the best weights on the validation split and write the
-confusion matrix, per-class scores, curves and ``summary.json``."""
+confusion matrix, per-class scores, the most confident mistakes, curves and
+``summary.json``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from imgclf.evaluate.metrics import compute_metrics, infer, write_confusion_csv, write_per_class_csv
+from imgclf.evaluate.mistakes import GRID_MAX, plot_mistakes, top_mistakes, write_mistakes_csv
 from imgclf.evaluate.tta import TTA
 from imgclf.train.checkpoint import load_checkpoint
 from imgclf.train.rundir import write_json
@@ -53,10 +55,13 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
             metrics.confusion,
             trainer.ds.classes,
             out / "confusion_matrix.png",
-            title=f"{trainer.recipe.name}: validation accuracy {metrics.accuracy:.4f}",
+            title=f"{trainer.recipe.name}: validation accuracy {metrics.accuracy:.4f}, "
+            f"balanced {metrics.balanced_accuracy:.4f}",
         )
+        _write_mistakes(trainer, logits, labels)
         summary.update(
             val_accuracy=round(metrics.accuracy, 6),
+            val_balanced_accuracy=round(metrics.balanced_accuracy, 6),
             val_loss=round(metrics.loss, 6),
             val_macro_f1=round(metrics.macro_f1, 6),
             val_count=metrics.count,
@@ -67,3 +72,41 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     summary["torch_threads"] = torch.get_num_threads()
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _dataset_files(trainer: Trainer) -> list[str] | None:
+    # Source paths make a mistake findable on disk; a dataset without a readable files.csv
+    # (or one out of step with its arrays) still gets its mistakes, without paths.
+    try:
+        files = trainer.ds.files()
+    except (OSError, KeyError, ValueError):
+        return None
+    return files if len(files) == len(trainer.ds.labels) else None
+
+
+def _write_mistakes(trainer: Trainer, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """``mistakes.csv`` (every wrong validation prediction, most confident first) and
+    ``mistakes.png`` (the first :data:`GRID_MAX` of them as captioned thumbnails)."""
+    out, ds = trainer.out, trainer.ds
+    probs = torch.softmax(logits.float(), dim=1).numpy()
+    mistakes = top_mistakes(probs, labels.numpy(), k=None)
+    val_idx = ds.indices("val")  # the val loader's order: position i is sample val_idx[i]
+    write_mistakes_csv(
+        mistakes,
+        ds.classes,
+        out / "mistakes.csv",
+        dataset_indices=val_idx,
+        files=_dataset_files(trainer),
+    )
+    grid = mistakes[:GRID_MAX]
+    if not grid:
+        # a resumed run may have left one behind: no image means no mistakes
+        (out / "mistakes.png").unlink(missing_ok=True)
+        return
+    images = ds.images[val_idx[[m.index for m in grid]]]  # only these pages of the memmap
+    shown = f"all {len(grid)}" if len(grid) == len(mistakes) else f"{len(grid)} of {len(mistakes)}"
+    title = (
+        f"{trainer.recipe.name}: {shown} validation mistakes ({len(labels)} images), "
+        "most confident first"
+    )
+    plot_mistakes(images, grid, ds.classes, out / "mistakes.png", title=title)

@@ -32,7 +32,9 @@ from imgclf.data.loader import Augment, BatchLoader
 from imgclf.errors import CheckpointError, RecipeError, TrainingDiverged
 from imgclf.io_utils import atomic_write_text
 from imgclf.models import create, model_spec
+from imgclf.train.adapt import adapt, class_weights, sample_weights
 from imgclf.train.checkpoint import load_checkpoint, save_checkpoint
+from imgclf.train.choose import choose_recipe
 from imgclf.train.device import Hardware, resolve_hardware, set_threads
 from imgclf.train.feature_cache import FeatureCache
 from imgclf.train.optim import build_optimizer, build_scheduler
@@ -44,6 +46,8 @@ from imgclf.train.stages import resolve_groups, set_trainable, train_mode
 CHECKPOINT_MINUTES = 10.0
 # Images used to fit a whitening stem (airbench94 uses 5,000).
 WHITENING_IMAGES = 5000
+# Validation accuracy this close to the majority-class rate counts as "learned nothing".
+CHANCE_MARGIN = 0.02
 
 
 @dataclass
@@ -82,6 +86,8 @@ class Progress:
     epochs_since_best: int = 0
     partial: dict[str, float] = field(default_factory=dict)  # mid-epoch accumulators
     seconds: float = 0.0  # training wall time so far, across resumes
+    stage_end_acc: list[float] = field(default_factory=list)  # val accuracy ending each stage
+    warnings: list[str] = field(default_factory=list)  # guard-rail warnings, for summary.json
 
 
 class _CtrlC:
@@ -140,7 +146,19 @@ class Trainer:
         torch.manual_seed(recipe.seed)
         self.resume_state = state
         self.model = self._build_model()
+        self.adapted = adapt(
+            recipe,
+            model_spec(recipe.model).kind == "pretrained" and recipe.pretrained,
+            len(ds.indices("train")),
+        )
         self.train_loader, self.val_loader = self._loaders()
+        self.loss_weights = (
+            class_weights(self.train_loader.labels.cpu().numpy(), len(ds.classes)).to(
+                self.hw.device
+            )
+            if recipe.class_balance == "loss"
+            else None
+        )
         self.position, self.progress = Position(), Progress()
         self.cache: FeatureCache | None = None
         for stage in recipe.stages:  # bad group names fail now, before any file is written
@@ -183,14 +201,19 @@ class Trainer:
         train_idx = ds.indices("train")
         if len(train_idx) == 0:
             raise CheckpointError(f"dataset {ds.name!r} has no training images")
+        batch = self.adapted.batch_size
+        labels = ds.labels[train_idx]
         train = BatchLoader(
             ds.images[train_idx],
-            ds.labels[train_idx],
-            batch_size=min(r.batch_size, len(train_idx)),
+            labels,
+            batch_size=batch,
             shuffle=True,
             augment=Augment(**r.augment.model_dump()),
             seed=r.seed,
-            drop_last=len(train_idx) > r.batch_size,
+            drop_last=len(train_idx) > batch,
+            sample_weights=(
+                sample_weights(labels, len(ds.classes)) if r.class_balance == "sampler" else None
+            ),
             **common,
         )
         val = None
@@ -262,7 +285,12 @@ class Trainer:
                 self.position = Position(si, 0, 0)
             if self.position.epoch >= stage.epochs:
                 continue
-            n_train = set_trainable(self.model, stage.groups(), bn_update=stage.bn_update)
+            n_train = set_trainable(
+                self.model,
+                stage.groups(),
+                bn_update=stage.bn_update,
+                freeze_bn=self.adapted.freeze_bn,
+            )
             self.train_loader.augment = Augment(**stage.augment_for(r).model_dump())
             self.cache = None
             if r.feature_cache:
@@ -275,7 +303,7 @@ class Trainer:
                     self.hw.autocast_dtype,
                     say=self._say,
                 )
-            optimizer = build_optimizer(self.model, r, stage)
+            optimizer = build_optimizer(self.model, r, stage, self.adapted.lr_scale)
             scheduler = build_scheduler(
                 optimizer, r.scheduler, len(self.train_loader), stage.epochs
             )
@@ -304,7 +332,7 @@ class Trainer:
         r, pos = self.recipe, self.position
         global_epoch = self._global_epoch(si, pos.epoch) + 1
         self._batches().set_epoch(global_epoch)
-        train_mode(self.model, stage.groups(), stage.bn_update)
+        train_mode(self.model, stage.groups(), stage.bn_update, self.adapted.freeze_bn)
         stats = self._train_epoch(si, global_epoch, optimizer, scheduler, stage)
         val_loss, val_acc = self._validate()
         row = {
@@ -322,6 +350,9 @@ class Trainer:
         self.log.append(row)
         self.tb.log(row)
         self._say(_summary_line(row, self.recipe.total_epochs))
+        self._check_chance(si, global_epoch, val_acc)
+        if pos.epoch + 1 >= stage.epochs:
+            self._check_stage_end(si, val_acc)
         improved = (
             val_acc == val_acc and val_acc > self.progress.best_val_acc + r.early_stopping.min_delta
         )
@@ -368,7 +399,12 @@ class Trainer:
             for step, (x, y) in enumerate(batches.iter_from(pos.batch), start=pos.batch):
                 with autocast:
                     logits = net(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=r.label_smoothing)
+                    loss = F.cross_entropy(
+                        logits.float(),
+                        y,
+                        weight=self.loss_weights,
+                        label_smoothing=r.label_smoothing,
+                    )
                 if not torch.isfinite(loss):
                     last = self.out / "last.pt"
                     kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint"
@@ -445,6 +481,54 @@ class Trainer:
         loss = F.cross_entropy(logits, labels).item()
         return loss, (logits.argmax(1) == labels).float().mean().item()
 
+    # ------------------------------------------------------------------ guard rails
+
+    def _majority_rate(self) -> float:
+        labels = self.val_loader.labels if self.val_loader is not None else None
+        if labels is None or len(labels) == 0:
+            return float("nan")
+        return torch.bincount(labels.cpu()).max().item() / len(labels)
+
+    def _check_chance(self, si: int, epoch: int, val_acc: float) -> None:
+        """Warn (once a stage) when validation accuracy is no better than always answering
+        the most common class: a run that learns nothing otherwise ends looking normal."""
+        majority = self._majority_rate()
+        if not val_acc <= majority + CHANCE_MARGIN:
+            return
+        key = f"stage {si + 1}: "
+        if any(w.startswith(key) and "most common class" in w for w in self.progress.warnings):
+            return
+        self._warn(
+            f"{key}epoch {epoch} val accuracy {val_acc:.4f} is within "
+            f"{CHANCE_MARGIN * 100:.0f} points of always answering the most common class "
+            f"({majority:.4f}): the model has learned next to nothing. Likely causes: a "
+            "learning rate far too high or too low, labels that do not match the images, "
+            "an input size far from the images'. Try --set optimizer.lr=<10x lower>, check "
+            "`imgclf data info`, or a recipe made for this data (imgclf recipes)"
+        )
+
+    def _check_stage_end(self, si: int, val_acc: float) -> None:
+        """Warn when a stage ends below where the previous one ended: fine-tuning that
+        undoes what the head stage learned (issue #9: 80.6% → 70.7% on clothing)."""
+        ends = self.progress.stage_end_acc
+        del ends[si:]  # a resumed stage replaces its own entry
+        ends.append(val_acc)
+        if si == 0 or not val_acc < ends[si - 1]:
+            return
+        self._warn(
+            f"stage {si + 1} ended at val accuracy {val_acc:.4f}, below stage {si}'s "
+            f"{ends[si - 1]:.4f}: it undid what the earlier stage learned. Likely causes: "
+            "a learning rate too high for the unfrozen layers (lower stages.N.lr or "
+            "lower_lr_mult), BatchNorm re-estimated on small batches (--set "
+            "batchnorm=frozen), too few images for the layers trained. best.pt keeps the "
+            "best epoch, which eval and predict use"
+        )
+
+    def _warn(self, text: str) -> None:
+        self.progress.warnings.append(text)
+        # Printed even with --quiet, like the interrupt line: it changes what to do next.
+        tqdm.write(f"warning: {text}", file=sys.stderr)
+
     def _say(self, text: str) -> None:
         if self.show_progress:
             tqdm.write(text, file=sys.stderr)
@@ -459,6 +543,8 @@ class Trainer:
         atomic_write_text(self.out / "config.yaml", self._config_yaml())
         self.tb = TensorBoard(self.out / "tb")
         self._say(f"run folder: {self.out}")  # known before a kill: what --resume needs
+        for note in self.adapted.notes:
+            self._say(note)
         try:
             with self.ctrl_c:
                 self.fit()
@@ -485,6 +571,11 @@ class Trainer:
                 "name": self.ds.name,
                 "path": str(self.ds.root),
                 "classes": self.ds.classes,
+            },
+            "adapted": {
+                "batchnorm": "frozen" if self.adapted.freeze_bn else "train",
+                "batch_size": self.adapted.batch_size,
+                "lr_scale": self.adapted.lr_scale,
             },
             "hardware": {
                 "device": str(self.hw.device),
@@ -519,7 +610,7 @@ def _summary_line(row: dict, total_epochs: int) -> str:
 
 
 def train(
-    recipe: str | Path | Recipe | dict,
+    recipe: str | Path | Recipe | dict | None = None,
     data: str | Path | Dataset | None = None,
     *,
     out: str | Path | None = None,
@@ -532,6 +623,7 @@ def train(
     runs_dir: str | Path = "runs",
 ) -> Run:
     """Train a recipe on a dataset; returns the :class:`Run` (its folder and summary).
+    Without a recipe, one is chosen from the data (:func:`imgclf.train.choose.choose_recipe`).
 
     >>> run = imgclf.train("fast", data="c10", epochs=2)
     """
@@ -545,6 +637,15 @@ def train(
             raise CheckpointError("--resume continues the saved recipe; drop --set/--epochs")
         out_dir = last.parent
     else:
+        if recipe is None:
+            if data is None:
+                raise CheckpointError("give a recipe, --data to choose one for, or --resume")
+            recipe, why = choose_recipe(_data(data, None))
+            # Printed even with --quiet: it says what is being trained and how to change it.
+            print(
+                f"recipe: {recipe}, chosen because {why} (name a RECIPE to override)",
+                file=sys.stderr,
+            )
         rec = load_recipe(recipe, overrides, epochs)
         out_dir = Path(out) if out else None
     ds = _data(data, state)

@@ -15,9 +15,12 @@ from imgclf.train.recipe import Recipe, SchedulerConfig, StageConfig
 from imgclf.train.stages import group_of, resolve_groups
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe, stage: StageConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, recipe: Recipe, stage: StageConfig, lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
+    """``lr_scale`` multiplies every rate (the small-data batch rule, imgclf.train.adapt)."""
     opt = recipe.optimizer
-    base_lr = stage.lr if stage.lr is not None else opt.lr
+    base_lr = (stage.lr if stage.lr is not None else opt.lr) * lr_scale
     groups = resolve_groups(model, stage.groups())
     top = groups[-1]  # groups come in network order: the last trained one is the top
     owner = group_of(model)

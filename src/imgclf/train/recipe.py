@@ -22,7 +22,7 @@ from imgclf.errors import RecipeError
 
 # A run's config.yaml is the resolved recipe plus these facts about the run; reading it
 # back as a recipe (to repeat the run) skips them.
-RUN_INFO_KEYS = ("dataset", "hardware", "imgclf_version")
+RUN_INFO_KEYS = ("dataset", "adapted", "hardware", "imgclf_version")
 
 
 class _Strict(BaseModel):
@@ -114,6 +114,18 @@ class Recipe(_Strict):
     # (imgclf.train.feature_cache); off only to compare against the uncached path.
     feature_cache: bool = True
     tta: bool = False  # evaluate with flipped (and shifted) views averaged
+    # BatchNorm while training: "frozen" keeps every BatchNorm layer on its running
+    # statistics (eval mode; scale and shift still learn), "train" normalizes trained
+    # layers by batch statistics, "auto" is "frozen" for a pretrained backbone on a data
+    # set under FREEZE_BN_BELOW training images (imgclf.train.small_data) and "train"
+    # otherwise.
+    batchnorm: Literal["auto", "frozen", "train"] = "auto"
+    # Unbalanced classes: weight the loss by inverse class frequency, or draw each epoch's
+    # samples with class-balanced probabilities; "none" trains on the data as it is.
+    class_balance: Literal["none", "loss", "sampler"] = "none"
+    # Small data sets: the batch shrinks (and the learning rate with it, linearly) until an
+    # epoch has at least this many optimizer steps; 0 turns it off.
+    min_steps_per_epoch: int = Field(0, ge=0)
     # Transfer learning (pretrained backbones): weights file and head.
     pretrained: bool = True
     weights: str | None = None

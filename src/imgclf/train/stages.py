@@ -3,6 +3,14 @@
 Frozen BatchNorm layers are put in eval mode (their running statistics stay as they were,
 the usual fine-tuning practice: torchvision's reference scripts and fastai's ``freeze``
 keep pretrained statistics), unless the stage sets ``bn_update: true``.
+
+With ``freeze_bn`` (the recipe's ``batchnorm: frozen``, and ``auto`` for pretrained
+backbones on small data sets) *every* BatchNorm layer stays in eval mode, trained ones
+included: their scale and shift still learn, but they normalize with the pretrained
+running statistics instead of each batch's. Keras's EfficientNet fine-tuning guide gives
+this advice, and issue #9 measured why: a Lite0 head-stage checkpoint scored 98.9% with
+BatchNorm in eval mode and 73.5% with the same weights normalizing by batch statistics,
+so unfreezing with batch statistics threw away what the head stage had learned.
 """
 
 from __future__ import annotations
@@ -28,14 +36,20 @@ def resolve_groups(model: nn.Module, groups: list[str] | None) -> list[str]:
     return [g for g in available if g in groups]
 
 
-def set_trainable(model: nn.Module, groups: list[str] | None, *, bn_update: bool = False) -> int:
+def set_trainable(
+    model: nn.Module,
+    groups: list[str] | None,
+    *,
+    bn_update: bool = False,
+    freeze_bn: bool = False,
+) -> int:
     """Make exactly ``groups`` trainable; returns the number of trainable parameters."""
     chosen = resolve_groups(model, groups)
     param_groups = model.param_groups()
     train_names = {n for g in chosen for n in param_groups[g]} - model.frozen_parameter_names()
     for name, p in model.named_parameters():
         p.requires_grad_(name in train_names)
-    train_mode(model, groups, bn_update)
+    train_mode(model, groups, bn_update, freeze_bn)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -48,7 +62,9 @@ def freeze_bn_stats(model: nn.Module) -> None:
                 module.eval()
 
 
-def train_mode(model: nn.Module, groups: list[str] | None, bn_update: bool) -> None:
+def train_mode(
+    model: nn.Module, groups: list[str] | None, bn_update: bool, freeze_bn: bool = False
+) -> None:
     """Back to training mode for a stage (eval() elsewhere resets everything).
 
     A frozen prefix (every group before the first trained one) is a fixed feature
@@ -56,6 +72,10 @@ def train_mode(model: nn.Module, groups: list[str] | None, bn_update: bool) -> N
     is also what lets the feature cache reproduce this path exactly.
     """
     model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, _BN):
+                module.eval()
     if bn_update:
         return
     freeze_bn_stats(model)
