@@ -485,3 +485,21 @@ def test_folder_names_that_are_not_utf8_stay_distinct_classes(tmp_path, imgclf_h
     assert "not UTF-8" in proc.stderr
     ds = load_dataset("raw")
     assert len(ds.classes) == 3 and len(ds.labels) == 6  # café twice would merge: latin-1
+
+
+# ---------------------------------------------------------------- 4. symbolic links
+
+
+def test_symlinked_class_folder_is_imported_and_loops_reported(tmp_path, imgclf_home):
+    src = _tiny_tree(tmp_path / "src")
+    elsewhere = _tiny_tree(tmp_path / "elsewhere")
+    (src / "bird").symlink_to(elsewhere / "dog", target_is_directory=True)
+    (src / "cat" / "again").symlink_to(src, target_is_directory=True)  # a loop
+    (src / "dog" / "gone.png").symlink_to(tmp_path / "missing.png")
+    (src / "dog" / "linked.png").symlink_to(src / "cat" / "0.png")
+    ds = import_dataset(src, "links", val_fraction=0)
+    assert ds.classes == ["bird", "cat", "dog"]
+    assert np.bincount(ds.labels).tolist() == [2, 2, 3]
+    rows = report_rows(imgclf_home, "links")
+    assert "read already" in rows[str(src / "cat" / "again")]
+    assert rows[str(src / "dog" / "gone.png")] == "broken symbolic link"

@@ -122,17 +122,27 @@ class _Tree:
 
 
 class _FolderTree(_Tree):
+    """A folder walked once. Symbolic links are followed once: a link to a folder already
+    read (a loop, or a second link to it) and a broken link are reported, never dropped."""
+
     def __init__(self, root: Path) -> None:
-        files, dirs = [], []
-        for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk_error):
-            dirnames.sort()
+        files, dirs, skipped = [], [], []
+        seen = {_inode(root)}
+        walk = os.walk(root, onerror=_raise_walk_error, followlinks=True)
+        for dirpath, dirnames, filenames in walk:
             rel_dir = os.path.relpath(dirpath, root)
             if rel_dir != ".":
                 dirs.append(rel_dir.replace(os.sep, "/"))
+            dirnames[:] = _follow_once(dirpath, sorted(dirnames), seen, skipped)
             for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                if os.path.islink(full) and not os.path.exists(full):
+                    skipped.append(Skipped(full, "broken symbolic link"))
+                    continue
                 rel = name if rel_dir == "." else f"{rel_dir}/{name}"
                 files.append(rel.replace(os.sep, "/"))
         super().__init__(str(root), files, dirs=dirs)
+        self.skipped = skipped
         self.root = root
 
     def read(self, rel: str) -> bytes:
@@ -161,6 +171,37 @@ class _MemoryTree(_Tree):
         if data is None:  # only images, CSV files and CIFAR batches are kept
             raise DataError(f"{self.describe(rel)}: not read from the archive (not an image)")
         return data
+
+
+def _inode(path: str | Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _follow_once(
+    dirpath: str, names: list[str], seen: set[tuple[int, int]], skipped: list[Skipped]
+) -> list[str]:
+    """The sub-folders of ``dirpath`` to walk: each real folder once, whatever links to it."""
+    real = [n for n in names if not os.path.islink(os.path.join(dirpath, n))]
+    for name in real:  # real folders first, so a link never hides the folder it names
+        seen.add(_inode(os.path.join(dirpath, name)))
+    keep = set(real)
+    for name in names:
+        full = os.path.join(dirpath, name)
+        if name in keep:
+            continue
+        try:
+            key = _inode(full)
+        except OSError:
+            skipped.append(Skipped(full, "broken symbolic link"))
+            continue
+        if key in seen:
+            why = "symbolic link to a folder read already (a loop or a second link): not followed"
+            skipped.append(Skipped(full, why))
+            continue
+        seen.add(key)
+        keep.add(name)
+    return [n for n in names if n in keep]
 
 
 def _raise_walk_error(err: OSError) -> None:
