@@ -23,7 +23,7 @@ from PIL import Image
 
 from conftest import make_archive, png_bytes, save_array, write_cifar10
 from imgclf.data import import_dataset, load_dataset
-from imgclf.data.decode import cover_crop
+from imgclf.data.decode import cover_crop, decode, probe
 from imgclf.errors import DataError
 
 IMGCLF = Path(sys.executable).with_name("imgclf")
@@ -503,3 +503,41 @@ def test_symlinked_class_folder_is_imported_and_loops_reported(tmp_path, imgclf_
     rows = report_rows(imgclf_home, "links")
     assert "read already" in rows[str(src / "cat" / "again")]
     assert rows[str(src / "dog" / "gone.png")] == "broken symbolic link"
+
+
+# ---------------------------------------------------------------- 8. EXIF past 64 KiB
+
+
+def _jpeg_with_late_exif(orientation: int) -> bytes:
+    """An 8×16 JPEG (left half black, right half white) whose APP1 Exif segment follows
+    two 60 kB comment segments, as it may follow a large ICC profile."""
+    arr = np.zeros((8, 16, 3), np.uint8)
+    arr[:, 8:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95)
+    jpeg = buf.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes()
+
+    def segment(marker: int, body: bytes) -> bytes:
+        return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+    filler = segment(0xFE, bytes(60_000)) * 2
+    return jpeg[:2] + filler + segment(0xE1, payload) + jpeg[2:]
+
+
+def test_exif_orientation_after_64_kib_of_header_segments_is_applied(tmp_path, imgclf_home):
+    data = _jpeg_with_late_exif(6)  # rotate 90° clockwise: the white half goes down
+    assert data.index(b"Exif\x00") > 65_536
+    assert probe(data, None) == (16, 8)
+    arr, native, why = decode(data, None, None)
+    assert why is None and native == (16, 8) and arr.shape == (16, 8, 3)
+    assert arr[:6].mean() < 40 and arr[10:].mean() > 215
+    src = tmp_path / "src"
+    for cls in ("cat", "dog"):
+        (src / cls).mkdir(parents=True)
+        for i in range(2):
+            (src / cls / f"{i}.jpg").write_bytes(data)
+    ds = import_dataset(src, "late-exif", val_fraction=0, image_size=16)
+    assert ds.images[0, :5].mean() < 40 and ds.images[0, 11:].mean() > 215

@@ -77,8 +77,39 @@ def _check_pixels(h: int, w: int) -> None:
 
 
 def _fast_jpeg_ok(data: bytes) -> bool:
-    # EXIF may rotate the image and CMYK/YCCK need Adobe handling: leave both to Pillow.
-    return data[:2] == b"\xff\xd8" and b"Exif\x00" not in data[:65536]
+    """A JPEG simplejpeg may decode: one without EXIF (which may rotate it; Pillow applies
+    that). CMYK/YCCK are left to Pillow by the colour-space check of the header."""
+    return data[:2] == b"\xff\xd8" and not _has_exif(data)
+
+
+# Markers without a length field: TEM and RST0-7 (ITU T.81 table B.1).
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def _has_exif(data: bytes) -> bool:
+    """Whether an APP1 Exif segment comes before the scan, wherever it is: a large ICC
+    profile or comment can push it past any fixed window. Malformed segments count as
+    EXIF, so Pillow decides and names the problem."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return True
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan: no more header segments
+            return False
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if length < 2:
+            return True
+        if marker == 0xE1 and data[pos + 4 : pos + 9] == b"Exif\x00":
+            return True
+        pos += 2 + length
+    return True  # no scan found: not a JPEG simplejpeg should see
 
 
 def _decode_fast(data: bytes, size: Size | None) -> tuple[np.ndarray, Size] | None:
