@@ -39,13 +39,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as exc:
-        raise CheckpointError(
-            f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})"
-        ) from exc
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_why_unreadable(exc)})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an imgclf checkpoint")
     state["path"] = str(path)
     return state
+
+
+# Lines of torch's message that say nothing about the file, or advise weights_only=False,
+# which would let a checkpoint from elsewhere run code: never pass that on.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _why_unreadable(exc: BaseException) -> str:
+    """The first line of torch's message that says what is wrong with the file."""
+    if isinstance(exc, EOFError):
+        return "empty or truncated file"
+    for line in str(exc).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if not line or "weights_only" in line or line.startswith(_TORCH_BOILERPLATE):
+            continue
+        return line.split(". ")[0].rstrip(".")
+    return type(exc).__name__
 
 
 def build_model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
