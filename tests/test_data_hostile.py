@@ -541,3 +541,22 @@ def test_exif_orientation_after_64_kib_of_header_segments_is_applied(tmp_path, i
             (src / cls / f"{i}.jpg").write_bytes(data)
     ds = import_dataset(src, "late-exif", val_fraction=0, image_size=16)
     assert ds.images[0, :5].mean() < 40 and ds.images[0, 11:].mean() > 215
+
+
+# ---------------------------------------------------------------- 15. minor
+
+
+def test_class_folder_named_test_in_a_class_tree_is_a_class(tmp_path):
+    src = _tiny_tree(tmp_path / "src")
+    for i in range(2):
+        save_array(src / "test" / f"{i}.png", np.full((8, 8, 3), 120, np.uint8))
+    ds = import_dataset(src, "with-test", val_fraction=0)
+    assert ds.classes == ["cat", "dog", "test"] and len(ds.labels) == 6
+    assert ds.meta["source_shape"] == "class-tree"
+
+
+def test_data_list_with_imgclf_home_a_file_is_one_error_line(tmp_path):
+    home = tmp_path / "home-file"
+    home.write_text("not a folder")
+    proc = run_cli("data", "list", home=home)
+    assert_one_error_line(proc, "home-file", "not a folder")

@@ -160,6 +160,12 @@ def _load_version(root: Path, version: Path) -> Dataset:
 
 def list_datasets() -> list[str]:
     base = datasets_dir()
+    for folder in (base.parent, base):
+        if folder.exists() and not folder.is_dir():
+            raise DataError(
+                f"{folder}: a file, not a folder; point IMGCLF_HOME at a folder "
+                "(it holds datasets/)"
+            )
     if not base.is_dir():
         return []
     # Hidden names are temporary (.NAME.tmp-*) or replaced (.NAME.old) folders.

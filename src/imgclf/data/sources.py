@@ -327,7 +327,9 @@ def _scan(tree: _Tree, src: Path, labels_csv: Path | None) -> ScannedSource:
         if all(m in files for m in markers):
             return _scan_cifar(tree, kind)
     splits = {d for d in dirs if d.lower() in SPLIT_ALIASES}
-    if splits:
+    # A split folder holds class folders; one with its images directly inside is a class
+    # that happens to be called "test" (or "train", "val"…) in a class tree.
+    if splits and all(tree.subtree(d).top_level()[0] for d in splits):
         return _scan_split_tree(tree, sorted(splits))
     image_files = [f for f in files if _is_image(f)]
     csvs = [f for f in files if f.lower().endswith(".csv")]
