@@ -225,7 +225,9 @@ def _print_run(run) -> None:
     acc = run.summary.get("val_accuracy")
     if acc is not None:
         print(
-            f"val accuracy {acc:.4f} on {run.summary['val_count']} {run.summary['dataset']} images"
+            f"val accuracy {acc:.4f} (balanced {run.summary['val_balanced_accuracy']:.4f}, "
+            f"macro F1 {run.summary['val_macro_f1']:.4f}) on {run.summary['val_count']} "
+            f"{run.summary['dataset']} images"
         )
     else:
         print("no validation split: nothing evaluated")
@@ -237,6 +239,8 @@ def _print_run(run) -> None:
     print(f"run folder:       {run.path}")
     print(f"curves:           {run.path / 'curves.png'}")
     print(f"confusion matrix: {run.path / 'confusion_matrix.png'}")
+    if (run.path / "mistakes.png").is_file():
+        print(f"worst mistakes:   {run.path / 'mistakes.png'}")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -68,6 +68,12 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
             tta=trainer.recipe.tta,
             eval_seconds=round(time.perf_counter() - started, 2),
         )
+    summary["batchnorm"] = "frozen" if trainer.adapted.freeze_bn else "train"
+    summary["batch_size"] = trainer.adapted.batch_size
+    summary["source_size"] = list(trainer.ds.image_size)
+    # Guard-rail warnings (chance level, a stage ending below the previous one): a run
+    # that learnt nothing must not look like a finished one.
+    summary["warnings"] = list(trainer.progress.warnings)
     summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     summary["torch_threads"] = torch.get_num_threads()
     write_json(out / "summary.json", summary)
