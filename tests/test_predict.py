@@ -362,3 +362,23 @@ def test_output_is_atomic_when_prediction_fails_midway(trained, tmp_path, monkey
     with pytest.raises(RuntimeError):
         predict([trained.run32], root, fresh, batch_size=2)
     assert not fresh.exists()
+
+
+def test_symlinks_never_drop_an_input(trained, tmp_path):
+    """A symlinked class folder is read through; a broken link keeps its row, with why."""
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.fromarray(noisy_image(COLOURS["cat"])).save(real / "a.png")
+    src = tmp_path / "in"
+    (src / "dogs").mkdir(parents=True)
+    Image.fromarray(noisy_image(COLOURS["dog"])).save(src / "dogs" / "b.png")
+    (src / "linked").symlink_to(real, target_is_directory=True)
+    (src / "dogs" / "gone.png").symlink_to(tmp_path / "nothing.png")
+    out = tmp_path / "p.csv"
+    result = predict([trained.run32], src, out)
+    with open(out, newline="") as f:
+        rows = {r["file"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"dogs/b.png", "dogs/gone.png", "linked/a.png"}
+    assert rows["linked/a.png"]["label"] and not rows["linked/a.png"]["error"]
+    assert rows["dogs/gone.png"]["label"] == "" and "broken" in rows["dogs/gone.png"]["error"]
+    assert result.failures == 1

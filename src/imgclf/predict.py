@@ -81,6 +81,7 @@ class Item:
     file: str  # relative POSIX path (folder, archive) or the line as listed
     path: str | None = None  # read by a decoding thread
     data: bytes | None = None  # archive members, already in memory
+    error: str | None = None  # known unreadable before decoding (e.g. a broken link)
 
 
 @dataclass
@@ -144,7 +145,21 @@ def _tree_inputs(src: Path) -> Inputs:
             inputs.items.append(Item(rel, path=str(src / rel)))
         else:
             inputs.items.append(Item(rel, data=tree.read(rel)))
+    # Entries the walk could not turn into files (a broken link, an archive member over
+    # the size cap, an unsafe or duplicate member): an image among them keeps its row,
+    # with the reason, so no input is ever left out; anything else is counted.
+    for skipped in tree.skipped:
+        rel = _relative(skipped.path, src)
+        if _is_image(rel):
+            inputs.items.append(Item(rel, error=skipped.reason))
+        else:
+            inputs.ignored[skipped.reason] += 1
     return inputs
+
+
+def _relative(described: str, src: Path) -> str:
+    root = str(src).rstrip("/") + "/"
+    return described[len(root) :] if described.startswith(root) else described
 
 
 def _list_file_inputs(src: Path) -> Inputs:
@@ -179,6 +194,8 @@ class Decoded:
 
 
 def _read(item: Item) -> tuple[bytes | None, str | None]:
+    if item.error is not None:
+        return None, item.error
     if item.data is not None:
         return item.data, None
     try:
