@@ -414,6 +414,7 @@ def _predict(args: argparse.Namespace) -> int:
         tta=args.tta,
         format=args.format,
         batch_size=args.batch_size,
+        backend=args.backend,
         device=args.device,
     )
     print(result.summary())
@@ -441,6 +442,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["default", "kaggle"], default="default")
     p.add_argument("--batch-size", type=_positive_int, default=256, metavar="N")
     p.add_argument("--strict", action="store_true", help="exit 1 when any file could not be read")
+    _add_backend_option(p)
     _add_hardware_options(p)
     p.set_defaults(handler=_predict)
 
@@ -528,6 +530,114 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_demo)
 
 
+# ---------------------------------------------------------------- export, serve
+
+
+def _export(args: argparse.Namespace) -> int:
+    from imgclf.export import export
+
+    result = export(
+        args.runs,
+        args.out,
+        format=args.format,
+        opset=args.opset,
+        dynamic_batch=args.dynamic_batch,
+        vote=args.vote,
+        weights=args.weights,
+    )
+    print(result.summary())
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run (or a soft vote of runs) as ONNX or TorchScript, verified",
+        description="Export RUN as one model file whose input is the run's preprocessed "
+        "image tensor (N×3×H×W float32, normalized); class names, sizes, mean/std and the "
+        "preprocessing go into its metadata. Several runs: one graph averaging their "
+        "probabilities (--vote soft or weighted). The file is written only after its "
+        "outputs equal PyTorch's within 1e-4 on the run's validation images.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) or .pt checkpoint(s)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument(
+        "--out", help="file to write (default RUN/model.onnx; ./ensemble-VOTE.onnx for several)"
+    )
+    p.add_argument("--opset", type=_positive_int, default=18, metavar="N", help="ONNX opset (18)")
+    p.add_argument(
+        "--dynamic-batch", action="store_true", help="any batch size (default: batches of 1)"
+    )
+    p.add_argument(
+        "--vote",
+        choices=["hard", "soft", "weighted"],
+        default="soft",
+        help="how runs combine: soft or weighted (one graph averages probabilities)",
+    )
+    p.add_argument(
+        "--weights", nargs="+", metavar="RUN:W", help="weighted vote (default: val accuracy)"
+    )
+    p.set_defaults(handler=_export)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from imgclf.serve import serve
+
+    if args.threads:
+        from imgclf.train.device import set_threads
+
+        set_threads(args.threads)
+    serve(
+        args.runs,
+        host=args.host,
+        port=args.port,
+        vote=args.vote,
+        prefer=args.prefer,
+        weights=args.weights,
+        backend=args.backend,
+        max_bytes=args.max_bytes,
+        top_k=args.top_k,
+    )
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP server: POST /predict, GET /health, /info, and a web page at /",
+        description="Serve RUN (or the vote of several runs) over HTTP: POST /predict with "
+        "images as multipart field `file` (repeatable) or a raw body; GET / is a page to "
+        "drop images on. Same preprocessing as `imgclf predict`.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) or .pt checkpoint(s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
+    _add_vote_options(p)
+    _add_backend_option(p)
+    p.add_argument(
+        "--max-bytes",
+        type=_positive_int,
+        default=20 * 1024 * 1024,
+        metavar="N",
+        help="largest accepted upload, per image (20 MiB)",
+    )
+    p.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="classes (5)")
+    p.add_argument(
+        "--threads", type=_positive_int, metavar="N", help="CPU threads (default: physical cores)"
+    )
+    p.set_defaults(handler=_serve)
+
+
+def _add_backend_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default=None,
+        help="run the models in PyTorch, or exported to ONNX under ONNX Runtime "
+        "(default: the one measured faster, see docs/benchmarks.md)",
+    )
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -552,6 +662,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_predict,
     _add_report,
     _add_demo,
+    _add_export,
 ]
 
 

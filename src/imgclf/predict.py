@@ -43,6 +43,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from imgclf.backend import onnx_net, resolve_backend
 from imgclf.data.decode import Size
 from imgclf.data.preprocess import Preprocess, file_to_uint8
 from imgclf.data.sources import IMAGE_EXTENSIONS, is_archive, open_tree
@@ -272,16 +273,20 @@ class _Member:
     order: torch.Tensor  # output columns in the first run's class order
 
 
-def _members(rs: RunSet, device: torch.device, tta: bool) -> list[_Member]:
+def _members(rs: RunSet, device: torch.device, tta: bool, backend: str = "torch") -> list[_Member]:
     out = []
     for lr, order in zip(rs.runs, rs.orders, strict=True):
         lr.model.to(device, memory_format=torch.channels_last).eval()
         net = TTA(lr.model) if tta else lr.model
+        pre = Preprocess.from_state(lr.state)
+        if backend == "onnx":  # the same module, run by ONNX Runtime (imgclf.backend)
+            wrapper = "tta" if tta else "plain"
+            net = onnx_net(net, pre.input_size, lr.state.get("path"), wrapper=wrapper)
         out.append(
             _Member(
                 lr.name,
                 net,
-                Preprocess.from_state(lr.state),
+                pre,
                 torch.from_numpy(order).to(device),
             )
         )
@@ -422,6 +427,7 @@ def predict(
     strict: bool = False,
     device: str | None = None,
     workers: int | None = None,
+    backend: str | None = None,
 ) -> PredictResult:
     """Label every image in ``input`` with the runs' vote; write a CSV to ``out`` atomically.
 
@@ -429,6 +435,8 @@ def predict(
     ``weights``: for ``vote="weighted"``, ``{run: w}``, ``["run:w", ...]`` or one number per
     run (default: each run's validation accuracy). ``strict``: raise
     :class:`PredictFailures` (after writing ``out``) when any file could not be read.
+    ``backend``: ``"torch"`` or ``"onnx"`` (ONNX Runtime, :mod:`imgclf.backend`); the
+    preprocessing is the same on both.
     """
     started = time.perf_counter()
     if format not in FORMATS:
@@ -437,6 +445,7 @@ def predict(
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     check_vote(vote)
     hw = resolve_hardware(device, "auto", "auto")
+    backend = resolve_backend(backend, hw.device)
     rs = load_runs(runs)
     plan = _Plan(
         classes=rs.classes,
@@ -453,11 +462,11 @@ def predict(
     inputs = list_inputs(input)
     if format == "kaggle":
         _check_kaggle_ids(inputs.items)
-    members = _members(rs, hw.device, tta)
+    members = _members(rs, hw.device, tta, backend)
     sizes = list(dict.fromkeys(m.preprocess.source_size for m in members))
 
     def autocast() -> contextlib.AbstractContextManager:
-        if hw.autocast_dtype is None:
+        if hw.autocast_dtype is None or backend == "onnx":
             return contextlib.nullcontext()
         return torch.autocast(hw.device.type, dtype=hw.autocast_dtype)
 
