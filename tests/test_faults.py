@@ -9,6 +9,7 @@ slow; the in-process tests at the end interrupt at chosen steps and run in the q
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -28,9 +29,11 @@ from helpers_train import (
 )
 from imgclf.cli import main
 from imgclf.data.importer import import_dataset
+from imgclf.errors import UserError
 from imgclf.train.checkpoint import load_checkpoint
 from imgclf.train.loop import Trainer, train
 from imgclf.train.recipe import load_recipe
+from imgclf.train.rundir import LOCK_NAME
 
 EPOCHS = 3
 
@@ -141,14 +144,15 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(torch, "save", save_then_die)
     out = tmp_path / "run"
-    with pytest.raises(OSError, match="No space left"):
+    # One line naming the folder and the checkpoint kept, not a traceback (issue #10.12).
+    with pytest.raises(UserError, match=re.escape(f"disk full in {out}: the last good")):
         train(recipe, ds, out=out, threads=1, progress=False)
     monkeypatch.undo()
     # Writes go to a temporary sibling: the failed one never touched the checkpoints.
     assert all(p.parent == out and p.name.startswith(".") for p in calls)
     assert load_checkpoint(out / "last.pt")["position"]["epoch"] == 1
     assert load_checkpoint(out / "best.pt")["position"]["epoch"] == 1
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [LOCK_NAME]
 
     # A kill -9 mid-save leaves its partial temporary file behind: resume ignores it.
     (out / ".last.tmp-999-dead.pt").write_bytes(b"PK\x03\x04 half a checkpoint")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -261,6 +262,8 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         progress=not args.quiet,
+        exist_ok=args.exist_ok,
+        new_data=args.new_data,
     )
     _print_run(run)
     return 0
@@ -277,6 +280,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", nargs="?", help="recipe name (imgclf recipes) or YAML path")
     p.add_argument("--data", help="dataset name or cache folder (imgclf data list)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
+    p.add_argument(
+        "--exist-ok",
+        action="store_true",
+        help="--out may hold a run: remove that run's files and start afresh there",
+    )
+    p.add_argument(
+        "--new-data",
+        action="store_true",
+        help="with --resume: continue on --data although the run was trained on another "
+        "data set (same classes)",
+    )
     _add_training_options(p)
     p.set_defaults(handler=_train)
 
@@ -669,13 +683,32 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args) or 0
+        code = args.handler(args) or 0
+        # Flushed here so that a reader gone early (`imgclf data info NAME | head`) is a
+        # BrokenPipeError below, not an "Exception ignored" at interpreter exit.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The Python docs' "Note on SIGPIPE": the reader has all it wanted; no message,
+        # and stdout goes to /dev/null so the flush at exit cannot fail again.
+        _stdout_to_devnull()
+        return 1
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a stdout without a file: nothing to do
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

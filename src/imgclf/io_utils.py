@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from imgclf.errors import UserError
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -49,3 +52,27 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str 
     """Write ``text`` to ``path`` atomically, newlines written exactly as given."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding=encoding, newline="") as f:
         f.write(text)
+
+
+def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> None:
+    """Refuse now, before models load or files decode, an output file that could not be
+    written at the end: a folder in its place, a file where its folder should be, or a
+    folder this process may not write in (permissions, a read-only file system).
+
+    Writability is tried, not guessed from mode bits (root ignores those; a read-only
+    mount does not show in them): an unnamed temporary file is made in the nearest
+    existing folder, where :func:`atomic_path` would write, and removed at once.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{option} {target} is a folder; give a file name in it or elsewhere")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:  # atomic_path makes the rest
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{option} {target}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UserError(f"{option} {target}: cannot write in {folder} ({exc.strerror})") from None

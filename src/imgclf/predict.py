@@ -57,7 +57,7 @@ from imgclf.evaluate.compare import (
     resolve_weights,
 )
 from imgclf.evaluate.tta import TTA
-from imgclf.io_utils import atomic_path
+from imgclf.io_utils import atomic_path, check_output_file
 from imgclf.train.device import resolve_hardware
 
 FORMATS = ("default", "kaggle")
@@ -439,6 +439,7 @@ def predict(
     preprocessing is the same on both.
     """
     started = time.perf_counter()
+    check_output_file(out)  # before any model loads or file decodes: fail in a second
     if format not in FORMATS:
         raise UserError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
     if batch_size < 1:

@@ -212,7 +212,12 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable weights file ({_one_line(str(exc))})") from exc
+        # Imported here: imgclf.train imports the model registry, which imports this module.
+        from imgclf.train.checkpoint import why_unreadable
+
+        # Never torch's own first line: it may advise weights_only=False, which would let
+        # a weights file from elsewhere run code.
+        raise CheckpointError(f"{path}: unreadable weights file ({why_unreadable(exc)})") from exc
     if isinstance(obj, dict) and isinstance(obj.get("model_state"), dict):
         obj = {k.removeprefix("net."): v for k, v in obj["model_state"].items()}
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -14,7 +14,7 @@ from typing import Any
 
 from imgclf.errors import UserError
 from imgclf.evaluate.compare import Comparison, compare_runs
-from imgclf.io_utils import atomic_write_text
+from imgclf.io_utils import atomic_write_text, check_output_file
 from imgclf.report.collect import RunInfo, read_runs
 from imgclf.report.to_html import render_html
 from imgclf.report.to_markdown import render_markdown
@@ -77,6 +77,7 @@ def build_report(
     out_path = Path(out) if out is not None else None
     fmt = _format(out_path, format)
     out_path = out_path or Path(f"report.{fmt}")
+    check_output_file(out_path)  # before runs are read and the ensemble scored
     runs = read_runs(list(paths))
     ens = _ensemble(runs, ensemble)
     title = title or f"imgclf report: {len(runs)} run{'s' if len(runs) != 1 else ''}"

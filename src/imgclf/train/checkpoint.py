@@ -7,7 +7,10 @@ Loaded with ``weights_only=True``: a checkpoint from elsewhere cannot run code.
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +22,36 @@ from imgclf.io_utils import atomic_path
 FORMAT = "imgclf-checkpoint-1"
 
 
+# What a resume reads from a checkpoint (imgclf.train.loop): without one, it cannot go on.
+RESUME_KEYS = ("recipe", "dataset", "class_names", "model_state", "position", "progress")
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     state = {"format": FORMAT, **state}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except RuntimeError as exc:
+        # torch's zip writer reports a full disk as "unexpected pos N vs M" or "file write
+        # failed", without an errno: say ENOSPC when there is no room for this checkpoint
+        # (the partial file is gone by now), so callers see the full disk as one.
+        free = shutil.disk_usage(Path(path).parent).free
+        if free >= _nbytes(state):
+            raise
+        raise OSError(
+            errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free:,} bytes free)", str(path)
+        ) from exc
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj``: about what torch.save needs on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -39,11 +68,53 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({_why_unreadable(exc)})") from exc
+        raise CheckpointError(f"{path}: unreadable checkpoint ({why_unreadable(exc)})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an imgclf checkpoint")
     state["path"] = str(path)
     return state
+
+
+def load_resumable(path: str | Path) -> dict[str, Any]:
+    """:func:`load_checkpoint`, and everything a resume reads is there (one line if not)."""
+    state = load_checkpoint(path)
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{state['path']}: cannot resume from this checkpoint (no {', '.join(missing)})"
+        )
+    return state
+
+
+def check_same_dataset(state: dict[str, Any], root: Path) -> None:
+    """Refuse to resume on another data set than the checkpoint's (``--new-data`` allows it).
+
+    Compared by folder: a data set imported again under its name keeps its folder, and the
+    last component is not resolved since a cache entry is a link to its current version.
+    """
+    saved = Path(state["dataset"])
+    if _folder_key(saved) == _folder_key(root):
+        return
+    raise CheckpointError(
+        f"{state['path']} was trained on data set {saved.name!r} ({saved}), but --data gives "
+        f"{root.name!r} ({root}): drop --data to continue on {saved.name!r}, or add "
+        "--new-data to continue on the new one"
+    )
+
+
+def _folder_key(path: Path) -> Path:
+    path = path.expanduser()
+    return path.parent.resolve() / path.name
+
+
+def checkpoint_position(path: Path) -> dict[str, int] | None:
+    """The ``position`` saved in ``path``, or None where it cannot be read. Memory-mapped:
+    reads the small pickle, not the weights."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return dict(state["position"])
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError):
+        return None
 
 
 # Lines of torch's message that say nothing about the file, or advise weights_only=False,
@@ -51,7 +122,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 _TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
-def _why_unreadable(exc: BaseException) -> str:
+def why_unreadable(exc: BaseException) -> str:
     """The first line of torch's message that says what is wrong with the file."""
     if isinstance(exc, EOFError):
         return "empty or truncated file"

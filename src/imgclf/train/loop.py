@@ -33,13 +33,20 @@ from imgclf.errors import CheckpointError, RecipeError, TrainingDiverged
 from imgclf.io_utils import atomic_write_text
 from imgclf.models import create, model_spec
 from imgclf.train.adapt import adapt, class_weights, sample_weights
-from imgclf.train.checkpoint import load_checkpoint, save_checkpoint
+from imgclf.train.checkpoint import check_same_dataset, load_resumable, save_checkpoint
 from imgclf.train.choose import choose_recipe
 from imgclf.train.device import Hardware, resolve_hardware, set_threads
 from imgclf.train.feature_cache import FeatureCache
 from imgclf.train.optim import build_optimizer, build_scheduler
 from imgclf.train.recipe import Recipe, load_recipe, recipe_yaml, validate
-from imgclf.train.rundir import MetricsLog, TensorBoard, new_run_dir
+from imgclf.train.rundir import (
+    MetricsLog,
+    TensorBoard,
+    check_run_dir,
+    claim_run_dir,
+    disk_full_is_an_error,
+    new_run_dir,
+)
 from imgclf.train.stages import resolve_groups, set_trainable, train_mode
 
 # Mid-epoch checkpoints at most this often: cheap insurance for hour-long CPU epochs.
@@ -621,9 +628,15 @@ def train(
     threads: int | None = None,
     progress: bool = True,
     runs_dir: str | Path = "runs",
+    exist_ok: bool = False,
+    new_data: bool = False,
 ) -> Run:
     """Train a recipe on a dataset; returns the :class:`Run` (its folder and summary).
     Without a recipe, one is chosen from the data (:func:`imgclf.train.choose.choose_recipe`).
+
+    One process trains in a run folder at a time (:func:`~imgclf.train.rundir.claim_run_dir`).
+    ``out`` may not hold a run already unless ``exist_ok`` (its run files are removed
+    first); a resume continues on its checkpoint's data set unless ``new_data``.
 
     >>> run = imgclf.train("fast", data="c10", epochs=2)
     """
@@ -631,10 +644,12 @@ def train(
     if resume is not None:
         resume = Path(resume)
         last = resume / "last.pt" if resume.is_dir() else resume
-        state = load_checkpoint(last)
+        state = load_resumable(last)
         rec = validate(state["recipe"], str(last))
         if overrides or epochs:
             raise CheckpointError("--resume continues the saved recipe; drop --set/--epochs")
+        if exist_ok:
+            raise CheckpointError("--exist-ok starts a fresh run; --resume continues one")
         out_dir = last.parent
     else:
         if recipe is None:
@@ -648,7 +663,13 @@ def train(
             )
         rec = load_recipe(recipe, overrides, epochs)
         out_dir = Path(out) if out else None
+        if new_data:
+            raise CheckpointError("--new-data goes with --resume: a fresh run takes any --data")
+        if out_dir is not None:  # early, before a model is built; checked again when locked
+            check_run_dir(out_dir, exist_ok=exist_ok)
     ds = _data(data, state)
+    if state is not None and data is not None and not new_data:
+        check_same_dataset(state, ds.root)
     if state is not None and sorted(state["class_names"]) != sorted(ds.classes):
         raise CheckpointError(
             f"checkpoint classes {state['class_names']} do not match data classes {ds.classes}"
@@ -658,4 +679,8 @@ def train(
     )
     if trainer.out is None:  # numbered only now, so a bad recipe leaves no empty folder
         trainer.out = new_run_dir(rec.name, Path(runs_dir))
-    return trainer.run()
+    with (
+        claim_run_dir(trainer.out, exist_ok=exist_ok, resume=state),
+        disk_full_is_an_error(trainer.out),
+    ):
+        return trainer.run()

@@ -4,19 +4,55 @@
 ``config.yaml``, ``metrics.csv``, ``last.pt``/``best.pt``, ``curves.png``,
 ``confusion_matrix.png``/``confusion.csv``, ``per_class.csv``, ``summary.json`` and
 TensorBoard event files (``tb/``).
+
+One process trains in a run folder at a time: :func:`claim_run_dir` holds an exclusive
+``flock`` on ``.imgclf-train.lock`` inside it for as long as the run lasts, and refuses a
+folder that already holds another run unless told to replace it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
+import os
 import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgclf.errors import UserError
 from imgclf.io_utils import atomic_write_text
+from imgclf.train.checkpoint import checkpoint_position
+
+LOCK_NAME = ".imgclf-train.lock"
+LOCK_PATIENCE = 1.0  # seconds a claim waits for a lock held by someone's early check
+# Any one of these says a folder holds a run (a finished one, or one to --resume).
+RUN_MARKERS = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "summary.json")
+# Everything a run writes (imgclf.train.loop and .finish); --exist-ok removes exactly these.
+RUN_FILES = (
+    *RUN_MARKERS,
+    "curves.png",
+    "confusion_matrix.png",
+    "confusion.csv",
+    "per_class.csv",
+    "mistakes.csv",
+    "mistakes.png",
+    "tb",
+)
+# errno values that mean "no room to write": a full disk, or a full quota.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class RunDirError(UserError):
+    """A run folder that is busy, already holds a run, or cannot be written."""
+
 
 METRIC_COLUMNS = [
     "stage",
@@ -49,6 +85,159 @@ def new_run_dir(recipe_name: str, base: Path = Path("runs")) -> Path:
             return path
         except FileExistsError:
             n += 1
+
+
+def holds_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_MARKERS)
+
+
+def check_run_dir(folder: Path, *, exist_ok: bool = False) -> None:
+    """Refuse now, before a model is built, a folder that is busy or holds a run (nothing
+    is created). :func:`claim_run_dir` checks again under the lock: this is only early."""
+    if (folder / LOCK_NAME).is_file():
+        with _locked(folder, create=False):
+            pass
+    if not exist_ok and holds_run(folder):
+        raise _taken(folder)
+
+
+@contextlib.contextmanager
+def claim_run_dir(
+    folder: Path, *, exist_ok: bool = False, resume: dict[str, Any] | None = None
+) -> Iterator[None]:
+    """Hold ``folder`` for this process while the body trains in it.
+
+    A second process (or a second call in this one) gets a :class:`RunDirError` naming
+    the holder's pid. A fresh run refuses a folder that holds a run, or with ``exist_ok``
+    removes that run's files (:data:`RUN_FILES`, and temporary files of interrupted
+    writes) and says so; other files stay. ``resume``: the checkpoint state being resumed,
+    read before the lock was held; refused if its file has moved on since.
+    """
+    with _locked(folder, create=True):
+        if resume is not None:
+            _check_unchanged(folder, resume)
+        elif holds_run(folder):
+            if not exist_ok:
+                raise _taken(folder)
+            removed = _remove_run_files(folder)
+            print(
+                f"--exist-ok: removed the previous run in {folder} ({', '.join(removed)}); "
+                "other files there are kept",
+                file=sys.stderr,
+            )
+        yield
+
+
+def _check_unchanged(folder: Path, state: dict[str, Any]) -> None:
+    path = Path(state["path"])
+    if checkpoint_position(path) != state["position"]:
+        raise RunDirError(
+            f"{path} changed after it was read: another process trained in {folder} "
+            "meanwhile; run the command again to resume from where it is now"
+        )
+
+
+def _taken(folder: Path) -> RunDirError:
+    return RunDirError(
+        f"{folder} already holds a run (one of {', '.join(RUN_MARKERS)}): choose another "
+        f"--out, add --exist-ok to replace that run, or `imgclf train --resume {folder}` "
+        "to continue it"
+    )
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, *, create: bool) -> Iterator[None]:
+    """An exclusive, non-blocking flock on the folder's lock file. The kernel drops it when
+    the file is closed or the process dies (kill -9 included): no stale locks to clean.
+    The file itself stays: unlinking a flock file lets two processes lock two inodes."""
+    try:
+        import fcntl
+    except ImportError:  # not Unix: no locking, as imgclf.data.cache's publish lock
+        yield
+        return
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    except OSError as exc:
+        if not create:  # removed meanwhile, or unreadable: the claim decides
+            yield
+            return
+        raise RunDirError(f"{folder}: cannot create {LOCK_NAME} ({exc.strerror})") from None
+    try:
+        # A claim retries for a moment: the holder may be another process's early check,
+        # which takes the lock only for an instant.
+        deadline = time.monotonic() + (LOCK_PATIENCE if create else 0.0)
+        while not _try_flock(fcntl, fd):
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                raise RunDirError(
+                    f"{folder} is in use: another imgclf process (pid {holder}) is training "
+                    "in it; wait for it to end or choose another --out"
+                )
+            time.sleep(0.05)
+        if create:  # only a claim names itself; the pid is a courtesy, so a full disk is no
+            with contextlib.suppress(OSError):  # reason to refuse the lock
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _try_flock(fcntl: Any, fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(folder: Path) -> Iterator[None]:
+    """A write in the run that finds the disk (or quota) full becomes one line naming the
+    folder and the checkpoint kept; metrics.csv loses the rows of epochs whose checkpoint
+    was never written (the row is logged before the save), so it matches last.pt."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        last = folder / "last.pt"
+        position = checkpoint_position(last) if last.is_file() else {"stage": 0, "epoch": 0}
+        _roll_back_metrics(folder / "metrics.csv", position)
+        if last.is_file():
+            kept = f"the last good checkpoint {last} is kept; free some space, then `imgclf "
+            kept += f"train --resume {folder}`"
+        else:
+            kept = "no checkpoint was written yet; free some space and train again"
+        where = f" writing {Path(exc.filename).name}" if exc.filename else ""
+        raise RunDirError(f"disk full in {folder}{where}: {kept}") from exc
+
+
+def _roll_back_metrics(path: Path, position: dict[str, int] | None) -> None:
+    if position is None or not path.is_file():  # unreadable last.pt: leave what is there
+        return
+    log = MetricsLog(path, read_metrics(path))
+    with contextlib.suppress(OSError):  # still no room: a resume drops these rows itself
+        log.roll_back(position["stage"], position["epoch"])
+
+
+def _remove_run_files(folder: Path) -> list[str]:
+    removed = []
+    for name in RUN_FILES:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    for path in folder.glob(".*.tmp-*"):  # partial writes a kill left (imgclf.io_utils)
+        if path.is_file():
+            path.unlink(missing_ok=True)
+    return removed
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -84,13 +273,34 @@ class MetricsLog:
         self.rows.append(row)
         self._write()
 
-    def _write(self) -> None:
+    def roll_back(self, stage: int, epochs_done: int) -> None:
+        """Keep rows up to a checkpoint's position (``stage`` 0-based, ``epochs_done`` in
+        it), dropping epochs whose checkpoint was never written, on a full disk too: the
+        file is cut in place, which needs no free block, where :meth:`truncate`'s atomic
+        rewrite needs room for a second copy. Rows name their stage from 1."""
+        self.rows = [
+            r for r in self.rows if (r["stage"] - 1, r["stage_epoch"]) <= (stage, epochs_done)
+        ]
+        keep = self._text().encode("utf-8")
+        try:
+            with open(self.path, "r+b") as f:
+                if f.read(len(keep)) == keep:
+                    f.truncate(len(keep))
+                    return
+        except FileNotFoundError:
+            pass
+        self._write()  # not a prefix of what is there (never expected): rewrite it
+
+    def _text(self) -> str:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in self.rows:
             w.writerow({k: _fmt(r.get(k)) for k in METRIC_COLUMNS})
-        atomic_write_text(self.path, buf.getvalue())
+        return buf.getvalue()
+
+    def _write(self) -> None:
+        atomic_write_text(self.path, self._text())
 
 
 def _fmt(v: Any) -> Any:
