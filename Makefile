@@ -1,6 +1,7 @@
 # Everything runs in a local virtual environment, .venv, created on first use and
 # reinstalled only when pyproject.toml changes (the stamp file), so re-runs start at once.
-#   make demo [EPOCHS=2]   train `fast` on CIFAR-10 (digits offline) and print the results
+#   make demo [TIME=10m | EPOCHS=2]   train `fast` on CIFAR-10 (digits offline) for a 5-minute
+#                          budget (or TIME / EPOCHS) and print the results
 #   make test              the full test suite (slow tests included) + ruff check, as CI
 #   make lint              ruff check + ruff format --check
 #   make bench [BENCH_ARGS=--quick]   data-pipeline numbers (docs/benchmarks.md)
@@ -12,6 +13,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARCHIVE := ../shared/data/cifar10-train-jpg.tar.gz
 EPOCHS ?=
+TIME ?=
 BENCH_ARGS ?=
 
 .PHONY: venv demo test lint bench clean
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/imgclf demo $(if $(wildcard $(ARCHIVE)),--archive $(ARCHIVE)) $(if $(EPOCHS),--epochs $(EPOCHS))
+	$(BIN)/imgclf demo $(if $(wildcard $(ARCHIVE)),--archive $(ARCHIVE)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(TIME),--time $(TIME))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -383,10 +383,10 @@ def test_early_stopping_after_patience_epochs_without_gain(tiny_ds, tmp_path):
 
 def test_library_train_and_evaluate_by_dataset_name(tmp_path):
     import_tiny(tmp_path, per_class=10)
-    for _ in range(2):  # `imgclf.train` stays callable after its package is imported
-        run = imgclf.train("scratch-simple", data="tiny", epochs=1, out=tmp_path / "run")
+    for i in range(2):  # `imgclf.train` stays callable after its package is imported
+        run = imgclf.train("scratch-simple", data="tiny", epochs=1, out=tmp_path / f"run{i}")
     assert isinstance(run, Run) and isinstance(run, imgclf.Run)
-    assert run.path == tmp_path / "run" and run.best.is_file()
+    assert run.path == tmp_path / "run1" and run.best.is_file()
     assert run.summary["recipe"] == "scratch-simple" and run.summary["epochs"] == 1
     assert 0.0 <= run.summary["val_accuracy"] <= 1.0
     assert "val_accuracy=" in repr(run)

@@ -213,6 +213,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "--epochs", type=_positive_int, metavar="N", help="total epochs, shared among stages"
     )
     p.add_argument(
+        "--time",
+        metavar="DURATION",
+        help="wall-time budget (90s, 10m, 1h30m): every stage is scaled to finish, "
+        "evaluation included, within it on this machine",
+    )
+    p.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
@@ -232,6 +238,12 @@ def _print_run(run) -> None:
         )
     else:
         print("no validation split: nothing evaluated")
+    if "budget_seconds" in run.summary:
+        print(
+            f"budget bought:    {run.summary['planned_epochs']:.2f} epochs, "
+            f"{run.summary['images_seen']:,} training images in "
+            f"{run.summary['wall_seconds']:.0f} s of {run.summary['budget_seconds']:.0f} s"
+        )
     best = run.summary.get("best_epoch")
     if acc is not None and best:
         print(f"best epoch:       {best} (best.pt: what eval and predict use by default)")
@@ -259,6 +271,7 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         overrides=args.set or (),
         resume=args.resume,
+        time_budget=args.time,
         device=args.device,
         threads=args.threads,
         progress=not args.quiet,
@@ -513,6 +526,7 @@ def _demo(args: argparse.Namespace) -> int:
     run = run_demo(
         args.archive,
         args.epochs,
+        time_budget=args.time,
         recipe=args.recipe,
         out=args.out,
         overrides=args.set or (),
@@ -677,6 +691,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_report,
     _add_demo,
     _add_export,
+    _add_serve,
 ]
 
 

@@ -23,10 +23,16 @@ Say = Callable[[str], None]
 DIGITS_SOURCE = "sklearn.datasets.load_digits"
 
 
+# The demo's default length: a budget, so it takes the same few minutes on every machine
+# (2 epochs of `fast` on a slow 2-core CPU, many more on a fast one or a GPU).
+DEMO_TIME = "5m"
+
+
 def run_demo(
     archive: Path | None = None,
     epochs: int | None = None,
     recipe: str | Path = "fast",
+    time_budget: str | float | None = None,
     out: str | Path | None = None,
     *,
     overrides: Sequence[str] = (),
@@ -37,6 +43,9 @@ def run_demo(
 ) -> Run:
     """Train ``recipe`` on CIFAR-10 (or the digits fallback); returns the evaluated run."""
     ds = demo_dataset(archive, say)
+    if epochs is None and time_budget is None:
+        time_budget = DEMO_TIME
+        say(f"training for a {DEMO_TIME} budget (--epochs N or --time T to choose)")
     # A mirrored digit is another glyph (or none): no flips, in training or at test time.
     no_flips = ["augment.flip=false", "tta=false"] if ds.name == "digits" else []
     return train(
@@ -44,6 +53,7 @@ def run_demo(
         ds,
         out=out,
         epochs=epochs,
+        time_budget=time_budget,
         overrides=[*no_flips, *overrides],
         device=device,
         threads=threads,

@@ -68,6 +68,11 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
             tta=trainer.recipe.tta,
             eval_seconds=round(time.perf_counter() - started, 2),
         )
+    summary["images_seen"] = trainer.progress.images_seen
+    if trainer.plan is not None:  # what a time budget bought on this machine
+        summary["budget_seconds"] = trainer.plan.budget_seconds
+        summary["planned_epochs"] = round(sum(trainer.plan.stage_epochs), 3)
+        summary["plan"] = trainer.plan.text
     summary["batchnorm"] = "frozen" if trainer.adapted.freeze_bn else "train"
     summary["batch_size"] = trainer.adapted.batch_size
     summary["source_size"] = list(trainer.ds.image_size)
@@ -75,6 +80,8 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     # that learnt nothing must not look like a finished one.
     summary["warnings"] = list(trainer.progress.warnings)
     summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    # From train() to here in this process (a resumed run counts from its resume).
+    summary["wall_seconds"] = round(time.perf_counter() - trainer.started, 2)
     summary["torch_threads"] = torch.get_num_threads()
     write_json(out / "summary.json", summary)
     return summary

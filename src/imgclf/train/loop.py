@@ -13,6 +13,7 @@ between two steps, never inside one: a checkpoint taken half-way through
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import sys
@@ -33,6 +34,7 @@ from imgclf.errors import CheckpointError, RecipeError, TrainingDiverged
 from imgclf.io_utils import atomic_write_text
 from imgclf.models import create, model_spec
 from imgclf.train.adapt import adapt, class_weights, sample_weights
+from imgclf.train.budget import Plan, make_plan, parse_duration
 from imgclf.train.checkpoint import check_same_dataset, load_resumable, save_checkpoint
 from imgclf.train.choose import choose_recipe
 from imgclf.train.device import Hardware, resolve_hardware, set_threads
@@ -94,6 +96,8 @@ class Progress:
     partial: dict[str, float] = field(default_factory=dict)  # mid-epoch accumulators
     seconds: float = 0.0  # training wall time so far, across resumes
     stage_end_acc: list[float] = field(default_factory=list)  # val accuracy ending each stage
+    images_seen: int = 0  # training images processed, across resumes
+    wall_seconds: float = 0.0  # wall time of the run's processes up to the last checkpoint
     warnings: list[str] = field(default_factory=list)  # guard-rail warnings, for summary.json
 
 
@@ -144,7 +148,12 @@ class Trainer:
         threads: int | None = None,
         progress: bool = True,
         state: dict | None = None,
+        budget_seconds: float | None = None,
+        started: float | None = None,
     ) -> None:
+        self.started = started if started is not None else time.perf_counter()
+        self.budget_seconds = budget_seconds
+        self.plan: Plan | None = None  # a time budget's steps per stage (imgclf.train.budget)
         self.recipe, self.ds, self.out = recipe, ds, out
         self.threads = set_threads(threads)
         self.hw: Hardware = resolve_hardware(device, recipe.precision, recipe.channels_last)
@@ -167,6 +176,7 @@ class Trainer:
             else None
         )
         self.position, self.progress = Position(), Progress()
+        self.wall_base = 0.0
         self.cache: FeatureCache | None = None
         for stage in recipe.stages:  # bad group names fail now, before any file is written
             resolve_groups(self.model, stage.groups())
@@ -243,14 +253,33 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model_state"])
+        if state.get("plan"):
+            self.plan = Plan.from_dict(state["plan"])  # a resumed run keeps its budget's plan
         pos = state["position"]
         self.position = Position(pos["stage"], pos["epoch"], pos["batch"])
         self.progress = Progress(**state["progress"])
+        self.wall_base = self.progress.wall_seconds
 
     # ------------------------------------------------------------------ state
 
     def _global_epoch(self, stage: int, epoch_in_stage: int) -> int:
-        return sum(s.epochs for s in self.recipe.stages[:stage]) + epoch_in_stage
+        return sum(self._stage_epochs(i) for i in range(stage)) + epoch_in_stage
+
+    def _stage_steps(self, si: int) -> int:
+        """Optimizer steps of stage ``si``: the budget's plan, or whole recipe epochs."""
+        if self.plan is not None:
+            return self.plan.stage_steps[si]
+        return self.recipe.stages[si].epochs * len(self.train_loader)
+
+    def _stage_epochs(self, si: int) -> int:
+        """Epochs (passes started) of stage ``si``; a budgeted stage may end mid-epoch."""
+        if self.plan is None:
+            return self.recipe.stages[si].epochs
+        return math.ceil(self.plan.stage_steps[si] / len(self.train_loader))
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(self._stage_epochs(i) for i in range(len(self.recipe.stages)))
 
     def _state(self, optimizer, scheduler) -> dict[str, Any]:
         m = self.model
@@ -273,9 +302,15 @@ class Trainer:
             "optimizer_state": optimizer.state_dict() if optimizer else None,
             "scheduler_state": scheduler.state_dict() if scheduler else None,
             "torch_rng": torch.get_rng_state(),
+            "plan": self.plan.to_dict() if self.plan is not None else None,
         }
 
+    def _elapsed(self) -> float:
+        """Wall time of this run so far, earlier processes (before a resume) included."""
+        return self.wall_base + time.perf_counter() - self.started
+
     def _save(self, optimizer, scheduler, *, best: bool = False) -> None:
+        self.progress.wall_seconds = self._elapsed()
         state = self._state(optimizer, scheduler)
         if best:
             save_checkpoint(state, self.out / "best.pt")
@@ -290,7 +325,7 @@ class Trainer:
                 continue
             if si > self.position.stage:
                 self.position = Position(si, 0, 0)
-            if self.position.epoch >= stage.epochs:
+            if self.position.epoch >= self._stage_epochs(si):
                 continue
             n_train = set_trainable(
                 self.model,
@@ -311,8 +346,14 @@ class Trainer:
                     say=self._say,
                 )
             optimizer = build_optimizer(self.model, r, stage, self.adapted.lr_scale)
+            # A budgeted stage squeezes or stretches the recipe's schedule onto its planned
+            # steps, so it anneals fully whatever the length.
             scheduler = build_scheduler(
-                optimizer, r.scheduler, len(self.train_loader), stage.epochs
+                optimizer,
+                r.scheduler,
+                len(self.train_loader),
+                stage.epochs,
+                total_steps=functools.partial(self._stage_steps, si) if self.plan else None,
             )
             state = self.resume_state
             if state is not None and state.get("optimizer_state") is not None:
@@ -324,9 +365,9 @@ class Trainer:
             groups = stage.groups() or ["all"]
             self._say(
                 f"stage {si + 1}/{len(r.stages)}: training {', '.join(groups)} "
-                f"({n_train:,} parameters) for {stage.epochs} epochs"
+                f"({n_train:,} parameters) for {self._stage_length(si)}"
             )
-            while self.position.epoch < stage.epochs:
+            while self.position.epoch < self._stage_epochs(si):
                 stop = self._epoch(si, stage, optimizer, scheduler)
                 if self.ctrl_c.requested:  # during validation or the save: saved by now
                     raise KeyboardInterrupt
@@ -356,9 +397,9 @@ class Trainer:
         }
         self.log.append(row)
         self.tb.log(row)
-        self._say(_summary_line(row, self.recipe.total_epochs))
+        self._say(_summary_line(row, self.total_epochs))
         self._check_chance(si, global_epoch, val_acc)
-        if pos.epoch + 1 >= stage.epochs:
+        if pos.epoch + 1 >= self._stage_epochs(si):
             self._check_stage_end(si, val_acc)
         improved = (
             val_acc == val_acc and val_acc > self.progress.best_val_acc + r.early_stopping.min_delta
@@ -372,7 +413,12 @@ class Trainer:
             self.progress.epochs_since_best += 1
         pos.epoch, pos.batch = pos.epoch + 1, 0
         self.progress.partial = {}
-        done_stage = pos.epoch >= stage.epochs
+        if self.plan is not None:
+            done = min(pos.epoch * len(self._batches()), self.plan.stage_steps[si])
+            note = self.plan.keep_to_budget(si, done, self._elapsed())
+            if note:
+                self._say(note)
+        done_stage = pos.epoch >= self._stage_epochs(si)
         self._save(
             None if done_stage else optimizer,
             None if done_stage else scheduler,
@@ -390,7 +436,7 @@ class Trainer:
         bar = tqdm(
             total=len(self._batches()),
             initial=pos.batch,
-            desc=f"epoch {global_epoch}/{r.total_epochs}",
+            desc=f"epoch {global_epoch}/{self.total_epochs}",
             disable=not self.show_progress or None,
             leave=False,
             file=sys.stderr,
@@ -402,8 +448,12 @@ class Trainer:
             hw.device.type, dtype=hw.autocast_dtype, enabled=hw.autocast_dtype is not None
         )
         batches, net = self._batches(), self._net()
+        # Steps of this epoch: all of them, except in a budgeted stage's last epoch.
+        limit = self._stage_steps(si) - pos.epoch * len(batches)
         try:
             for step, (x, y) in enumerate(batches.iter_from(pos.batch), start=pos.batch):
+                if step >= limit:
+                    break
                 with autocast:
                     logits = net(x)
                     loss = F.cross_entropy(
@@ -429,6 +479,7 @@ class Trainer:
                 acc["loss"] += loss.item() * n
                 acc["correct"] += (logits.argmax(1) == y).sum().item()
                 acc["count"] += n
+                self.progress.images_seen += n
                 pos.batch = step + 1
                 now = time.perf_counter()
                 ips = acc["count"] / max(acc["seconds"] + now - started, 1e-9)
@@ -496,6 +547,16 @@ class Trainer:
             return float("nan")
         return torch.bincount(labels.cpu()).max().item() / len(labels)
 
+    def ensure_plan(self) -> None:
+        """Probe and plan a time budget, once (a resumed run already has its plan)."""
+        if self.budget_seconds is not None and self.plan is None:
+            self.plan = make_plan(self, self.budget_seconds, self.started)
+
+    def _stage_length(self, si: int) -> str:
+        if self.plan is None:
+            return f"{self.recipe.stages[si].epochs} epochs"
+        return f"{self.plan.stage_epochs[si]:.2f} epochs ({self.plan.stage_steps[si]} steps)"
+
     def _check_chance(self, si: int, epoch: int, val_acc: float) -> None:
         """Warn (once a stage) when validation accuracy is no better than always answering
         the most common class: a run that learns nothing otherwise ends looking normal."""
@@ -552,6 +613,10 @@ class Trainer:
         self._say(f"run folder: {self.out}")  # known before a kill: what --resume needs
         for note in self.adapted.notes:
             self._say(note)
+        self.ensure_plan()
+        if self.plan is not None:
+            # Printed even with --quiet: it says what the budget buys on this machine.
+            print(f"plan: {self.plan.text}", file=sys.stderr)
         try:
             with self.ctrl_c:
                 self.fit()
@@ -624,6 +689,7 @@ def train(
     epochs: int | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     resume: str | Path | None = None,
+    time_budget: str | float | None = None,
     device: str | None = None,
     threads: int | None = None,
     progress: bool = True,
@@ -634,12 +700,26 @@ def train(
     """Train a recipe on a dataset; returns the :class:`Run` (its folder and summary).
     Without a recipe, one is chosen from the data (:func:`imgclf.train.choose.choose_recipe`).
 
+    ``time_budget`` (``"10m"``, ``"1h30m"``, or seconds): scale every stage to finish,
+    evaluation included, within that wall time (:mod:`imgclf.train.budget`).
+
     One process trains in a run folder at a time (:func:`~imgclf.train.rundir.claim_run_dir`).
     ``out`` may not hold a run already unless ``exist_ok`` (its run files are removed
     first); a resume continues on its checkpoint's data set unless ``new_data``.
 
     >>> run = imgclf.train("fast", data="c10", epochs=2)
+    >>> run = imgclf.train("fast", data="c10", time_budget="10m")
     """
+    started = time.perf_counter()
+    budget = None
+    if time_budget is not None:
+        if resume is not None:
+            raise RecipeError("--time: a resumed run keeps the plan of its budget; drop --time")
+        if epochs is not None:
+            raise RecipeError("--time and --epochs both set the length; give one of them")
+        budget = parse_duration(time_budget) if isinstance(time_budget, str) else float(time_budget)
+        if not budget > 0:
+            raise RecipeError(f"--time {time_budget}: the budget must be more than zero")
     state = None
     if resume is not None:
         resume = Path(resume)
@@ -675,8 +755,17 @@ def train(
             f"checkpoint classes {state['class_names']} do not match data classes {ds.classes}"
         )
     trainer = Trainer(
-        rec, ds, out_dir, device=device, threads=threads, progress=progress, state=state
+        rec,
+        ds,
+        out_dir,
+        device=device,
+        threads=threads,
+        progress=progress,
+        state=state,
+        budget_seconds=budget,
+        started=started,
     )
+    trainer.ensure_plan()  # a budget too short is an error before any folder is made
     if trainer.out is None:  # numbered only now, so a bad recipe leaves no empty folder
         trainer.out = new_run_dir(rec.name, Path(runs_dir))
     with (

@@ -7,6 +7,7 @@ state is one integer, so a resumed run continues the exact same curve.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -52,7 +53,7 @@ def build_optimizer(
     return torch.optim.AdamW(param_groups, lr=base_lr, betas=opt.betas)
 
 
-def lr_factor(cfg: SchedulerConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+def lr_factor(cfg: SchedulerConfig, step: int, steps_per_epoch: float, total_steps: int) -> float:
     """Multiplier of the base learning rate after ``step`` optimizer steps of a stage."""
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:
@@ -81,11 +82,21 @@ def lr_factor(cfg: SchedulerConfig, step: int, steps_per_epoch: int, total_steps
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, steps_per_epoch: int, epochs: int
+    optimizer: torch.optim.Optimizer,
+    cfg: SchedulerConfig,
+    steps_per_epoch: int,
+    epochs: int,
+    total_steps: int | Callable[[], int] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    total = steps_per_epoch * epochs
+    """The recipe's ``epochs``-long schedule; with ``total_steps`` (a time budget's plan,
+    or a function returning it: a plan may shrink while the stage runs) the same curve,
+    epoch-based milestones and warm-up included, scaled onto that many steps, so it still
+    ends where the recipe's does."""
 
     def factor(step: int) -> float:
-        return lr_factor(cfg, step, steps_per_epoch, total)
+        if total_steps is None:
+            return lr_factor(cfg, step, steps_per_epoch, steps_per_epoch * epochs)
+        total = total_steps() if callable(total_steps) else total_steps
+        return lr_factor(cfg, step, max(total, 1) / epochs, max(total, 1))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,279 @@
+"""Time budgets: ``imgclf train RECIPE --time 10m`` fits the recipe to the wall clock.
+
+CPUs that run imgclf differ six-fold in speed, so a recipe fixed in epochs takes ten
+minutes on one machine and an hour on another. With a budget the trainer first measures
+what one training step of each stage costs on this machine (a short probe on a copy of the
+model, real batches, nothing of the run touched), then scales every stage's length by one
+factor so that training, per-epoch validation, the feature caches and the final
+evaluation fit. Stages keep their proportions, a stage may end mid-epoch, and each stage's
+schedule is stretched or squeezed to the planned number of steps, so it anneals fully
+whatever the length.
+
+The plan (steps per stage) is saved in every checkpoint: a resumed run keeps it.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from imgclf.errors import RecipeError
+from imgclf.train.feature_cache import views_for
+from imgclf.train.stages import set_trainable, split_at_first_trained
+
+if TYPE_CHECKING:
+    from imgclf.train.loop import Trainer
+
+# Share of the budget planned for: the rest absorbs the probe's error and machine noise,
+# so the run ends within the budget + 5% (issue #11) on a noisy machine.
+PLAN_SHARE = 0.93
+# Seconds set aside for the plots and files written at the end.
+FINISH_OVERHEAD_S = 3.0
+# Per-epoch bookkeeping besides the checkpoint writes (metrics row, TensorBoard, fsync).
+EPOCH_OVERHEAD_S = 0.05
+# Timed steps per stage in the probe, after one untimed warm-up step.
+PROBE_STEPS = 2
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``90``, ``10m``, ``1h``, ``1h30m``, ``1.5h`` → seconds (> 0)."""
+    raw = str(text).strip().lower().replace(" ", "")
+    m = _DURATION.match(raw)
+    if not raw or m is None or not any(m.groups()):
+        raise RecipeError(f"--time {text!r}: not a duration; write e.g. 90s, 10m, 1h or 1h30m")
+    h, mins, s = (float(g) if g else 0.0 for g in m.groups())
+    seconds = h * 3600 + mins * 60 + s
+    if seconds <= 0:
+        raise RecipeError(f"--time {text!r}: the budget must be more than zero")
+    return seconds
+
+
+def describe_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+@dataclass
+class StageCost:
+    """Measured costs of one stage, in seconds."""
+
+    step: float  # one training step (a batch), augmentation and optimizer included
+    validation: float  # one pass over the validation split
+    setup: float  # once per stage: building its feature cache
+    epoch: float  # per epoch besides steps and validation: checkpoints, logs
+
+
+@dataclass
+class Plan:
+    """Steps per stage for a budget, and the probe's costs the run is checked against."""
+
+    budget_seconds: float
+    stage_steps: list[int]
+    stage_epochs: list[float]  # as planned at the start (stage_steps may shrink later)
+    text: str
+    step_seconds: list[float]  # per stage: one step, its share of validation and saving
+    setup_seconds: list[float]  # per stage: feature cache
+    reserve_seconds: float  # final evaluation and files
+    spent_before: float  # setup and probing before the first step
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+    def keep_to_budget(self, si: int, done_in_stage: int, elapsed: float) -> str | None:
+        """After an epoch: if the run is behind the probe's estimate so far that the rest
+        would overrun the budget, shrink the remaining steps (of this stage and the later
+        ones) by one factor and say so; schedules follow (they read ``stage_steps``)."""
+        n = len(self.stage_steps)
+        done = [
+            self.stage_steps[i] if i < si else done_in_stage if i == si else 0 for i in range(n)
+        ]
+        planned_so_far = self.spent_before + sum(
+            self.setup_seconds[i] + done[i] * self.step_seconds[i] for i in range(si + 1)
+        )
+        slow = max(1.0, elapsed / planned_so_far) if planned_so_far > 0 else 1.0
+        rest = sum((self.stage_steps[i] - done[i]) * self.step_seconds[i] for i in range(si, n))
+        later_setup = sum(self.setup_seconds[si + 1 :])
+        available = self.budget_seconds - elapsed - self.reserve_seconds
+        if slow * (rest + later_setup) <= available or rest <= 0:
+            return None
+        f = max(0.0, available - slow * later_setup) / (slow * rest)
+        for i in range(si, n):
+            left = self.stage_steps[i] - done[i]
+            keep = math.floor(left * f)
+            if i > si and left > 0:
+                keep = max(keep, 1)  # a later stage still runs, however briefly
+            self.stage_steps[i] = done[i] + keep
+        return (
+            f"behind the plan ({slow:.2f}× the probe's time so far): the remaining steps "
+            f"shrink to {f:.0%} to stay within {describe_duration(self.budget_seconds)}"
+        )
+
+
+def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
+    """Probe each stage and scale the recipe's epochs to fit ``budget_seconds`` counted
+    from ``started`` (a ``time.perf_counter()`` value: setup before the plan counts too)."""
+    r = trainer.recipe
+    costs = [_probe_stage(trainer, stage) for stage in r.stages]
+    spe = len(trainer.train_loader)
+    final_eval = costs[-1].validation if trainer.val_loader is not None else 0.0
+    spent = time.perf_counter() - started
+    fixed = spent + sum(c.setup for c in costs) + final_eval + FINISH_OVERHEAD_S
+    # Cost of one recipe-length pass of every stage: epochs × (steps + a validation).
+    per_unit = sum(
+        s.epochs * (spe * c.step + c.validation + c.epoch)
+        for s, c in zip(r.stages, costs, strict=True)
+    )
+    available = budget_seconds * PLAN_SHARE - fixed
+    scale = available / per_unit if per_unit > 0 else 0.0
+    steps = [round(scale * s.epochs * spe) for s in r.stages]
+    if available <= 0 or min(steps) < 1:
+        need = fixed + per_unit * max(1 / (s.epochs * spe) for s in r.stages)
+        raise RecipeError(
+            f"--time {describe_duration(budget_seconds)}: too short for {r.name!r} on this "
+            f"machine; one step of every stage plus setup and evaluation needs about "
+            f"{describe_duration(need / PLAN_SHARE)} (a step of stage 1 takes "
+            f"{costs[0].step:.2f} s)"
+        )
+    epochs = [n / spe for n in steps]
+    images_per_s = [trainer.train_loader.batch_size / c.step for c in costs]
+    parts = [
+        f"{e:.1f} of them in stage {i + 1} ({s.name or _groups(s)}, {ips:,.0f} images/s)"
+        for i, (e, s, ips) in enumerate(zip(epochs, r.stages, images_per_s, strict=True))
+    ]
+    text = (
+        f"{describe_duration(budget_seconds)} budget → {sum(epochs):.1f} epochs of {r.name}"
+        + (f" at {images_per_s[0]:,.0f} images/s" if len(parts) == 1 else ": " + ", ".join(parts))
+        + f" (recipe: {r.total_epochs} epochs)"
+    )
+    return Plan(
+        budget_seconds=budget_seconds,
+        stage_steps=steps,
+        stage_epochs=epochs,
+        text=text,
+        step_seconds=[c.step + (c.validation + c.epoch) / spe for c in costs],
+        setup_seconds=[c.setup for c in costs],
+        reserve_seconds=final_eval + FINISH_OVERHEAD_S,
+        spent_before=spent,
+    )
+
+
+def _groups(stage) -> str:
+    groups = stage.groups()
+    return "all" if groups is None else "+".join(groups)
+
+
+def _probe_stage(trainer: Trainer, stage) -> StageCost:
+    """Time a few training steps of ``stage`` on a copy of the model, and a validation."""
+    rng = torch.get_rng_state()
+    try:
+        model = copy.deepcopy(trainer.model)
+        set_trainable(
+            model,
+            stage.groups(),
+            bn_update=stage.bn_update,
+            freeze_bn=trainer.adapted.freeze_bn,
+        )
+        loader = trainer.train_loader
+        n_train = loader.num_samples
+        n_val = trainer.val_loader.num_samples if trainer.val_loader is not None else 0
+        cached = (
+            trainer.recipe.feature_cache
+            and views_for(trainer.recipe, stage) is not None
+            and not stage.bn_update
+            and split_at_first_trained(model, stage.groups()) is not None
+        )
+        batch = loader.batch(torch.arange(min(loader.batch_size, n_train)))
+        forward = _time_forward(model, batch, trainer)
+        if cached:
+            prefix, suffix = split_at_first_trained(model, stage.groups())
+            with torch.inference_mode():
+                features = prefix.eval()(batch)
+            step = _time_steps(suffix, features.clone(), trainer)
+            views = views_for(trainer.recipe, stage) or 1
+            setup = forward * (views * n_train + n_val) / len(batch)
+            validation = 0.0  # on cached features: negligible
+        else:
+            step = _time_steps(model, batch, trainer)
+            setup = 0.0
+            validation = forward * n_val / len(batch)
+        return StageCost(
+            step=step, validation=validation, setup=setup, epoch=_time_checkpoint(trainer)
+        )
+    finally:
+        torch.set_rng_state(rng)
+
+
+def _autocast(trainer: Trainer):
+    hw = trainer.hw
+    return torch.autocast(
+        hw.device.type, dtype=hw.autocast_dtype, enabled=hw.autocast_dtype is not None
+    )
+
+
+def _time_forward(model: torch.nn.Module, batch: torch.Tensor, trainer: Trainer) -> float:
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), _autocast(trainer):
+            model(batch)  # warm-up: allocations, kernel selection
+            _sync(batch)
+            t = time.perf_counter()
+            model(batch)
+            _sync(batch)
+            return time.perf_counter() - t
+    finally:
+        model.train(was)
+
+
+def _time_steps(net: torch.nn.Module, x: torch.Tensor, trainer: Trainer) -> float:
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
+    y = torch.zeros(len(x), dtype=torch.int64, device=x.device)
+    loader = trainer.train_loader
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.arange(len(x))
+    times = []
+    for i in range(PROBE_STEPS + 1):
+        t = time.perf_counter()
+        if i and x.ndim == 4 and x.shape[1] == 3 and loader.augment.enabled:
+            x = loader.batch(idx, gen)  # the augmentation is part of a step's cost
+        with _autocast(trainer):
+            loss = F.cross_entropy(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(x)
+        times.append(time.perf_counter() - t)
+    return sum(times[1:]) / PROBE_STEPS
+
+
+def _time_checkpoint(trainer: Trainer) -> float:
+    """An epoch ends with two checkpoint writes (last.pt, often best.pt), a metrics row and
+    TensorBoard events: negligible for real data sets, most of an epoch for tiny ones."""
+    buf = io.BytesIO()
+    t = time.perf_counter()
+    torch.save(trainer.model.state_dict(), buf)
+    return 2 * (time.perf_counter() - t) + EPOCH_OVERHEAD_S
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)

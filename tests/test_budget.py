@@ -1,0 +1,145 @@
+"""Time budgets (issue #11): parsing and its errors, the plan's proportions, the schedule
+reaching its end at the planned last step, a budgeted run ending within its budget, and
+resume keeping the plan."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import pytest
+import torch
+
+from helpers_train import make_image_folder
+from imgclf.cli import main
+from imgclf.data.importer import import_dataset
+from imgclf.errors import RecipeError
+from imgclf.train import train
+from imgclf.train.budget import parse_duration
+from imgclf.train.checkpoint import load_checkpoint
+from imgclf.train.optim import build_scheduler
+from imgclf.train.recipe import SchedulerConfig
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("90s", 90),
+        ("90", 90),
+        ("10m", 600),
+        ("10min", 600),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("1.5h", 5400),
+        (" 2m30s ", 150),
+    ],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "0s", "5x", "", "m", "-1m", "1d", "10 minutes"])
+def test_bad_durations(text):
+    with pytest.raises(RecipeError, match="--time"):
+        parse_duration(text)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    src = make_image_folder(tmp_path / "src", per_class=12, size=16)
+    return import_dataset(src, "tiny", val_fraction=0.25, warn=lambda m: None)
+
+
+def _recipe(stages=((2, "all"),)) -> dict:
+    return {
+        "name": "b",
+        "model": "simple",
+        "input_size": 16,
+        "batch_size": 8,
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "scheduler": {"name": "cosine", "warmup_epochs": 0.5},
+        "stages": [{"epochs": e, "train": t} for e, t in stages],
+    }
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--time", "0"], "must be more than zero"),
+        (["--time", "5x"], "not a duration"),
+        (["--time", "1m", "--epochs", "2"], "give one of them"),
+        (["--time", "1s"], "too short"),
+    ],
+)
+def test_bad_budgets_are_one_error_line(tiny, tmp_path, capsys, args, expected):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe()))
+    out = tmp_path / "run"
+    code = main(["train", str(recipe), "--data", "tiny", "--out", str(out), "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], err
+    assert not out.exists()  # nothing is made for a budget that cannot work
+
+
+def test_resume_keeps_the_plan_and_refuses_a_new_budget(tiny, tmp_path):
+    run = train(_recipe(), data=tiny, out=tmp_path / "run", time_budget=6, progress=False)
+    plan = load_checkpoint(run.path / "last.pt")["plan"]
+    assert plan["budget_seconds"] == 6 and plan["stage_steps"][0] >= 1
+    with pytest.raises(RecipeError, match="keeps the plan"):
+        train(resume=run.path, time_budget="1m", progress=False)
+    from imgclf.train.loop import Trainer
+    from imgclf.train.recipe import validate
+
+    state = load_checkpoint(run.path / "last.pt")
+    again = Trainer(validate(state["recipe"]), tiny, run.path, progress=False, state=state)
+    assert again.plan is not None and again.plan.to_dict() == plan
+
+
+def test_plan_keeps_stage_proportions(tiny, tmp_path):
+    from imgclf.train.loop import Trainer
+    from imgclf.train.recipe import validate
+
+    recipe = validate(_recipe(stages=((3, "all"), (1, "all"))))
+    trainer = Trainer(recipe, tiny, tmp_path / "r", progress=False, budget_seconds=20)
+    trainer.ensure_plan()
+    steps = trainer.plan.stage_steps
+    assert steps[0] > steps[1] >= 1
+    assert abs(steps[0] / 3 - steps[1]) <= 1  # each stage within a step of its share
+    assert "budget" in trainer.plan.text and "epochs of b" in trainer.plan.text
+
+
+def test_scaled_schedule_ends_at_the_planned_last_step():
+    cfg = SchedulerConfig(name="cosine", warmup_epochs=1, min_lr_factor=0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    # A 10-epoch recipe of 20 steps an epoch squeezed onto 37 steps (1.85 epochs).
+    sched = build_scheduler(opt, cfg, steps_per_epoch=20, epochs=10, total_steps=37)
+    factor = sched.lr_lambdas[0]
+    assert factor(0) == pytest.approx(1 / 4)  # warm-up: one recipe epoch = 3.7 steps → 4
+    assert factor(3) == pytest.approx(1.0)
+    assert factor(36) == pytest.approx(0.1, abs=0.01)  # annealed at the last planned step
+    assert factor(37) == pytest.approx(0.1)
+    step_cfg = SchedulerConfig(name="step", step_size=5, gamma=0.1)
+    step = build_scheduler(opt, step_cfg, 20, 10, total_steps=40).lr_lambdas[0]
+    assert step(19) == 1.0 and step(20) == pytest.approx(0.1)  # epoch 5 of 10 → half way
+
+
+def test_budgeted_run_ends_within_its_budget(tiny, tmp_path):
+    budget = 12.0
+    started = time.perf_counter()
+    run = train(_recipe(), data=tiny, out=tmp_path / "run", time_budget=budget, progress=False)
+    elapsed = time.perf_counter() - started
+    # The plan is for 93% of it; +25% of slack on top of the issue's +5% for noisy CI.
+    assert elapsed <= budget * 1.3, elapsed
+    assert elapsed >= budget * 0.4, elapsed  # and it used the time, not a token epoch
+    summary = run.summary
+    assert summary["budget_seconds"] == budget
+    assert summary["images_seen"] > 0 and summary["planned_epochs"] > 2
+    with open(run.path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == summary["epochs"]
+    # The schedule annealed: the last epoch's rate is the cosine's end.
+    assert float(rows[-1]["lr"]) < 0.05 * 0.1
