@@ -160,6 +160,12 @@ def test_guessed_size_is_a_square_capped_for_photos(tmp_path):
     big = tmp_path / "big"
     make_class_tree(big, {"cat": 1, "dog": 1}, size=(300, 260))
     assert import_dataset(big, "big", val_fraction=0).image_size == (224, 224)
+    # No common size: the median shorter side, not the largest image's.
+    mixed = tmp_path / "mixed"
+    for i, (h, w) in enumerate([(40, 900), (60, 50), (70, 90), (100, 80), (30, 30)]):
+        make_class_tree(mixed / f"s{i}", {"cat" if i % 2 else "dog": 1}, size=(h, w))
+    ds = import_dataset(mixed, "mixed", val_fraction=0)
+    assert ds.image_size == (50, 50)
 
 
 def test_image_size_forces_n_by_n(tmp_path):

@@ -67,7 +67,8 @@ def _thread_map(fn, jobs: list, workers: int) -> Iterator:
 
 def _target_size(sizes: list[Size], image_size: int | None) -> Size:
     """The cache's square size: ``--image-size``, else the shorter side of the most common
-    size (ties go to the larger image, so little detail is lost), at most DEFAULT_MAX_SIDE.
+    size (ties go to the larger image, so little detail is lost) or, when no size is shared
+    by half the images, the median shorter side; at most DEFAULT_MAX_SIDE.
 
     Always square: models take square inputs, and a non-square cache would be squashed to
     them on every batch while a file given to ``predict`` is centre-cropped, so the two
@@ -77,7 +78,12 @@ def _target_size(sizes: list[Size], image_size: int | None) -> Size:
         return (image_size, image_size)
     counts = Counter(sizes)
     h, w = max(counts, key=lambda s: (counts[s], s[0] * s[1]))
-    side = min(h, w, DEFAULT_MAX_SIDE)
+    side = min(h, w)
+    if counts[(h, w)] * 2 < len(sizes):
+        # No size dominates (photos of every size): the median shorter side, so one odd
+        # image does not decide how much detail all the others keep.
+        side = int(np.median([min(s) for s in sizes]))
+    side = min(side, DEFAULT_MAX_SIDE)
     return (side, side)
 
 
