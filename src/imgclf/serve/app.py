@@ -1,0 +1,422 @@
+"""The prediction server: ``create_app(Predictor(runs))`` is a FastAPI app.
+
+Why FastAPI on uvicorn: the most used Python async web stack, with JSON errors, a
+file-upload parser (python-multipart), an in-process test client, and a production ASGI
+server, so nothing here is hand-written HTTP.
+
+A request goes through the very functions ``imgclf predict`` uses (:mod:`imgclf.predict`:
+``decode_items`` → :mod:`imgclf.data.preprocess`, ``chunk_probs``, the same vote), so one
+file gets one answer through both. Decoding runs in the request's worker thread (Pillow,
+simplejpeg and file reads release the GIL); the models run in one thread that takes every
+request waiting when it is free and scores them as one batch: simultaneous requests share a
+forward pass, and a lone request waits for nothing.
+
+Endpoints: ``POST /predict`` (multipart field ``file``, repeatable, or the raw image as the
+body), ``GET /health``, ``GET /info``, ``GET /`` (the page in ``static/index.html``).
+Bad input is a 4xx JSON ``{"error": ...}`` naming the file and the problem; the server
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import torch
+
+# Module level, not inside create_app: FastAPI reads the handlers' annotations (postponed by
+# ``from __future__ import annotations``) from this module's globals.
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from imgclf import __version__
+from imgclf.backend import resolve_backend
+from imgclf.data.preprocess import Preprocess
+from imgclf.errors import UserError
+from imgclf.evaluate.compare import check_vote, load_runs, prefer_order, resolve_weights
+from imgclf.predict import Decoded, Item, _members, _Plan, chunk_probs, decode_items
+from imgclf.train.device import resolve_hardware
+
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # per image: a 12-megapixel phone JPEG is 3-8 MiB
+MAX_FILES = 64  # per request
+MAX_BATCH = 256  # images per forward pass of the batching thread
+
+
+class BadImage(Exception):
+    """An upload that is not a usable image: becomes a 4xx answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _status(reason: str) -> int:
+    """HTTP status of a decode failure (imgclf.data.decode's reasons)."""
+    if "decompression-bomb" in reason:
+        return 413  # too large once decoded
+    if reason.startswith("not an image"):
+        return 415
+    return 400  # empty, truncated, corrupt
+
+
+# ---------------------------------------------------------------------------- model side
+
+
+class Predictor:
+    """The runs, their vote and their preprocessing, ready to answer requests."""
+
+    def __init__(
+        self,
+        runs: Sequence[str | os.PathLike[str]],
+        *,
+        vote: str = "hard",
+        prefer: Sequence[str] | None = None,
+        weights: Mapping[str, float] | Sequence[float] | Sequence[str] | None = None,
+        backend: str | None = None,
+        top_k: int = 5,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        device: str | None = None,
+    ) -> None:
+        check_vote(vote)
+        self.hw = resolve_hardware(device, "auto", "auto")  # as predict: same autocast
+        self.backend = resolve_backend(backend, self.hw.device)
+        self.rs = load_runs(runs)
+        many = len(self.rs.runs) > 1
+        self.plan = _Plan(
+            classes=self.rs.classes,
+            names=self.rs.names,
+            vote=vote,
+            prefer=prefer_order(self.rs, prefer),
+            weights=resolve_weights(self.rs, weights) if vote == "weighted" and many else None,
+            format="default",
+        )
+        if vote != "hard" and self.plan.prefer is not None:
+            raise UserError(f"--prefer breaks hard-vote ties; it does not apply to --vote {vote}")
+        if vote != "weighted" and weights is not None:
+            raise UserError(f"--weights apply to --vote weighted, not --vote {vote}")
+        self.vote = vote
+        self.top_k = top_k
+        self.max_bytes = max_bytes
+        self.members = _members(self.rs, self.hw.device, False, self.backend)
+        self.sizes = list(dict.fromkeys(m.preprocess.source_size for m in self.members))
+
+    # -- the steps of one request: decode (any thread), score (one thread), answer
+
+    def decode(self, files: Sequence[tuple[str, bytes]]) -> Decoded:
+        """Read every upload at every source size; raise :class:`BadImage` on the first
+        that cannot be read."""
+        decoded = decode_items([Item(name, data=data) for name, data in files], self.sizes)
+        for (name, _), reason in zip(files, decoded.reasons, strict=True):
+            if reason is not None:
+                raise BadImage(_status(reason), f"{name}: {reason}")
+        return decoded
+
+    def probs(self, decoded: Decoded, rows: int) -> np.ndarray:
+        """(models, rows, classes) probabilities, exactly as ``predict`` computes them."""
+
+        def autocast() -> contextlib.AbstractContextManager:
+            if self.hw.autocast_dtype is None or self.backend == "onnx":
+                return contextlib.nullcontext()
+            return torch.autocast(self.hw.device.type, dtype=self.hw.autocast_dtype)
+
+        with torch.inference_mode():
+            classes = len(self.rs.classes)
+            return chunk_probs(self.members, decoded, rows, classes, self.hw.device, autocast)
+
+    def answer(self, names: Sequence[str], probs: np.ndarray) -> list[dict[str, Any]]:
+        labels, scores = self.plan._vote(probs)  # predict's vote, tie-breaks included
+        classes = self.rs.classes
+        out = []
+        for i, name in enumerate(names):
+            order = np.argsort(-scores[i], kind="stable")[: self.top_k]
+            item: dict[str, Any] = {
+                "file": name,
+                "label": classes[int(labels[i])],
+                "confidence": float(scores[i, labels[i]]),
+                "top": [
+                    {"label": classes[int(c)], "probability": float(scores[i, c])} for c in order
+                ],
+            }
+            if len(self.rs.runs) > 1:
+                item["models"] = [
+                    {
+                        "run": run,
+                        "label": classes[int(probs[m, i].argmax())],
+                        "confidence": float(probs[m, i].max()),
+                    }
+                    for m, run in enumerate(self.rs.names)
+                ]
+            out.append(item)
+        return out
+
+    def info(self) -> dict[str, Any]:
+        runs = []
+        for lr in self.rs.runs:
+            pre = Preprocess.from_state(lr.state)
+            runs.append({"name": lr.name, "model": lr.state["model_name"], **pre.to_dict()})
+        return {
+            "imgclf_version": __version__,
+            "classes": self.rs.classes,
+            "runs": runs,
+            "input_size": sorted({r["input_size"] for r in runs}),
+            "vote": self.vote if len(runs) > 1 else None,
+            "scores": "vote share" if self.vote == "hard" and len(runs) > 1 else "probability",
+            "backend": self.backend,
+            "top_k": self.top_k,
+            "max_bytes": self.max_bytes,
+            "max_files": MAX_FILES,
+        }
+
+
+def merge(jobs: Sequence[tuple[Decoded, int]]) -> Decoded:
+    """Several requests' decoded images as one chunk (positions shifted past the earlier)."""
+    reasons: list[str | None] = []
+    groups: dict[Any, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    offset = 0
+    for decoded, rows in jobs:
+        reasons += decoded.reasons
+        for size, (positions, images) in decoded.groups.items():
+            pos, imgs = groups.setdefault(size, ([], []))
+            pos.append(positions + offset)
+            imgs.append(images)
+        offset += rows
+    return Decoded(
+        reasons,
+        {size: (np.concatenate(p), np.concatenate(i)) for size, (p, i) in groups.items()},
+    )
+
+
+class Batcher:
+    """One thread runs the models; requests queue here and are scored together."""
+
+    def __init__(self, predictor: Predictor, max_batch: int = MAX_BATCH) -> None:
+        self.predictor = predictor
+        self.max_batch = max_batch
+        self.queue: queue.Queue[tuple[Decoded, int, Future] | None] = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the model thread (again, after :meth:`close`: an app can be served twice)."""
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.queue = queue.Queue()
+                self.thread = threading.Thread(
+                    target=self._loop, args=(self.queue,), name="imgclf-model", daemon=True
+                )
+                self.thread.start()
+
+    def submit(self, decoded: Decoded, rows: int) -> Future:
+        self.start()
+        future: Future = Future()
+        self.queue.put((decoded, rows, future))
+        return future
+
+    def close(self) -> None:
+        with self.lock:
+            self.queue.put(None)
+            if self.thread is not None:
+                self.thread.join(timeout=30)
+
+    def _loop(self, jobs_in: queue.Queue[tuple[Decoded, int, Future] | None]) -> None:
+        while True:
+            job = jobs_in.get()
+            if job is None:
+                return
+            jobs, rows = [job], job[1]
+            # Whatever queued up while the last batch ran joins this one: no waiting.
+            while rows < self.max_batch:
+                try:
+                    more = jobs_in.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    jobs_in.put(None)
+                    break
+                jobs.append(more)
+                rows += more[1]
+            self._run(jobs, rows)
+
+    def _run(self, jobs: list[tuple[Decoded, int, Future]], rows: int) -> None:
+        try:
+            probs = self.predictor.probs(merge([(d, n) for d, n, _ in jobs]), rows)
+        except Exception as exc:  # a bug, not bad input: every waiting request learns it
+            for _, _, future in jobs:
+                future.set_exception(exc)
+            return
+        start = 0
+        for _, n, future in jobs:
+            future.set_result(probs[:, start : start + n])
+            start += n
+
+
+# ---------------------------------------------------------------------------- HTTP side
+
+
+@dataclass
+class Upload:
+    name: str
+    data: bytes
+
+
+def _too_large(name: str, limit: int) -> BadImage:
+    return BadImage(413, f"{name}: larger than the {limit}-byte limit (--max-bytes)")
+
+
+async def read_uploads(request: Request, max_bytes: int) -> list[Upload]:
+    """The images of a request: multipart field ``file`` (repeatable), or the raw body."""
+    kind = request.headers.get("content-type", "")
+    length = request.headers.get("content-length")
+    if kind.startswith("multipart/form-data"):
+        if length is None:
+            raise BadImage(411, "multipart upload without Content-Length")
+        if int(length) > MAX_FILES * (max_bytes + 4096):
+            raise BadImage(413, f"request of {length} bytes is over the limit (--max-bytes)")
+        form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
+        parts = form.getlist("file")
+        if not parts:
+            raise BadImage(400, "no images: send multipart field 'file' (repeatable)")
+        uploads = []
+        for i, part in enumerate(parts):
+            if isinstance(part, str):
+                raise BadImage(400, f"field 'file' #{i + 1} is text, not a file")
+            name = part.filename or f"file{i + 1}"
+            data = await part.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise _too_large(name, max_bytes)
+            uploads.append(Upload(name, data))
+        return uploads
+    if length is not None and int(length) > max_bytes:
+        raise _too_large("body", max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():  # chunked bodies: count as they arrive
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large("body", max_bytes)
+    if not body:
+        raise BadImage(400, "empty request: send an image as the body or as field 'file'")
+    return [Upload("body", bytes(body))]
+
+
+def create_app(predictor: Predictor) -> FastAPI:
+    batcher = Batcher(predictor)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await run_in_threadpool(batcher.close)
+
+    app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan)
+    page = resources.files("imgclf.serve").joinpath("static/index.html").read_text("utf-8")
+
+    @app.exception_handler(BadImage)
+    async def bad_image(request: Request, exc: BadImage) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/info")
+    def info() -> dict[str, Any]:
+        return predictor.info()
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        started = time.perf_counter()
+        uploads = await read_uploads(request, predictor.max_bytes)
+        files = [(u.name, u.data) for u in uploads]
+        decoded = await run_in_threadpool(predictor.decode, files)
+        probs = await asyncio.wrap_future(batcher.submit(decoded, len(files)))
+        return {
+            "predictions": predictor.answer([u.name for u in uploads], probs),
+            "milliseconds": round(1000 * (time.perf_counter() - started), 2),
+        }
+
+    app.state.predictor = predictor
+    app.state.batcher = batcher
+    return app
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def serve(
+    runs: Sequence[str | os.PathLike[str]],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    **options: Any,
+) -> None:
+    """Load the runs and serve them until Ctrl-C."""
+    import uvicorn
+
+    predictor = Predictor(runs, **options)
+    app = create_app(predictor)
+    sock = _bind(host, port)
+    where = f"http://{host}:{sock.getsockname()[1]}/"
+    what = ", ".join(predictor.rs.names)
+    vote = f", {predictor.vote} vote" if len(predictor.rs.runs) > 1 else ""
+    print(f"serving {what} ({predictor.backend}{vote}) at {where}  (Ctrl-C stops)", flush=True)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    sock.listen(128)
+    return sock
+
+
+@dataclass
+class Running:
+    """A server started by :func:`start_in_thread` (tests, benchmarks)."""
+
+    url: str
+    server: Any
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_in_thread(app: FastAPI, host: str = "127.0.0.1") -> Running:
+    """Serve ``app`` on a free loopback port in a background thread; ``.stop()`` ends it."""
+    import uvicorn
+
+    sock = _bind(host, 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    return Running(f"http://{host}:{sock.getsockname()[1]}", server, thread)
