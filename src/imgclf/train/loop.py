@@ -9,10 +9,20 @@ saved, and a checkpoint taken mid-epoch (Ctrl-C, or every ``checkpoint_minutes``
 how many batches of that epoch were done, which the resumed run skips. Ctrl-C is acted on
 between two steps, never inside one: a checkpoint taken half-way through
 ``optimizer.step()`` would hold weights that its position says are not updated yet.
+
+Under torchrun the same loop trains data-parallel (imgclf.train.distributed): each stage
+wraps the trained network in DistributedDataParallel once its trainable set is fixed,
+each rank steps through its share of every global batch, metrics are summed over ranks,
+rank 0 alone validates (the result is broadcast, so early stopping and best.pt agree
+everywhere) and writes the run folder, and every rank agrees at each step on Ctrl-C and
+on mid-epoch checkpoints (one small all-reduce), so no rank waits in a collective that
+another has left.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 import signal
@@ -30,14 +40,16 @@ from tqdm.auto import tqdm
 from imgclf import __version__
 from imgclf.data.cache import Dataset, load_dataset
 from imgclf.data.loader import Augment, BatchLoader
-from imgclf.errors import CheckpointError, RecipeError, TrainingDiverged
+from imgclf.errors import CheckpointError, DataError, RecipeError, TrainingDiverged
 from imgclf.io_utils import atomic_write_text
 from imgclf.models import create, model_spec
-from imgclf.train.adapt import adapt, class_weights, sample_weights
+from imgclf.train import distributed
+from imgclf.train.adapt import Adapted, adapt, class_weights, sample_weights
 from imgclf.train.budget import Plan, make_plan, parse_duration
 from imgclf.train.checkpoint import check_same_dataset, load_resumable, save_checkpoint
 from imgclf.train.choose import choose_recipe
-from imgclf.train.device import Hardware, resolve_hardware, set_threads
+from imgclf.train.device import Hardware, resolve_device, resolve_hardware, set_threads
+from imgclf.train.distributed import SINGLE, Dist
 from imgclf.train.feature_cache import FeatureCache
 from imgclf.train.optim import build_optimizer, build_scheduler
 from imgclf.train.recipe import Recipe, load_recipe, recipe_yaml, validate
@@ -48,6 +60,7 @@ from imgclf.train.rundir import (
     claim_run_dir,
     disk_full_is_an_error,
     new_run_dir,
+    write_json,
 )
 from imgclf.train.stages import resolve_groups, set_trainable, train_mode
 
@@ -57,6 +70,12 @@ CHECKPOINT_MINUTES = 10.0
 WHITENING_IMAGES = 5000
 # Validation accuracy this close to the majority-class rate counts as "learned nothing".
 CHANCE_MARGIN = 0.02
+# A stage ending below the previous one by more than this (or one standard error of the
+# validation accuracy, if larger) is reported.
+STAGE_DROP_MIN = 0.01
+# Rank 0 of a torchrun job names the job here, so that a restarted job recognises the
+# folder its killed first attempt made before any checkpoint (imgclf.train.distributed).
+LAUNCH_MARKER = ".imgclf-launch"
 
 
 @dataclass
@@ -150,14 +169,17 @@ class Trainer:
         state: dict | None = None,
         budget_seconds: float | None = None,
         started: float | None = None,
+        dist: Dist = SINGLE,
     ) -> None:
         self.started = started if started is not None else time.perf_counter()
+        self.dist = dist
         self.budget_seconds = budget_seconds
         self.plan: Plan | None = None  # a time budget's steps per stage (imgclf.train.budget)
         self.recipe, self.ds, self.out = recipe, ds, out
         self.threads = set_threads(threads)
         self.hw: Hardware = resolve_hardware(device, recipe.precision, recipe.channels_last)
-        self.show_progress = progress
+        self.show_progress = progress and dist.is_main  # one process speaks for the job
+        distributed.check_sync_bn(recipe.sync_bn, dist, self.hw.device)
         self.ctrl_c = _CtrlC()
         torch.manual_seed(recipe.seed)
         self.resume_state = state
@@ -167,6 +189,8 @@ class Trainer:
             model_spec(recipe.model).kind == "pretrained" and recipe.pretrained,
             len(ds.indices("train")),
         )
+        if dist.enabled:
+            self.adapted = _share_batch(self.adapted, dist)
         self.train_loader, self.val_loader = self._loaders()
         self.loss_weights = (
             class_weights(self.train_loader.labels.cpu().numpy(), len(ds.classes)).to(
@@ -178,6 +202,7 @@ class Trainer:
         self.position, self.progress = Position(), Progress()
         self.wall_base = 0.0
         self.cache: FeatureCache | None = None
+        self.train_net: torch.nn.Module | None = None  # this stage's DDP wrapper, if any
         for stage in recipe.stages:  # bad group names fail now, before any file is written
             resolve_groups(self.model, stage.groups())
         if state is None:
@@ -218,16 +243,23 @@ class Trainer:
         train_idx = ds.indices("train")
         if len(train_idx) == 0:
             raise CheckpointError(f"dataset {ds.name!r} has no training images")
-        batch = self.adapted.batch_size
+        if len(train_idx) < self.dist.world_size:
+            raise DataError(
+                f"dataset {ds.name!r} has {len(train_idx)} training images, fewer than the "
+                f"{self.dist.world_size} processes: run fewer processes"
+            )
+        batch = self.adapted.batch_size  # the global batch; each rank takes its share
         labels = ds.labels[train_idx]
         train = BatchLoader(
             ds.images[train_idx],
             labels,
-            batch_size=batch,
+            batch_size=batch // self.dist.world_size,
             shuffle=True,
             augment=Augment(**r.augment.model_dump()),
             seed=r.seed,
             drop_last=len(train_idx) > batch,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
             sample_weights=(
                 sample_weights(labels, len(ds.classes)) if r.class_balance == "sampler" else None
             ),
@@ -311,6 +343,8 @@ class Trainer:
 
     def _save(self, optimizer, scheduler, *, best: bool = False) -> None:
         self.progress.wall_seconds = self._elapsed()
+        if not self.dist.is_main:
+            return  # the weights are the same on every rank: rank 0 keeps them
         state = self._state(optimizer, scheduler)
         if best:
             save_checkpoint(state, self.out / "best.pt")
@@ -320,6 +354,8 @@ class Trainer:
 
     def fit(self) -> None:
         r = self.recipe
+        if r.sync_bn:  # only now: the budget's probe (rank 0 alone) must not sync anything
+            self.model = distributed.sync_batchnorm(self.model, self.dist, self.hw.device)
         for si, stage in enumerate(r.stages):
             if si < self.position.stage:
                 continue
@@ -344,7 +380,12 @@ class Trainer:
                     self.val_loader,
                     self.hw.autocast_dtype,
                     say=self._say,
+                    dist=self.dist,
+                    with_val=self.dist.is_main,  # rank 0 alone validates
                 )
+            # Wrapped now that the stage's trainable set and cache are fixed (see
+            # distributed.wrap); one process trains the network itself.
+            self.train_net = distributed.wrap(self._net(), self.dist, self.hw.device)
             optimizer = build_optimizer(self.model, r, stage, self.adapted.lr_scale)
             # A budgeted stage squeezes or stretches the recipe's schedule onto its planned
             # steps, so it anneals fully whatever the length.
@@ -369,11 +410,12 @@ class Trainer:
             )
             while self.position.epoch < self._stage_epochs(si):
                 stop = self._epoch(si, stage, optimizer, scheduler)
-                if self.ctrl_c.requested:  # during validation or the save: saved by now
+                if self._agreed(self.ctrl_c.requested):  # during validation or the save
                     raise KeyboardInterrupt
                 if stop:
                     return
             self.cache = None
+            self.train_net = None
 
     def _epoch(self, si: int, stage, optimizer, scheduler) -> bool:
         """One epoch; returns True when early stopping says to stop."""
@@ -382,7 +424,7 @@ class Trainer:
         self._batches().set_epoch(global_epoch)
         train_mode(self.model, stage.groups(), stage.bn_update, self.adapted.freeze_bn)
         stats = self._train_epoch(si, global_epoch, optimizer, scheduler, stage)
-        val_loss, val_acc = self._validate()
+        val_loss, val_acc = self._validate_agreed()
         row = {
             "stage": si + 1,
             "epoch": global_epoch,
@@ -415,7 +457,12 @@ class Trainer:
         self.progress.partial = {}
         if self.plan is not None:
             done = min(pos.epoch * len(self._batches()), self.plan.stage_steps[si])
-            note = self.plan.keep_to_budget(si, done, self._elapsed())
+            note = None
+            if self.dist.is_main:  # one clock decides: every rank must run the same steps
+                note = self.plan.keep_to_budget(si, done, self._elapsed())
+            if self.dist.enabled:
+                steps, note = distributed.broadcast((self.plan.stage_steps, note), self.dist)
+                self.plan.stage_steps = list(steps)
             if note:
                 self._say(note)
         done_stage = pos.epoch >= self._stage_epochs(si)
@@ -432,7 +479,9 @@ class Trainer:
 
     def _train_epoch(self, si: int, global_epoch: int, optimizer, scheduler, stage) -> dict:
         r, hw, pos = self.recipe, self.hw, self.position
-        acc = self.progress.partial or {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+        # A mid-epoch checkpoint's partial sums are the whole job's: rank 0 carries them on.
+        partial = self.progress.partial if self.dist.is_main else {}
+        acc = partial or {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
         bar = tqdm(
             total=len(self._batches()),
             initial=pos.batch,
@@ -447,7 +496,8 @@ class Trainer:
         autocast = torch.autocast(
             hw.device.type, dtype=hw.autocast_dtype, enabled=hw.autocast_dtype is not None
         )
-        batches, net = self._batches(), self._net()
+        batches = self._batches()
+        net = self.train_net if self.train_net is not None else self._net()
         # Steps of this epoch: all of them, except in a budgeted stage's last epoch.
         limit = self._stage_steps(si) - pos.epoch * len(batches)
         try:
@@ -462,13 +512,10 @@ class Trainer:
                         weight=self.loss_weights,
                         label_smoothing=r.label_smoothing,
                     )
-                if not torch.isfinite(loss):
-                    last = self.out / "last.pt"
-                    kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint"
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at stage {si + 1}, epoch {global_epoch}, "
-                        f"step {step + 1}; lower the learning rate ({kept})"
-                    )
+                diverged = not torch.isfinite(loss)
+                # Data-parallel ranks all step (backward is a collective) and agree below.
+                if diverged and not self.dist.enabled:
+                    raise self._diverged(loss.item(), si, global_epoch, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if r.grad_clip:
@@ -479,7 +526,7 @@ class Trainer:
                 acc["loss"] += loss.item() * n
                 acc["correct"] += (logits.argmax(1) == y).sum().item()
                 acc["count"] += n
-                self.progress.images_seen += n
+                self.progress.images_seen += n * self.dist.world_size  # every rank's share
                 pos.batch = step + 1
                 now = time.perf_counter()
                 ips = acc["count"] / max(acc["seconds"] + now - started, 1e-9)
@@ -490,18 +537,27 @@ class Trainer:
                     img_s=f"{ips:.0f}",
                     refresh=False,
                 )
-                if self.ctrl_c.requested:
+                interrupt = self.ctrl_c.requested
+                save_due = now - last_save > CHECKPOINT_MINUTES * 60
+                if self.dist.enabled:  # any rank's reason holds for all of them
+                    diverged, interrupt, save_due = map(
+                        bool, distributed.all_max([diverged, interrupt, save_due], *self._dd)
+                    )
+                    if diverged:
+                        raise self._diverged(loss.item(), si, global_epoch, step)
+                if interrupt:
                     self._checkpoint_mid_epoch(acc, started, optimizer, scheduler)
                     raise KeyboardInterrupt
-                if now - last_save > CHECKPOINT_MINUTES * 60:
+                if save_due:
                     self._checkpoint_mid_epoch(acc, started, optimizer, scheduler)
                     last_save = now
         finally:
             # An immediate interrupt (a second Ctrl-C) saves nothing: it may have landed
             # inside a step, and the previous checkpoint is a consistent one.
             bar.close()
-        seconds = acc["seconds"] + time.perf_counter() - started
         self.progress.seconds += time.perf_counter() - started
+        acc = self._reduced({**acc, "seconds": acc["seconds"] + time.perf_counter() - started})
+        seconds = acc["seconds"]
         count = max(acc["count"], 1)
         return {
             "loss": acc["loss"] / count,
@@ -509,6 +565,34 @@ class Trainer:
             "seconds": seconds,
             "images_per_second": acc["count"] / max(seconds, 1e-9),
         }
+
+    @property
+    def _dd(self) -> tuple[Dist, torch.device]:
+        """Arguments of the collectives: the job, and the device their tensors live on."""
+        return self.dist, self.hw.device
+
+    def _agreed(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (one rank's Ctrl-C stops them all)."""
+        return bool(distributed.all_max([flag], *self._dd)[0]) if self.dist.enabled else flag
+
+    def _reduced(self, acc: dict[str, float]) -> dict[str, float]:
+        """Epoch accumulators summed over ranks; time is the slowest rank's."""
+        if not self.dist.enabled:
+            return acc
+        loss, correct, count = distributed.all_sum(
+            [acc["loss"], acc["correct"], acc["count"]], *self._dd
+        )
+        (seconds,) = distributed.all_max([acc["seconds"]], *self._dd)
+        return {"loss": loss, "correct": correct, "count": count, "seconds": seconds}
+
+    def _diverged(self, loss: float, si: int, global_epoch: int, step: int) -> TrainingDiverged:
+        last = self.out / "last.pt"
+        kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint"
+        where = "" if math.isfinite(loss) else f" {loss}"
+        return TrainingDiverged(
+            f"loss became{where or ' non-finite on another process'} at stage {si + 1}, "
+            f"epoch {global_epoch}, step {step + 1}; lower the learning rate ({kept})"
+        )
 
     def _batches(self):
         """This stage's training batches: cached prefix features, or images."""
@@ -519,9 +603,16 @@ class Trainer:
 
     def _checkpoint_mid_epoch(self, acc: dict, started: float, optimizer, scheduler) -> None:
         elapsed = time.perf_counter() - started
-        self.progress.partial = {**acc, "seconds": acc["seconds"] + elapsed}
+        self.progress.partial = self._reduced({**acc, "seconds": acc["seconds"] + elapsed})
         self._save(optimizer, scheduler)
         self.progress.partial = {}
+
+    def _validate_agreed(self) -> tuple[float, float]:
+        """Rank 0 validates (on its copy of the weights, the one it saves) and every rank
+        gets its numbers: early stopping and best.pt are then the same decision on all."""
+        if not self.dist.enabled:
+            return self._validate()
+        return distributed.broadcast(self._validate() if self.dist.is_main else None, self.dist)
 
     def _validate(self) -> tuple[float, float]:
         if self.val_loader is None:
@@ -549,8 +640,23 @@ class Trainer:
 
     def ensure_plan(self) -> None:
         """Probe and plan a time budget, once (a resumed run already has its plan)."""
-        if self.budget_seconds is not None and self.plan is None:
+        if self.budget_seconds is None or self.plan is not None:
+            return
+        if not self.dist.enabled:
             self.plan = make_plan(self, self.budget_seconds, self.started)
+            return
+        # Every rank must run the same steps: rank 0 probes and plans, the rest follow
+        # (a budget too short is the same one-line error on every rank).
+        outcome: tuple[str, Any] | None = None
+        if self.dist.is_main:
+            try:
+                outcome = ("plan", make_plan(self, self.budget_seconds, self.started).to_dict())
+            except RecipeError as exc:
+                outcome = ("error", str(exc))
+        kind, value = distributed.broadcast(outcome, self.dist)
+        if kind == "error":
+            raise RecipeError(value)
+        self.plan = Plan.from_dict(value)
 
     def _stage_length(self, si: int) -> str:
         if self.plan is None:
@@ -581,7 +687,7 @@ class Trainer:
         ends = self.progress.stage_end_acc
         del ends[si:]  # a resumed stage replaces its own entry
         ends.append(val_acc)
-        if si == 0 or not val_acc < ends[si - 1]:
+        if si == 0 or not val_acc < ends[si - 1] - self._noise(ends[si - 1]):
             return
         self._warn(
             f"stage {si + 1} ended at val accuracy {val_acc:.4f}, below stage {si}'s "
@@ -592,10 +698,19 @@ class Trainer:
             "best epoch, which eval and predict use"
         )
 
+    def _noise(self, accuracy: float) -> float:
+        """How far validation accuracy moves by chance: one binomial standard error
+        (sqrt(p(1-p)/n)), at least STAGE_DROP_MIN. One photo of 110 is 0.9 points: a drop
+        that small is noise, not a stage undoing the previous one."""
+        n = self.val_loader.num_samples if self.val_loader is not None else 0
+        se = math.sqrt(accuracy * (1 - accuracy) / n) if n else 0.0
+        return max(STAGE_DROP_MIN, se)
+
     def _warn(self, text: str) -> None:
         self.progress.warnings.append(text)
         # Printed even with --quiet, like the interrupt line: it changes what to do next.
-        tqdm.write(f"warning: {text}", file=sys.stderr)
+        if self.dist.is_main:
+            tqdm.write(f"warning: {text}", file=sys.stderr)
 
     def _say(self, text: str) -> None:
         if self.show_progress:
@@ -604,17 +719,23 @@ class Trainer:
     # ------------------------------------------------------------------ run
 
     def run(self) -> Run:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log = MetricsLog(self.out / "metrics.csv")
-        # A resume drops rows logged after its checkpoint (a kill between the two writes).
-        self.log.truncate(self._global_epoch(self.position.stage, self.position.epoch))
-        atomic_write_text(self.out / "config.yaml", self._config_yaml())
-        self.tb = TensorBoard(self.out / "tb")
+        main = self.dist.is_main
+        self.log: MetricsLog | _Discard = _Discard()  # other ranks write nothing
+        self.tb: TensorBoard | _Discard = _Discard()
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.dist.enabled:
+                atomic_write_text(self.out / LAUNCH_MARKER, distributed.launch_id() + "\n")
+            self.log = MetricsLog(self.out / "metrics.csv")
+            # A resume drops rows logged after its checkpoint (a kill between two writes).
+            self.log.truncate(self._global_epoch(self.position.stage, self.position.epoch))
+            atomic_write_text(self.out / "config.yaml", self._config_yaml())
+            self.tb = TensorBoard(self.out / "tb")
         self._say(f"run folder: {self.out}")  # known before a kill: what --resume needs
         for note in self.adapted.notes:
             self._say(note)
         self.ensure_plan()
-        if self.plan is not None:
+        if self.plan is not None and main:
             # Printed even with --quiet: it says what the budget buys on this machine.
             print(f"plan: {self.plan.text}", file=sys.stderr)
         try:
@@ -623,16 +744,24 @@ class Trainer:
         except KeyboardInterrupt:
             # Printed even with --quiet: it is the one line that says how to go on.
             saved = "checkpoint saved" if self.ctrl_c.requested else "not saved mid-step"
-            print(
-                f"interrupted ({saved}); continue with `imgclf train --resume {self.out}`",
-                file=sys.stderr,
-            )
+            if main:
+                print(
+                    f"interrupted ({saved}); continue with `imgclf train --resume {self.out}`",
+                    file=sys.stderr,
+                )
             raise
         finally:
             self.tb.close()
+        if not main:
+            # Rank 0 evaluates and writes the rest alone; the others are done (no
+            # collective follows, so a long evaluation cannot time one out).
+            return Run(self.out, {})
         from imgclf.train.finish import finish_run
 
         summary = finish_run(self)
+        summary["world_size"] = self.dist.world_size
+        summary["backend"] = self.dist.backend  # None: one process, no process group
+        write_json(self.out / "summary.json", summary)
         return Run(self.out, summary)
 
     def _config_yaml(self) -> str:
@@ -656,9 +785,56 @@ class Trainer:
                 "threads": self.threads,
                 "torch": str(torch.__version__),
             },
+            **(
+                {
+                    "distributed": {
+                        "world_size": self.dist.world_size,
+                        "backend": self.dist.backend,
+                        "batch_per_process": self.train_loader.batch_size,
+                    }
+                }
+                if self.dist.enabled
+                else {}
+            ),
             "imgclf_version": __version__,
         }
         return recipe_yaml(self.recipe) + yaml.safe_dump(extra, sort_keys=False)
+
+
+class _Discard:
+    """The metrics log and TensorBoard writer of ranks other than 0: they write nothing."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: dict[str, Any]) -> None:
+        pass
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _share_batch(adapted: Adapted, dist: Dist) -> Adapted:
+    """The global batch split among the ranks. The recipe's own batch was checked to
+    divide (distributed.per_rank_batch); one shrunk for a small data set (adapt) is rounded
+    down to a multiple of the processes, the learning rate following linearly as adapt's
+    rule does."""
+    batch = adapted.batch_size
+    if batch % dist.world_size == 0:
+        return adapted
+    shared = max(dist.world_size, batch - batch % dist.world_size)
+    return dataclasses.replace(
+        adapted,
+        batch_size=shared,
+        lr_scale=adapted.lr_scale * shared / batch,
+        notes=(
+            *adapted.notes,
+            f"batch {shared} instead of {batch}: a multiple of the {dist.world_size} processes",
+        ),
+    )
 
 
 def _lr_of_last_step(optimizer, scheduler) -> float:
@@ -707,10 +883,22 @@ def train(
     ``out`` may not hold a run already unless ``exist_ok`` (its run files are removed
     first); a resume continues on its checkpoint's data set unless ``new_data``.
 
+    Under torchrun (``torchrun --nproc-per-node N -m imgclf train ...``) it trains
+    data-parallel (module docstring); the returned summary is rank 0's, other ranks get an
+    empty one. After torchrun restarts a failed job (``--max-restarts``), ``out`` is what
+    lets the restarted processes find the run and resume it from its ``last.pt``.
+
     >>> run = imgclf.train("fast", data="c10", epochs=2)
     >>> run = imgclf.train("fast", data="c10", time_budget="10m")
     """
     started = time.perf_counter()
+    env = distributed.from_env()
+    if env.enabled and resume is None:
+        restarted = _after_restart(Path(out) if out else None, exist_ok, env)
+        if restarted is not None:
+            resume, exist_ok = restarted
+        if resume is not None:  # the checkpoint holds the recipe, its length and plan
+            overrides, epochs, time_budget, new_data = (), None, None, False
     budget = None
     if time_budget is not None:
         if resume is not None:
@@ -737,15 +925,18 @@ def train(
                 raise CheckpointError("give a recipe, --data to choose one for, or --resume")
             recipe, why = choose_recipe(_data(data, None))
             # Printed even with --quiet: it says what is being trained and how to change it.
-            print(
-                f"recipe: {recipe}, chosen because {why} (name a RECIPE to override)",
-                file=sys.stderr,
-            )
+            if env.is_main:
+                print(
+                    f"recipe: {recipe}, chosen because {why} (name a RECIPE to override)",
+                    file=sys.stderr,
+                )
         rec = load_recipe(recipe, overrides, epochs)
         out_dir = Path(out) if out else None
         if new_data:
             raise CheckpointError("--new-data goes with --resume: a fresh run takes any --data")
-        if out_dir is not None:  # early, before a model is built; checked again when locked
+        # Early, before a model is built; checked again when locked. Rank 0's alone: it
+        # holds the lock, and may hold it already when another rank gets here.
+        if out_dir is not None and env.is_main:
             check_run_dir(out_dir, exist_ok=exist_ok)
     ds = _data(data, state)
     if state is not None and data is not None and not new_data:
@@ -754,22 +945,63 @@ def train(
         raise CheckpointError(
             f"checkpoint classes {state['class_names']} do not match data classes {ds.classes}"
         )
-    trainer = Trainer(
-        rec,
-        ds,
-        out_dir,
-        device=device,
-        threads=threads,
-        progress=progress,
-        state=state,
-        budget_seconds=budget,
-        started=started,
-    )
-    trainer.ensure_plan()  # a budget too short is an error before any folder is made
-    if trainer.out is None:  # numbered only now, so a bad recipe leaves no empty folder
-        trainer.out = new_run_dir(rec.name, Path(runs_dir))
-    with (
-        claim_run_dir(trainer.out, exist_ok=exist_ok, resume=state),
-        disk_full_is_an_error(trainer.out),
-    ):
-        return trainer.run()
+    if env.enabled:  # before any process group is joined: one line on every rank
+        distributed.per_rank_batch(rec.batch_size, env)
+        device, threads = distributed.local_device(device), distributed.default_threads(threads)
+    dist = distributed.init(resolve_device(device))
+    try:
+        trainer = Trainer(
+            rec,
+            ds,
+            out_dir,
+            device=device,
+            threads=threads,
+            progress=progress,
+            state=state,
+            budget_seconds=budget,
+            started=started,
+            dist=dist,
+        )
+        trainer.ensure_plan()  # a budget too short is an error before any folder is made
+        if trainer.out is None:  # numbered only now, so a bad recipe leaves no empty folder
+            made = new_run_dir(rec.name, Path(runs_dir)) if dist.is_main else None
+            trainer.out = distributed.broadcast(made, dist)
+        with (
+            claim_run_dir(trainer.out, exist_ok=exist_ok, resume=state)
+            if dist.is_main
+            else contextlib.nullcontext(),
+            disk_full_is_an_error(trainer.out),
+        ):
+            return trainer.run()
+    finally:
+        distributed.shutdown(dist)
+
+
+def _after_restart(out: Path | None, exist_ok: bool, env: Dist) -> tuple[Path | None, bool] | None:
+    """After torchrun restarted the job's workers (``--max-restarts``): what to resume,
+    as ``(resume, exist_ok)``, or None to start as the command line says.
+
+    The run folder must be known (``--out``): with ``last.pt`` there the run resumes from
+    it; without one, a folder whose launch marker names this same torchrun job is the
+    first attempt's, killed before its first checkpoint, and is started afresh. A folder
+    of anything else is left to the usual checks (a run there is never removed)."""
+    count = distributed.restart_count()
+    if count == 0:
+        return None
+    if out is None:
+        if env.is_main:
+            print(
+                f"warning: torchrun restart {count}: without --out the restarted job cannot "
+                "find its run folder and starts again in a new one; give --out to resume",
+                file=sys.stderr,
+            )
+        return None
+    if (out / "last.pt").is_file():
+        if env.is_main:
+            print(f"torchrun restart {count}: resuming from {out / 'last.pt'}", file=sys.stderr)
+        return out, False
+    marker = out / LAUNCH_MARKER
+    with contextlib.suppress(OSError):
+        if marker.read_text().strip() == distributed.launch_id():
+            return None, True  # our own first attempt: replace it
+    return None
