@@ -16,6 +16,7 @@ from helpers_export import make_checkpoint
 from helpers_runs import session_runs
 from imgclf.cli import main
 from imgclf.data.preprocess import Preprocess
+from imgclf.errors import UserError
 from imgclf.evaluate.runs import load_run
 from imgclf.export import ATOL, ExportError, export, onnx_bytes, ort_session, read_metadata
 from imgclf.predict import predict
@@ -222,3 +223,14 @@ def test_predict_onnx_backend_equals_torch_and_caches_the_export(trained, tmp_pa
     for a, b in zip(onnx_rows, torch_rows, strict=True):
         assert float(a["confidence"]) == pytest.approx(float(b["confidence"]), abs=1e-5)
     assert len(list((imgclf_home / "onnx").glob("*.onnx"))) == 2  # one per checkpoint
+
+
+def test_default_backend_is_the_one_measured_faster():
+    from imgclf.backend import backend_for, resolve_backend
+
+    auto = resolve_backend(None)
+    assert backend_for(auto, "efficientnet_lite0") == "onnx"  # 7.2× (docs/benchmarks.md)
+    assert backend_for(auto, "fast") == "torch" and backend_for(auto, "simple") == "torch"
+    assert backend_for(resolve_backend("torch"), "efficientnet_lite0") == "torch"
+    with pytest.raises(UserError, match="unknown backend"):
+        resolve_backend("tensorflow")

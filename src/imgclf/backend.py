@@ -8,8 +8,8 @@ export`` writes, with a dynamic batch, exported once per checkpoint and kept in
 the wrapper (TTA or not), so later runs load it in milliseconds instead of re-exporting
 (2–8 s here).
 
-Default (:data:`DEFAULT_BACKEND`): the one measured faster on this project's CPU
-(benchmarks/bench_onnx.py, docs/benchmarks.md).
+Default: per model, the one measured faster on this project's CPU (:data:`ONNX_FASTER`,
+benchmarks/bench_onnx.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,18 +29,30 @@ from imgclf.io_utils import atomic_path
 from imgclf.paths import imgclf_home
 
 BACKENDS = ("torch", "onnx")
-# benchmarks/bench_onnx.py, docs/benchmarks.md: ONNX Runtime against PyTorch eager on the
-# 2-core AVX2 CPU, for `fast` at 32 px and Lite0 at 224 px.
-DEFAULT_BACKEND = "torch"
+# Models ONNX Runtime runs faster than PyTorch eager on the CPU, measured by
+# benchmarks/bench_onnx.py (docs/benchmarks.md, 2-core AMD EPYC): Lite0 at 224 px 7.2×
+# (depthwise convolutions); `fast` at 32 px 0.99×, a tie, so it stays on PyTorch, and so
+# does every model not measured.
+ONNX_FASTER = frozenset({"efficientnet_lite0"})
 
 
 def resolve_backend(backend: str | None, device: torch.device | str = "cpu") -> str:
-    backend = backend or DEFAULT_BACKEND
+    """``torch``, ``onnx``, or ``auto`` (no choice given: per model, see :func:`backend_for`)."""
+    if backend is None:
+        return "auto"
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if backend == "onnx" and torch.device(device).type != "cpu":
         raise UserError(f"--backend onnx runs on the CPU; drop --device {device} or use torch")
     return backend
+
+
+def backend_for(backend: str, model_name: str, device: torch.device | str = "cpu") -> str:
+    """The backend one model runs on: the one asked for, else the one measured faster."""
+    if backend != "auto":
+        return backend
+    on_cpu = torch.device(device).type == "cpu"
+    return "onnx" if on_cpu and model_name in ONNX_FASTER else "torch"
 
 
 class OnnxNet(nn.Module):

@@ -43,7 +43,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from imgclf.backend import onnx_net, resolve_backend
+from imgclf.backend import backend_for, onnx_net, resolve_backend
 from imgclf.data.decode import Size
 from imgclf.data.preprocess import Preprocess, file_to_uint8
 from imgclf.data.sources import IMAGE_EXTENSIONS, is_archive, open_tree
@@ -279,7 +279,8 @@ def _members(rs: RunSet, device: torch.device, tta: bool, backend: str = "torch"
         lr.model.to(device, memory_format=torch.channels_last).eval()
         net = TTA(lr.model) if tta else lr.model
         pre = Preprocess.from_state(lr.state)
-        if backend == "onnx":  # the same module, run by ONNX Runtime (imgclf.backend)
+        # The same module, run by ONNX Runtime where asked or measured faster (imgclf.backend)
+        if backend_for(backend, lr.state["model_name"], device) == "onnx":
             wrapper = "tta" if tta else "plain"
             net = onnx_net(net, pre.input_size, lr.state.get("path"), wrapper=wrapper)
         out.append(
@@ -435,8 +436,8 @@ def predict(
     ``weights``: for ``vote="weighted"``, ``{run: w}``, ``["run:w", ...]`` or one number per
     run (default: each run's validation accuracy). ``strict``: raise
     :class:`PredictFailures` (after writing ``out``) when any file could not be read.
-    ``backend``: ``"torch"`` or ``"onnx"`` (ONNX Runtime, :mod:`imgclf.backend`); the
-    preprocessing is the same on both.
+    ``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime, :mod:`imgclf.backend`), or None:
+    per model, the one measured faster. The preprocessing is the same on both.
     """
     started = time.perf_counter()
     check_output_file(out)  # before any model loads or file decodes: fail in a second

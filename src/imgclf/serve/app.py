@@ -42,7 +42,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from imgclf import __version__
-from imgclf.backend import resolve_backend
+from imgclf.backend import backend_for, resolve_backend
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import UserError
 from imgclf.evaluate.compare import check_vote, load_runs, prefer_order, resolve_weights
@@ -110,6 +110,11 @@ class Predictor:
         self.top_k = top_k
         self.max_bytes = max_bytes
         self.members = _members(self.rs, self.hw.device, False, self.backend)
+        self.backends = [
+            backend_for(self.backend, lr.state["model_name"], self.hw.device) for lr in self.rs.runs
+        ]
+        if self.backend == "auto":  # say what "auto" chose: one name, or "mixed"
+            self.backend = self.backends[0] if len(set(self.backends)) == 1 else "mixed"
         self.sizes = list(dict.fromkeys(m.preprocess.source_size for m in self.members))
 
     # -- the steps of one request: decode (any thread), score (one thread), answer
@@ -166,6 +171,8 @@ class Predictor:
         for lr in self.rs.runs:
             pre = Preprocess.from_state(lr.state)
             runs.append({"name": lr.name, "model": lr.state["model_name"], **pre.to_dict()})
+        for run, backend in zip(runs, self.backends, strict=True):
+            run["backend"] = backend
         return {
             "imgclf_version": __version__,
             "classes": self.rs.classes,
