@@ -78,6 +78,7 @@ def main() -> None:
         "budget_wall_s": round(budget_wall, 1),
         "budget_overrun": round(budget_wall / wall - 1, 4),
         "budget_planned_epochs": b["planned_epochs"],
+        "budget_trained_epochs": b["trained_epochs"],
         "budget_images_seen": b["images_seen"],
         "budget_val_accuracy": b["val_accuracy"],
         "accuracy_gap_points": round(100 * (b["val_accuracy"] - a["val_accuracy"]), 2),

@@ -5,6 +5,7 @@ resume keeping the plan."""
 from __future__ import annotations
 
 import csv
+import math
 import time
 
 import pytest
@@ -143,3 +144,40 @@ def test_budgeted_run_ends_within_its_budget(tiny, tmp_path):
     assert len(rows) == summary["epochs"]
     # The schedule annealed: the last epoch's rate is the cosine's end.
     assert float(rows[-1]["lr"]) < 0.05 * 0.1
+
+
+def _plan(steps=(100, 50)):
+    from imgclf.train.budget import Plan
+
+    return Plan(
+        budget_seconds=200.0,
+        stage_steps=list(steps),
+        stage_epochs=[s / 10 for s in steps],
+        text="",
+        step_seconds=[1.0, 1.0],
+        setup_seconds=[0.0, 10.0],
+        reserve_seconds=5.0,
+        spent_before=10.0,
+    )
+
+
+def test_replan_shrinks_the_rest_when_behind():
+    plan = _plan()
+    # 20 steps done in 60 s where the probe said 30 s: twice as slow.
+    note = plan.keep_to_budget(0, 20, elapsed=60.0)
+    assert note and "behind" in note
+    assert plan.stage_steps[0] < 100 and 1 <= plan.stage_steps[1] < 50
+    # The rest now fits: 2 s a step for the remaining steps, the later setup at 2× too.
+    rest = (plan.stage_steps[0] - 20 + plan.stage_steps[1]) * 2.0 + 20.0
+    assert 60.0 + rest + 5.0 <= 200.0 * 0.97 + 1e-6
+
+
+def test_replan_grows_early_when_ahead_and_leaves_a_run_on_plan_alone():
+    plan = _plan()
+    note = plan.keep_to_budget(0, 20, elapsed=15.0)  # the probe was pessimistic
+    assert note and "time to spare" in note
+    assert plan.stage_steps[0] == 20 + math.floor(80 * 1.25)  # growth capped
+    on_plan = _plan((110, 55))
+    assert on_plan.keep_to_budget(0, 20, elapsed=30.0) is None  # as planned, and it fits
+    late = _plan()
+    assert late.keep_to_budget(1, 10, elapsed=130.0) is None  # past half: never grows

@@ -240,7 +240,7 @@ def _print_run(run) -> None:
         print("no validation split: nothing evaluated")
     if "budget_seconds" in run.summary:
         print(
-            f"budget bought:    {run.summary['planned_epochs']:.2f} epochs, "
+            f"budget bought:    {run.summary['trained_epochs']:.2f} epochs, "
             f"{run.summary['images_seen']:,} training images in "
             f"{run.summary['wall_seconds']:.0f} s of {run.summary['budget_seconds']:.0f} s"
         )
@@ -256,9 +256,30 @@ def _print_run(run) -> None:
         print(f"worst mistakes:   {run.path / 'mistakes.png'}")
 
 
+def _launch_torchrun(args: argparse.Namespace) -> None:
+    """``--nproc-per-node N``: become the torchrun job it is shorthand for (exec, so
+    Ctrl-C and the exit status are torchrun's own); returns only to train here."""
+    from imgclf.train import distributed
+
+    if args.nproc_per_node is None:
+        return
+    if distributed.from_env().enabled:
+        raise UserError(
+            "--nproc-per-node starts torchrun itself; under torchrun, drop it (torchrun's "
+            "own --nproc-per-node says how many processes)"
+        )
+    if args.nproc_per_node == 1:
+        return
+    command = distributed.torchrun_command(args.argv, args.nproc_per_node)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+
+
 def _train(args: argparse.Namespace) -> int:
     from imgclf.train import train
 
+    _launch_torchrun(args)
     if args.recipe is None and args.resume is None and args.data is None:
         raise UserError(
             "give --data DATASET (a recipe is chosen for it), a RECIPE (see `imgclf "
@@ -278,7 +299,8 @@ def _train(args: argparse.Namespace) -> int:
         exist_ok=args.exist_ok,
         new_data=args.new_data,
     )
-    _print_run(run)
+    if run.summary:  # empty on torchrun's ranks other than 0: rank 0 reports the run
+        _print_run(run)
     return 0
 
 
@@ -303,6 +325,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --resume: continue on --data although the run was trained on another "
         "data set (same classes)",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=_positive_int,
+        metavar="N",
+        help="train data-parallel in N processes on this machine: shorthand for `torchrun "
+        "--standalone --nproc-per-node N -m imgclf train ...` (the recipe's batch_size is "
+        "the global batch)",
     )
     _add_training_options(p)
     p.set_defaults(handler=_train)
@@ -697,6 +727,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The command line as given: what `train --nproc-per-node N` hands to torchrun.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code = args.handler(args) or 0
         # Flushed here so that a reader gone early (`imgclf data info NAME | head`) is a

@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 # Share of the budget planned for: the rest absorbs the probe's error and machine noise,
 # so the run ends within the budget + 5% (issue #11) on a noisy machine.
 PLAN_SHARE = 0.93
+# Share of the budget a re-plan after an epoch aims at: measured costs leave less to
+# guess than the probe's.
+REPLAN_SHARE = 0.97
+# Most a re-plan may lengthen the remaining steps (a pessimistic probe), early in a run.
+MAX_GROWTH = 1.25
 # Seconds set aside for the plots and files written at the end.
 FINISH_OVERHEAD_S = 3.0
 # Per-epoch bookkeeping besides the checkpoint writes (metrics row, TensorBoard, fsync).
@@ -75,6 +80,7 @@ class StageCost:
     validation: float  # one pass over the validation split
     setup: float  # once per stage: building its feature cache
     epoch: float  # per epoch besides steps and validation: checkpoints, logs
+    full_validation: float  # the whole network over the validation split (final evaluation)
 
 
 @dataclass
@@ -98,9 +104,11 @@ class Plan:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
     def keep_to_budget(self, si: int, done_in_stage: int, elapsed: float) -> str | None:
-        """After an epoch: if the run is behind the probe's estimate so far that the rest
-        would overrun the budget, shrink the remaining steps (of this stage and the later
-        ones) by one factor and say so; schedules follow (they read ``stage_steps``)."""
+        """After an epoch: compare the time spent with the probe's estimate for the same
+        work and, when the rest would overrun the budget, shrink the remaining steps (of
+        this stage and the later ones) by one factor; early in the run (under half the
+        planned steps done) also grow them, by at most MAX_GROWTH, when the probe was
+        pessimistic. Schedules follow: they read ``stage_steps``."""
         n = len(self.stage_steps)
         done = [
             self.stage_steps[i] if i < si else done_in_stage if i == si else 0 for i in range(n)
@@ -108,23 +116,30 @@ class Plan:
         planned_so_far = self.spent_before + sum(
             self.setup_seconds[i] + done[i] * self.step_seconds[i] for i in range(si + 1)
         )
-        slow = max(1.0, elapsed / planned_so_far) if planned_so_far > 0 else 1.0
+        ratio = elapsed / planned_so_far if planned_so_far > 0 else 1.0
         rest = sum((self.stage_steps[i] - done[i]) * self.step_seconds[i] for i in range(si, n))
         later_setup = sum(self.setup_seconds[si + 1 :])
-        available = self.budget_seconds - elapsed - self.reserve_seconds
-        if slow * (rest + later_setup) <= available or rest <= 0:
+        available = self.budget_seconds * REPLAN_SHARE - elapsed - self.reserve_seconds
+        projected = ratio * (rest + later_setup)
+        early = 2 * sum(done) < sum(self.stage_steps)
+        if rest <= 0 or (projected <= available and not (early and projected < 0.9 * available)):
             return None
-        f = max(0.0, available - slow * later_setup) / (slow * rest)
+        f = min(MAX_GROWTH, max(0.0, available - ratio * later_setup) / (ratio * rest))
         for i in range(si, n):
             left = self.stage_steps[i] - done[i]
             keep = math.floor(left * f)
             if i > si and left > 0:
                 keep = max(keep, 1)  # a later stage still runs, however briefly
             self.stage_steps[i] = done[i] + keep
+        how = "behind the plan" if f < 1 else "time to spare"
         return (
-            f"behind the plan ({slow:.2f}× the probe's time so far): the remaining steps "
-            f"shrink to {f:.0%} to stay within {describe_duration(self.budget_seconds)}"
+            f"{how} (the steps so far took {ratio:.2f}× the probe's estimate): the "
+            f"remaining steps {'shrink' if f < 1 else 'grow'} to {f:.0%} to fit "
+            f"{describe_duration(self.budget_seconds)}"
         )
+
+    def epochs_done(self, steps_per_epoch: int) -> float:
+        return sum(self.stage_steps) / steps_per_epoch
 
 
 def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
@@ -133,7 +148,10 @@ def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
     r = trainer.recipe
     costs = [_probe_stage(trainer, stage) for stage in r.stages]
     spe = len(trainer.train_loader)
-    final_eval = costs[-1].validation if trainer.val_loader is not None else 0.0
+    # The final evaluation runs the whole network on the validation split, once per
+    # test-time view (imgclf.evaluate.tta: 2, or 6 for inputs up to 64 px).
+    views = (6 if trainer.model.input_size <= 64 else 2) if r.tta else 1
+    final_eval = costs[-1].full_validation * views
     spent = time.perf_counter() - started
     fixed = spent + sum(c.setup for c in costs) + final_eval + FINISH_OVERHEAD_S
     # Cost of one recipe-length pass of every stage: epochs × (steps + a validation).
@@ -215,7 +233,11 @@ def _probe_stage(trainer: Trainer, stage) -> StageCost:
             setup = 0.0
             validation = forward * n_val / len(batch)
         return StageCost(
-            step=step, validation=validation, setup=setup, epoch=_time_checkpoint(trainer)
+            step=step,
+            validation=validation,
+            setup=setup,
+            epoch=_time_checkpoint(trainer),
+            full_validation=forward * n_val / len(batch),
         )
     finally:
         torch.set_rng_state(rng)

@@ -72,6 +72,9 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     if trainer.plan is not None:  # what a time budget bought on this machine
         summary["budget_seconds"] = trainer.plan.budget_seconds
         summary["planned_epochs"] = round(sum(trainer.plan.stage_epochs), 3)
+        # Trained, after any re-plan on the way (the plan shrinks when the machine is
+        # slower than its probe said).
+        summary["trained_epochs"] = round(trainer.plan.epochs_done(len(trainer.train_loader)), 3)
         summary["plan"] = trainer.plan.text
     summary["batchnorm"] = "frozen" if trainer.adapted.freeze_bn else "train"
     summary["batch_size"] = trainer.adapted.batch_size
