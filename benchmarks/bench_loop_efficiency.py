@@ -1,0 +1,126 @@
+"""The trainer's loop against a bare loop of the same model, side by side (issue #11):
+efficiency = imgclf's training images/s ÷ a bare forward/backward/step loop's on
+pre-made batches. Target: ≥ 0.95.
+
+    python benchmarks/bench_loop_efficiency.py --model fast --size 32 --source 32
+    python benchmarks/bench_loop_efficiency.py --model efficientnet_lite0 --size 96 --source 224 \\
+        --batch 64 --images 512
+    python benchmarks/bench_loop_efficiency.py --model efficientnet_lite0 --size 224 --source 224 \\
+        --batch 32 --images 256
+
+imgclf's side is a real ``imgclf.train`` run (one epoch over ``--images`` random images
+stored at ``--source`` px, with random crops and flips, and the resize to ``--size`` on
+every batch when the two differ), timed by the trainer itself (metrics.csv images/s).
+The bare side runs the same model, optimizer, precision and memory format on batches
+made before the clock starts. The two alternate ``--rounds`` times; the best of each is
+compared (the least disturbed by other processes). Run it alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def recipe(args: argparse.Namespace) -> dict:
+    return {
+        "name": "eff",
+        "model": args.model,
+        "input_size": args.size,
+        "batch_size": args.batch,
+        "augment": {"crop_padding": 4, "flip": True},
+        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True},
+        "pretrained": False,
+        "batchnorm": "train",
+        "feature_cache": False,
+        "stages": [{"epochs": 1, "train": "all"}],
+    }
+
+
+def imgclf_images_per_second(args, ds, out: Path) -> float:
+    from imgclf.train import train
+
+    run = train(recipe(args), data=ds, out=out, progress=False)
+    with open(run.path / "metrics.csv", newline="") as f:
+        return float(next(csv.DictReader(f))["images_per_second"])
+
+
+def bare_images_per_second(args) -> float:
+    from imgclf.models import create
+    from imgclf.train.device import resolve_hardware
+
+    hw = resolve_hardware(None, "auto", "auto")
+    fmt = torch.channels_last if hw.channels_last else torch.contiguous_format
+    model = create(args.model, num_classes=10, input_size=args.size).to(
+        hw.device, memory_format=fmt
+    )
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    steps = args.images // args.batch
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randn(args.batch, 3, args.size, args.size, generator=gen).contiguous(
+            memory_format=fmt
+        )
+        for _ in range(steps)
+    ]
+    labels = torch.randint(0, 10, (args.batch,), generator=gen)
+    autocast = torch.autocast(
+        hw.device.type, dtype=hw.autocast_dtype, enabled=hw.autocast_dtype is not None
+    )
+    started = time.perf_counter()
+    for x in batches:
+        with autocast:
+            loss = F.cross_entropy(model(x).float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps * args.batch / (time.perf_counter() - started)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="fast")
+    p.add_argument("--size", type=int, default=32, help="model input size")
+    p.add_argument("--source", type=int, default=32, help="stored image size")
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["IMGCLF_HOME"] = tmp
+        from imgclf.data.importer import import_arrays
+
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (args.images, args.source, args.source, 3), np.uint8)
+        labels = rng.integers(0, 10, args.images)
+        ds = import_arrays(images, labels, [str(c) for c in range(10)], "eff", val_fraction=0)
+        ours, bare = [], []
+        for r in range(args.rounds):
+            bare.append(bare_images_per_second(args))
+            ours.append(imgclf_images_per_second(args, ds, Path(tmp) / f"run{r}"))
+    result = {
+        "model": args.model,
+        "input": args.size,
+        "stored": args.source,
+        "batch": args.batch,
+        "imgclf_images_per_s": [round(v, 1) for v in ours],
+        "bare_images_per_s": [round(v, 1) for v in bare],
+        "efficiency": round(max(ours) / max(bare), 3),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
