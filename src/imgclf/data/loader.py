@@ -7,7 +7,9 @@ resize and a normalization. On 2 CPU cores this serves well over 50,000 32×32 i
 (``benchmarks/bench_data.py``), far more than any model here consumes.
 
 Randomness comes from a CPU ``torch.Generator`` seeded by (seed, epoch): the same batches
-on CPU and CUDA, and after a resume.
+on CPU and CUDA, and after a resume. In data-parallel training (``rank``/``world_size``,
+imgclf.train.distributed) every rank takes its slice of one epoch permutation and draws its
+augmentation from its own stream, seeded by (seed, epoch, rank).
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ class Augment:
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     # Distinct, reproducible streams per epoch; a resumed run replays the same ones.
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def augment_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The augmentation stream of one rank in one epoch. Rank 0 keeps the single-process
+    stream (so one process draws exactly what it always drew); other ranks get streams
+    mixed from (seed, epoch, rank) by numpy's SeedSequence, which is made to give
+    independent streams for distinct entropy tuples (NumPy docs, "Parallel random number
+    generation"): two ranks never crop and flip in lockstep."""
+    if rank == 0:
+        return epoch_generator(seed + 1, epoch)
+    mixed = np.random.SeedSequence([seed, epoch, rank]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(mixed[0]) << 31 | int(mixed[1]) >> 1)
 
 
 def epoch_order(
@@ -140,8 +154,9 @@ class BatchLoader:
         self.epoch = 0
 
     def __len__(self) -> int:
-        n = len(range(self.rank, len(self.labels), self.world_size))  # this rank's share
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return num_batches(
+            len(self.labels), self.batch_size, self.rank, self.world_size, self.drop_last
+        )
 
     @property
     def num_samples(self) -> int:
@@ -156,7 +171,7 @@ class BatchLoader:
     def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This epoch's batches from batch ``start`` on, exactly as a full pass yields them
         (skipped batches still draw their random numbers): how a resume continues."""
-        gen = epoch_generator(self.seed + 1, self.epoch)  # augmentation stream
+        gen = augment_generator(self.seed, self.epoch, self.rank)
         order = epoch_order(
             len(self.labels),
             epoch=self.epoch,
@@ -167,10 +182,8 @@ class BatchLoader:
             weights=self.sample_weights,
         )
         _, h, w, _ = self.images.shape
-        for i, begin in enumerate(range(0, len(order), self.batch_size)):
-            idx = order[begin : begin + self.batch_size]
-            if self.drop_last and len(idx) < self.batch_size:
-                break
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             if i < start:
                 if self.augment.enabled:
                     augment_indices(len(idx), h, w, self.augment, gen)
@@ -200,6 +213,18 @@ class BatchLoader:
             dtype=self.dtype,
             channels_last=self.channels_last,
         )
+
+
+def num_batches(n: int, batch_size: int, rank: int, world_size: int, drop_last: bool) -> int:
+    """Batches of one rank in an epoch of ``n`` samples, ``order[rank::world_size]`` cut
+    into ``batch_size`` pieces. With ``drop_last`` only full *global* batches count
+    (``batch_size × world_size``): every rank takes the same number of steps (DDP hangs
+    when one rank steps more often than another), and step i of all ranks together sees
+    exactly the samples of a single process's step i with the global batch."""
+    if drop_last:
+        return n // (batch_size * world_size)
+    share = len(range(rank, n, world_size))
+    return -(-share // batch_size)
 
 
 def _as_tensor(values) -> torch.Tensor:

@@ -9,6 +9,11 @@ epoch, at the cost of one forward pass per view instead of one per epoch.
 The prefix runs in eval mode in both paths (a frozen prefix is a fixed feature
 extractor: BatchNorm statistics, dropout and stochastic depth are off), so the cached and
 uncached paths agree to float tolerance (tests/test_feature_cache.py).
+
+In data-parallel training (imgclf.train.distributed) each rank runs the prefix over its
+shard of the images (samples ``rank::world_size``) and the shards are all-gathered, so the
+expensive pass is split N ways; every rank then holds all features, because each epoch
+reshuffles which rank trains on which sample, exactly as the uncached loader does.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from imgclf.data.loader import BatchLoader, epoch_generator, epoch_order
+from imgclf.data.loader import BatchLoader, epoch_generator, epoch_order, num_batches
+from imgclf.train.distributed import SINGLE, Dist, all_gather_rows
 from imgclf.train.recipe import Recipe, StageConfig
 from imgclf.train.stages import split_at_first_trained
 
@@ -50,6 +56,7 @@ class FeatureCache:
         val: BatchLoader | None,
         views: int,
         autocast_dtype: torch.dtype | None,
+        dist: Dist = SINGLE,
     ) -> None:
         self.suffix = suffix
         self.views = views
@@ -59,8 +66,14 @@ class FeatureCache:
         self.seed = train.seed
         self.labels = train.labels
         self.sample_weights = train.sample_weights
+        self.rank, self.world_size = train.rank, train.world_size
         self.features = [
-            _features(prefix, train, flip=v == 1, dtype=autocast_dtype) for v in range(views)
+            all_gather_rows(
+                _features(prefix, train, v == 1, autocast_dtype, dist.rank, dist.world_size),
+                train.num_samples,
+                dist,
+            )
+            for v in range(views)
         ]
         self.val_features = _features(prefix, val, False, autocast_dtype) if val else None
         self.val_labels = val.labels if val else None
@@ -76,7 +89,13 @@ class FeatureCache:
         val: BatchLoader | None,
         autocast_dtype: torch.dtype | None,
         say=print,
+        dist: Dist = SINGLE,
+        with_val: bool = True,
     ) -> FeatureCache | None:
+        """The stage's cache, or None when it cannot or should not have one. Under
+        data parallelism every rank takes the same decision (it depends on the sizes
+        only) and ``with_val=False`` skips the validation features of ranks that do
+        not validate; the size counted stays that of every split, so decisions agree."""
         views = views_for(recipe, stage)
         split = split_at_first_trained(model, stage.groups())
         if views is None or split is None or stage.bn_update:
@@ -97,7 +116,7 @@ class FeatureCache:
             f"feature cache: {views} view(s) of {n} images after the frozen prefix "
             f"({need / 2**20:.0f} MB)"
         )
-        return cls(prefix, suffix, train, val, views, autocast_dtype)
+        return cls(prefix, suffix, train, val if with_val else None, views, autocast_dtype, dist)
 
     # The trainer iterates this like a BatchLoader.
     def __len__(self) -> int:
@@ -109,15 +128,22 @@ class FeatureCache:
     def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         order = epoch_order(
-            n, epoch=self.epoch, seed=self.seed, shuffle=True, weights=self.sample_weights
+            n,
+            epoch=self.epoch,
+            seed=self.seed,
+            shuffle=True,
+            rank=self.rank,
+            world_size=self.world_size,
+            weights=self.sample_weights,
         )
         # Which view each sample shows this epoch: a coin per sample, as a random flip.
+        # Drawn for all n samples on every rank, so a sample's view does not depend on
+        # which rank trains on it.
         gen = epoch_generator(self.seed + 2, self.epoch)
         view = torch.randint(0, self.views, (n,), generator=gen)
-        for i, begin in enumerate(range(0, n, self.batch_size)):
-            idx = order[begin : begin + self.batch_size]
-            if self.drop_last and len(idx) < self.batch_size:
-                break
+        steps = num_batches(n, self.batch_size, self.rank, self.world_size, self.drop_last)
+        for i in range(steps):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             if i < start:
                 continue
             x = torch.empty(
@@ -140,13 +166,20 @@ class FeatureCache:
 
 @torch.inference_mode()
 def _features(
-    prefix: nn.Module, loader: BatchLoader, flip: bool, dtype: torch.dtype | None
+    prefix: nn.Module,
+    loader: BatchLoader,
+    flip: bool,
+    dtype: torch.dtype | None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
+    """Prefix activations of samples ``rank::world_size`` (all of them in one process)."""
     parts = []
     device = loader.device
+    mine = torch.arange(rank, loader.num_samples, world_size)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for begin in range(0, loader.num_samples, loader.batch_size):
-            idx = torch.arange(begin, min(begin + loader.batch_size, loader.num_samples))
+        for begin in range(0, len(mine), loader.batch_size):
+            idx = mine[begin : begin + loader.batch_size]
             x = loader.batch(idx)
             if flip:
                 x = x.flip(-1)

@@ -114,6 +114,9 @@ class Recipe(_Strict):
     # (imgclf.train.feature_cache); off only to compare against the uncached path.
     feature_cache: bool = True
     tta: bool = False  # evaluate with flipped (and shifted) views averaged
+    # Data-parallel training (torchrun): BatchNorm statistics over the global batch instead
+    # of each process's share (torch.nn.SyncBatchNorm; GPUs only). No effect in one process.
+    sync_bn: bool = False
     # BatchNorm while training: "frozen" keeps every BatchNorm layer on its running
     # statistics (eval mode; scale and shift still learn), "train" normalizes trained
     # layers by batch statistics, "auto" is "frozen" for a pretrained backbone on a data

@@ -1,0 +1,339 @@
+"""Data-parallel training and sharded prediction under torchrun (issue #12).
+
+The unit tests check the pieces in one process: how the loader shards an epoch and seeds
+each rank's augmentation, the global-batch rule, the shorthand's command line, what a
+restarted job resumes. The rest run real torchrun jobs of 2 CPU processes (Gloo, on the
+loopback) on a 16-px, three-colour folder: each job costs two interpreter starts (~10 s
+here), so only the equivalence and sharded-predict jobs are in the quick set; Ctrl-C +
+resume and a SIGKILLed worker are marked slow.
+
+The reference is always one process with the global batch: with augmentation off and a
+model without BatchNorm (`simple`), 2 processes × half the batch must end with the same
+weights (float tolerance: DDP averages two half-batch gradients where one process sums
+one batch's).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers_train import load_pt, make_image_folder, tiny_recipe, write_recipe
+from imgclf.data.importer import import_dataset
+from imgclf.data.loader import BatchLoader, augment_generator, epoch_generator
+from imgclf.errors import RecipeError
+from imgclf.train import distributed
+from imgclf.train.distributed import Dist
+from imgclf.train.loop import LAUNCH_MARKER, _after_restart, train
+
+# Weights of 2 processes vs 1: the same arithmetic up to the order of a sum (measured
+# 3e-8 after 2 epochs here); 1e-5 leaves room, a wrong batch would be off by 1e-2.
+ATOL = 1e-5
+NO_AUGMENT = {"augment": {"crop_padding": 0, "flip": False}, "label_smoothing": 0.0}
+TIMEOUT = 240  # seconds for one torchrun job on a busy 2-core machine
+
+
+def torchrun(*args: str, restarts: int = 0) -> list[str]:
+    """``torchrun --nproc-per-node 2 ... -m imgclf ARGS``, on the loopback at a free port
+    (the c10d rendezvous with port 0, as --standalone does, spelled with 127.0.0.1)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        f"--rdzv-id={uuid.uuid4().hex}",
+        f"--max-restarts={restarts}",
+        "-m",
+        "imgclf",
+        *args,
+    ]
+
+
+def job_env() -> dict[str, str]:
+    # Gloo on the loopback interface only; one thread a process on 2 cores.
+    return {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def run_job(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=job_env(), cwd=cwd, timeout=TIMEOUT
+    )
+    assert done.returncode == 0, worker_errors(done.stderr)
+    return done
+
+
+def metric_values(run: Path) -> list[dict[str, float]]:
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    skip = ("seconds", "images_per_second")
+    return [{k: float(v or "nan") for k, v in row.items() if k not in skip} for row in rows]
+
+
+def assert_close_runs(a: Path, b: Path, atol: float = ATOL) -> None:
+    sa, sb = load_pt(a / "last.pt")["model_state"], load_pt(b / "last.pt")["model_state"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=0, msg=key)
+    ra, rb = metric_values(a), metric_values(b)
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key] == pytest.approx(y[key], abs=1e-4, nan_ok=True), key
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The data set, a recipe without augmentation, and its single-process reference."""
+    root = tmp_path_factory.mktemp("ddp")
+    ds = import_dataset(make_image_folder(root / "src"), "tiny", dest=root / "tiny", warn=print)
+    recipe = write_recipe(root / "noaug.yaml", tiny_recipe(epochs=2, **NO_AUGMENT))
+    reference = train(recipe, ds.root, out=root / "one", threads=1, progress=False)
+    return root, ds, recipe, reference
+
+
+# ---------------------------------------------------------------- loader (unit)
+
+
+def _indexed(n: int) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 4, 4, 3).contiguous()
+
+
+@pytest.mark.parametrize("n, world", [(61, 2), (40, 4), (9, 3)])
+def test_each_step_of_the_ranks_is_the_single_process_batch(n, world):
+    """Step i of all ranks together sees exactly step i of one process with the global
+    batch (so the same recipe trains the same on 1 or N); every rank takes the same
+    number of steps (DDP needs it) and no sample is seen twice in an epoch."""
+    per_rank, labels = 2, np.arange(n)
+
+    def loader(rank: int, ws: int, batch: int) -> BatchLoader:
+        return BatchLoader(
+            _indexed(n), labels, batch_size=batch, shuffle=True, seed=3, drop_last=True,
+            rank=rank, world_size=ws,
+        )  # fmt: skip
+
+    single = loader(0, 1, per_rank * world)
+    single.set_epoch(4)
+    shards = []
+    for rank in range(world):
+        part = loader(rank, world, per_rank)
+        part.set_epoch(4)
+        assert len(part) == len(single) == n // (per_rank * world)
+        shards.append([y.tolist() for _, y in part])
+    for step, (_, y) in enumerate(single):
+        together = sorted(i for rank in range(world) for i in shards[rank][step])
+        assert together == sorted(y.tolist())
+    seen = [i for s in shards for batch in s for i in batch]
+    assert len(seen) == len(set(seen))
+
+
+def test_each_rank_draws_its_own_augmentation_stream():
+    """Rank 0 keeps the single-process stream (a 1-process run is unchanged); other ranks
+    get their own, a function of (seed, epoch, rank) only."""
+
+    def draws(seed: int, epoch: int, rank: int) -> list[int]:
+        return torch.randint(0, 1000, (8,), generator=augment_generator(seed, epoch, rank)).tolist()
+
+    single = torch.randint(0, 1000, (8,), generator=epoch_generator(1, 5)).tolist()
+    assert draws(0, 5, 0) == single
+    streams = {rank: draws(0, 5, rank) for rank in range(4)}
+    assert len({tuple(s) for s in streams.values()}) == 4
+    assert draws(0, 5, 2) == streams[2]  # reproducible
+    assert draws(0, 6, 2) != streams[2] and draws(1, 5, 2) != streams[2]
+
+
+# ---------------------------------------------------------------- rules (unit)
+
+
+def test_batch_must_divide_among_processes(tiny, monkeypatch):
+    _, ds, recipe, _ = tiny
+    monkeypatch.setenv("WORLD_SIZE", "3")  # a 3-process job: 8 images a step do not split
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RecipeError, match=r"batch_size 8 does not divide among 3 processes"):
+        train(recipe, ds.root, progress=False)  # refused before any process group
+
+
+def test_sync_bn_needs_gpus_and_is_nothing_in_one_process():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert distributed.sync_batchnorm(model, distributed.SINGLE, torch.device("cpu")) is model
+    with pytest.raises(RecipeError, match="sync_bn: true needs CUDA"):
+        distributed.check_sync_bn(True, Dist(rank=0, world_size=2), torch.device("cpu"))
+
+
+def test_torchrun_command_is_the_same_command_without_the_flag():
+    argv = ["train", "fast", "--nproc-per-node", "2", "--data", "d", "--nproc=2", "--quiet"]
+    command = distributed.torchrun_command(argv, 2)
+    assert command[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    rest = ["-m", "imgclf", "train", "fast", "--data", "d", "--quiet"]
+    assert command[4:] == ["--nproc-per-node=2", *rest]
+
+
+def test_restarted_job_resumes_its_own_run_only(tmp_path, monkeypatch, capsys):
+    env = Dist(rank=0, world_size=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    assert _after_restart(out, False, env) is None  # first attempt: as the command says
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    (out / "config.yaml").write_text("a run of someone else\n")
+    assert _after_restart(out, False, env) is None  # not ours: the usual checks refuse it
+    (out / LAUNCH_MARKER).write_text(distributed.launch_id() + "\n")
+    assert _after_restart(out, False, env) == (None, True)  # ours, never checkpointed
+    (out / "last.pt").write_bytes(b"")
+    assert _after_restart(out, False, env) == (out, False)  # ours: resume it
+    assert _after_restart(None, False, env) is None
+    assert "give --out to resume" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- torchrun jobs
+
+
+def test_two_processes_train_like_one(tiny, tmp_path):
+    """`imgclf train --nproc-per-node 2` (the shorthand for torchrun) trains in one run
+    folder, written by rank 0 alone, to the single-process weights and metrics."""
+    _, ds, recipe, reference = tiny
+    done = run_job(
+        [sys.executable, "-m", "imgclf", "train", str(recipe), "--data", str(ds.root),
+         "--nproc-per-node", "2", "--quiet"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    runs = list((tmp_path / "runs").iterdir())
+    assert [r.name for r in runs] == ["tiny-1"]
+    run = runs[0]
+    summary = load_json(run / "summary.json")
+    assert summary["world_size"] == 2 and summary["backend"] == "gloo"
+    assert summary["images_seen"] == load_json(reference.path / "summary.json")["images_seen"]
+    assert_close_runs(run, reference.path)
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [p.name for p in reference.path.iterdir()] + [LAUNCH_MARKER]
+    )
+    assert done.stdout.count("val accuracy") == 1  # rank 0 alone reports
+
+
+def load_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def test_stages_and_feature_cache_under_two_processes(tiny, tmp_path):
+    """A head stage on cached features (each rank computes its shard of them), then the
+    whole net: each stage wrapped anew, the same weights as one process."""
+    _, ds, _, _ = tiny
+    recipe = write_recipe(
+        tmp_path / "staged.yaml",
+        tiny_recipe(stages=[{"epochs": 2, "train": ["head"]}, {"epochs": 1, "train": "all"}],
+                    **NO_AUGMENT),
+    )  # fmt: skip
+    one = train(recipe, ds.root, out=tmp_path / "one", threads=1, progress=False)
+    done = run_job(torchrun("train", str(recipe), "--data", str(ds.root), "--out",
+                            str(tmp_path / "two")))  # fmt: skip
+    assert "feature cache" in done.stderr
+    assert_close_runs(tmp_path / "two", one.path)
+
+
+# ---------------------------------------------------------------- faults (slow)
+
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def long_epochs(tmp_path_factory):
+    """Epochs long enough (60 global steps of 4 images) for a signal to land inside one,
+    and the single-process reference they must end at."""
+    root = tmp_path_factory.mktemp("ddp-long")
+    folder = make_image_folder(root / "src", per_class=80)
+    ds = import_dataset(folder, "long", dest=root / "long", warn=print)
+    recipe = write_recipe(
+        root / "long.yaml", tiny_recipe(epochs=EPOCHS, batch_size=4, **NO_AUGMENT)
+    )
+    reference = train(recipe, ds.root, out=root / "reference", threads=1, progress=False)
+    return ds, recipe, reference
+
+
+def start_job(command: list[str]) -> subprocess.Popen:
+    def default_sigint() -> None:  # a child of a background shell would inherit SIG_IGN
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=job_env(),
+        preexec_fn=default_sigint,
+    )
+
+
+def wait_for_checkpoint(run: Path, job: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+    """Until the first epoch's last.pt is there (its metrics row is written just before)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "last.pt").is_file():
+            return
+        if job.poll() is not None:
+            pytest.fail(f"job ended early: {worker_errors(job.communicate()[1])}")
+        time.sleep(0.05)
+    job.kill()
+    pytest.fail("no epoch finished in time")
+
+
+def worker_errors(stderr: str) -> str:
+    """The workers' own lines of a torchrun job's stderr (not the agent's W/E log lines)."""
+    return "\n".join(line for line in stderr.splitlines() if line[:1] not in ("W", "E", "I"))[
+        -4000:
+    ]
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_of_two_processes(long_epochs, tmp_path):
+    """Ctrl-C (torchrun passes SIGINT on to its workers) checkpoints mid-epoch on rank 0;
+    `--resume` with two processes ends where one uninterrupted process does."""
+    ds, recipe, reference = long_epochs
+    out = tmp_path / "run"
+    job = start_job(torchrun("train", str(recipe), "--data", str(ds.root), "--out", str(out)))
+    wait_for_checkpoint(out, job)
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=TIMEOUT)
+    assert job.returncode != 0
+    assert "interrupted (checkpoint saved)" in err, worker_errors(err)
+    assert err.count("continue with `imgclf train --resume") == 1  # rank 0 alone says it
+    run_job(torchrun("train", "--resume", str(out), "--quiet"))
+    assert_close_runs(out, reference.path)
+
+
+@pytest.mark.slow
+def test_killed_worker_is_restarted_and_the_run_ends_as_planned(long_epochs, tmp_path):
+    """`--max-restarts 1`: rank 0 killed with SIGKILL mid-run; torchrun restarts both
+    processes, which resume from the run's last.pt (found through --out) and end with
+    the epochs and weights of an uninterrupted run."""
+    ds, recipe, reference = long_epochs
+    out = tmp_path / "run"
+    job = start_job(
+        torchrun("train", str(recipe), "--data", str(ds.root), "--out", str(out), restarts=1)
+    )
+    wait_for_checkpoint(out, job)
+    rank0 = int((out / ".imgclf-train.lock").read_text())  # the lock names its holder
+    os.kill(rank0, signal.SIGKILL)
+    _, err = job.communicate(timeout=TIMEOUT)
+    assert job.returncode == 0, worker_errors(err)
+    assert "torchrun restart 1: resuming from" in err, worker_errors(err)
+    assert [int(r["epoch"]) for r in metric_values(out)] == list(range(1, EPOCHS + 1))
+    assert load_json(out / "summary.json")["epochs"] == EPOCHS
+    assert_close_runs(out, reference.path)
