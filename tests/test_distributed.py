@@ -248,6 +248,25 @@ def test_stages_and_feature_cache_under_two_processes(tiny, tmp_path):
     assert_close_runs(tmp_path / "two", one.path)
 
 
+def test_sharded_predict_writes_the_single_process_csv(tiny, tmp_path):
+    """Two processes share the files; rank 0 writes one CSV, byte for byte the one a
+    single process writes (same rows, same natural order), and says how many shared."""
+    from imgclf.predict import predict
+
+    _, _, _, reference = tiny
+    folder = make_image_folder(tmp_path / "in", per_class=7, seed=5)  # 21 files: 11 + 10
+    (folder / "a" / "broken.png").write_bytes(b"not a png")  # a failed row keeps its place
+    one = predict([reference.path], folder, tmp_path / "one.csv")
+    done = run_job(
+        torchrun("predict", str(reference.path), "--input", str(folder), "--out",
+                 str(tmp_path / "two.csv"), "--batch-size", "4")
+    )  # fmt: skip
+    assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+    assert one.rows == 22 and one.failures == 1
+    assert done.stdout.count("wrote 22 rows") == 1 and "shared by 2 processes" in done.stdout
+    assert "1 file could not be read" in done.stdout
+
+
 # ---------------------------------------------------------------- faults (slow)
 
 EPOCHS = 4

@@ -474,6 +474,10 @@ def _predict(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
     )
+    from imgclf.train.distributed import from_env
+
+    if not from_env().is_main:  # under torchrun, rank 0 wrote the CSV and reports it
+        return 0
     print(result.summary())
     if args.strict and result.failures:
         print(f"error: {result.failures} files could not be read (--strict)", file=sys.stderr)

@@ -25,6 +25,11 @@ the runs' training and validation images went through: cropped to cover the run'
 normalized and resized to its input size on the batch. A file is decoded once per distinct
 source size among the runs (usually once), so a 32-px scratch net and a 224-px backbone
 vote on the same files, each seeing them as it saw its training data.
+
+Under torchrun (``torchrun --nproc-per-node N -m imgclf predict ...``) the sorted file list
+is cut into N contiguous blocks, each process labels its own, and rank 0 gathers the rows
+(over Gloo: they are Python objects) and writes the one CSV, in the same order and with
+the same content as one process would.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import os
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -58,6 +63,7 @@ from imgclf.evaluate.compare import (
 )
 from imgclf.evaluate.tta import TTA
 from imgclf.io_utils import atomic_path, check_output_file
+from imgclf.train import distributed
 from imgclf.train.device import resolve_hardware
 
 FORMATS = ("default", "kaggle")
@@ -389,6 +395,7 @@ class PredictResult:
     seconds: float
     ignored: Counter = field(default_factory=Counter)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    processes: int = 1  # torchrun processes that shared the files
 
     @property
     def images_per_second(self) -> float:
@@ -396,9 +403,10 @@ class PredictResult:
 
     def summary(self) -> str:
         how = f"{len(self.runs)} runs, {self.vote} vote" if len(self.runs) > 1 else self.runs[0]
+        shared = f", shared by {self.processes} processes" if self.processes > 1 else ""
         lines = [
             f"wrote {self.rows} rows to {self.out} ({how}) in {self.seconds:.1f} s, "
-            f"{self.images_per_second:.0f} images/s"
+            f"{self.images_per_second:.0f} images/s{shared}"
         ]
         lines.append(f"{_files(self.failures)} could not be read" + (":" if self.failures else ""))
         lines += [f"  {file}: {reason}" for file, reason in self.failed[:10]]
@@ -441,6 +449,8 @@ def predict(
     """
     started = time.perf_counter()
     check_output_file(out)  # before any model loads or file decodes: fail in a second
+    env = distributed.from_env()  # under torchrun: this process's share of the files
+    device = distributed.local_device(device)
     if format not in FORMATS:
         raise UserError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
     if batch_size < 1:
@@ -472,21 +482,36 @@ def predict(
             return contextlib.nullcontext()
         return torch.autocast(hw.device.type, dtype=hw.autocast_dtype)
 
-    chunks = [inputs.items[i : i + batch_size] for i in range(0, len(inputs.items), batch_size)]
+    def labelled(items: list[Item]) -> Iterator[tuple[list, list[tuple[str, str]]]]:
+        """(rows, failures) of each chunk of ``items``, in order."""
+        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        # The machine's cores are shared among the processes on it.
+        threads = workers or max(1, default_workers() // env.local_world_size)
+        decoding = _decode_ahead(chunks, sizes, threads)
+        # closing: on an error, stop the decoding threads now
+        with torch.inference_mode(), contextlib.closing(decoding):
+            for chunk, decoded in decoding:
+                probs = chunk_probs(
+                    members, decoded, len(chunk), len(rs.classes), hw.device, autocast
+                )
+                yield (
+                    plan.rows(chunk, decoded.reasons, probs),
+                    [(it.file, r) for it, r in zip(chunk, decoded.reasons, strict=True) if r],
+                )
+
     failed: list[tuple[str, str]] = []
-    decoding = _decode_ahead(chunks, sizes, workers or default_workers())
-    with (
-        atomic_path(out) as tmp,
-        open(tmp, "w", newline="", encoding="utf-8") as f,
-        torch.inference_mode(),
-        contextlib.closing(decoding),  # on an error, stop the decoding threads now
-    ):
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(plan.header())
-        for chunk, decoded in decoding:
-            probs = chunk_probs(members, decoded, len(chunk), len(rs.classes), hw.device, autocast)
-            writer.writerows(plan.rows(chunk, decoded.reasons, probs))
-            failed += [(it.file, r) for it, r in zip(chunk, decoded.reasons, strict=True) if r]
+    if env.enabled:
+        failed = _sharded(inputs.items, labelled, out, plan.header(), hw.device, env)
+    else:
+        with (
+            atomic_path(out) as tmp,
+            open(tmp, "w", newline="", encoding="utf-8") as f,
+        ):
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(plan.header())
+            for rows, bad in labelled(inputs.items):
+                writer.writerows(rows)
+                failed += bad
     result = PredictResult(
         out=Path(out),
         rows=len(inputs.items),
@@ -496,8 +521,9 @@ def predict(
         seconds=time.perf_counter() - started,
         ignored=inputs.ignored,
         failed=failed,
+        processes=env.world_size,
     )
-    if strict and failed:
+    if strict and failed and env.is_main:  # rank 0 holds every process's failures
         exc = PredictFailures(
             f"{len(failed)} of {result.rows} files could not be read "
             f"(rows with an error in {out}); first: {failed[0][0]}: {failed[0][1]}"
@@ -505,3 +531,38 @@ def predict(
         exc.result = result
         raise exc
     return result
+
+
+def _sharded(
+    items: list[Item],
+    labelled: Callable[[list[Item]], Iterator[tuple[list, list[tuple[str, str]]]]],
+    out: str | os.PathLike[str],
+    header: list[str],
+    device: torch.device,
+    env: distributed.Dist,
+) -> list[tuple[str, str]]:
+    """Label this rank's contiguous block of ``items``; rank 0 gathers every block's rows
+    in rank order (that is, input order) and writes the CSV atomically. Returns the
+    failures: every rank's on rank 0, its own elsewhere."""
+    d = distributed.init(device, backend="gloo")  # rows are Python objects: CPU transport
+    try:
+        begin, end = (len(items) * r // d.world_size for r in (d.rank, d.rank + 1))
+        rows: list = []
+        failed: list[tuple[str, str]] = []
+        for part, bad in labelled(items[begin:end]):
+            rows += part
+            failed += bad
+        gathered = distributed.gather((rows, failed), d)
+        if gathered is None:
+            return failed
+        with (
+            atomic_path(out) as tmp,
+            open(tmp, "w", newline="", encoding="utf-8") as f,
+        ):
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(header)
+            for part, _ in gathered:
+                writer.writerows(part)
+        return [bad for _, part in gathered for bad in part]
+    finally:
+        distributed.shutdown(d)
