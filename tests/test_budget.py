@@ -16,7 +16,7 @@ from imgclf.cli import main
 from imgclf.data.importer import import_dataset
 from imgclf.errors import RecipeError
 from imgclf.train import train
-from imgclf.train.budget import parse_duration
+from imgclf.train.budget import REPLAN_SHARE, parse_duration
 from imgclf.train.checkpoint import load_checkpoint
 from imgclf.train.optim import build_scheduler
 from imgclf.train.recipe import SchedulerConfig
@@ -169,7 +169,7 @@ def test_replan_shrinks_the_rest_when_behind():
     assert plan.stage_steps[0] < 100 and 1 <= plan.stage_steps[1] < 50
     # The rest now fits: 2 s a step for the remaining steps, the later setup at 2× too.
     rest = (plan.stage_steps[0] - 20 + plan.stage_steps[1]) * 2.0 + 20.0
-    assert 60.0 + rest + 5.0 <= 200.0 * 0.97 + 1e-6
+    assert 60.0 + rest + 5.0 <= 200.0 * REPLAN_SHARE + 1e-6
 
 
 def test_replan_grows_early_when_ahead_and_leaves_a_run_on_plan_alone():
@@ -181,3 +181,12 @@ def test_replan_grows_early_when_ahead_and_leaves_a_run_on_plan_alone():
     assert on_plan.keep_to_budget(0, 20, elapsed=30.0) is None  # as planned, and it fits
     late = _plan()
     assert late.keep_to_budget(1, 10, elapsed=130.0) is None  # past half: never grows
+
+
+def test_replan_projects_with_the_latest_epochs_rate():
+    """A slow start (one-time costs) with a latest epoch on plan: no shrinking."""
+    plan = _plan((100, 50))
+    assert plan.keep_to_budget(0, 20, elapsed=45.0, window=(10.0, 10)) is None
+    slow = _plan((100, 50))
+    note = slow.keep_to_budget(0, 20, elapsed=30.0, window=(20.0, 10))  # now 2x slower
+    assert note and "behind" in note and slow.stage_steps[0] < 100

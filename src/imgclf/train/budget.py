@@ -34,10 +34,10 @@ if TYPE_CHECKING:
 
 # Share of the budget planned for: the rest absorbs the probe's error and machine noise,
 # so the run ends within the budget + 5% (issue #11) on a noisy machine.
-PLAN_SHARE = 0.93
+PLAN_SHARE = 0.95
 # Share of the budget a re-plan after an epoch aims at: measured costs leave less to
 # guess than the probe's.
-REPLAN_SHARE = 0.97
+REPLAN_SHARE = 0.985
 # Most a re-plan may lengthen the remaining steps (a pessimistic probe), early in a run.
 MAX_GROWTH = 1.25
 # Seconds set aside for the plots and files written at the end.
@@ -103,12 +103,22 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
-    def keep_to_budget(self, si: int, done_in_stage: int, elapsed: float) -> str | None:
+    def keep_to_budget(
+        self,
+        si: int,
+        done_in_stage: int,
+        elapsed: float,
+        window: tuple[float, int] | None = None,
+    ) -> str | None:
         """After an epoch: compare the time spent with the probe's estimate for the same
         work and, when the rest would overrun the budget, shrink the remaining steps (of
         this stage and the later ones) by one factor; early in the run (under half the
         planned steps done) also grow them, by at most MAX_GROWTH, when the probe was
-        pessimistic. Schedules follow: they read ``stage_steps``."""
+        pessimistic. Schedules follow: they read ``stage_steps``.
+
+        ``window``: (seconds, steps) of the latest epoch of this stage, validation and
+        checkpoint included: its rate against the probe's is what the rest is projected
+        with (the run's start holds one-time costs that would make it look slower)."""
         n = len(self.stage_steps)
         done = [
             self.stage_steps[i] if i < si else done_in_stage if i == si else 0 for i in range(n)
@@ -117,6 +127,8 @@ class Plan:
             self.setup_seconds[i] + done[i] * self.step_seconds[i] for i in range(si + 1)
         )
         ratio = elapsed / planned_so_far if planned_so_far > 0 else 1.0
+        if window is not None and window[1] > 0:
+            ratio = window[0] / (window[1] * self.step_seconds[si])
         rest = sum((self.stage_steps[i] - done[i]) * self.step_seconds[i] for i in range(si, n))
         later_setup = sum(self.setup_seconds[si + 1 :])
         available = self.budget_seconds * REPLAN_SHARE - elapsed - self.reserve_seconds

@@ -408,6 +408,11 @@ class Trainer:
                 f"stage {si + 1}/{len(r.stages)}: training {', '.join(groups)} "
                 f"({n_train:,} parameters) for {self._stage_length(si)}"
             )
+            # Where this stage's clock starts for the budget's re-plans (after its cache).
+            self._mark = (
+                time.perf_counter(),
+                self.position.epoch * len(self._batches()) + self.position.batch,
+            )
             while self.position.epoch < self._stage_epochs(si):
                 stop = self._epoch(si, stage, optimizer, scheduler)
                 if self._agreed(self.ctrl_c.requested):  # during validation or the save
@@ -459,7 +464,10 @@ class Trainer:
             done = min(pos.epoch * len(self._batches()), self.plan.stage_steps[si])
             note = None
             if self.dist.is_main:  # one clock decides: every rank must run the same steps
-                note = self.plan.keep_to_budget(si, done, self._elapsed())
+                now = time.perf_counter()
+                window = (now - self._mark[0], done - self._mark[1])
+                note = self.plan.keep_to_budget(si, done, self._elapsed(), window)
+                self._mark = (now, done)
             if self.dist.enabled:
                 steps, note = distributed.broadcast((self.plan.stage_steps, note), self.dist)
                 self.plan.stage_steps = list(steps)
