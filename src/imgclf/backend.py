@@ -30,10 +30,10 @@ from imgclf.paths import imgclf_home
 
 BACKENDS = ("torch", "onnx")
 # Models ONNX Runtime runs faster than PyTorch eager on the CPU, measured by
-# benchmarks/bench_onnx.py (docs/benchmarks.md, 2-core AMD EPYC): Lite0 at 224 px 7.2×
-# (depthwise convolutions); `fast` at 32 px 0.99×, a tie, so it stays on PyTorch, and so
-# does every model not measured.
-ONNX_FASTER = frozenset({"efficientnet_lite0"})
+# benchmarks/bench_onnx.py (docs/benchmarks.md §6, 2-core AMD EPYC, idle): Lite0 at
+# 224 px 4.5× (depthwise convolutions), `fast` at 32 px 1.26× (under load the two tied).
+# Every model not measured stays on PyTorch.
+ONNX_FASTER = frozenset({"efficientnet_lite0", "fast"})
 
 
 def resolve_backend(backend: str | None, device: torch.device | str = "cpu") -> str:
