@@ -15,9 +15,10 @@ The plan (steps per stage) is saved in every checkpoint: a resumed run keeps it.
 from __future__ import annotations
 
 import copy
-import io
 import math
+import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -131,14 +132,20 @@ class Plan:
         ratio = elapsed / planned_so_far if planned_so_far > 0 else 1.0
         if window is not None and window[1] > 0:
             ratio = window[0] / (window[1] * self.step_seconds[si])
-        rest = sum((self.stage_steps[i] - done[i]) * self.step_seconds[i] for i in range(si, n))
+        # The measured rate applies to this stage only: a cached head stage's epochs are all
+        # bookkeeping and a full stage's all compute, so one stage's error says little
+        # about the next, which is re-planned when its own epochs are measured.
+        current = (self.stage_steps[si] - done[si]) * self.step_seconds[si] * ratio
+        later = sum(self.stage_steps[i] * self.step_seconds[i] for i in range(si + 1, n))
         later_setup = sum(self.setup_seconds[si + 1 :])
         available = self.budget_seconds * REPLAN_SHARE - elapsed - self.reserve_seconds
-        projected = ratio * (rest + later_setup)
+        projected = current + later + later_setup
         early = 2 * sum(done) < sum(self.stage_steps)
-        if rest <= 0 or (projected <= available and not (early and projected < 0.9 * available)):
+        if current + later <= 0:
             return None
-        f = min(MAX_GROWTH, max(0.0, available - ratio * later_setup) / (ratio * rest))
+        if projected <= available and not (early and projected < 0.9 * available):
+            return None
+        f = min(MAX_GROWTH, max(0.0, available - later_setup) / (current + later))
         for i in range(si, n):
             left = self.stage_steps[i] - done[i]
             keep = math.floor(left * f)
@@ -302,12 +309,16 @@ def _time_steps(net: torch.nn.Module, x: torch.Tensor, trainer: Trainer) -> floa
 
 
 def _time_checkpoint(trainer: Trainer) -> float:
-    """An epoch ends with two checkpoint writes (last.pt, often best.pt), a metrics row and
-    TensorBoard events: negligible for real data sets, most of an epoch for tiny ones."""
-    buf = io.BytesIO()
-    t = time.perf_counter()
-    torch.save(trainer.model.state_dict(), buf)
-    return 2 * (time.perf_counter() - t) + EPOCH_OVERHEAD_S
+    """An epoch ends with two checkpoint writes (last.pt, often best.pt: weights and the
+    optimizer's momentum, written and synced to disk), a metrics row and TensorBoard
+    events: negligible for real data sets, most of an epoch of a cached head stage."""
+    state = {"model": trainer.model.state_dict(), "momentum": trainer.model.state_dict()}
+    with tempfile.NamedTemporaryFile(dir=tempfile.gettempdir()) as f:
+        t = time.perf_counter()
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+        return 2 * (time.perf_counter() - t) + EPOCH_OVERHEAD_S
 
 
 def _sync(x: torch.Tensor) -> None:
