@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +74,23 @@ def job_env() -> dict[str, str]:
 
 
 def run_job(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        command, capture_output=True, text=True, env=job_env(), cwd=cwd, timeout=TIMEOUT
-    )
+    # One retry: in about 1 full-suite run in 4 a 2-process job here failed where it passed
+    # alone, cause not found yet (a loopback rendezvous right after the previous job's is
+    # the suspect). A real failure fails twice; the first one is reported as a warning.
+    for attempt in range(2):
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=job_env(), cwd=cwd, timeout=TIMEOUT
+        )
+        if done.returncode == 0 or attempt == 1:
+            break
+        warnings.warn(
+            f"2-process job failed once, retrying: {worker_errors(done.stderr)}", stacklevel=2
+        )
+        # Start clean: the failed attempt may have left a run folder behind.
+        if "--out" in command:
+            shutil.rmtree(command[command.index("--out") + 1], ignore_errors=True)
+        elif cwd is not None:
+            shutil.rmtree(cwd / "runs", ignore_errors=True)
     assert done.returncode == 0, worker_errors(done.stderr)
     return done
 
