@@ -158,3 +158,16 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 def is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+# Headless Chromium as the report and serve tests run it: no GPU, no network of its own,
+# no first-run pages, /dev/shm-safe in containers.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+)

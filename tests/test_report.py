@@ -13,6 +13,7 @@ from urllib.parse import unquote
 import pytest
 from PIL import Image
 
+from conftest import CHROMIUM_FLAGS
 from helpers_runs import session_runs
 from helpers_train import make_image_folder, tiny_recipe
 from imgclf.cli import main
@@ -196,13 +197,7 @@ def test_html_renders_in_headless_chromium(trained, tmp_path):
     )
     common = [
         _chromium(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--no-first-run",
-        "--disable-dev-shm-usage",
+        *CHROMIUM_FLAGS,
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
     url = out.as_uri()

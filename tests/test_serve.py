@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import CHROMIUM_FLAGS
 from helpers_runs import session_runs
 from imgclf.predict import predict
 from imgclf.serve import Predictor, create_app, start_in_thread
@@ -194,13 +195,7 @@ class DevTools:
         self.proc = subprocess.Popen(
             [
                 chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--no-first-run",
-                "--disable-dev-shm-usage",
+                *CHROMIUM_FLAGS,
                 "--remote-debugging-pipe",
                 f"--user-data-dir={profile}",
                 "about:blank",

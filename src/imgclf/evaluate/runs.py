@@ -85,24 +85,14 @@ def open_data(data: str | Path | Dataset, source_size: Size | None = None) -> Da
 
 
 def open_data_for(data: str | Path | Dataset, runs: list[LoadedRun]) -> list[Dataset]:
-    """The dataset each run is scored on: one cached dataset for all, or a source imported
-    once per distinct training-cache size among the runs."""
-    try:
-        ds = (
-            open_data(data)
-            if isinstance(data, Dataset)
-            else load_dataset(resolve_dataset_dir(data))
-        )
-        return [ds] * len(runs)
-    except DataError:
-        if not Path(data).expanduser().exists():
-            raise
+    """The dataset each run is scored on: a cached dataset as it is, or a source imported
+    once per distinct training-cache size among the runs (open_data decides which)."""
     by_size: dict[Size, Dataset] = {}
-    for lr in runs:
-        size = Preprocess.from_state(lr.state).source_size
+    sizes = [Preprocess.from_state(lr.state).source_size for lr in runs]
+    for size in sizes:
         if size not in by_size:
             by_size[size] = open_data(data, size)
-    return [by_size[Preprocess.from_state(lr.state).source_size] for lr in runs]
+    return [by_size[size] for size in sizes]
 
 
 def default_split(ds: Dataset) -> str:

@@ -163,21 +163,21 @@ def broadcast(obj: Any, d: Dist) -> Any:
     return box[0]
 
 
-def all_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
+def _all_reduce(values: list[float], d: Dist, device: torch.device, op) -> list[float]:
     if not d.enabled:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def all_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
+    return _all_reduce(values, d, device, dist.ReduceOp.SUM)
 
 
 def all_max(values: list[float], d: Dist, device: torch.device) -> list[float]:
     """Elementwise maximum over ranks: for flags (any rank set it) and wall times."""
-    if not d.enabled:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return _all_reduce(values, d, device, dist.ReduceOp.MAX)
 
 
 def gather(obj: Any, d: Dist) -> list[Any] | None:
