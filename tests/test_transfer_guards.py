@@ -256,14 +256,14 @@ def test_a_stage_ending_below_the_previous_one_warns(tmp_path, capsys):
     ds = import_dataset(src, "ok", dest=tmp_path / "cache", val_fraction=0.4, warn=_quiet)
     recipe = {**_simple(), "stages": [{"epochs": 1}, {"epochs": 1}, {"epochs": 1}]}
     trainer = Trainer(validate(recipe), ds, tmp_path / "run", progress=False)
-    assert trainer.val_loader.num_samples == 60  # one standard error at 80%: 5.2 points
+    assert trainer.val_loader.num_samples == 60  # two standard errors at 80%: 10.3 points
     trainer._check_stage_end(0, 0.80)
-    trainer._check_stage_end(1, 0.76)  # within the noise of 60 images: no warning
+    trainer._check_stage_end(1, 0.72)  # within the noise of 60 images: no warning
     assert trainer.progress.warnings == []
     trainer._check_stage_end(1, 0.80)
-    trainer._check_stage_end(2, 0.70)
+    trainer._check_stage_end(2, 0.65)
     (warning,) = trainer.progress.warnings
-    assert "stage 3 ended at val accuracy 0.7000, below stage 2's 0.8000" in warning
+    assert "stage 3 ended at val accuracy 0.6500, below stage 2's 0.8000" in warning
     assert "batchnorm=frozen" in warning and "best.pt" in warning
     assert capsys.readouterr().err.count("warning:") == 1
     # A resumed stage replaces its own entry instead of appending a second one.
