@@ -358,10 +358,40 @@ def test_sgd_with_momentum_nesterov_decay_and_lower_lr_groups() -> None:
             seen[names[id(p)]] = (group["lr"], group["weight_decay"])
     assert seen == {
         "block2.0.weight": (pytest.approx(0.01), 5e-4),  # lower group: lr × 0.1
-        "block2.0.bias": (pytest.approx(0.02), 0.0),  # × 0.1 × bias_lr_mult, no decay
+        # bias_lr_mult is for normalization layers: a conv's bias keeps its group's rate
+        "block2.0.bias": (pytest.approx(0.01), 0.0),  # × 0.1, no decay (1-D)
         "head.weight": (pytest.approx(0.1), 5e-4),
-        "head.bias": (pytest.approx(0.2), 0.0),
+        "head.bias": (pytest.approx(0.1), 0.0),
     }
+
+
+@pytest.mark.parametrize("scales_decay", [True, False])
+def test_bias_lr_mult_speeds_up_norm_layers_and_may_keep_the_decay_per_step(
+    scales_decay: bool,
+) -> None:
+    recipe = validate(
+        {
+            "model": "fast",
+            "optimizer": {
+                "lr": 1.5,
+                "weight_decay": 1e-3,
+                "bias_lr_mult": 64.0,
+                "bias_lr_mult_decay": scales_decay,
+            },
+        }
+    )
+    model = create("fast", num_classes=10)
+    opt = build_optimizer(model, recipe, recipe.stages[0])
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = {
+        names[id(p)]: (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]
+    }
+    assert seen["block1.conv1.weight"] == (pytest.approx(1.5), 1e-3)
+    assert seen["stem.conv.bias"] == (pytest.approx(1.5), 1e-3)  # not a norm layer
+    lr, wd = seen["block2.norm1.bias"]
+    assert lr == pytest.approx(96.0)
+    # airbench: the multiplier raises the rate "but not weight decay" (lr × wd per step)
+    assert lr * wd == pytest.approx(96.0 * 1e-3 if scales_decay else 1.5 * 1e-3)
 
 
 def test_adamw_with_betas_and_stage_lr() -> None:

@@ -24,7 +24,13 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from imgclf.data.loader import BatchLoader, epoch_generator, epoch_order, num_batches
+from imgclf.data.loader import (
+    BatchLoader,
+    alternate_flips,
+    epoch_generator,
+    epoch_order,
+    num_batches,
+)
 from imgclf.train.distributed import SINGLE, Dist, all_gather_rows
 from imgclf.train.recipe import Recipe, StageConfig
 from imgclf.train.stages import split_at_first_trained
@@ -60,6 +66,7 @@ class FeatureCache:
     ) -> None:
         self.suffix = suffix
         self.views = views
+        self.alternate = train.augment.flip == "alternate"
         self.train_loader = train
         self.batch_size = train.batch_size
         self.drop_last = train.drop_last
@@ -139,8 +146,11 @@ class FeatureCache:
         # Which view each sample shows this epoch: a coin per sample, as a random flip.
         # Drawn for all n samples on every rank, so a sample's view does not depend on
         # which rank trains on it.
-        gen = epoch_generator(self.seed + 2, self.epoch)
-        view = torch.randint(0, self.views, (n,), generator=gen)
+        if self.alternate and self.views == 2:  # flip: alternate, as the image loader
+            view = alternate_flips(n, self.seed, self.epoch).long()
+        else:
+            gen = epoch_generator(self.seed + 2, self.epoch)
+            view = torch.randint(0, self.views, (n,), generator=gen)
         steps = num_batches(n, self.batch_size, self.rank, self.world_size, self.drop_last)
         for i in range(steps):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]

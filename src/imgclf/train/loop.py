@@ -51,6 +51,7 @@ from imgclf.train.choose import choose_recipe
 from imgclf.train.device import Hardware, resolve_device, resolve_hardware, set_threads
 from imgclf.train.distributed import SINGLE, Dist
 from imgclf.train.feature_cache import FeatureCache
+from imgclf.train.lookahead import Lookahead
 from imgclf.train.optim import build_optimizer, build_scheduler
 from imgclf.train.recipe import Recipe, load_recipe, recipe_yaml, validate
 from imgclf.train.rundir import (
@@ -62,7 +63,7 @@ from imgclf.train.rundir import (
     new_run_dir,
     write_json,
 )
-from imgclf.train.stages import resolve_groups, set_trainable, train_mode
+from imgclf.train.stages import group_of, resolve_groups, set_trainable, train_mode
 
 # Mid-epoch checkpoints at most this often: cheap insurance for hour-long CPU epochs.
 CHECKPOINT_MINUTES = 10.0
@@ -203,8 +204,12 @@ class Trainer:
         self.wall_base = 0.0
         self.cache: FeatureCache | None = None
         self.train_net: torch.nn.Module | None = None  # this stage's DDP wrapper, if any
+        self.lookahead: Lookahead | None = None  # this stage's slow weights, if the recipe has it
+        self.lookahead_done = False  # the stage's last step has put the slow weights in place
         for stage in recipe.stages:  # bad group names fail now, before any file is written
             resolve_groups(self.model, stage.groups())
+            if stage.freeze_after:
+                resolve_groups(self.model, list(stage.freeze_after))
         if state is None:
             self._init_from_data()
         else:
@@ -332,6 +337,9 @@ class Trainer:
             "progress": vars(self.progress).copy(),
             "model_state": m.state_dict(),
             "optimizer_state": optimizer.state_dict() if optimizer else None,
+            "lookahead_state": (
+                self.lookahead.state_dict() if optimizer and self.lookahead else None
+            ),
             "scheduler_state": scheduler.state_dict() if scheduler else None,
             "torch_rng": torch.get_rng_state(),
             "plan": self.plan.to_dict() if self.plan is not None else None,
@@ -396,10 +404,13 @@ class Trainer:
                 stage.epochs,
                 total_steps=functools.partial(self._stage_steps, si) if self.plan else None,
             )
+            self.lookahead = Lookahead(self.model, r.lookahead) if r.lookahead else None
             state = self.resume_state
             if state is not None and state.get("optimizer_state") is not None:
                 optimizer.load_state_dict(state["optimizer_state"])
                 scheduler.load_state_dict(state["scheduler_state"])
+                if self.lookahead is not None and state.get("lookahead_state"):
+                    self.lookahead.load_state_dict(state["lookahead_state"])
             if state is not None:
                 torch.set_rng_state(state["torch_rng"])
                 self.resume_state = None
@@ -421,6 +432,7 @@ class Trainer:
                     return
             self.cache = None
             self.train_net = None
+            self.lookahead = None
 
     def _epoch(self, si: int, stage, optimizer, scheduler) -> bool:
         """One epoch; returns True when early stopping says to stop."""
@@ -474,6 +486,8 @@ class Trainer:
             if note:
                 self._say(note)
         done_stage = pos.epoch >= self._stage_epochs(si)
+        if done_stage and self.lookahead is not None and not self.lookahead_done:
+            self.lookahead.finish(self.model)  # a re-plan ended the stage early
         self._save(
             None if done_stage else optimizer,
             None if done_stage else scheduler,
@@ -505,9 +519,11 @@ class Trainer:
             hw.device.type, dtype=hw.autocast_dtype, enabled=hw.autocast_dtype is not None
         )
         batches = self._batches()
+        self._freeze_due(si, stage, pos.epoch * len(batches) + pos.batch)
         net = self.train_net if self.train_net is not None else self._net()
         # Steps of this epoch: all of them, except in a budgeted stage's last epoch.
         limit = self._stage_steps(si) - pos.epoch * len(batches)
+        self.lookahead_done = False
         try:
             for step, (x, y) in enumerate(batches.iter_from(pos.batch), start=pos.batch):
                 if step >= limit:
@@ -530,6 +546,8 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip)
                 optimizer.step()
                 scheduler.step()
+                if self.lookahead is not None:
+                    self._lookahead_step(si, pos.epoch * len(batches) + step + 1)
                 n = len(y)
                 acc["loss"] += loss.item() * n
                 acc["correct"] += (logits.argmax(1) == y).sum().item()
@@ -573,6 +591,30 @@ class Trainer:
             "seconds": seconds,
             "images_per_second": acc["count"] / max(seconds, 1e-9),
         }
+
+    def _lookahead_step(self, si: int, done: int) -> None:
+        total = self._stage_steps(si)
+        self.lookahead.after_step(self.model, done, total)
+        if done >= total:
+            self.lookahead.finish(self.model)
+            self.lookahead_done = True
+
+    def _freeze_due(self, si: int, stage, done: int) -> None:
+        """Stop training the groups of ``stage.freeze_after`` whose share of the stage's
+        steps has passed (checked at epoch starts, as airbench freezes its stem bias)."""
+        total = self._stage_steps(si)
+        due = [g for g, share in stage.freeze_after.items() if done >= share * total]
+        if not due:
+            return
+        names = {n for n, g in group_of(self.model).items() if g in due}
+        changed = False
+        for name, p in self.model.named_parameters():
+            if name in names and p.requires_grad:
+                p.requires_grad_(False)
+                p.grad = None
+                changed = True
+        if changed and self.dist.enabled:  # DDP fixes its trained set when it is built
+            self.train_net = distributed.wrap(self._net(), self.dist, self.hw.device)
 
     @property
     def _dd(self) -> tuple[Dist, torch.device]:

@@ -25,16 +25,19 @@ def build_optimizer(
     groups = resolve_groups(model, stage.groups())
     top = groups[-1]  # groups come in network order: the last trained one is the top
     owner = group_of(model)
+    norm = norm_parameter_names(model)
     buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lr = base_lr * (1.0 if owner[name] == top else stage.lower_lr_mult)
         wd = opt.weight_decay
-        if p.ndim <= 1:  # biases and norm parameters
+        if name in norm:
             lr *= opt.bias_lr_mult
-            if opt.no_decay_1d:
-                wd = 0.0
+            if not opt.bias_lr_mult_decay:  # the same decay per step (lr × wd) as the rest
+                wd /= opt.bias_lr_mult
+        if p.ndim <= 1 and opt.no_decay_1d:  # biases and norm parameters
+            wd = 0.0
         buckets.setdefault((lr, wd), []).append(p)
     # The group at the stage's base lr first: metrics.csv logs param_groups[0]'s lr.
     ordered = sorted(buckets.items(), key=lambda item: item[0][0] != base_lr)
@@ -51,6 +54,19 @@ def build_optimizer(
             nesterov=opt.nesterov and opt.momentum > 0,
         )
     return torch.optim.AdamW(param_groups, lr=base_lr, betas=opt.betas)
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def norm_parameter_names(model: nn.Module) -> set[str]:
+    """Parameters of normalization layers (what ``bias_lr_mult`` speeds up)."""
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        if isinstance(module, _NORMS)
+        for name, _ in module.named_parameters(recurse=False)
+    }
 
 
 def lr_factor(cfg: SchedulerConfig, step: int, steps_per_epoch: float, total_steps: int) -> float:
@@ -73,11 +89,12 @@ def lr_factor(cfg: SchedulerConfig, step: int, steps_per_epoch: float, total_ste
     if cfg.name == "linear":
         return floor + (1 - floor) * (1 - progress)
     if cfg.name == "onecycle":
-        # Triangle: rise from floor to 1 over pct_start of the steps, then back down to 0
-        # (as in airbench94 and Smith & Topin, arXiv 1708.07120).
+        # Triangle: rise from floor to 1 over pct_start of the steps, then down to
+        # end_lr_factor (airbench94: 0.2 → 1 over 23%, → 0.07; Smith & Topin, 1708.07120).
         if progress < cfg.pct_start:
             return floor + (1 - floor) * progress / cfg.pct_start
-        return (1 - progress) / (1 - cfg.pct_start)
+        end = cfg.end_lr_factor
+        return end + (1 - end) * (1 - progress) / (1 - cfg.pct_start)
     raise ValueError(f"unknown schedule {cfg.name!r}")
 
 
