@@ -208,7 +208,7 @@ def recipes_dir() -> Path:
 def list_recipes() -> dict[str, str]:
     """Bundled recipe names → descriptions."""
     out = {}
-    for path in sorted(recipes_dir().glob("*.yaml")):
+    for path in sorted(recipes_dir().glob("*.yaml"), key=lambda p: p.stem):
         data = yaml.safe_load(path.read_text()) or {}
         out[path.stem] = str(data.get("description", ""))
     return out
