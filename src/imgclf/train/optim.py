@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from imgclf.train.muon import Muon
 from imgclf.train.recipe import Recipe, SchedulerConfig, StageConfig
 from imgclf.train.stages import group_of, resolve_groups
 
@@ -26,11 +27,18 @@ def build_optimizer(
     top = groups[-1]  # groups come in network order: the last trained one is the top
     owner = group_of(model)
     norm = norm_parameter_names(model)
-    buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
+    # Muon's rate is an angular step on a normalized update: the batch-size rule
+    # (lr_scale) does not apply to it; a stage's own lr and the lower groups' multiplier do.
+    muon_lr = opt.muon_lr * (stage.lr / opt.lr if stage.lr is not None else 1.0)
+    buckets: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lr = base_lr * (1.0 if owner[name] == top else stage.lower_lr_mult)
+        mult = 1.0 if owner[name] == top else stage.lower_lr_mult
+        if opt.name == "muon" and is_filter_bank(p):
+            buckets.setdefault((muon_lr * mult, 0.0, True), []).append(p)
+            continue
+        lr = base_lr * mult
         wd = opt.weight_decay
         if name in norm:
             lr *= opt.bias_lr_mult
@@ -38,14 +46,24 @@ def build_optimizer(
                 wd /= opt.bias_lr_mult
         if p.ndim <= 1 and opt.no_decay_1d:  # biases and norm parameters
             wd = 0.0
-        buckets.setdefault((lr, wd), []).append(p)
+        buckets.setdefault((lr, wd, False), []).append(p)
     # The group at the stage's base lr first: metrics.csv logs param_groups[0]'s lr.
-    ordered = sorted(buckets.items(), key=lambda item: item[0][0] != base_lr)
+    ordered = sorted(buckets.items(), key=lambda item: item[0][2] or item[0][0] != base_lr)
     param_groups = [
-        {"params": ps, "lr": lr, "weight_decay": wd, "initial_lr": lr} for (lr, wd), ps in ordered
+        {"params": ps, "lr": lr, "weight_decay": wd, "initial_lr": lr}
+        | ({"muon": True, "momentum": opt.muon_momentum} if muon else {})
+        for (lr, wd, muon), ps in ordered
     ]
     if not param_groups:
         raise ValueError("no trainable parameters in this stage")
+    if opt.name == "muon":
+        return Muon(
+            param_groups,
+            lr=base_lr,
+            momentum=opt.momentum,
+            nesterov=opt.nesterov,
+            ns_steps=opt.muon_ns_steps,
+        )
     if opt.name == "sgd":
         return torch.optim.SGD(
             param_groups,
@@ -57,6 +75,13 @@ def build_optimizer(
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def is_filter_bank(p: nn.Parameter) -> bool:
+    """A dense convolution's weight (out × in × k × k, in > 1): what Muon orthogonalizes.
+    Depthwise filters (in = 1 per group), linear layers and 1-D parameters stay on SGD,
+    as airbench94_muon keeps its head and biases there."""
+    return p.ndim == 4 and p.shape[1] > 1
 
 
 def norm_parameter_names(model: nn.Module) -> set[str]:

@@ -38,7 +38,8 @@ class AugmentConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["sgd", "adamw"] = "sgd"
+    # muon: Muon (imgclf.train.muon) for dense convolution filters, this SGD for the rest.
+    name: Literal["sgd", "adamw", "muon"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
@@ -52,6 +53,11 @@ class OptimizerConfig(_Strict):
     # scales "learning rate (but not weight decay) for BatchNorm biases").
     bias_lr_mult_decay: bool = True
     no_decay_1d: bool = False  # no weight decay on biases and norm parameters
+    # name: muon — the filters' rate (an angular step per update, not scaled with the
+    # batch), momentum and Newton–Schulz iterations (airbench94_muon: 0.24, 0.6, 3).
+    muon_lr: float = Field(0.24, gt=0)
+    muon_momentum: float = Field(0.6, ge=0, lt=1)
+    muon_ns_steps: int = Field(3, ge=1, le=10)
 
 
 class LookaheadConfig(_Strict):

@@ -1,0 +1,145 @@
+"""Muon (imgclf.train.muon): the orthogonalized step for filter banks, PyTorch's SGD step
+for the rest, and how a recipe's ``optimizer: {name: muon}`` splits a model."""
+
+from __future__ import annotations
+
+import copy as copy_module
+import math
+
+import pytest
+import torch
+
+from imgclf.errors import RecipeError
+from imgclf.models import create
+from imgclf.train.muon import Muon, orthogonalize
+from imgclf.train.optim import build_optimizer
+from imgclf.train.recipe import load_recipe, validate
+
+
+@pytest.mark.parametrize("shape", [(64, 24, 3, 3), (256, 64, 3, 3), (300, 20), (20, 300)])
+def test_orthogonalize_brings_every_singular_value_near_one(shape) -> None:
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    g[0] *= 100  # one dominant direction: plain momentum SGD would move mostly along it
+    out = orthogonalize(g, steps=5)
+    assert out.shape == g.shape and out.dtype == g.dtype
+    singular = torch.linalg.svdvals(out.reshape(len(out), -1))
+    assert singular.min() > 0.6 and singular.max() < 1.25
+    assert torch.linalg.svdvals(g.reshape(len(g), -1)).max() > 50  # the input was not
+
+
+def _tensors(seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 4, 3, 3, generator=gen), torch.randn(8, generator=gen)]
+
+
+def test_sgd_groups_take_exactly_torch_sgds_step() -> None:
+    ours = [p.clone().requires_grad_() for p in _tensors(0)]
+    ref = [p.clone().requires_grad_() for p in _tensors(0)]
+    kwargs = dict(lr=0.3, momentum=0.85, nesterov=True, weight_decay=0.01)
+    opt = Muon([{"params": ours}], **kwargs)
+    torch_opt = torch.optim.SGD([{"params": ref}], **kwargs)
+    for step in range(4):
+        grads = _tensors(100 + step)
+        for params, o in ((ours, opt), (ref, torch_opt)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            o.step()
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_muon_group_pins_the_norm_then_steps_along_the_orthogonalized_momentum() -> None:
+    w0 = _tensors(0)[0] * 3
+    w = w0.clone().requires_grad_()
+    opt = Muon([{"params": [w], "muon": True}], lr=0.2, momentum=0.6, ns_steps=3)
+    grads = [_tensors(1)[0], _tensors(2)[0]]
+    w.grad = grads[0].clone()
+    opt.step()
+    pinned = w0 * math.sqrt(8) / w0.norm()
+    expected = pinned - 0.2 * orthogonalize(grads[0] * 1.6, 3)  # nesterov: g + 0.6·buf, buf = g
+    torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-5)
+    w.grad = grads[1].clone()
+    opt.step()
+    buf = 0.6 * grads[0] + grads[1]
+    pinned = expected * math.sqrt(8) / expected.norm()
+    expected = pinned - 0.2 * orthogonalize(grads[1] + 0.6 * buf, 3)
+    torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-5)
+    # The update's scale does not follow the gradient's: a 1000× gradient, the same step.
+    v = w0.clone().requires_grad_()
+    big = Muon([{"params": [v], "muon": True}], lr=0.2, momentum=0.6, ns_steps=3)
+    v.grad = grads[0] * 1000
+    big.step()
+    pinned = w0 * math.sqrt(8) / w0.norm()
+    torch.testing.assert_close(v.detach(), pinned - 0.2 * orthogonalize(grads[0] * 1.6, 3))
+
+
+def test_muon_state_round_trips_through_a_state_dict() -> None:
+    def make():
+        w = _tensors(0)[0].requires_grad_()
+        b = _tensors(0)[1].requires_grad_()
+        opt = Muon([{"params": [w], "muon": True}, {"params": [b]}], lr=0.1, momentum=0.8)
+        return [w, b], opt
+
+    (params, opt) = make()
+    for step in range(2):
+        for p, g in zip(params, _tensors(10 + step), strict=True):
+            p.grad = g
+        opt.step()
+    (copy, opt2) = make()
+    with torch.no_grad():
+        for c, p in zip(copy, params, strict=True):
+            c.copy_(p)
+    opt2.load_state_dict(copy_module.deepcopy(opt.state_dict()))  # as through torch.save
+    for o, ps in ((opt, params), (opt2, copy)):
+        for p, g in zip(ps, _tensors(20), strict=True):
+            p.grad = g.clone()
+        o.step()
+    for a, b in zip(params, copy, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_muon_recipe_sends_filter_banks_to_muon_and_the_rest_to_sgd() -> None:
+    recipe = validate(
+        {
+            "model": "fast",
+            "optimizer": {
+                "name": "muon",
+                "lr": 1.6,
+                "momentum": 0.85,
+                "nesterov": True,
+                "weight_decay": 2e-3,
+                "bias_lr_mult": 64.0,
+                "bias_lr_mult_decay": False,
+                "muon_lr": 0.24,
+                "muon_momentum": 0.6,
+            },
+            "stages": [{"train": "all"}],
+        }
+    )
+    model = create("fast", num_classes=10)
+    # The small-data rule scales SGD rates (×0.5 here) but not Muon's normalized step.
+    opt = build_optimizer(model, recipe, recipe.stages[0], lr_scale=0.5)
+    assert isinstance(opt, Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    where = {names[id(p)]: g for g in opt.param_groups for p in g["params"]}
+    convs = {n for n, p in model.named_parameters() if p.ndim == 4 and p.requires_grad}
+    assert len(convs) == 6 and "stem.conv.weight" not in where  # frozen whitening weight
+    for name, group in where.items():
+        if name in convs:
+            assert group["muon"] and group["lr"] == pytest.approx(0.24)
+            assert group["momentum"] == 0.6 and group["weight_decay"] == 0
+        else:
+            assert not group["muon"] and group["momentum"] == 0.85
+    assert where["head.weight"]["lr"] == pytest.approx(0.8)
+    assert where["head.weight"]["weight_decay"] == pytest.approx(2e-3)
+    assert where["block1.norm1.bias"]["lr"] == pytest.approx(0.8 * 64)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.8)  # metrics.csv logs group 0
+
+
+def test_muon_settings_are_validated() -> None:
+    with pytest.raises(RecipeError, match="muon_momentum"):
+        load_recipe("fast", ["optimizer.name=muon", "optimizer.muon_momentum=1.5"])
+    with pytest.raises(RecipeError, match=r"optimizer\.name"):
+        load_recipe("fast", ["optimizer.name=lion"])
+    with pytest.raises(ValueError, match="2 or more dimensions"):
+        Muon([{"params": [torch.zeros(3, requires_grad=True)], "muon": True}], lr=0.1)
