@@ -3,6 +3,7 @@ efficiency = imgclf's training images/s ÷ a bare forward/backward/step loop's o
 pre-made batches. Target: ≥ 0.95.
 
     python benchmarks/bench_loop_efficiency.py --model fast --size 32 --source 32
+    python benchmarks/bench_loop_efficiency.py --recipe fast --images 10240 --rounds 3
     python benchmarks/bench_loop_efficiency.py --model efficientnet_lite0 --size 96 --source 224 \\
         --batch 64 --images 512
     python benchmarks/bench_loop_efficiency.py --model efficientnet_lite0 --size 224 --source 224 \\
@@ -31,9 +32,16 @@ import torch
 import torch.nn.functional as F
 
 
-def recipe(args: argparse.Namespace) -> dict:
+def recipe(args: argparse.Namespace):
+    if args.recipe:
+        # The bundled recipe as a user runs it (its optimizer, Lookahead, flips, freezing),
+        # one epoch; the small-data rule off so that the batch stays the recipe's.
+        from imgclf.train.recipe import load_recipe
+
+        return load_recipe(args.recipe, ["min_steps_per_epoch=0"], epochs=1)
     return {
         "name": "eff",
+        "recipe": args.recipe,
         "model": args.model,
         "input_size": args.size,
         "batch_size": args.batch,
@@ -60,11 +68,19 @@ def bare_images_per_second(args) -> float:
 
     hw = resolve_hardware(None, "auto", "auto")
     fmt = torch.channels_last if hw.channels_last else torch.contiguous_format
-    model = create(args.model, num_classes=10, input_size=args.size).to(
+    model_args = recipe(args).model_args if args.recipe else {}
+    model = create(args.model, num_classes=10, input_size=args.size, **model_args).to(
         hw.device, memory_format=fmt
     )
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    if args.recipe:  # the recipe's own optimizer (SGD or Muon) and parameter groups
+        from imgclf.train.optim import build_optimizer
+
+        r = recipe(args)
+        opt = build_optimizer(model, r, r.stages[0])
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    smoothing = recipe(args).label_smoothing if args.recipe else 0.0
     steps = args.images // args.batch
     gen = torch.Generator().manual_seed(0)
     batches = [
@@ -80,7 +96,7 @@ def bare_images_per_second(args) -> float:
     started = time.perf_counter()
     for x in batches:
         with autocast:
-            loss = F.cross_entropy(model(x).float(), labels)
+            loss = F.cross_entropy(model(x).float(), labels, label_smoothing=smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -95,7 +111,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--recipe",
+        help="run this bundled recipe's training settings (its model and batch override "
+        "--model/--batch) on the imgclf side, its optimizer on the bare side",
+    )
     args = p.parse_args()
+    if args.recipe:
+        from imgclf.train.recipe import load_recipe
+
+        r = load_recipe(args.recipe)
+        args.model, args.batch, args.size = r.model, r.batch_size, r.input_size
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["IMGCLF_HOME"] = tmp
@@ -110,6 +136,7 @@ def main() -> None:
             bare.append(bare_images_per_second(args))
             ours.append(imgclf_images_per_second(args, ds, Path(tmp) / f"run{r}"))
     result = {
+        "recipe": args.recipe,
         "model": args.model,
         "input": args.size,
         "stored": args.source,
