@@ -9,11 +9,16 @@ import math
 import pytest
 import torch
 
+from helpers_train import assert_same_weights, make_image_folder, tiny_recipe
+from imgclf.data.importer import import_dataset
 from imgclf.errors import RecipeError
 from imgclf.models import create
+from imgclf.train.checkpoint import load_checkpoint
+from imgclf.train.loop import Trainer, train
 from imgclf.train.muon import Muon, orthogonalize
 from imgclf.train.optim import build_optimizer
 from imgclf.train.recipe import load_recipe, validate
+from test_faults import assert_same_run, interrupt_at
 
 
 @pytest.mark.parametrize("shape", [(64, 24, 3, 3), (256, 64, 3, 3), (300, 20), (20, 300)])
@@ -143,3 +148,24 @@ def test_muon_settings_are_validated() -> None:
         load_recipe("fast", ["optimizer.name=lion"])
     with pytest.raises(ValueError, match="2 or more dimensions"):
         Muon([{"params": [torch.zeros(3, requires_grad=True)], "muon": True}], lr=0.1)
+
+
+def test_a_muon_run_trains_and_resumes_exactly_after_an_interrupt(tmp_path) -> None:
+    folder = make_image_folder(tmp_path / "src")
+    ds = import_dataset(folder, "tiny", dest=tmp_path / "tiny", warn=lambda msg: None)
+    optimizer = {"name": "muon", "lr": 0.05, "momentum": 0.9, "nesterov": True,
+                 "muon_lr": 0.05, "muon_ns_steps": 3}  # fmt: skip
+    recipe = load_recipe(tiny_recipe(epochs=3, optimizer=optimizer))
+    reference = train(recipe, ds, out=tmp_path / "ref", threads=1, progress=False)
+    sgd = train(tiny_recipe(epochs=3), ds, out=tmp_path / "sgd", threads=1, progress=False)
+    with pytest.raises(AssertionError):
+        assert_same_weights(reference.path / "last.pt", sgd.path / "last.pt")
+    out = tmp_path / "run"
+    trainer = Trainer(recipe, ds, out, threads=1, progress=False)
+    interrupt_at(trainer, 2, 2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    groups = load_checkpoint(out / "last.pt")["optimizer_state"]["param_groups"]
+    assert any(g["muon"] for g in groups) and not all(g["muon"] for g in groups)
+    train(None, resume=out, threads=1, progress=False)
+    assert_same_run(out, reference.path)
