@@ -32,75 +32,70 @@ import torch
 import torch.nn.functional as F
 
 
-def recipe(args: argparse.Namespace):
+def training_recipe(args: argparse.Namespace):
+    """The validated recipe both sides run: a bundled one as a user runs it (its
+    optimizer, Lookahead, flips, freezing; the small-data rule off so that the batch stays
+    the recipe's), or a plain SGD one for ``--model``. One epoch."""
+    from imgclf.train.recipe import load_recipe
+
     if args.recipe:
-        # The bundled recipe as a user runs it (its optimizer, Lookahead, flips, freezing),
-        # one epoch; the small-data rule off so that the batch stays the recipe's.
-        from imgclf.train.recipe import load_recipe
-
         return load_recipe(args.recipe, ["min_steps_per_epoch=0"], epochs=1)
-    return {
-        "name": "eff",
-        "recipe": args.recipe,
-        "model": args.model,
-        "input_size": args.size,
-        "batch_size": args.batch,
-        "augment": {"crop_padding": 4, "flip": True},
-        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True},
-        "pretrained": False,
-        "batchnorm": "train",
-        "feature_cache": False,
-        "stages": [{"epochs": 1, "train": "all"}],
-    }
+    return load_recipe(
+        {
+            "name": "eff",
+            "model": args.model,
+            "input_size": args.size,
+            "batch_size": args.batch,
+            "augment": {"crop_padding": 4, "flip": True},
+            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True},
+            "pretrained": False,
+            "batchnorm": "train",
+            "feature_cache": False,
+            "stages": [{"epochs": 1, "train": "all"}],
+        }
+    )
 
 
-def imgclf_images_per_second(args, ds, out: Path) -> float:
+def imgclf_images_per_second(recipe, ds, out: Path) -> float:
     from imgclf.train import train
 
-    run = train(recipe(args), data=ds, out=out, progress=False)
+    run = train(recipe, data=ds, out=out, progress=False)
     with open(run.path / "metrics.csv", newline="") as f:
         return float(next(csv.DictReader(f))["images_per_second"])
 
 
-def bare_images_per_second(args) -> float:
+def bare_images_per_second(recipe, images: int) -> float:
+    """The recipe's model, optimizer (SGD or Muon, its parameter groups) and label
+    smoothing on batches made before the clock starts."""
     from imgclf.models import create
     from imgclf.train.device import resolve_hardware
+    from imgclf.train.optim import build_optimizer
 
     hw = resolve_hardware(None, "auto", "auto")
     fmt = torch.channels_last if hw.channels_last else torch.contiguous_format
-    model_args = recipe(args).model_args if args.recipe else {}
-    model = create(args.model, num_classes=10, input_size=args.size, **model_args).to(
-        hw.device, memory_format=fmt
-    )
+    size, batch = recipe.input_size, recipe.batch_size
+    model = create(recipe.model, num_classes=10, input_size=size, **recipe.model_args)
+    model = model.to(hw.device, memory_format=fmt)
     model.train()
-    if args.recipe:  # the recipe's own optimizer (SGD or Muon) and parameter groups
-        from imgclf.train.optim import build_optimizer
-
-        r = recipe(args)
-        opt = build_optimizer(model, r, r.stages[0])
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    smoothing = recipe(args).label_smoothing if args.recipe else 0.0
-    steps = args.images // args.batch
+    opt = build_optimizer(model, recipe, recipe.stages[0])
+    steps = images // batch
     gen = torch.Generator().manual_seed(0)
     batches = [
-        torch.randn(args.batch, 3, args.size, args.size, generator=gen).contiguous(
-            memory_format=fmt
-        )
+        torch.randn(batch, 3, size, size, generator=gen).contiguous(memory_format=fmt)
         for _ in range(steps)
     ]
-    labels = torch.randint(0, 10, (args.batch,), generator=gen)
+    labels = torch.randint(0, 10, (batch,), generator=gen)
     autocast = torch.autocast(
         hw.device.type, dtype=hw.autocast_dtype, enabled=hw.autocast_dtype is not None
     )
     started = time.perf_counter()
     for x in batches:
         with autocast:
-            loss = F.cross_entropy(model(x).float(), labels, label_smoothing=smoothing)
+            loss = F.cross_entropy(model(x).float(), labels, label_smoothing=recipe.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return steps * args.batch / (time.perf_counter() - started)
+    return steps * batch / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -117,11 +112,8 @@ def main() -> None:
         "--model/--batch) on the imgclf side, its optimizer on the bare side",
     )
     args = p.parse_args()
-    if args.recipe:
-        from imgclf.train.recipe import load_recipe
-
-        r = load_recipe(args.recipe)
-        args.model, args.batch, args.size = r.model, r.batch_size, r.input_size
+    recipe = training_recipe(args)
+    args.model, args.batch, args.size = recipe.model, recipe.batch_size, recipe.input_size
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["IMGCLF_HOME"] = tmp
@@ -133,8 +125,8 @@ def main() -> None:
         ds = import_arrays(images, labels, [str(c) for c in range(10)], "eff", val_fraction=0)
         ours, bare = [], []
         for r in range(args.rounds):
-            bare.append(bare_images_per_second(args))
-            ours.append(imgclf_images_per_second(args, ds, Path(tmp) / f"run{r}"))
+            bare.append(bare_images_per_second(recipe, args.images))
+            ours.append(imgclf_images_per_second(recipe, ds, Path(tmp) / f"run{r}"))
     result = {
         "recipe": args.recipe,
         "model": args.model,
