@@ -191,3 +191,13 @@ def test_replan_projects_with_the_latest_epochs_rate():
     slow = _plan((100, 50))
     note = slow.keep_to_budget(0, 20, elapsed=30.0, window=(20.0, 10))  # now 2x slower
     assert note and "behind" in note and slow.stage_steps[0] < 100
+
+
+def test_replan_note_names_the_time_spent_when_the_rate_alone_is_on_plan():
+    """Time lost before the latest epoch (one-time costs) shrinks the rest although that
+    epoch ran faster than the probe: the note must say so rather than read "behind" at
+    a rate under 1x with nothing to explain it."""
+    plan = _plan((100, 50))
+    note = plan.keep_to_budget(0, 90, elapsed=180.0, window=(9.5, 10))
+    assert note and note.startswith("behind the plan: 180 s spent where the plan had 100 s")
+    assert "latest epoch's steps at 0.95×" in note and plan.stage_steps[0] < 100

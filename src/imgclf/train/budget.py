@@ -152,10 +152,15 @@ class Plan:
             if i > si and left > 0:
                 keep = max(keep, 1)  # a later stage still runs, however briefly
             self.stage_steps[i] = done[i] + keep
+        # Both figures are printed because either can drive the change: the time already
+        # spent (one-time costs, a slow first epoch) and the rate the rest is projected
+        # with. A rate under 1× beside "behind" is then explained by the first figure.
         how = "behind the plan" if f < 1 else "time to spare"
+        basis = "latest epoch's" if window is not None and window[1] > 0 else "run's"
         return (
-            f"{how} (the steps so far took {ratio:.2f}× the probe's estimate): the "
-            f"remaining steps {'shrink' if f < 1 else 'grow'} to {f:.0%} to fit "
+            f"{how}: {elapsed:.0f} s spent where the plan had {planned_so_far:.0f} s, "
+            f"the {basis} steps at {ratio:.2f}× the probe's time; the remaining steps "
+            f"{'shrink' if f < 1 else 'grow'} to {f:.0%} to fit "
             f"{describe_duration(self.budget_seconds)}"
         )
 
