@@ -12,12 +12,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from PIL import Image
+
+if TYPE_CHECKING:
+    from imgclf.train.loop import Trainer
 
 CLASSES = ("a", "b", "c")
 COLOURS = {"a": (200, 40, 40), "b": (40, 200, 40), "c": (40, 40, 200)}
@@ -115,3 +119,44 @@ def cli_process(*args: str, **kwargs: Any) -> subprocess.Popen:
         preexec_fn=default_sigint,
         **kwargs,
     )
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    assert metric_rows(run) == metric_rows(reference)
+    assert_same_weights(run / "last.pt", reference / "last.pt")
+    assert_same_weights(run / "best.pt", reference / "best.pt")
+    assert load_pt(run / "best.pt")["position"] == load_pt(reference / "best.pt")["position"]
+
+
+def interrupt_at(trainer: Trainer, epoch: int, batch: int | None) -> None:
+    """Request Ctrl-C while global ``epoch`` yields ``batch`` (None: during its validation)."""
+    loader, validate = trainer.train_loader, trainer._validate
+
+    def iter_from(start: int, original=loader.iter_from):
+        for i, item in enumerate(original(start), start):
+            if loader.epoch == epoch and i == batch:
+                trainer.ctrl_c.requested = True
+            yield item
+
+    def validate_then_interrupt():
+        if loader.epoch == epoch and batch is None:
+            trainer.ctrl_c.requested = True
+        return validate()
+
+    loader.iter_from = iter_from
+    trainer._validate = validate_then_interrupt
+
+
+def interrupt_then_resume(recipe: Any, data: Path, out: Path, epoch: int = 2, batch: int = 2):
+    """Train ``recipe`` in ``out``, press Ctrl-C at (``epoch``, ``batch``), then resume to the
+    end. Returns the checkpoint as it was at the interrupt, for the caller's checks."""
+    from imgclf.train.checkpoint import load_checkpoint
+    from imgclf.train.loop import Trainer, train
+
+    trainer = Trainer(recipe, data, out, threads=1, progress=False)
+    interrupt_at(trainer, epoch, batch)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    state = load_checkpoint(out / "last.pt")
+    train(None, resume=out, threads=1, progress=False)
+    return state

@@ -10,15 +10,19 @@ import pytest
 import torch
 from torch import nn
 
-from helpers_train import assert_same_weights, make_image_folder, tiny_recipe
+from helpers_train import (
+    assert_same_run,
+    assert_same_weights,
+    interrupt_then_resume,
+    make_image_folder,
+    tiny_recipe,
+)
 from imgclf.data.importer import import_dataset
 from imgclf.data.loader import Augment, BatchLoader, alternate_flips
-from imgclf.train.checkpoint import load_checkpoint
 from imgclf.train.lookahead import Lookahead
 from imgclf.train.loop import Trainer, train
 from imgclf.train.optim import lr_factor
 from imgclf.train.recipe import LookaheadConfig, load_recipe, validate
-from test_faults import assert_same_run, interrupt_at
 
 
 @pytest.fixture(scope="module")
@@ -125,15 +129,9 @@ def test_lookahead_changes_training_and_resumes_exactly(tiny_ds, tmp_path) -> No
     with pytest.raises(AssertionError):
         assert_same_weights(reference.path / "last.pt", plain.path / "last.pt")
     # Interrupted mid-epoch: the checkpoint carries the slow weights, the resume matches.
-    out = tmp_path / "run"
-    trainer = Trainer(recipe, tiny_ds, out, threads=1, progress=False)
-    interrupt_at(trainer, 2, 2)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run()
-    state = load_checkpoint(out / "last.pt")
+    state = interrupt_then_resume(recipe, tiny_ds, tmp_path / "run")
     assert state["lookahead_state"] and state["position"]["batch"] == 3
-    train(None, resume=out, threads=1, progress=False)
-    assert_same_run(out, reference.path)
+    assert_same_run(tmp_path / "run", reference.path)
 
 
 # ---------------------------------------------------------------- freezing part-way

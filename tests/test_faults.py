@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from helpers_train import (
-    assert_same_weights,
+    assert_same_run,
     cli_process,
     import_tiny,
-    load_pt,
+    interrupt_at,
     make_image_folder,
     metric_rows,
     tiny_recipe,
@@ -88,13 +88,6 @@ def resume_in_process(out: Path, capsys) -> None:
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert f"run folder:       {out}" in captured.out
-
-
-def assert_same_run(run: Path, reference: Path) -> None:
-    assert metric_rows(run) == metric_rows(reference)
-    assert_same_weights(run / "last.pt", reference / "last.pt")
-    assert_same_weights(run / "best.pt", reference / "best.pt")
-    assert load_pt(run / "best.pt")["position"] == load_pt(reference / "best.pt")["position"]
 
 
 @pytest.mark.slow  # a real child process: ~12 s idle, 20-30 s on a busy machine
@@ -208,25 +201,6 @@ def two_stage_reference(tmp_path_factory):
     recipe = load_recipe(tiny_recipe(stages=TWO_STAGES))
     run = train(recipe, ds, out=root / "reference", threads=1, progress=False)
     return recipe, ds, run
-
-
-def interrupt_at(trainer: Trainer, epoch: int, batch: int | None) -> None:
-    """Request Ctrl-C while global ``epoch`` yields ``batch`` (None: during its validation)."""
-    loader, validate = trainer.train_loader, trainer._validate
-
-    def iter_from(start: int, original=loader.iter_from):
-        for i, item in enumerate(original(start), start):
-            if loader.epoch == epoch and i == batch:
-                trainer.ctrl_c.requested = True
-            yield item
-
-    def validate_then_interrupt():
-        if loader.epoch == epoch and batch is None:
-            trainer.ctrl_c.requested = True
-        return validate()
-
-    loader.iter_from = iter_from
-    trainer._validate = validate_then_interrupt
 
 
 @pytest.mark.parametrize(

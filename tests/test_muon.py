@@ -9,16 +9,20 @@ import math
 import pytest
 import torch
 
-from helpers_train import assert_same_weights, make_image_folder, tiny_recipe
+from helpers_train import (
+    assert_same_run,
+    assert_same_weights,
+    interrupt_then_resume,
+    make_image_folder,
+    tiny_recipe,
+)
 from imgclf.data.importer import import_dataset
 from imgclf.errors import RecipeError
 from imgclf.models import create
-from imgclf.train.checkpoint import load_checkpoint
-from imgclf.train.loop import Trainer, train
+from imgclf.train.loop import train
 from imgclf.train.muon import Muon, orthogonalize
 from imgclf.train.optim import build_optimizer
 from imgclf.train.recipe import load_recipe, validate
-from test_faults import assert_same_run, interrupt_at
 
 
 @pytest.mark.parametrize("shape", [(64, 24, 3, 3), (256, 64, 3, 3), (300, 20), (20, 300)])
@@ -160,12 +164,7 @@ def test_a_muon_run_trains_and_resumes_exactly_after_an_interrupt(tmp_path) -> N
     sgd = train(tiny_recipe(epochs=3), ds, out=tmp_path / "sgd", threads=1, progress=False)
     with pytest.raises(AssertionError):
         assert_same_weights(reference.path / "last.pt", sgd.path / "last.pt")
-    out = tmp_path / "run"
-    trainer = Trainer(recipe, ds, out, threads=1, progress=False)
-    interrupt_at(trainer, 2, 2)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run()
-    groups = load_checkpoint(out / "last.pt")["optimizer_state"]["param_groups"]
+    state = interrupt_then_resume(recipe, ds, tmp_path / "run")
+    groups = state["optimizer_state"]["param_groups"]
     assert any(g["muon"] for g in groups) and not all(g["muon"] for g in groups)
-    train(None, resume=out, threads=1, progress=False)
-    assert_same_run(out, reference.path)
+    assert_same_run(tmp_path / "run", reference.path)
