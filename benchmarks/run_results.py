@@ -6,6 +6,13 @@ docs/results.md come from this script.
 
 Each argument is RECIPE[:EPOCHS][@SEED]. With --ensemble, the trained runs are then voted
 together on the validation split (hard, soft, weighted) and compared with the best one.
+
+What a quarter-hour buys, every bundled recipe on one machine (issue #11; 13 x 15 min):
+
+    python benchmarks/run_results.py --data c10 --all --time 15m
+
+--time gives every run without its own :EPOCHS a wall-time budget instead of the recipe's
+epochs; the table then shows the epochs the budget bought.
 """
 
 from __future__ import annotations
@@ -32,15 +39,22 @@ def main() -> None:
     from imgclf.train import train
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", metavar="RECIPE[:EPOCHS][@SEED]")
+    from imgclf.train.recipe import list_recipes
+
+    p.add_argument("runs", nargs="*", metavar="RECIPE[:EPOCHS][@SEED]")
+    p.add_argument("--all", action="store_true", help="every bundled recipe (imgclf recipes)")
+    p.add_argument("--time", metavar="DURATION", help="budget per run (15m): see imgclf train")
     p.add_argument("--data", required=True)
     p.add_argument("--runs-dir", default="runs/results")
     p.add_argument("--ensemble", action="store_true", help="vote the runs together on val")
     p.add_argument("--threads", type=int)
     args = p.parse_args()
+    specs = list(args.runs) + (list(list_recipes()) if args.all else [])
+    if not specs:
+        p.error("name at least one RECIPE, or --all")
     done = []
     print(f"{'recipe':<24} {'epochs':>6} {'seed':>4} {'val acc':>8} {'train s':>8} {'wall s':>8}")
-    for spec in args.runs:
+    for spec in specs:
         recipe, epochs, seed = parse(spec)
         overrides = [f"seed={seed}"] if seed is not None else []
         started = time.perf_counter()
@@ -48,6 +62,7 @@ def main() -> None:
             recipe,
             args.data,
             epochs=epochs,
+            time_budget=args.time if epochs is None else None,
             overrides=overrides,
             runs_dir=Path(args.runs_dir),
             threads=args.threads,
@@ -55,8 +70,9 @@ def main() -> None:
         )
         wall = time.perf_counter() - started
         s = run.summary
+        bought = s.get("trained_epochs", s["epochs"])  # a budget's epochs, fractional
         print(
-            f"{recipe:<24} {s['epochs']:>6} {seed if seed is not None else 0:>4} "
+            f"{recipe:<24} {bought:>6.3g} {seed if seed is not None else 0:>4} "
             f"{s.get('val_accuracy', float('nan')):8.4f} {s['train_seconds']:8.1f} {wall:8.1f}"
             f"  {run.path}",
             flush=True,

@@ -723,9 +723,9 @@ class Trainer:
         if any(w.startswith(key) and "most common class" in w for w in self.progress.warnings):
             return
         self._warn(
-            f"{key}epoch {epoch} val accuracy {val_acc:.4f} is within "
-            f"{CHANCE_MARGIN * 100:.0f} points of always answering the most common class "
-            f"({majority:.4f}): the model has learned next to nothing. Likely causes: a "
+            f"{key}epoch {epoch} val accuracy {val_acc:.4f} is no better than always "
+            f"answering the most common class ({majority:.4f}, {CHANCE_MARGIN * 100:.0f} "
+            "points of margin): the model has learned next to nothing. Likely causes: a "
             "learning rate far too high or too low, labels that do not match the images, "
             "an input size far from the images'. Try --set optimizer.lr=<10x lower>, check "
             "`imgclf data info`, or a recipe made for this data (imgclf recipes)"
