@@ -37,10 +37,9 @@ def parse(spec: str) -> tuple[str, int | None, int | None]:
 def main() -> None:
     from imgclf.evaluate.compare import compare_runs
     from imgclf.train import train
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     from imgclf.train.recipe import list_recipes
 
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="*", metavar="RECIPE[:EPOCHS][@SEED]")
     p.add_argument("--all", action="store_true", help="every bundled recipe (imgclf recipes)")
     p.add_argument("--time", metavar="DURATION", help="budget per run (15m): see imgclf train")
