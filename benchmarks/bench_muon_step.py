@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from imgclf.models import create
+from imgclf.train.device import resolve_hardware
 from imgclf.train.optim import build_optimizer
 from imgclf.train.recipe import load_recipe
 
@@ -40,16 +41,25 @@ def main() -> None:
     args = p.parse_args()
     recipe = load_recipe(args.recipe)
     sgd_recipe = load_recipe(args.recipe, ["optimizer.name=sgd"])
+    # The trainer's precision and memory format for this machine (bf16 autocast only where
+    # the CPU has it natively): the step Muon's cost is compared with is the one users get.
+    hw = resolve_hardware(None, "auto", "auto")
+    fmt = torch.channels_last if hw.channels_last else torch.contiguous_format
     model = create(recipe.model, num_classes=10, input_size=recipe.input_size,
-                   **recipe.model_args).to(memory_format=torch.channels_last)  # fmt: skip
+                   **recipe.model_args).to(hw.device, memory_format=fmt)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(recipe.batch_size, 3, recipe.input_size, recipe.input_size, generator=gen)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (recipe.batch_size,), generator=gen)
+    x = x.to(hw.device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (recipe.batch_size,), generator=gen).to(hw.device)
+    autocast = torch.autocast(
+        hw.device.type, dtype=hw.autocast_dtype, enabled=hw.autocast_dtype is not None
+    )
 
     def forward_backward() -> None:
         model.zero_grad(set_to_none=False)
-        F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing).backward()
+        with autocast:
+            logits = model(x).float()
+        F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing).backward()
 
     forward_backward()  # gradients for the optimizer steps below
     results: dict = {"recipe": args.recipe, "batch": recipe.batch_size}
@@ -63,6 +73,7 @@ def main() -> None:
     results = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}
     results["extra_share_of_step"] = round(extra / whole, 4)
     results["threads"] = torch.get_num_threads()
+    results["precision"] = hw.precision
     print(json.dumps(results))
 
 
