@@ -19,6 +19,7 @@ from helpers_train import (
 )
 from imgclf.data.importer import import_dataset
 from imgclf.data.loader import Augment, BatchLoader, alternate_flips
+from imgclf.errors import RecipeError
 from imgclf.train.lookahead import Lookahead
 from imgclf.train.loop import Trainer, train
 from imgclf.train.optim import lr_factor
@@ -170,6 +171,16 @@ def test_freeze_after_stops_a_group_at_its_share_of_the_stage(tiny_ds, tmp_path)
 def test_freeze_after_names_real_groups_and_shares() -> None:
     with pytest.raises(Exception, match="freeze_after"):
         validate({"model": "fast", "stages": [{"freeze_after": {"stem": 3}}]})
+
+
+def test_bias_lr_groups_must_name_the_models_groups(tiny_ds, tmp_path) -> None:
+    recipe = load_recipe(
+        tiny_recipe(model="fast", input_size=16, optimizer={"bias_lr_groups": ["stme"]})
+    )
+    with pytest.raises(RecipeError, match="bias_lr_groups names unknown group") as excinfo:
+        Trainer(recipe, tiny_ds, tmp_path / "run", threads=1, progress=False)
+    assert "['stme']" in str(excinfo.value) and "stem, block1" in str(excinfo.value)
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- schedule

@@ -394,6 +394,68 @@ def test_bias_lr_mult_speeds_up_norm_layers_and_may_keep_the_decay_per_step(
     assert lr * wd == pytest.approx(96.0 * 1e-3 if scales_decay else 1.5 * 1e-3)
 
 
+def test_bias_lr_groups_give_a_groups_biases_the_bias_rate() -> None:
+    # airbench94_muon: the whitening stem's bias trains at the BatchNorm biases' rate.
+    recipe = validate(
+        {
+            "model": "fast",
+            "optimizer": {
+                "lr": 1.5,
+                "weight_decay": 1e-3,
+                "bias_lr_mult": 64.0,
+                "bias_lr_mult_decay": False,
+                "bias_lr_groups": ["stem"],
+            },
+        }
+    )
+    model = create("fast", num_classes=10)
+    opt = build_optimizer(model, recipe, recipe.stages[0])
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = {
+        names[id(p)]: (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]
+    }
+    assert seen["stem.conv.bias"] == seen["block2.norm1.bias"]
+    assert seen["stem.conv.bias"][0] == pytest.approx(96.0)
+    assert seen["head.weight"][0] == pytest.approx(1.5)  # 2-D: not a bias
+
+
+def test_a_frozen_group_with_freeze_anneal_runs_the_schedule_before_its_freeze() -> None:
+    recipe = validate(
+        {
+            "model": "fast",
+            "optimizer": {
+                "name": "muon",
+                "lr": 1.0,
+                "bias_lr_mult": 4.0,
+                "bias_lr_groups": ["stem"],
+            },
+            "scheduler": {"name": "linear"},
+            "stages": [{"epochs": 10, "freeze_after": {"stem": 0.3}, "freeze_anneal": True}],
+        }
+    )
+    model = create("fast", num_classes=10)
+    opt = build_optimizer(model, recipe, recipe.stages[0])
+    scheduler = build_scheduler(opt, recipe.scheduler, steps_per_epoch=5, epochs=10)
+    bias = model.stem.conv.bias
+    stem = next(g for g in opt.param_groups if any(p is bias for p in g["params"]))
+    assert stem["until"] == 0.3 and len(stem["params"]) == 1
+    assert opt.param_groups[0]["lr"] == 1.0  # metrics.csv's lr is still the base group's
+    stem_lrs, base_lrs = [], []
+    for _ in range(50):
+        stem_lrs.append(stem["lr"])
+        base_lrs.append(opt.param_groups[0]["lr"])
+        opt.step()  # no gradients: nothing moves, the schedule advances
+        scheduler.step()
+    # 15 of 50 steps: linear from 4.0 to 0 over the stem's own steps, 0 after.
+    assert stem_lrs[:15] == pytest.approx([4.0 * (1 - s / 15) for s in range(15)])
+    assert stem_lrs[15:] == [0.0] * 35
+    assert base_lrs == pytest.approx([1.0 * (1 - s / 50) for s in range(50)])
+    # Without freeze_anneal the stem follows the stage's curve until it freezes.
+    recipe.stages[0].freeze_anneal = False
+    opt = build_optimizer(model, recipe, recipe.stages[0])
+    assert {g["until"] for g in opt.param_groups} == {1.0}
+
+
 def test_adamw_with_betas_and_stage_lr() -> None:
     recipe = validate(
         {

@@ -30,29 +30,36 @@ def build_optimizer(
     # Muon's rate is an angular step on a normalized update: the batch-size rule
     # (lr_scale) does not apply to it; a stage's own lr and the lower groups' multiplier do.
     muon_lr = opt.muon_lr * (stage.lr / opt.lr if stage.lr is not None else 1.0)
-    buckets: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
+    # A group frozen mid-stage with freeze_anneal gets its own schedule: "until" is the share
+    # of the stage's steps its curve is squeezed onto (build_scheduler).
+    until = stage.freeze_after if stage.freeze_anneal else {}
+    bias_groups = set(opt.bias_lr_groups)
+    buckets: dict[tuple[float, float, bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         mult = 1.0 if owner[name] == top else stage.lower_lr_mult
+        share = until.get(owner[name], 1.0)
         if opt.name == "muon" and is_filter_bank(p):
-            buckets.setdefault((muon_lr * mult, 0.0, True), []).append(p)
+            buckets.setdefault((muon_lr * mult, 0.0, True, share), []).append(p)
             continue
         lr = base_lr * mult
         wd = opt.weight_decay
-        if name in norm:
+        if name in norm or (p.ndim == 1 and owner[name] in bias_groups):
             lr *= opt.bias_lr_mult
             if not opt.bias_lr_mult_decay:  # the same decay per step (lr × wd) as the rest
                 wd /= opt.bias_lr_mult
         if p.ndim <= 1 and opt.no_decay_1d:  # biases and norm parameters
             wd = 0.0
-        buckets.setdefault((lr, wd, False), []).append(p)
+        buckets.setdefault((lr, wd, False, share), []).append(p)
     # The group at the stage's base lr first: metrics.csv logs param_groups[0]'s lr.
-    ordered = sorted(buckets.items(), key=lambda item: item[0][2] or item[0][0] != base_lr)
+    ordered = sorted(
+        buckets.items(), key=lambda item: item[0][2] or item[0][0] != base_lr or item[0][3] < 1
+    )
     param_groups = [
-        {"params": ps, "lr": lr, "weight_decay": wd, "initial_lr": lr}
+        {"params": ps, "lr": lr, "weight_decay": wd, "initial_lr": lr, "until": share}
         | ({"muon": True, "momentum": opt.muon_momentum} if muon else {})
-        for (lr, wd, muon), ps in ordered
+        for (lr, wd, muon, share), ps in ordered
     ]
     if not param_groups:
         raise ValueError("no trainable parameters in this stage")
@@ -135,10 +142,21 @@ def build_scheduler(
     epoch-based milestones and warm-up included, scaled onto that many steps, so it still
     ends where the recipe's does."""
 
-    def factor(step: int) -> float:
+    def steps() -> int:
         if total_steps is None:
-            return lr_factor(cfg, step, steps_per_epoch, steps_per_epoch * epochs)
-        total = total_steps() if callable(total_steps) else total_steps
-        return lr_factor(cfg, step, max(total, 1) / epochs, max(total, 1))
+            return steps_per_epoch * epochs
+        return max(total_steps() if callable(total_steps) else total_steps, 1)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def factor_until(share: float) -> Callable[[int], float]:
+        # A group frozen at ``share`` of the stage (freeze_anneal) runs the whole curve
+        # before then; the others run it over the stage (share 1).
+        def factor(step: int) -> float:
+            total = steps()
+            own = max(1, math.ceil(share * total))
+            return lr_factor(cfg, step, own / epochs, own)
+
+        return factor
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [factor_until(g.get("until", 1.0)) for g in optimizer.param_groups]
+    )

@@ -52,6 +52,9 @@ class OptimizerConfig(_Strict):
     # false: weight decay per step stays the other parameters' under bias_lr_mult (airbench
     # scales "learning rate (but not weight decay) for BatchNorm biases").
     bias_lr_mult_decay: bool = True
+    # Parameter groups whose biases also take bias_lr_mult, e.g. [stem]: airbench94_muon
+    # trains its whitening layer's bias at the BatchNorm biases' rate.
+    bias_lr_groups: list[str] = Field(default_factory=list)
     no_decay_1d: bool = False  # no weight decay on biases and norm parameters
     # name: muon — the filters' rate (an angular step per update, not scaled with the
     # batch), momentum and Newton–Schulz iterations (airbench94_muon: 0.24, 0.6, 3).
@@ -102,6 +105,10 @@ class StageConfig(_Strict):
     # airbench94 trains its whitening-layer bias for 3 of 10 epochs, then freezes it
     # (no accuracy change, less backward work). A share keeps it right under --epochs/--time.
     freeze_after: dict[str, float] = Field(default_factory=dict)
+    # true: a group of freeze_after runs the stage's schedule squeezed onto its own steps,
+    # so its rate reaches the schedule's end (0 for linear) at its freeze point instead of
+    # stopping mid-curve (airbench94_muon anneals its whitening bias over its 3 epochs).
+    freeze_anneal: bool = False
     name: str = ""
 
     @field_validator("train")

@@ -22,16 +22,20 @@ from imgclf.errors import RecipeError
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def resolve_groups(model: nn.Module, groups: list[str] | None) -> list[str]:
-    """Validated group names (``None`` = all), in the model's order."""
+def resolve_groups(
+    model: nn.Module, groups: list[str] | None, what: str = "stage trains"
+) -> list[str]:
+    """Validated group names (``None`` = all), in the model's order; ``what`` names the
+    recipe field in the error."""
     available = list(model.param_groups())
     if groups is None:
         return available
     unknown = [g for g in groups if g not in available]
     if unknown:
+        also = " (or 'all')" if what == "stage trains" else ""
         raise RecipeError(
-            f"stage trains unknown group(s) {unknown} of model {model.name!r}; "
-            f"its groups are: {', '.join(available)} (or 'all')"
+            f"{what} unknown group(s) {unknown} of model {model.name!r}; "
+            f"its groups are: {', '.join(available)}{also}"
         )
     return [g for g in available if g in groups]
 
