@@ -32,8 +32,9 @@ def test_demo_offline_falls_back_to_digits(offline, tmp_path: Path, capsys) -> N
     out = tmp_path / "run"
     # The `simple` net at batch 256 keeps one epoch to seconds on a CPU (`fast`: ~100 img/s).
     args = ["demo", "--epochs", "1", "--out", str(out), "--quiet"]
-    # (`simple` has no whitening stem for the recipe's freeze_after to stop.)
+    # (`simple` has no whitening stem for the recipe's freeze_after and bias_lr_groups.)
     simple = ["--set", "model=simple", "--set", "stages.0.freeze_after={}"]
+    simple += ["--set", "optimizer.bias_lr_groups=[]"]
     code = main([*args, *simple, "--set", "batch_size=256"])
     assert code == 0
     stdout = capsys.readouterr().out
