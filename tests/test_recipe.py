@@ -365,6 +365,14 @@ def test_sgd_with_momentum_nesterov_decay_and_lower_lr_groups() -> None:
     }
 
 
+def rates_by_name(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Each trained parameter's (lr, weight_decay) in ``opt``, by name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        names[id(p)]: (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]
+    }
+
+
 @pytest.mark.parametrize("scales_decay", [True, False])
 def test_bias_lr_mult_speeds_up_norm_layers_and_may_keep_the_decay_per_step(
     scales_decay: bool,
@@ -382,10 +390,7 @@ def test_bias_lr_mult_speeds_up_norm_layers_and_may_keep_the_decay_per_step(
     )
     model = create("fast", num_classes=10)
     opt = build_optimizer(model, recipe, recipe.stages[0])
-    names = {id(p): n for n, p in model.named_parameters()}
-    seen = {
-        names[id(p)]: (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]
-    }
+    seen = rates_by_name(model, opt)
     assert seen["block1.conv1.weight"] == (pytest.approx(1.5), 1e-3)
     assert seen["stem.conv.bias"] == (pytest.approx(1.5), 1e-3)  # not a norm layer
     lr, wd = seen["block2.norm1.bias"]
@@ -410,10 +415,7 @@ def test_bias_lr_groups_give_a_groups_biases_the_bias_rate() -> None:
     )
     model = create("fast", num_classes=10)
     opt = build_optimizer(model, recipe, recipe.stages[0])
-    names = {id(p): n for n, p in model.named_parameters()}
-    seen = {
-        names[id(p)]: (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]
-    }
+    seen = rates_by_name(model, opt)
     assert seen["stem.conv.bias"] == seen["block2.norm1.bias"]
     assert seen["stem.conv.bias"][0] == pytest.approx(96.0)
     assert seen["head.weight"][0] == pytest.approx(1.5)  # 2-D: not a bias
