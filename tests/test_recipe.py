@@ -374,8 +374,9 @@ def rates_by_name(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
 
 
 @pytest.mark.parametrize("scales_decay", [True, False])
+@pytest.mark.parametrize("bias_lr_groups", [[], ["stem"]])
 def test_bias_lr_mult_speeds_up_norm_layers_and_may_keep_the_decay_per_step(
-    scales_decay: bool,
+    scales_decay: bool, bias_lr_groups: list[str]
 ) -> None:
     recipe = validate(
         {
@@ -385,40 +386,22 @@ def test_bias_lr_mult_speeds_up_norm_layers_and_may_keep_the_decay_per_step(
                 "weight_decay": 1e-3,
                 "bias_lr_mult": 64.0,
                 "bias_lr_mult_decay": scales_decay,
+                "bias_lr_groups": bias_lr_groups,
             },
         }
     )
     model = create("fast", num_classes=10)
-    opt = build_optimizer(model, recipe, recipe.stages[0])
-    seen = rates_by_name(model, opt)
+    seen = rates_by_name(model, build_optimizer(model, recipe, recipe.stages[0]))
     assert seen["block1.conv1.weight"] == (pytest.approx(1.5), 1e-3)
-    assert seen["stem.conv.bias"] == (pytest.approx(1.5), 1e-3)  # not a norm layer
+    assert seen["head.weight"] == (pytest.approx(1.5), 1e-3)  # 2-D: never a bias
     lr, wd = seen["block2.norm1.bias"]
     assert lr == pytest.approx(96.0)
     # airbench: the multiplier raises the rate "but not weight decay" (lr × wd per step)
     assert lr * wd == pytest.approx(96.0 * 1e-3 if scales_decay else 1.5 * 1e-3)
-
-
-def test_bias_lr_groups_give_a_groups_biases_the_bias_rate() -> None:
-    # airbench94_muon: the whitening stem's bias trains at the BatchNorm biases' rate.
-    recipe = validate(
-        {
-            "model": "fast",
-            "optimizer": {
-                "lr": 1.5,
-                "weight_decay": 1e-3,
-                "bias_lr_mult": 64.0,
-                "bias_lr_mult_decay": False,
-                "bias_lr_groups": ["stem"],
-            },
-        }
-    )
-    model = create("fast", num_classes=10)
-    opt = build_optimizer(model, recipe, recipe.stages[0])
-    seen = rates_by_name(model, opt)
-    assert seen["stem.conv.bias"] == seen["block2.norm1.bias"]
-    assert seen["stem.conv.bias"][0] == pytest.approx(96.0)
-    assert seen["head.weight"][0] == pytest.approx(1.5)  # 2-D: not a bias
+    # The stem's conv bias is no norm parameter: the bias rate only when its group is
+    # listed (airbench94_muon trains its whitening bias at the BatchNorm biases' rate).
+    stem = seen["stem.conv.bias"]
+    assert stem == (seen["block2.norm1.bias"] if bias_lr_groups else (pytest.approx(1.5), 1e-3))
 
 
 def test_a_frozen_group_with_freeze_anneal_runs_the_schedule_before_its_freeze() -> None:
@@ -452,6 +435,10 @@ def test_a_frozen_group_with_freeze_anneal_runs_the_schedule_before_its_freeze()
     assert stem_lrs[:15] == pytest.approx([4.0 * (1 - s / 15) for s in range(15)])
     assert stem_lrs[15:] == [0.0] * 35
     assert base_lrs == pytest.approx([1.0 * (1 - s / 50) for s in range(50)])
+    # Under a budget's plan (37 steps) the stem's curve ends at ceil(0.3 × 37) = 12.
+    at = next(i for i, g in enumerate(opt.param_groups) if g is stem)
+    factor = build_scheduler(opt, recipe.scheduler, 5, 10, total_steps=37).lr_lambdas[at]
+    assert factor(11) == pytest.approx(1 / 12) and factor(12) == 0.0
     # Without freeze_anneal the stem follows the stage's curve until it freezes.
     recipe.stages[0].freeze_anneal = False
     opt = build_optimizer(model, recipe, recipe.stages[0])

@@ -209,9 +209,9 @@ class Trainer:
         for stage in recipe.stages:  # bad group names fail now, before any file is written
             resolve_groups(self.model, stage.groups())
             if stage.freeze_after:
-                resolve_groups(self.model, list(stage.freeze_after), "freeze_after names")
+                resolve_groups(self.model, list(stage.freeze_after), "freeze_after")
         if recipe.optimizer.bias_lr_groups:
-            resolve_groups(self.model, recipe.optimizer.bias_lr_groups, "bias_lr_groups names")
+            resolve_groups(self.model, recipe.optimizer.bias_lr_groups, "bias_lr_groups")
         if state is None:
             self._init_from_data()
         else:

@@ -23,18 +23,20 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def resolve_groups(
-    model: nn.Module, groups: list[str] | None, what: str = "stage trains"
+    model: nn.Module, groups: list[str] | None, field: str | None = None
 ) -> list[str]:
-    """Validated group names (``None`` = all), in the model's order; ``what`` names the
-    recipe field in the error."""
+    """Validated group names (``None`` = all), in the model's order. ``field`` names the
+    recipe key that listed them (freeze_after, bias_lr_groups); None: a stage's ``train``,
+    the one key that also takes 'all'."""
     available = list(model.param_groups())
     if groups is None:
         return available
     unknown = [g for g in groups if g not in available]
     if unknown:
-        also = " (or 'all')" if what == "stage trains" else ""
+        said = "stage trains" if field is None else f"{field} names"
+        also = " (or 'all')" if field is None else ""
         raise RecipeError(
-            f"{what} unknown group(s) {unknown} of model {model.name!r}; "
+            f"{said} unknown group(s) {unknown} of model {model.name!r}; "
             f"its groups are: {', '.join(available)}{also}"
         )
     return [g for g in available if g in groups]
