@@ -154,6 +154,20 @@ def test_muon_settings_are_validated() -> None:
         Muon([{"params": [torch.zeros(3, requires_grad=True)], "muon": True}], lr=0.1)
 
 
+def test_fast_keeps_airbench94_muons_rates_per_example_at_its_own_batch() -> None:
+    # fast.yaml runs another batch than airbench94_muon (2,000): its SGD rates follow the
+    # batch linearly (head 1.65 per 2,000 images, decay 2e-6 of a weight per example), and
+    # Muon's normalized step its square root (docs/results.md, "Batch size on a CPU").
+    r = load_recipe("fast")
+    opt = r.optimizer
+    assert opt.name == "muon"
+    assert opt.lr / r.batch_size == pytest.approx(1.65 / 2000, rel=0.01)
+    assert opt.lr * opt.weight_decay / r.batch_size == pytest.approx(2e-6, rel=0.01)
+    assert opt.bias_lr_mult == 64 and not opt.bias_lr_mult_decay
+    assert opt.muon_lr == pytest.approx(0.24 * math.sqrt(r.batch_size / 2000), rel=0.01)
+    assert (opt.muon_momentum, opt.muon_ns_steps) == (0.6, 3)
+
+
 def test_a_muon_run_trains_and_resumes_exactly_after_an_interrupt(tmp_path) -> None:
     folder = make_image_folder(tmp_path / "src")
     ds = import_dataset(folder, "tiny", dest=tmp_path / "tiny", warn=lambda msg: None)
