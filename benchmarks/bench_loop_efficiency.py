@@ -39,7 +39,7 @@ def training_recipe(args: argparse.Namespace):
     from imgclf.train.recipe import load_recipe
 
     if args.recipe:
-        return load_recipe(args.recipe, ["min_steps_per_epoch=0"], epochs=1)
+        return load_recipe(args.recipe, ["min_steps_per_epoch=0", *args.set], epochs=1)
     return load_recipe(
         {
             "name": "eff",
@@ -110,6 +110,13 @@ def main() -> None:
         "--recipe",
         help="run this bundled recipe's training settings (its model and batch override "
         "--model/--batch) on the imgclf side, its optimizer on the bare side",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a --recipe field, as `imgclf train --set` (repeatable)",
     )
     args = p.parse_args()
     recipe = training_recipe(args)
