@@ -21,7 +21,7 @@ from imgclf.errors import RecipeError
 from imgclf.models import create
 from imgclf.train.loop import train
 from imgclf.train.muon import Muon, orthogonalize
-from imgclf.train.optim import build_optimizer
+from imgclf.train.optim import build_optimizer, muon_step
 from imgclf.train.recipe import load_recipe, validate
 
 
@@ -168,11 +168,49 @@ def test_fast_keeps_airbench94_muons_rates_per_example_at_its_own_batch() -> Non
     assert (opt.muon_momentum, opt.muon_ns_steps) == (0.6, 3)
 
 
+def test_muons_step_grows_as_the_square_root_of_a_shorter_run_up_to_its_cap() -> None:
+    opt = load_recipe("fast").optimizer
+    assert (opt.muon_lr, opt.muon_lr_steps, opt.muon_lr_max) == (0.12, 900, 0.24)
+    # fast's own length (10 epochs of 45,000 images at 500) and anything longer: as tuned
+    assert muon_step(opt, 900) == muon_step(opt, 5000) == muon_step(opt, None) == 0.12
+    assert muon_step(opt, 360) == pytest.approx(0.12 * math.sqrt(2.5))  # 4 epochs
+    assert muon_step(opt, 720) == pytest.approx(0.12 * math.sqrt(900 / 720))
+    # 2 epochs (180 steps) and the clothing photos at 4 epochs (80): airbench94_muon's 0.24
+    assert muon_step(opt, 180) == muon_step(opt, 80) == muon_step(opt, 1) == 0.24
+    uncapped = opt.model_copy(update={"muon_lr_max": None})
+    assert muon_step(uncapped, 100) == pytest.approx(0.36)
+    fixed = opt.model_copy(update={"muon_lr_steps": None})
+    assert muon_step(fixed, 10) == 0.12
+
+
+def test_a_short_stage_gives_its_filter_banks_the_raised_step_and_the_rest_their_own() -> None:
+    recipe = load_recipe("fast")
+    model = create("fast", num_classes=10)
+    rates = {}
+    for steps in (80, 900):
+        opt = build_optimizer(model, recipe, recipe.stages[0], lr_scale=0.5, steps=steps)
+        rates[steps] = {(g["muon"], g["lr"]) for g in opt.param_groups}
+    assert {lr for muon, lr in rates[80] if muon} == {0.24}
+    assert {lr for muon, lr in rates[900] if muon} == {0.12}
+    # the SGD groups follow the batch rule only, whatever the length
+    assert {x for x in rates[80] if not x[0]} == {x for x in rates[900] if not x[0]}
+
+
+def test_a_cap_below_muons_step_is_a_recipe_error() -> None:
+    with pytest.raises(RecipeError, match=r"muon_lr_max \(0.05\) is below muon_lr \(0.12\)"):
+        load_recipe("fast", ["optimizer.muon_lr_max=0.05"])
+    with pytest.raises(RecipeError, match="muon_lr_steps"):
+        load_recipe("fast", ["optimizer.muon_lr_steps=0"])
+
+
 def test_a_muon_run_trains_and_resumes_exactly_after_an_interrupt(tmp_path) -> None:
     folder = make_image_folder(tmp_path / "src")
     ds = import_dataset(folder, "tiny", dest=tmp_path / "tiny", warn=lambda msg: None)
+    # A few dozen steps against the 1,000 muon_lr is for: the short-run rule raises the
+    # step to its cap, and a resumed stage must keep it.
     optimizer = {"name": "muon", "lr": 0.05, "momentum": 0.9, "nesterov": True,
-                 "muon_lr": 0.05, "muon_ns_steps": 3}  # fmt: skip
+                 "muon_lr": 0.05, "muon_ns_steps": 3, "muon_lr_steps": 1000,
+                 "muon_lr_max": 0.2}  # fmt: skip
     recipe = load_recipe(tiny_recipe(epochs=3, optimizer=optimizer))
     reference = train(recipe, ds, out=tmp_path / "ref", threads=1, progress=False)
     sgd = train(tiny_recipe(epochs=3), ds, out=tmp_path / "sgd", threads=1, progress=False)
@@ -181,4 +219,5 @@ def test_a_muon_run_trains_and_resumes_exactly_after_an_interrupt(tmp_path) -> N
     state = interrupt_then_resume(recipe, ds, tmp_path / "run")
     groups = state["optimizer_state"]["param_groups"]
     assert any(g["muon"] for g in groups) and not all(g["muon"] for g in groups)
+    assert {g["initial_lr"] for g in groups if g["muon"]} == {0.2}
     assert_same_run(tmp_path / "run", reference.path)

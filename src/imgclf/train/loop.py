@@ -52,7 +52,7 @@ from imgclf.train.device import Hardware, resolve_device, resolve_hardware, set_
 from imgclf.train.distributed import SINGLE, Dist
 from imgclf.train.feature_cache import FeatureCache
 from imgclf.train.lookahead import Lookahead
-from imgclf.train.optim import build_optimizer, build_scheduler
+from imgclf.train.optim import build_optimizer, build_scheduler, muon_step
 from imgclf.train.recipe import Recipe, load_recipe, recipe_yaml, validate
 from imgclf.train.rundir import (
     MetricsLog,
@@ -396,7 +396,8 @@ class Trainer:
             # Wrapped now that the stage's trainable set and cache are fixed (see
             # distributed.wrap); one process trains the network itself.
             self.train_net = distributed.wrap(self._net(), self.dist, self.hw.device)
-            optimizer = build_optimizer(self.model, r, stage, self.adapted.lr_scale)
+            steps = self._stage_steps(si)
+            optimizer = build_optimizer(self.model, r, stage, self.adapted.lr_scale, steps)
             # A budgeted stage squeezes or stretches the recipe's schedule onto its planned
             # steps, so it anneals fully whatever the length.
             scheduler = build_scheduler(
@@ -421,6 +422,7 @@ class Trainer:
                 f"stage {si + 1}/{len(r.stages)}: training {', '.join(groups)} "
                 f"({n_train:,} parameters) for {self._stage_length(si)}"
             )
+            self._say_muon_step(optimizer, steps)
             # Where this stage's clock starts for the budget's re-plans (after its cache).
             self._mark = (
                 time.perf_counter(),
@@ -435,6 +437,20 @@ class Trainer:
             self.cache = None
             self.train_net = None
             self.lookahead = None
+
+    def _say_muon_step(self, optimizer, steps: int) -> None:
+        """Say when a short stage raised Muon's step (optim.muon_step); the rate shown is
+        the optimizer's own, which a resumed stage restored from its checkpoint."""
+        opt = self.recipe.optimizer
+        if opt.name != "muon" or muon_step(opt, steps) == opt.muon_lr:
+            return
+        rates = [g["initial_lr"] for g in optimizer.param_groups if g.get("muon")]
+        if not rates:  # no filter bank trains in this stage
+            return
+        self._say(
+            f"muon: step {max(rates):.3g} for this stage's {steps} steps (the recipe's "
+            f"{opt.muon_lr:g} is for {opt.muon_lr_steps} or more; a short run takes larger steps)"
+        )
 
     def _epoch(self, si: int, stage, optimizer, scheduler) -> bool:
         """One epoch; returns True when early stopping says to stop."""

@@ -13,14 +13,33 @@ import torch
 import torch.nn as nn
 
 from imgclf.train.muon import Muon
-from imgclf.train.recipe import Recipe, SchedulerConfig, StageConfig
+from imgclf.train.recipe import OptimizerConfig, Recipe, SchedulerConfig, StageConfig
 from imgclf.train.stages import group_of, resolve_groups
 
 
+def muon_step(opt: OptimizerConfig, steps: int | None) -> float:
+    """Muon's rate for a stage of ``steps`` optimizer steps. Muon's update has a fixed size,
+    so a run travels about sqrt(steps) × rate (a random walk's reach): a stage shorter than
+    the ``muon_lr_steps`` the rate was tuned for takes rate × sqrt(muon_lr_steps / steps),
+    up to ``muon_lr_max``. Longer stages keep ``muon_lr``. The same rule derived `fast`'s
+    0.12 at batch 500 from airbench94_muon's 0.24 at 2,000 (four times the steps); on the
+    clothing photos (80 steps) 0.24 beat 0.12 on 3 of 3 seeds (docs/results.md, "Batch size
+    on a CPU")."""
+    if opt.muon_lr_steps is None or not steps or steps >= opt.muon_lr_steps:
+        return opt.muon_lr
+    scaled = opt.muon_lr * math.sqrt(opt.muon_lr_steps / steps)
+    return scaled if opt.muon_lr_max is None else min(scaled, opt.muon_lr_max)
+
+
 def build_optimizer(
-    model: nn.Module, recipe: Recipe, stage: StageConfig, lr_scale: float = 1.0
+    model: nn.Module,
+    recipe: Recipe,
+    stage: StageConfig,
+    lr_scale: float = 1.0,
+    steps: int | None = None,
 ) -> torch.optim.Optimizer:
-    """``lr_scale`` multiplies every rate (the small-data batch rule, imgclf.train.adapt)."""
+    """``lr_scale`` multiplies every rate (the small-data batch rule, imgclf.train.adapt);
+    ``steps``, the stage's optimizer steps, sets Muon's rate (muon_step)."""
     opt = recipe.optimizer
     base_lr = (stage.lr if stage.lr is not None else opt.lr) * lr_scale
     groups = resolve_groups(model, stage.groups())
@@ -28,8 +47,9 @@ def build_optimizer(
     owner = group_of(model)
     norm = norm_parameter_names(model)
     # Muon's rate is an angular step on a normalized update: the batch-size rule
-    # (lr_scale) does not apply to it; a stage's own lr and the lower groups' multiplier do.
-    muon_lr = opt.muon_lr * (stage.lr / opt.lr if stage.lr is not None else 1.0)
+    # (lr_scale) does not apply to it; the stage's length, its own lr and the lower groups'
+    # multiplier do.
+    muon_lr = muon_step(opt, steps) * (stage.lr / opt.lr if stage.lr is not None else 1.0)
     # A group frozen mid-stage with freeze_anneal gets its own schedule: "until" is the share
     # of the stage's steps its curve is squeezed onto (build_scheduler).
     until = stage.freeze_after if stage.freeze_anneal else {}

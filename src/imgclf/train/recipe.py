@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from imgclf.errors import RecipeError
 
@@ -61,6 +68,20 @@ class OptimizerConfig(_Strict):
     muon_lr: float = Field(0.24, gt=0)
     muon_momentum: float = Field(0.6, ge=0, lt=1)
     muon_ns_steps: int = Field(3, ge=1, le=10)
+    # A stage shorter than muon_lr_steps optimizer steps takes a larger step, × sqrt(
+    # muon_lr_steps / steps), up to muon_lr_max (imgclf.train.optim.muon_step): a run of
+    # fixed-size steps travels about sqrt(steps) × step. Unset: muon_lr whatever the length.
+    muon_lr_steps: int | None = Field(None, ge=1)
+    muon_lr_max: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _muon_lr_max_above_muon_lr(self) -> OptimizerConfig:
+        if self.muon_lr_max is not None and self.muon_lr_max < self.muon_lr:
+            raise ValueError(
+                f"muon_lr_max ({self.muon_lr_max}) is below muon_lr ({self.muon_lr}): it "
+                "caps how far a short stage raises the step; raise it or drop it"
+            )
+        return self
 
 
 class LookaheadConfig(_Strict):
@@ -292,7 +313,8 @@ def _describe(exc: ValidationError) -> str:
         valid = ", ".join(parent.model_fields) if parent else "see the docs"
         msg = f"unknown key {loc!r}; valid keys here: {valid}"
     else:
-        msg = f"{loc}: {err['msg']}"
+        # Our own validators' messages read whole without pydantic's "Value error, " prefix.
+        msg = f"{loc}: {err['msg'].removeprefix('Value error, ')}"
     more = len(exc.errors()) - 1
     return msg + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
