@@ -23,8 +23,8 @@ def muon_step(opt: OptimizerConfig, steps: int | None) -> float:
     the ``muon_lr_steps`` the rate was tuned for takes rate × sqrt(muon_lr_steps / steps),
     up to ``muon_lr_max``. Longer stages keep ``muon_lr``. The same rule derived `fast`'s
     0.12 at batch 500 from airbench94_muon's 0.24 at 2,000 (four times the steps); on the
-    clothing photos (80 steps) 0.24 beat 0.12 on 3 of 3 seeds (docs/results.md, "Batch size
-    on a CPU")."""
+    clothing photos (80 steps) 0.24 beat 0.12 on 3 of 3 seeds (docs/results.md, "Muon's
+    step and the run's length")."""
     if opt.muon_lr_steps is None or not steps or steps >= opt.muon_lr_steps:
         return opt.muon_lr
     scaled = opt.muon_lr * math.sqrt(opt.muon_lr_steps / steps)
