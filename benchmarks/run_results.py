@@ -12,7 +12,9 @@ What a quarter-hour buys, every bundled recipe on one machine (issue #11; 13 x 1
     python benchmarks/run_results.py --data c10 --all --time 15m
 
 --time gives every run without its own :EPOCHS a wall-time budget instead of the recipe's
-epochs; the table then shows the epochs the budget bought.
+epochs; the table then shows the epochs the budget bought. A recipe whose ImageNet
+weights are not on this machine (offline, never downloaded) is listed as not run, with the
+reason, and the rest go on: one missing file should not cost the other hours of runs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def parse(spec: str) -> tuple[str, int | None, int | None]:
 
 
 def main() -> None:
+    from imgclf.errors import WeightsMissing
     from imgclf.evaluate.compare import compare_runs
     from imgclf.train import train
     from imgclf.train.recipe import list_recipes
@@ -57,16 +60,20 @@ def main() -> None:
         recipe, epochs, seed = parse(spec)
         overrides = [f"seed={seed}"] if seed is not None else []
         started = time.perf_counter()
-        run = train(
-            recipe,
-            args.data,
-            epochs=epochs,
-            time_budget=args.time if epochs is None else None,
-            overrides=overrides,
-            runs_dir=Path(args.runs_dir),
-            threads=args.threads,
-            progress=False,
-        )
+        try:
+            run = train(
+                recipe,
+                args.data,
+                epochs=epochs,
+                time_budget=args.time if epochs is None else None,
+                overrides=overrides,
+                runs_dir=Path(args.runs_dir),
+                threads=args.threads,
+                progress=False,
+            )
+        except WeightsMissing as e:
+            print(f"{recipe:<24} not run: {e}", flush=True)
+            continue
         wall = time.perf_counter() - started
         s = run.summary
         bought = s.get("trained_epochs", s["epochs"])  # a budget's epochs, fractional
