@@ -113,6 +113,45 @@ def test_plan_keeps_stage_proportions(tiny, tmp_path):
     assert "budget" in trainer.plan.text and "epochs of b" in trainer.plan.text
 
 
+def test_a_stage_that_costs_almost_nothing_keeps_its_length():
+    from imgclf.train.budget import stage_scales
+
+    # A cached head stage (3 s for its recipe length) before a fine-tuning stage (3,000 s),
+    # 600 s available of a 900-s budget: the head runs in full, fine-tuning takes the rest.
+    head, tune = stage_scales([3.0, 3000.0], 600.0, 900.0)
+    assert head == 1.0 and tune == pytest.approx(597 / 3000)
+    # One factor when nothing is cheap, when everything is, and when the budget is long.
+    assert stage_scales([300.0, 900.0], 600.0, 900.0) == [0.5, 0.5]
+    assert stage_scales([3.0, 6.0], 4.5, 900.0) == [0.5, 0.5]
+    assert stage_scales([3.0, 300.0], 606.0, 900.0) == [2.0, 2.0]
+    # No room left once the cheap stage is paid: the others get nothing (a too-short error).
+    assert stage_scales([3.0, 3000.0], 2.0, 900.0) == [1.0, 0.0]
+
+
+def test_plan_gives_a_cheap_cached_stage_its_recipe_length(tiny, tmp_path, monkeypatch):
+    from imgclf.train import budget
+    from imgclf.train.loop import Trainer
+    from imgclf.train.recipe import validate
+
+    # Probe results as measured for lite0-cpu on a CPU: the head stage's steps nearly free
+    # after a cache, the full stage's slow. Stubbed so the test does not depend on timing.
+    costs = iter(
+        [
+            budget.StageCost(step=1e-4, validation=0.0, setup=5.0, epoch=0.01, full_validation=0.1),
+            budget.StageCost(step=20.0, validation=0.5, setup=0.0, epoch=0.01, full_validation=0.1),
+        ]
+    )
+    monkeypatch.setattr(budget, "_probe_stage", lambda trainer, stage: next(costs))
+    recipe = validate(_recipe(stages=((2, "head"), (6, "all"))))
+    trainer = Trainer(recipe, tiny, tmp_path / "r", progress=False, budget_seconds=60)
+    trainer.ensure_plan()
+    spe = len(trainer.train_loader)
+    steps = trainer.plan.stage_steps
+    assert steps[0] == 2 * spe  # the head's two epochs, not a sixth of them
+    assert 1 <= steps[1] < 6 * spe  # the expensive stage is what the budget shrinks
+    assert "2.0 of them in stage 1" in trainer.plan.text
+
+
 def test_scaled_schedule_ends_at_the_planned_last_step():
     cfg = SchedulerConfig(name="cosine", warmup_epochs=1, min_lr_factor=0.1)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

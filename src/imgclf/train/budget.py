@@ -7,7 +7,9 @@ model, real batches, nothing of the run touched), then scales every stage's leng
 factor so that training, per-epoch validation, the feature caches and the final
 evaluation fit. Stages keep their proportions, a stage may end mid-epoch, and each stage's
 schedule is stretched or squeezed to the planned number of steps, so it anneals fully
-whatever the length.
+whatever the length. One exception: a stage whose whole recipe length costs almost nothing
+(a head trained on cached features, once the cache is built) keeps that length when the
+others shrink, since cutting it saves nothing (CHEAP_STAGE_SHARE).
 
 The plan (steps per stage) is saved in every checkpoint: a resumed run keeps it.
 """
@@ -49,6 +51,13 @@ EPOCH_OVERHEAD_S = 0.05
 # the re-plan after each epoch corrects the estimate, and every probe step is time the
 # budget does not train (a `fast` step is 3.4 s here: 2+1 steps were 7% of a 2.4-min budget).
 PROBE_STEPS = 1
+# A stage whose recipe length costs at most this share of the budget runs in full when a
+# budget shrinks the others. A cached head stage's steps cost microseconds once its feature
+# cache is paid for, so scaling it in proportion only under-trains the head the next stage
+# builds on: `lite0-cpu --time 15m` on CIFAR-10 (2-core EPYC) planned 0.1 of the head's 2
+# epochs (a fraction of a second of training after a 7-minute cache), reached 69.7%, and its
+# 0.3-epoch fine-tuning stage then fell to 62.9% (docs/results.md, "A quarter-hour").
+CHEAP_STAGE_SHARE = 0.02
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s?)?$")
@@ -180,14 +189,15 @@ def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
     final_eval = costs[-1].full_validation * views
     spent = time.perf_counter() - started
     fixed = spent + sum(c.setup for c in costs) + final_eval + FINISH_OVERHEAD_S
-    # Cost of one recipe-length pass of every stage: epochs × (steps + a validation).
-    per_unit = sum(
+    # Cost of each stage at its recipe length: epochs × (steps + a validation).
+    full = [
         s.epochs * (spe * c.step + c.validation + c.epoch)
         for s, c in zip(r.stages, costs, strict=True)
-    )
+    ]
+    per_unit = sum(full)
     available = budget_seconds * PLAN_SHARE - fixed
-    scale = available / per_unit if per_unit > 0 else 0.0
-    steps = [round(scale * s.epochs * spe) for s in r.stages]
+    scales = stage_scales(full, available, budget_seconds)
+    steps = [round(f * s.epochs * spe) for f, s in zip(scales, r.stages, strict=True)]
     if available <= 0 or min(steps) < 1:
         need = fixed + per_unit * max(1 / (s.epochs * spe) for s in r.stages)
         raise RecipeError(
@@ -217,6 +227,22 @@ def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
         reserve_seconds=final_eval + FINISH_OVERHEAD_S,
         spent_before=spent,
     )
+
+
+def stage_scales(full: list[float], available: float, budget_seconds: float) -> list[float]:
+    """The factor each stage's recipe length is scaled by so that the stages, costing
+    ``full`` seconds each at their recipe length, fill ``available`` seconds: one factor for
+    all, except that when it shrinks them a stage costing at most CHEAP_STAGE_SHARE of the
+    budget keeps its full length and the others share what is left."""
+    total = sum(full)
+    scale = available / total if total > 0 else 0.0
+    cheap = [0 < f <= CHEAP_STAGE_SHARE * budget_seconds for f in full]
+    if scale >= 1 or all(cheap) or not any(cheap):
+        return [scale] * len(full)
+    rest = sum(f for f, c in zip(full, cheap, strict=True) if not c)
+    left = available - sum(f for f, c in zip(full, cheap, strict=True) if c)
+    shrunk = max(0.0, left) / rest
+    return [1.0 if c else shrunk for c in cheap]
 
 
 def _groups(stage) -> str:
