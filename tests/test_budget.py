@@ -141,7 +141,7 @@ def test_plan_gives_a_cheap_cached_stage_its_recipe_length(tiny, tmp_path, monke
             budget.StageCost(step=20.0, validation=0.5, setup=0.0, epoch=0.01, full_validation=0.1),
         ]
     )
-    monkeypatch.setattr(budget, "_probe_stage", lambda trainer, stage: next(costs))
+    monkeypatch.setattr(budget, "_probe_stage", lambda trainer, stage, forward: next(costs))
     recipe = validate(_recipe(stages=((2, "head"), (6, "all"))))
     trainer = Trainer(recipe, tiny, tmp_path / "r", progress=False, budget_seconds=60)
     trainer.ensure_plan()

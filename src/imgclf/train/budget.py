@@ -22,6 +22,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,14 @@ PROBE_STEPS = 1
 # epochs (a fraction of a second of training after a 7-minute cache), reached 69.7%, and its
 # 0.3-epoch fine-tuning stage then fell to 62.9% (docs/results.md, "A quarter-hour").
 CHEAP_STAGE_SHARE = 0.02
+# Timed forward passes (the median is used) behind the estimates of a feature cache's build
+# and of validation; timed once per plan, not per stage (the network is the same). One pass
+# after one warm-up priced lite0-cpu's CIFAR-10 cache (95,000 images at 96 px) at 669 s in
+# a fresh process and 221-284 s in three later probes of the same process, against a build
+# of about 420 s (2-core EPYC): one pass is a sample of the machine's noise, and leaving
+# out the batch's reading and resizing made it optimistic. Three cost two more passes of
+# one batch (under a second here) where a cache costs minutes.
+FORWARD_REPEATS = 3
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s?)?$")
@@ -181,7 +190,8 @@ def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
     """Probe each stage and scale the recipe's epochs to fit ``budget_seconds`` counted
     from ``started`` (a ``time.perf_counter()`` value: setup before the plan counts too)."""
     r = trainer.recipe
-    costs = [_probe_stage(trainer, stage) for stage in r.stages]
+    per_image = _forward_per_image(trainer)  # the same network in every stage: timed once
+    costs = [_probe_stage(trainer, stage, per_image) for stage in r.stages]
     spe = len(trainer.train_loader)
     # The final evaluation runs the whole network on the validation split, once per
     # test-time view (imgclf.evaluate.tta: 2, or 6 for inputs up to 64 px).
@@ -250,8 +260,22 @@ def _groups(stage) -> str:
     return "all" if groups is None else "+".join(groups)
 
 
-def _probe_stage(trainer: Trainer, stage) -> StageCost:
-    """Time a few training steps of ``stage`` on a copy of the model, and a validation."""
+def _forward_per_image(trainer: Trainer) -> float:
+    """Seconds per image to read, resize and run the whole network in eval mode (no
+    gradients, BatchNorm's statistics untouched): what a feature cache and a validation
+    cost."""
+    rng = torch.get_rng_state()
+    try:
+        loader = trainer.train_loader
+        idx = torch.arange(min(loader.batch_size, loader.num_samples))
+        return _time_forward(trainer.model, lambda: loader.batch(idx), trainer) / len(idx)
+    finally:
+        torch.set_rng_state(rng)
+
+
+def _probe_stage(trainer: Trainer, stage, forward: float) -> StageCost:
+    """Time a few training steps of ``stage`` on a copy of the model; ``forward`` (seconds
+    per image of the whole network) prices its feature cache and validation."""
     rng = torch.get_rng_state()
     try:
         model = copy.deepcopy(trainer.model)
@@ -271,25 +295,24 @@ def _probe_stage(trainer: Trainer, stage) -> StageCost:
             and split_at_first_trained(model, stage.groups()) is not None
         )
         batch = loader.batch(torch.arange(min(loader.batch_size, n_train)))
-        forward = _time_forward(model, batch, trainer)
         if cached:
             prefix, suffix = split_at_first_trained(model, stage.groups())
             with torch.inference_mode():
                 features = prefix.eval()(batch)
             step = _time_steps(suffix, features.clone(), trainer)
             views = views_for(trainer.recipe, stage) or 1
-            setup = forward * (views * n_train + n_val) / len(batch)
+            setup = forward * (views * n_train + n_val)
             validation = 0.0  # on cached features: negligible
         else:
             step = _time_steps(model, batch, trainer)
             setup = 0.0
-            validation = forward * n_val / len(batch)
+            validation = forward * n_val
         return StageCost(
             step=step,
             validation=validation,
             setup=setup,
             epoch=_time_checkpoint(trainer),
-            full_validation=forward * n_val / len(batch),
+            full_validation=forward * n_val,
         )
     finally:
         torch.set_rng_state(rng)
@@ -302,17 +325,27 @@ def _autocast(trainer: Trainer):
     )
 
 
-def _time_forward(model: torch.nn.Module, batch: torch.Tensor, trainer: Trainer) -> float:
+def _time_forward(
+    model: torch.nn.Module, make_batch: Callable[[], torch.Tensor], trainer: Trainer
+) -> float:
+    """Seconds to make one batch (read, resize) and run it through ``model`` in eval mode,
+    as building a feature cache and validating do: the median of FORWARD_REPEATS passes
+    after a warm-up."""
     was = model.training
     model.eval()
     try:
         with torch.inference_mode(), _autocast(trainer):
+            batch = make_batch()
             model(batch)  # warm-up: allocations, kernel selection
             _sync(batch)
-            t = time.perf_counter()
-            model(batch)
-            _sync(batch)
-            return time.perf_counter() - t
+            times = []
+            for _ in range(FORWARD_REPEATS):
+                t = time.perf_counter()
+                batch = make_batch()
+                model(batch)
+                _sync(batch)
+                times.append(time.perf_counter() - t)
+            return sorted(times)[len(times) // 2]
     finally:
         model.train(was)
 
