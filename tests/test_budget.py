@@ -150,6 +150,7 @@ def test_plan_gives_a_cheap_cached_stage_its_recipe_length(tiny, tmp_path, monke
     assert steps[0] == 2 * spe  # the head's two epochs, not a sixth of them
     assert 1 <= steps[1] < 6 * spe  # the expensive stage is what the budget shrinks
     assert "2.0 of them in stage 1" in trainer.plan.text
+    assert trainer.plan.kept == [True, False]  # and re-plans leave it there
 
 
 def test_scaled_schedule_ends_at_the_planned_last_step():
@@ -221,6 +222,30 @@ def test_replan_grows_early_when_ahead_and_leaves_a_run_on_plan_alone():
     assert on_plan.keep_to_budget(0, 20, elapsed=30.0) is None  # as planned, and it fits
     late = _plan()
     assert late.keep_to_budget(1, 10, elapsed=130.0) is None  # past half: never grows
+
+
+def test_replan_leaves_a_kept_stage_at_its_length_and_reads_old_plans():
+    from imgclf.train.budget import Plan
+
+    # A cheap head stage kept at its recipe length (100 steps at 0.01 s), then 50 steps of
+    # 1 s. Its epochs run far under the probe's time: only the later stage may grow.
+    plan = _plan((100, 50))
+    plan.step_seconds, plan.kept = [0.01, 1.0], [True, False]
+    note = plan.keep_to_budget(0, 20, elapsed=10.2, window=(0.02, 10))
+    assert note and "time to spare" in note
+    assert plan.stage_steps == [100, math.floor(50 * 1.25)]
+    for _ in range(5):  # epoch after epoch: the kept stage never compounds
+        plan.keep_to_budget(0, 20, elapsed=10.2, window=(0.02, 10))
+    assert plan.stage_steps[0] == 100
+    # Behind: the kept stage still runs in full, the other one shrinks.
+    slow = _plan((100, 50))
+    slow.step_seconds, slow.kept = [0.01, 1.0], [True, False]
+    assert "behind" in slow.keep_to_budget(0, 20, elapsed=150.0)
+    assert slow.stage_steps[0] == 100 and 1 <= slow.stage_steps[1] < 50
+    # A checkpoint's plan from before ``kept`` existed still loads: no stage kept.
+    old = plan.to_dict()
+    del old["kept"]
+    assert Plan.from_dict(old).kept == [] and not Plan.from_dict(old).is_kept(0)
 
 
 def test_replan_projects_with_the_latest_epochs_rate():

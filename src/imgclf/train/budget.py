@@ -23,7 +23,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -116,13 +116,19 @@ class Plan:
     setup_seconds: list[float]  # per stage: feature cache
     reserve_seconds: float  # final evaluation and files
     spent_before: float  # setup and probing before the first step
+    # Per stage: kept at its recipe length (CHEAP_STAGE_SHARE), so re-plans leave it alone.
+    kept: list[bool] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        # ``kept`` is newer than the first budgeted checkpoints: absent, no stage was kept.
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def is_kept(self, i: int) -> bool:
+        return i < len(self.kept) and self.kept[i]
 
     def keep_to_budget(
         self,
@@ -153,18 +159,28 @@ class Plan:
         # The measured rate applies to this stage only: a cached head stage's epochs are all
         # bookkeeping and a full stage's all compute, so one stage's error says little
         # about the next, which is re-planned when its own epochs are measured.
-        current = (self.stage_steps[si] - done[si]) * self.step_seconds[si] * ratio
-        later = sum(self.stage_steps[i] * self.step_seconds[i] for i in range(si + 1, n))
+        rest = {
+            i: (self.stage_steps[i] - done[i]) * self.step_seconds[i] * (ratio if i == si else 1)
+            for i in range(si, n)
+        }
+        # A kept stage (a cached head at its recipe length) runs as planned: its time is
+        # counted, but only the other stages shrink or grow. Without this, a head stage of
+        # 8 epochs grew by MAX_GROWTH after each of its 0.1-s epochs (22 epochs, clothing
+        # photos at --time 8m): "early" counts steps, and its steps cost next to nothing.
+        kept = sum(t for i, t in rest.items() if self.is_kept(i))
+        scalable = sum(t for i, t in rest.items() if not self.is_kept(i))
         later_setup = sum(self.setup_seconds[si + 1 :])
         available = self.budget_seconds * REPLAN_SHARE - elapsed - self.reserve_seconds
-        projected = current + later + later_setup
+        projected = kept + scalable + later_setup
         early = 2 * sum(done) < sum(self.stage_steps)
-        if current + later <= 0:
+        if scalable <= 0:
             return None
         if projected <= available and not (early and projected < 0.9 * available):
             return None
-        f = min(MAX_GROWTH, max(0.0, available - later_setup) / (current + later))
+        f = min(MAX_GROWTH, max(0.0, available - later_setup - kept) / scalable)
         for i in range(si, n):
+            if self.is_kept(i):
+                continue
             left = self.stage_steps[i] - done[i]
             keep = math.floor(left * f)
             if i > si and left > 0:
@@ -236,6 +252,7 @@ def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
         setup_seconds=[c.setup for c in costs],
         reserve_seconds=final_eval + FINISH_OVERHEAD_S,
         spent_before=spent,
+        kept=[f > min(scales) for f in scales],  # the cheap stages stage_scales kept
     )
 
 
