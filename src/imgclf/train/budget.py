@@ -62,10 +62,12 @@ CHEAP_STAGE_SHARE = 0.02
 # Timed forward passes (the median is used) behind the estimates of a feature cache's build
 # and of validation; timed once per plan, not per stage (the network is the same). One pass
 # after one warm-up priced lite0-cpu's CIFAR-10 cache (95,000 images at 96 px) at 669 s in
-# a fresh process and 221-284 s in three later probes of the same process, against a build
-# of about 420 s (2-core EPYC): one pass is a sample of the machine's noise, and leaving
-# out the batch's reading and resizing made it optimistic. Three cost two more passes of
-# one batch (under a second here) where a cache costs minutes.
+# a fresh process and 221-284 s in three later probes of the same process (2-core EPYC):
+# one pass is a sample of the machine's noise, so one run planned a 15-min budget and the
+# next refused it. The median of three, reading and resizing the batch included (about 3%
+# of a pass there), read 547-569 s in four probes in a row; the build itself took about
+# 360-420 s (each run's wall time less its training and evaluation), so the estimate errs
+# on the safe side. Two more passes of one batch cost under two seconds there.
 FORWARD_REPEATS = 3
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
