@@ -66,8 +66,9 @@ CHEAP_STAGE_SHARE = 0.02
 # one pass is a sample of the machine's noise, so one run planned a 15-min budget and the
 # next refused it. The median of three, reading and resizing the batch included (about 3%
 # of a pass there), read 547-569 s in four probes in a row; the build itself took about
-# 360-420 s (each run's wall time less its training and evaluation), so the estimate errs
-# on the safe side. Two more passes of one batch cost under two seconds there.
+# 310-420 s in three runs (wall time less training, evaluation and start-up, not timed on
+# its own), so the estimate errs on the safe side. Two more passes of one batch cost under
+# two seconds there.
 FORWARD_REPEATS = 3
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
