@@ -265,3 +265,73 @@ def test_replan_note_names_the_time_spent_when_the_rate_alone_is_on_plan():
     note = plan.keep_to_budget(0, 90, elapsed=180.0, window=(9.5, 10))
     assert note and note.startswith("behind the plan: 180 s spent where the plan had 100 s")
     assert "latest epoch's steps at 0.95×" in note and plan.stage_steps[0] < 100
+
+
+def _split_plan(**kw):
+    """_plan, with one step's 1 s split into 0.8 s of training and 20 s of validation and
+    checkpoints per epoch of 100 steps (the probe's parts, as make_plan stores them)."""
+    plan = _plan(**kw)
+    plan.train_step_seconds, plan.epoch_seconds = [0.8, 0.8], [20.0, 20.0]
+    return plan
+
+
+def test_a_replan_within_an_epoch_measures_steps_alone():
+    # 20 steps in 16 s, no validation in the window: exactly the probe's step time.
+    plan = _split_plan()
+    assert plan.keep_to_budget(0, 20, elapsed=40.0, window=(16.0, 20), epoch_ends=0) is None
+    # Counted as if the window held an epoch's validation (the epoch-end rule), the same
+    # 16 s read as ahead of the plan and grew the rest for nothing.
+    grown = _split_plan()
+    assert "time to spare" in grown.keep_to_budget(0, 20, elapsed=40.0, window=(16.0, 20))
+    # Twice the probe's step time within the epoch: behind, and the note says over what.
+    slow = _split_plan()
+    note = slow.keep_to_budget(0, 20, elapsed=42.0, window=(32.0, 20), epoch_ends=0)
+    assert note and "behind" in note and "latest 20 steps at 2.00×" in note
+    assert slow.stage_steps[0] < 100
+
+
+def test_replan_counts_early_over_the_stages_it_may_change():
+    """A kept head stage's many cheap steps do not make a fine-tuning stage late: its
+    first re-plan may still grow it (lite0-cpu: 2 head epochs, 0.3 of fine-tuning)."""
+    plan = _plan((1000, 50))
+    plan.step_seconds, plan.kept = [0.001, 1.0], [True, False]
+    note = plan.keep_to_budget(1, 10, elapsed=25.0, window=(5.0, 10), epoch_ends=0)
+    assert note and "time to spare" in note
+    assert plan.stage_steps == [1000, 10 + math.floor(40 * 1.25)]
+
+
+def test_replan_every_is_a_share_of_the_budget_in_steps():
+    from imgclf.train.budget import REPLAN_EVERY_SHARE, REPLAN_MIN_STEPS
+
+    plan = _split_plan()  # 200-s budget, 0.8-s steps
+    assert plan.replan_every(0) == max(REPLAN_MIN_STEPS, math.ceil(REPLAN_EVERY_SHARE * 250))
+    plan.train_step_seconds = [30.0, 30.0]
+    assert plan.replan_every(0) == REPLAN_MIN_STEPS  # slow steps: not one step's noise
+
+
+def test_a_stage_shorter_than_an_epoch_is_replanned_within_it(tmp_path, monkeypatch, capsys):
+    """The probe says a step takes 0.5 s; it takes milliseconds. The first plan fits a
+    fraction of an epoch, and re-plans within that epoch grow the stage; without them it
+    ends at its first plan (budgets ended at 562 s of 900)."""
+    from imgclf.train import budget
+
+    src = make_image_folder(tmp_path / "src", per_class=30, size=16)
+    data = import_dataset(src, "subepoch", val_fraction=0.25, warn=lambda m: None)
+    monkeypatch.setattr(
+        budget,
+        "_probe_stage",
+        lambda trainer, stage, forward: budget.StageCost(
+            step=0.5, validation=0.01, setup=0.0, epoch=0.01, full_validation=0.01
+        ),
+    )
+    monkeypatch.setattr(budget, "REPLAN_MIN_STEPS", 3)
+    monkeypatch.setattr(budget, "FINISH_OVERHEAD_S", 0.5)
+    recipe = {**_recipe(), "batch_size": 2}
+    run = train(recipe, data=data, out=tmp_path / "run", time_budget=8)
+    notes = capsys.readouterr().err.splitlines()
+    plan = load_checkpoint(run.path / "last.pt")["plan"]
+    spe = math.ceil(67 / 2)
+    first = round(plan["stage_epochs"][0] * spe)
+    assert first < spe  # the first plan: part of one epoch
+    assert plan["stage_steps"][0] > first  # grown within that epoch
+    assert any("time to spare" in n and "latest 3 steps" in n for n in notes), notes

@@ -11,6 +11,10 @@ whatever the length. One exception: a stage whose whole recipe length costs almo
 (a head trained on cached features, once the cache is built) keeps that length when the
 others shrink, since cutting it saves nothing (CHEAP_STAGE_SHARE).
 
+After every epoch, and every few hundred steps within one (REPLAN_EVERY_SHARE), the run
+compares the time spent with the probe's estimate and shrinks what is left when it is
+behind, or grows it early in the run when the probe was pessimistic.
+
 The plan (steps per stage) is saved in every checkpoint: a resumed run keeps it.
 """
 
@@ -44,6 +48,12 @@ PLAN_SHARE = 0.95
 REPLAN_SHARE = 0.985
 # Most a re-plan may lengthen the remaining steps (a pessimistic probe), early in a run.
 MAX_GROWTH = 1.25
+# Within an epoch, a re-plan every this share of the budget (at the probe's step time), and
+# never on fewer steps than REPLAN_MIN_STEPS. A stage shorter than an epoch was otherwise
+# never re-planned: lite0-cpu's fine-tuning ran at 61 images/s where the probe measured 38,
+# and a 15-min budget ended at 562 s (2-core EPYC, docs/results.md "A quarter-hour").
+REPLAN_EVERY_SHARE = 0.05
+REPLAN_MIN_STEPS = 20
 # Seconds set aside for the plots and files written at the end.
 FINISH_OVERHEAD_S = 3.0
 # Per-epoch bookkeeping besides the checkpoint writes (metrics row, TensorBoard, fsync).
@@ -121,6 +131,11 @@ class Plan:
     spent_before: float  # setup and probing before the first step
     # Per stage: kept at its recipe length (CHEAP_STAGE_SHARE), so re-plans leave it alone.
     kept: list[bool] = field(default_factory=list)
+    # Per stage, the two parts of ``step_seconds``: one training step alone, and what an
+    # epoch costs besides its steps (validation, checkpoints). A re-plan within an epoch
+    # measures steps alone. Plans saved before these existed lack them (see _train_step).
+    train_step_seconds: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
@@ -133,22 +148,39 @@ class Plan:
     def is_kept(self, i: int) -> bool:
         return i < len(self.kept) and self.kept[i]
 
+    def _train_step(self, i: int) -> float:
+        return self.train_step_seconds[i] if self.train_step_seconds else self.step_seconds[i]
+
+    def _epoch_cost(self, i: int) -> float:
+        return self.epoch_seconds[i] if self.epoch_seconds else 0.0
+
+    def replan_every(self, si: int) -> int:
+        """Steps of stage ``si`` between re-plans within an epoch: those the probe priced
+        at REPLAN_EVERY_SHARE of the budget, and at least REPLAN_MIN_STEPS so that one
+        window's rate is not one step's noise. Step counts, not seconds, so that every
+        rank of a data-parallel job re-plans at the same step."""
+        per_step = max(self._train_step(si), 1e-9)
+        return max(REPLAN_MIN_STEPS, math.ceil(REPLAN_EVERY_SHARE * self.budget_seconds / per_step))
+
     def keep_to_budget(
         self,
         si: int,
         done_in_stage: int,
         elapsed: float,
         window: tuple[float, int] | None = None,
+        epoch_ends: int = 1,
     ) -> str | None:
-        """After an epoch: compare the time spent with the probe's estimate for the same
-        work and, when the rest would overrun the budget, shrink the remaining steps (of
-        this stage and the later ones) by one factor; early in the run (under half the
-        planned steps done) also grow them, by at most MAX_GROWTH, when the probe was
-        pessimistic. Schedules follow: they read ``stage_steps``.
+        """After an epoch, or every ``replan_every`` steps within one: compare the time
+        spent with the probe's estimate for the same work and, when the rest would overrun
+        the budget, shrink the remaining steps (of this stage and the later ones) by one
+        factor; early in the run (under half the planned steps of the stages not kept
+        done) also grow them, by at most MAX_GROWTH, when the probe was pessimistic.
+        Schedules follow: they read ``stage_steps``.
 
-        ``window``: (seconds, steps) of the latest epoch of this stage, validation and
-        checkpoint included: its rate against the probe's is what the rest is projected
-        with (the run's start holds one-time costs that would make it look slower)."""
+        ``window``: (seconds, steps) since the previous re-plan of this stage (or its
+        start), with ``epoch_ends`` validations and checkpoints in it (0 within an epoch):
+        its rate against the probe's is what the rest is projected with (the run's start
+        holds one-time costs that would make it look slower)."""
         n = len(self.stage_steps)
         done = [
             self.stage_steps[i] if i < si else done_in_stage if i == si else 0 for i in range(n)
@@ -158,7 +190,8 @@ class Plan:
         )
         ratio = elapsed / planned_so_far if planned_so_far > 0 else 1.0
         if window is not None and window[1] > 0:
-            ratio = window[0] / (window[1] * self.step_seconds[si])
+            probed = window[1] * self._train_step(si) + epoch_ends * self._epoch_cost(si)
+            ratio = window[0] / probed
         # The measured rate applies to this stage only: a cached head stage's epochs are all
         # bookkeeping and a full stage's all compute, so one stage's error says little
         # about the next, which is re-planned when its own epochs are measured.
@@ -175,7 +208,12 @@ class Plan:
         later_setup = sum(self.setup_seconds[si + 1 :])
         available = self.budget_seconds * REPLAN_SHARE - elapsed - self.reserve_seconds
         projected = kept + scalable + later_setup
-        early = 2 * sum(done) < sum(self.stage_steps)
+        # Early = under half of the scalable stages' steps done (a kept stage's steps are
+        # many and cheap: counted, lite0-cpu's 2 head epochs made its 0.3-epoch
+        # fine-tuning stage "late" from its first step, and it never grew).
+        early = 2 * sum(d for i, d in enumerate(done) if not self.is_kept(i)) < sum(
+            s for i, s in enumerate(self.stage_steps) if not self.is_kept(i)
+        )
         if scalable <= 0:
             return None
         if projected <= available and not (early and projected < 0.9 * available):
@@ -193,7 +231,13 @@ class Plan:
         # spent (one-time costs, a slow first epoch) and the rate the rest is projected
         # with. A rate under 1× beside "behind" is then explained by the first figure.
         how = "behind the plan" if f < 1 else "time to spare"
-        basis = "latest epoch's" if window is not None and window[1] > 0 else "run's"
+        basis = (
+            "run's"
+            if window is None or window[1] <= 0
+            else "latest epoch's"
+            if epoch_ends
+            else f"latest {window[1]}"
+        )
         return (
             f"{how}: {elapsed:.0f} s spent where the plan had {planned_so_far:.0f} s, "
             f"the {basis} steps at {ratio:.2f}× the probe's time; the remaining steps "
@@ -256,6 +300,8 @@ def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
         reserve_seconds=final_eval + FINISH_OVERHEAD_S,
         spent_before=spent,
         kept=[f > min(scales) for f in scales],  # the cheap stages stage_scales kept
+        train_step_seconds=[c.step for c in costs],
+        epoch_seconds=[c.validation + c.epoch for c in costs],
     )
 
 

@@ -491,18 +491,7 @@ class Trainer:
         pos.epoch, pos.batch = pos.epoch + 1, 0
         self.progress.partial = {}
         if self.plan is not None:
-            done = min(pos.epoch * len(self._batches()), self.plan.stage_steps[si])
-            note = None
-            if self.dist.is_main:  # one clock decides: every rank must run the same steps
-                now = time.perf_counter()
-                window = (now - self._mark[0], done - self._mark[1])
-                note = self.plan.keep_to_budget(si, done, self._elapsed(), window)
-                self._mark = (now, done)
-            if self.dist.enabled:
-                steps, note = distributed.broadcast((self.plan.stage_steps, note), self.dist)
-                self.plan.stage_steps = list(steps)
-            if note:
-                self._say(note)
+            self._replan(si, min(pos.epoch * len(self._batches()), self.plan.stage_steps[si]))
         done_stage = pos.epoch >= self._stage_epochs(si)
         if done_stage and self.lookahead is not None and not self.lookahead_done:
             self.lookahead.finish(self.model)  # a re-plan ended the stage early
@@ -516,6 +505,29 @@ class Trainer:
             self._say(f"early stopping: no val accuracy gain in {patience} epochs")
             return True
         return False
+
+    def _replan(self, si: int, done: int, epoch_ends: int = 1) -> None:
+        """Fit the rest of a budget's plan to the time measured since the last re-plan
+        (Plan.keep_to_budget), ``done`` steps into stage ``si``."""
+        note = None
+        now = time.perf_counter()
+        if self.dist.is_main:  # one clock decides: every rank must run the same steps
+            window = (now - self._mark[0], done - self._mark[1])
+            note = self.plan.keep_to_budget(si, done, self._elapsed(), window, epoch_ends)
+        self._mark = (now, done)  # every rank: _replan_due counts steps from here
+        if self.dist.enabled:
+            steps, note = distributed.broadcast((self.plan.stage_steps, note), self.dist)
+            self.plan.stage_steps = list(steps)
+        if note:
+            self._say(note)
+
+    def _replan_due(self, si: int, done: int, epoch_end: int) -> bool:
+        """A re-plan within the epoch: every ``replan_every`` steps since the last one,
+        unless this epoch's end (which re-plans anyway) is nearer than that."""
+        if self.plan is None or self.plan.is_kept(si):
+            return False
+        every = self.plan.replan_every(si)
+        return done - self._mark[1] >= every and epoch_end - done >= every // 2
 
     def _train_epoch(self, si: int, global_epoch: int, optimizer, scheduler, stage) -> dict:
         r, hw, pos = self.recipe, self.hw, self.position
@@ -595,6 +607,10 @@ class Trainer:
                 if save_due:
                     self._checkpoint_mid_epoch(acc, started, optimizer, scheduler)
                     last_save = now
+                done = pos.epoch * len(batches) + pos.batch
+                if self._replan_due(si, done, pos.epoch * len(batches) + min(len(batches), limit)):
+                    self._replan(si, done, epoch_ends=0)
+                    limit = self._stage_steps(si) - pos.epoch * len(batches)
         finally:
             # An immediate interrupt (a second Ctrl-C) saves nothing: it may have landed
             # inside a step, and the previous checkpoint is a consistent one.
