@@ -217,7 +217,9 @@ def test_replan_grows_early_when_ahead_and_leaves_a_run_on_plan_alone():
     plan = _plan()
     note = plan.keep_to_budget(0, 20, elapsed=15.0)  # the probe was pessimistic
     assert note and "time to spare" in note
-    assert plan.stage_steps[0] == 20 + math.floor(80 * 1.25)  # growth capped
+    # Steps at twice the probe's speed are trusted to 1.25x; the rest of the time left
+    # (197 - 15 - 5 - 10 s of setup = 167 s) fills at the probe's own 1 s a step.
+    assert plan.stage_steps[0] == 20 + math.floor(80 * max(1.25, 167 / 130))
     on_plan = _plan((110, 55))
     assert on_plan.keep_to_budget(0, 20, elapsed=30.0) is None  # as planned, and it fits
     late = _plan()
@@ -233,10 +235,12 @@ def test_replan_leaves_a_kept_stage_at_its_length_and_reads_old_plans():
     plan.step_seconds, plan.kept = [0.01, 1.0], [True, False]
     note = plan.keep_to_budget(0, 20, elapsed=10.2, window=(0.02, 10))
     assert note and "time to spare" in note
-    assert plan.stage_steps == [100, math.floor(50 * 1.25)]
+    # The later stage takes the time left at the probe's 1 s a step: 197 s less 10.2
+    # spent, 5 reserved, 10 of its setup and 0.16 for the head's 80 steps at 0.002 s.
+    assert plan.stage_steps == [100, math.floor(197.0 - 10.2 - 5 - 10 - 0.16)]
     for _ in range(5):  # epoch after epoch: the kept stage never compounds
         plan.keep_to_budget(0, 20, elapsed=10.2, window=(0.02, 10))
-    assert plan.stage_steps[0] == 100
+    assert plan.stage_steps == [100, 171]
     # Behind: the kept stage still runs in full, the other one shrinks.
     slow = _plan((100, 50))
     slow.step_seconds, slow.kept = [0.01, 1.0], [True, False]
@@ -295,9 +299,21 @@ def test_replan_counts_early_over_the_stages_it_may_change():
     first re-plan may still grow it (lite0-cpu: 2 head epochs, 0.3 of fine-tuning)."""
     plan = _plan((1000, 50))
     plan.step_seconds, plan.kept = [0.001, 1.0], [True, False]
-    note = plan.keep_to_budget(1, 10, elapsed=25.0, window=(5.0, 10), epoch_ends=0)
+    # 40 s left for 40 steps at the probe's rate, which run at twice its speed.
+    note = plan.keep_to_budget(1, 10, elapsed=152.0, window=(5.0, 10), epoch_ends=0)
     assert note and "time to spare" in note
     assert plan.stage_steps == [1000, 10 + math.floor(40 * 1.25)]
+
+
+def test_replan_takes_time_the_probe_over_priced_in_one_step():
+    """A feature cache built in less time than the probe said: the fine-tuning stage may
+    take all the time saved at the probe's step rate, not 1.25x of its first plan."""
+    plan = _plan((1000, 32))
+    plan.step_seconds, plan.kept = [0.001, 3.0], [True, False]
+    plan.keep_to_budget(0, 1000, elapsed=30.0, window=(1.0, 1000))
+    # 197 s less 30 spent, 5 reserved and 10 of the stage's setup, at 3 s a step: 50
+    # steps, where a 1.25x cap gave 40.
+    assert plan.stage_steps == [1000, 50]
 
 
 def test_replan_every_is_a_share_of_the_budget_in_steps():
