@@ -20,7 +20,6 @@ from imgclf.data.importer import import_dataset
 from imgclf.models import create
 from imgclf.train import train
 from imgclf.train.adapt import (
-    FREEZE_BN_BELOW,
     adapt,
     class_weights,
     sample_weights,
@@ -103,10 +102,13 @@ def test_batch_statistics_change_the_network_at_the_same_weights(tiny_photos, tm
     assert abs(float(all_end["val_loss"]) - float(head_end["val_loss"])) > 1e-3
 
 
-def test_batchnorm_auto_depends_on_pretraining_and_data_size():
+def test_batchnorm_auto_keeps_pretrained_statistics_at_any_data_size():
+    """Large sets too: on CIFAR-10's 45,000 images batch statistics undid the head stage
+    (76.4% → 73.3%) where kept statistics reached 86.6% (imgclf.train.adapt)."""
     photo = load_recipe("lite0-photo")
     assert adapt(photo, True, 500).freeze_bn
-    assert not adapt(photo, True, FREEZE_BN_BELOW).freeze_bn
+    assert adapt(photo, True, 45_000).freeze_bn
+    assert "batchnorm: frozen" in adapt(load_recipe("lite0-cpu"), True, 45_000).notes[0]
     assert not adapt(photo, False, 500).freeze_bn  # from scratch: BatchNorm must learn
     fixed = photo.model_copy(update={"batchnorm": "train"})
     assert not adapt(fixed, True, 500).freeze_bn

@@ -5,7 +5,7 @@ the usual fine-tuning practice: torchvision's reference scripts and fastai's ``f
 keep pretrained statistics), unless the stage sets ``bn_update: true``.
 
 With ``freeze_bn`` (the recipe's ``batchnorm: frozen``, and ``auto`` for pretrained
-backbones on small data sets) *every* BatchNorm layer stays in eval mode, trained ones
+backbones) *every* BatchNorm layer stays in eval mode, trained ones
 included: their scale and shift still learn, but they normalize with the pretrained
 running statistics instead of each batch's. Keras's EfficientNet fine-tuning guide gives
 this advice, and issue #9 measured why: a Lite0 head-stage checkpoint scored 98.9% with
