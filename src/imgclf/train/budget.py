@@ -11,7 +11,7 @@ whatever the length. One exception: a stage whose whole recipe length costs almo
 (a head trained on cached features, once the cache is built) keeps that length when the
 others shrink, since cutting it saves nothing (CHEAP_STAGE_SHARE).
 
-After every epoch, and every few hundred steps within one (REPLAN_EVERY_SHARE), the run
+After every epoch, and within one every 5% of the budget (REPLAN_EVERY_SHARE), the run
 compares the time spent with the probe's estimate and shrinks what is left when it is
 behind, or grows it early in the run when the probe was pessimistic.
 
