@@ -17,6 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# fp32 on every CPU, set at import so module-scoped fixtures and subprocesses see it too:
+# the suite's equalities (two processes against one, ONNX against torch, saved against
+# recomputed scores) are fp32 ones; bf16 autocast on an AVX512-BF16 CPU moved them by 1e-4
+# (imgclf.train.device).
+os.environ["IMGCLF_CPU_BF16"] = "0"
+
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 # Distinct solid colours per class, so a class mix-up shows in the pixels.
 CLASS_COLOURS = {"cat": RED, "dog": GREEN, "bird": BLUE}
