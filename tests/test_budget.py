@@ -174,9 +174,10 @@ def test_budgeted_run_ends_within_its_budget(tiny, tmp_path):
     run = train(_recipe(), data=tiny, out=tmp_path / "run", time_budget=budget, progress=False)
     elapsed = time.perf_counter() - started
     # The plan is for 93% of it; +25% of slack on top of the issue's +5% for noisy CI.
-    assert elapsed <= budget * 1.3, elapsed
-    assert elapsed >= budget * 0.4, elapsed  # and it used the time, not a token epoch
     summary = run.summary
+    said = (elapsed, summary.get("plan"), summary.get("epochs"), summary.get("train_seconds"))
+    assert elapsed <= budget * 1.3, said
+    assert elapsed >= budget * 0.4, said  # and it used the time, not a token epoch
     assert summary["budget_seconds"] == budget
     assert summary["images_seen"] > 0 and summary["planned_epochs"] > 2
     with open(run.path / "metrics.csv", newline="") as f:
