@@ -352,3 +352,22 @@ def test_a_stage_shorter_than_an_epoch_is_replanned_within_it(tmp_path, monkeypa
     assert first < spe  # the first plan: part of one epoch
     assert plan["stage_steps"][0] > first  # grown within that epoch
     assert any("time to spare" in n and "latest 3 steps" in n for n in notes), notes
+
+
+def test_one_slow_window_does_not_shrink_the_plan_two_do():
+    """Re-plans shrink without limit but grow only early, so each hiccup of the machine
+    ratcheted a plan down for good (a 12-s budget ended at 4 s): the rate used is the lower
+    median of the stage's latest three windows."""
+    plan = _plan()  # 200-s budget, steps (100, 50) at 1 s; 80 of 100 done: past half
+    plan.window_ratios = [[0, 1.0], [0, 1.0]]
+    assert plan.keep_to_budget(0, 80, 90.0, window=(30.0, 10)) is None  # 3x, once
+    assert plan.stage_steps == [100, 50]
+    note = plan.keep_to_budget(0, 85, 95.0, window=(30.0, 10))  # 3x again
+    assert note is not None and "behind" in note and plan.stage_steps[0] < 100
+    assert plan.window_ratios == [[0, 1.0], [0, 3.0], [0, 3.0]]
+    # A new stage starts its own history; a saved plan carries it.
+    plan.keep_to_budget(1, 5, 100.0, window=(5.0, 5))
+    assert plan.window_ratios == [[1, 1.0]]
+    from imgclf.train.budget import Plan
+
+    assert Plan.from_dict(plan.to_dict()).window_ratios == [[1, 1.0]]

@@ -54,6 +54,11 @@ MAX_GROWTH = 1.25
 # and a 15-min budget ended at 562 s (2-core EPYC, docs/results.md "A quarter-hour").
 REPLAN_EVERY_SHARE = 0.05
 REPLAN_MIN_STEPS = 20
+# A re-plan projects with the lower median of the stage's latest 3 window rates: a re-plan
+# may shrink without limit but grows only early and by at most MAX_GROWTH, so on its own
+# each slow window ratcheted the plan down for good: a 12-s test budget of 17-ms epochs
+# ended at 3.4-4.5 s (2-core EPYC family 26, in the full test suite).
+RATE_WINDOWS = 3
 # Seconds set aside for the plots and files written at the end.
 FINISH_OVERHEAD_S = 3.0
 # Per-epoch bookkeeping besides the checkpoint writes (metrics row, TensorBoard, fsync).
@@ -136,6 +141,8 @@ class Plan:
     # measures steps alone. Plans saved before these existed lack them (see _train_step).
     train_step_seconds: list[float] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
+    # [stage, ratio] of the latest measured windows (RATE_WINDOWS), for the median.
+    window_ratios: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
@@ -161,6 +168,14 @@ class Plan:
         rank of a data-parallel job re-plans at the same step."""
         per_step = max(self._train_step(si), 1e-9)
         return max(REPLAN_MIN_STEPS, math.ceil(REPLAN_EVERY_SHARE * self.budget_seconds / per_step))
+
+    def _steady_ratio(self, si: int, ratio: float) -> float:
+        """The lower median of this stage's latest RATE_WINDOWS window rates, this one
+        included: one slow window (a hiccup of the machine) moves nothing, two do."""
+        self.window_ratios = [r for r in self.window_ratios if r[0] == si][1 - RATE_WINDOWS :]
+        self.window_ratios.append([si, ratio])
+        ratios = sorted(r[1] for r in self.window_ratios)
+        return ratios[(len(ratios) - 1) // 2]
 
     def keep_to_budget(
         self,
@@ -192,7 +207,7 @@ class Plan:
         ratio = elapsed / planned_so_far if planned_so_far > 0 else 1.0
         if window is not None and window[1] > 0:
             probed = window[1] * self._train_step(si) + epoch_ends * self._epoch_cost(si)
-            ratio = window[0] / probed
+            ratio = self._steady_ratio(si, window[0] / probed)
         # The measured rate applies to this stage only: a cached head stage's epochs are all
         # bookkeeping and a full stage's all compute, so one stage's error says little
         # about the next, which is re-planned when its own epochs are measured.
