@@ -19,8 +19,9 @@ from imgclf.train.recipe import Recipe
 # weights). On large sets too: `lite0-cpu --time 15m` on CIFAR-10 (45,000 images at 96 px,
 # 2-core AMD EPYC family 26, bf16) fine-tuned 1.1 epochs after its head to 73.34% with batch
 # statistics, below the head's 76.38%, and 1.6 epochs to 86.64% with them kept (the same
-# budget: eval-mode BatchNorm trains at 104-113 images/s against 76-86). A head trained on
-# features of the pretrained statistics is not thrown off by new ones. A long run on a far
+# budget: eval-mode BatchNorm trains at 104-113 images/s against 76-86). Likely why: the
+# head was trained on features normalized by the pretrained statistics, and batch
+# statistics change them at once (not isolated by a measurement). A long run on a far
 # domain may still gain from re-estimating (unmeasured): `batchnorm: train`.
 # The smallest batch the small-data rule goes down to: below it batches are mostly noise
 # and per-step overhead.

@@ -57,7 +57,9 @@ REPLAN_MIN_STEPS = 20
 # A re-plan projects with the lower median of the stage's latest 3 window rates: a re-plan
 # may shrink without limit but grows only early and by at most MAX_GROWTH, so on its own
 # each slow window ratcheted the plan down for good: a 12-s test budget of 17-ms epochs
-# ended at 3.4-4.5 s (2-core EPYC family 26, in the full test suite).
+# ended at 3.4-4.5 s (2-core EPYC family 26, in the full test suite). With only two
+# windows so far the faster one counts: a stage's second re-plan leans to growth, which
+# MAX_GROWTH bounds, rather than to a shrink nothing undoes.
 RATE_WINDOWS = 3
 # Seconds set aside for the plots and files written at the end.
 FINISH_OVERHEAD_S = 3.0
