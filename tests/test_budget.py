@@ -272,6 +272,15 @@ def test_replan_note_names_the_time_spent_when_the_rate_alone_is_on_plan():
     assert "latest epoch's steps at 0.95×" in note and plan.stage_steps[0] < 100
 
 
+def test_a_shrink_after_growth_does_not_read_behind():
+    """Steps grown into time the probe over-priced, then run at 0.95x the probe's time:
+    the rest overruns though neither the time spent nor the rate is behind the probe."""
+    plan = _plan((150, 50))
+    note = plan.keep_to_budget(0, 20, elapsed=20.0, window=(9.5, 10))
+    assert note and note.startswith("over the budget: 20 s spent where the plan had 30 s")
+    assert plan.stage_steps[0] < 150
+
+
 def _split_plan(**kw):
     """_plan, with one step's 1 s split into 0.8 s of training and 20 s of validation and
     checkpoints per epoch of 100 steps (the probe's parts, as make_plan stores them)."""
