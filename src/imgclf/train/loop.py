@@ -1034,6 +1034,7 @@ def train(
         distributed.per_rank_batch(rec.batch_size, env)
         device, threads = distributed.local_device(device), distributed.default_threads(threads)
     dist = distributed.init(resolve_device(device))
+    ended = False
     try:
         trainer = Trainer(
             rec,
@@ -1057,9 +1058,11 @@ def train(
             else contextlib.nullcontext(),
             disk_full_is_an_error(trainer.out),
         ):
-            return trainer.run()
+            run = trainer.run()
+        ended = True
+        return run
     finally:
-        distributed.shutdown(dist)
+        distributed.shutdown(dist, barrier=ended)
 
 
 def _after_restart(out: Path | None, exist_ok: bool, env: Dist) -> tuple[Path | None, bool] | None:
