@@ -16,7 +16,6 @@ Gloo for CPU tensors.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -135,17 +134,8 @@ def init(device: torch.device, *, backend: str | None = None) -> Dist:
     return Dist(env.rank, env.world_size, env.local_rank, env.local_world_size, backend)
 
 
-def shutdown(d: Dist, barrier: bool = False) -> None:
-    """``barrier``: the run ended normally on this rank, so wait for the others before
-    tearing Gloo down: a rank that left first while rank 0 still wrote the report aborted
-    ("terminate called without an active exception", SIGABRT) in 2 of 14 runs of
-    test_killed_worker_is_restarted... on a 2-core Zen 5 EPYC (0 of 16 with the barrier).
-    Never after an error here: the others may never arrive. A peer that failed instead
-    closes its end, and its own error is the one to report, not this barrier's."""
+def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
-        if barrier:
-            with contextlib.suppress(RuntimeError):
-                dist.barrier()
         dist.destroy_process_group()
 
 

@@ -1034,7 +1034,6 @@ def train(
         distributed.per_rank_batch(rec.batch_size, env)
         device, threads = distributed.local_device(device), distributed.default_threads(threads)
     dist = distributed.init(resolve_device(device))
-    ended = False
     try:
         trainer = Trainer(
             rec,
@@ -1058,11 +1057,9 @@ def train(
             else contextlib.nullcontext(),
             disk_full_is_an_error(trainer.out),
         ):
-            run = trainer.run()
-        ended = True
-        return run
+            return trainer.run()
     finally:
-        distributed.shutdown(dist, barrier=ended)
+        distributed.shutdown(dist)
 
 
 def _after_restart(out: Path | None, exist_ok: bool, env: Dist) -> tuple[Path | None, bool] | None:
