@@ -30,14 +30,17 @@ class Augment:
     ``flip``: horizontal flip with probability 1/2 (True), or ``"alternate"``: a fixed random
     half of the images mirrored in odd epochs, the other half in even epochs, so every
     image is seen both ways in any two epochs in a row (airbench94, arXiv 2404.00498 §3.6:
-    the same accuracy in fewer epochs than random flips)."""
+    the same accuracy in fewer epochs than random flips); ``cutout``: a square of that
+    many pixels, centred at a uniform random pixel and clipped at the edges, filled with
+    the mean colour (DeVries & Taylor 2017, arXiv 1708.04552), after the crop and flip."""
 
     crop_padding: int = 0
     flip: bool | str = False
+    cutout: int = 0
 
     @property
     def enabled(self) -> bool:
-        return self.crop_padding > 0 or self.flip
+        return self.crop_padding > 0 or bool(self.flip) or self.cutout > 0
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -124,6 +127,35 @@ def augment_indices(
     return rows, cols
 
 
+def cutout_masks(
+    batch: int, height: int, width: int, size: int, gen: torch.Generator
+) -> torch.Tensor:
+    """B×H×W bools: each image's cutout square of side ``size`` around a uniform random
+    centre (so squares near an edge are clipped, as in the paper: every pixel is covered
+    equally often)."""
+    cy = torch.randint(0, height, (batch, 1, 1), generator=gen)
+    cx = torch.randint(0, width, (batch, 1, 1), generator=gen)
+    y = torch.arange(height).view(1, -1, 1)
+    x = torch.arange(width).view(1, 1, -1)
+    top, left = cy - size // 2, cx - size // 2
+    return (y >= top) & (y < top + size) & (x >= left) & (x < left + size)
+
+
+def draw_augment(
+    batch: int,
+    height: int,
+    width: int,
+    aug: Augment,
+    gen: torch.Generator,
+    flips: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """All of one batch's random draws, in a fixed order (a resume replays them for the
+    batches it skips): crop + flip indices, then the cutout masks (None without)."""
+    rows, cols = augment_indices(batch, height, width, aug, gen, flips)
+    masks = cutout_masks(batch, height, width, aug.cutout, gen) if aug.cutout > 0 else None
+    return rows, cols, masks
+
+
 class BatchLoader:
     """Iterate (images, labels) batches of a dataset split.
 
@@ -207,7 +239,7 @@ class BatchLoader:
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             if i < start:
                 if self.augment.enabled:
-                    augment_indices(len(idx), h, w, self.augment, gen, self._flips(idx))
+                    draw_augment(len(idx), h, w, self.augment, gen, self._flips(idx))
                 continue
             yield self.batch(idx, gen), self.labels[idx.to(self.device)]
 
@@ -218,6 +250,11 @@ class BatchLoader:
             self._alternate = (self.epoch, alternate_flips(len(self.labels), self.seed, self.epoch))
         return self._alternate[1][idx.cpu()]
 
+    def _mean_colour(self) -> torch.Tensor:
+        """The normalization mean as uint8 pixels: cutout's fill, 0 after normalization."""
+        mean = torch.tensor(self.mean).mul(255).round().clamp(0, 255)
+        return mean.to(self.device, torch.uint8)
+
     def batch(self, idx: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         """Images ``idx`` as a normalized float batch (augmented when a generator is given)."""
         n, h, w, _ = self.images.shape
@@ -225,13 +262,15 @@ class BatchLoader:
             flips = self._flips(idx)
         idx = idx.to(self.device)
         if gen is not None and self.augment.enabled:
-            rows, cols = augment_indices(len(idx), h, w, self.augment, gen, flips)
+            rows, cols, masks = draw_augment(len(idx), h, w, self.augment, gen, flips)
             rows, cols = rows.to(self.device), cols.to(self.device)
             # One index_select of whole pixels over a flat view: ~5× faster than 3-tensor
             # advanced indexing here (benchmarks/bench_data.py).
             pixel = (idx.view(-1, 1, 1) * h + rows[:, :, None]) * w + cols[:, None, :]
             x = self.images.view(n * h * w, 3).index_select(0, pixel.reshape(-1))
             x = x.view(len(idx), h, w, 3)
+            if masks is not None:
+                x = torch.where(masks.to(self.device)[..., None], self._mean_colour(), x)
         else:
             x = self.images.index_select(0, idx)
         # The one preprocessing definition shared with predict and serve.

@@ -226,6 +226,8 @@ def describe_augment(aug: dict[str, Any]) -> str:
         parts.append(f"random crop (padding {aug['crop_padding']})")
     if aug.get("flip"):
         parts.append("horizontal flip")
+    if aug.get("cutout"):
+        parts.append(f"cutout ({aug['cutout']} px)")
     return ", ".join(parts) or "none"
 
 

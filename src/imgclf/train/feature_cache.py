@@ -46,7 +46,7 @@ def cache_limit_bytes() -> float:
 def views_for(recipe: Recipe, stage: StageConfig) -> int | None:
     """How many fixed views the augmentation has (1, or 2 with flips); None: not cacheable."""
     aug = stage.augment_for(recipe)
-    if aug.crop_padding > 0:
+    if aug.crop_padding > 0 or aug.cutout > 0:
         return None
     return 2 if aug.flip else 1
 
