@@ -396,3 +396,33 @@ def test_budgeted_run_of_two_processes_replans_within_epochs_in_step(tmp_path):
     assert every < steps_per_epoch - every // 2, f"no re-plan within an epoch: every {every}"
     assert summary["images_seen"] > steps_per_epoch * 4 // 2  # past the first re-plans
     assert summary["wall_seconds"] <= 10.0 * 1.5
+
+
+@pytest.mark.parametrize("world_size", ["2", "1", None])
+def test_a_torchrun_worker_ends_without_the_interpreter_shutdown(world_size, monkeypatch, capsys):
+    """`imgclf` under torchrun ends with os._exit (its output flushed first): Gloo's worker
+    threads, kept alive by a DDP model past destroy_process_group, abort the process when
+    one frees a tensor during the interpreter's shutdown. A single process exits as usual."""
+    from imgclf import cli
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code: int) -> None:
+        raise Exited(code)
+
+    def fake_main() -> int:
+        print("trained")
+        return 3
+
+    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    want = Exited if world_size == "2" else SystemExit
+    with pytest.raises(want) as ended:
+        cli.entry()
+    assert ended.value.args[0] == 3
+    assert capsys.readouterr().out == "trained\n"

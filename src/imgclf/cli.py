@@ -8,7 +8,9 @@ the commands so ``imgclf --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -752,6 +754,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The process entry (the ``imgclf`` command and ``python -m imgclf``): :func:`main`,
+    then the exit. A torchrun worker (``WORLD_SIZE`` > 1) ends with ``os._exit`` once its
+    output is flushed, skipping the interpreter's shutdown: a DistributedDataParallel model
+    keeps its Gloo process group, and the group's worker threads, alive past
+    ``destroy_process_group`` (seen in torch 2.14), and a worker thread that frees its last
+    collective's tensor after the interpreter began shutting down takes the GIL, which
+    then ends that thread through a C++ frame that may not throw: "terminate called
+    without an active exception", SIGABRT, and torchrun fails the whole job (2 in 11 runs of
+    tests/test_distributed.py's restarted 2-process job on a loaded 2-core machine, 0 in 30
+    with this exit; the crash of pytorch/pytorch PR 179291). Nothing is left for that
+    shutdown to do: every file a command writes is closed by then."""
+    code = main()
+    if _torchrun_worker():
+        for stream in (sys.stdout, sys.stderr):
+            # A reader gone (BrokenPipeError) or a closed stream: nothing left to save.
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        logging.shutdown()
+        os._exit(code)
+    raise SystemExit(code)
+
+
+def _torchrun_worker() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1) > 1
+    except ValueError:  # not torchrun's: main() has said so where it matters
+        return False
+
+
 def _stdout_to_devnull() -> None:
     try:
         fd = sys.stdout.fileno()
@@ -763,4 +795,4 @@ def _stdout_to_devnull() -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
