@@ -131,8 +131,8 @@ def cutout_masks(
     batch: int, height: int, width: int, size: int, gen: torch.Generator
 ) -> torch.Tensor:
     """B×H×W bools: each image's cutout square of side ``size`` around a uniform random
-    centre (so squares near an edge are clipped, as in the paper: every pixel is covered
-    equally often)."""
+    centre, clipped where it crosses an edge (as the paper's code does: a centre anywhere,
+    so the cut area varies and pixels near the edges are covered less often)."""
     cy = torch.randint(0, height, (batch, 1, 1), generator=gen)
     cx = torch.randint(0, width, (batch, 1, 1), generator=gen)
     y = torch.arange(height).view(1, -1, 1)
