@@ -107,9 +107,11 @@ def augment_indices(
     aug: Augment,
     gen: torch.Generator,
     flips: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column source indices (B×H, B×W) for a random crop + flip of each image.
-    ``flips`` (B bools): which images to mirror, for ``flip: alternate``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """All of one batch's random draws, in a fixed order (a resume replays them for the
+    batches it skips): row and column source indices (B×H, B×W) for a random crop + flip
+    of each image, then the cutout masks (B×H×W, None without cutout). ``flips`` (B
+    bools): which images to mirror, for ``flip: alternate``."""
     rows = torch.arange(height).expand(batch, height)
     cols = torch.arange(width).expand(batch, width)
     p = aug.crop_padding
@@ -124,7 +126,8 @@ def augment_indices(
     elif aug.flip:
         flip = torch.rand(batch, 1, generator=gen) < 0.5
         cols = torch.where(flip, cols.flip(1), cols)
-    return rows, cols
+    masks = cutout_masks(batch, height, width, aug.cutout, gen) if aug.cutout > 0 else None
+    return rows, cols, masks
 
 
 def cutout_masks(
@@ -139,21 +142,6 @@ def cutout_masks(
     x = torch.arange(width).view(1, 1, -1)
     top, left = cy - size // 2, cx - size // 2
     return (y >= top) & (y < top + size) & (x >= left) & (x < left + size)
-
-
-def draw_augment(
-    batch: int,
-    height: int,
-    width: int,
-    aug: Augment,
-    gen: torch.Generator,
-    flips: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """All of one batch's random draws, in a fixed order (a resume replays them for the
-    batches it skips): crop + flip indices, then the cutout masks (None without)."""
-    rows, cols = augment_indices(batch, height, width, aug, gen, flips)
-    masks = cutout_masks(batch, height, width, aug.cutout, gen) if aug.cutout > 0 else None
-    return rows, cols, masks
 
 
 class BatchLoader:
@@ -239,7 +227,7 @@ class BatchLoader:
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             if i < start:
                 if self.augment.enabled:
-                    draw_augment(len(idx), h, w, self.augment, gen, self._flips(idx))
+                    augment_indices(len(idx), h, w, self.augment, gen, self._flips(idx))
                 continue
             yield self.batch(idx, gen), self.labels[idx.to(self.device)]
 
@@ -262,7 +250,7 @@ class BatchLoader:
             flips = self._flips(idx)
         idx = idx.to(self.device)
         if gen is not None and self.augment.enabled:
-            rows, cols, masks = draw_augment(len(idx), h, w, self.augment, gen, flips)
+            rows, cols, masks = augment_indices(len(idx), h, w, self.augment, gen, flips)
             rows, cols = rows.to(self.device), cols.to(self.device)
             # One index_select of whole pixels over a flat view: ~5× faster than 3-tensor
             # advanced indexing here (benchmarks/bench_data.py).
