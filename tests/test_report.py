@@ -222,3 +222,9 @@ def test_html_renders_in_headless_chromium(trained, tmp_path):
     with Image.open(shot) as im:
         assert im.size == (1280, 2000)
         assert len(im.convert("L").getcolors(1 << 16) or []) > 10  # not a blank page
+
+
+def test_one_run_is_one_run_in_the_summary_line(trained, tmp_path, capsys):
+    out = tmp_path / "one.md"
+    assert main(["report", str(trained.run32), "--out", str(out)]) == 0
+    assert f"report of 1 run: {out}" in capsys.readouterr().out

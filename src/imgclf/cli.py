@@ -517,7 +517,8 @@ def _report(args: argparse.Namespace) -> int:
     if args.data:
         ensemble = {"data": args.data, "split": args.split, "vote": args.vote}
     report = build_report(args.paths, args.out, format=args.format, ensemble=ensemble)
-    print(f"report of {len(report.runs)} runs: {report.path}")
+    n = len(report.runs)
+    print(f"report of {n} run{'s' if n != 1 else ''}: {report.path}")
     return 0
 
 
