@@ -74,5 +74,8 @@ def test_recipe_key_and_the_feature_cache():
     assert views_for(recipe, recipe.stages[0]) is None  # a fresh square per step: no cache
     plain = Recipe.model_validate({"model": "fast", "augment": {"flip": True}})
     assert views_for(plain, plain.stages[0]) == 2
-    with pytest.raises(Exception, match="cutout"):
-        Recipe.model_validate({"model": "fast", "augment": {"cutout": -1}})
+    for bad in (-1, True, 8.0):  # YAML's `true` is not a size, nor is a float
+        with pytest.raises(Exception, match="cutout"):
+            Recipe.model_validate({"model": "fast", "augment": {"cutout": bad}})
+    with pytest.raises(Exception, match="crop_padding"):
+        Recipe.model_validate({"model": "fast", "augment": {"crop_padding": True}})

@@ -37,7 +37,9 @@ class _Strict(BaseModel):
 
 
 class AugmentConfig(_Strict):
-    crop_padding: int = Field(0, ge=0, le=64)
+    # Pixel counts are strict whole numbers: YAML's `true` is not 1 px (a user who writes
+    # `cutout: true` wants some size, and gets an error that asks for one).
+    crop_padding: int = Field(0, ge=0, le=64, strict=True)
     # true: each image mirrored with probability 1/2 per epoch; "alternate": a fixed random
     # half mirrored in odd epochs and the other half in even ones (airbench94's
     # derandomised flips, arXiv 2404.00498 §3.6: every image seen both ways every 2 epochs).
@@ -45,7 +47,7 @@ class AugmentConfig(_Strict):
     # Cutout (DeVries & Taylor 2017, arXiv 1708.04552): a square of this many pixels (of the
     # stored image), centred anywhere in it and clipped at its edges, set to the mean
     # colour. airbench96 uses 12 px on 32-px images for its 40-epoch runs.
-    cutout: int = Field(0, ge=0, le=1024)
+    cutout: int = Field(0, ge=0, le=1024, strict=True)
 
 
 class OptimizerConfig(_Strict):
