@@ -763,7 +763,7 @@ def entry() -> None:
     ``destroy_process_group`` (seen in torch 2.14), and a worker thread that frees its last
     collective's tensor after the interpreter began shutting down takes the GIL, which
     then ends that thread through a C++ frame that may not throw: "terminate called
-    without an active exception", SIGABRT, and torchrun fails the whole job (2 in 11 runs of
+    without an active exception", SIGABRT, and torchrun fails the whole job (2 in 13 runs of
     tests/test_distributed.py's restarted 2-process job on a loaded 2-core machine, 0 in 30
     with this exit; the crash of pytorch/pytorch PR 179291). Nothing is left for that
     shutdown to do: every file a command writes is closed by then."""
