@@ -779,9 +779,13 @@ def entry() -> None:
 
 
 def _torchrun_worker() -> bool:
+    if "WORLD_SIZE" not in os.environ:  # a plain command's exit imports no torch
+        return False
+    from imgclf.train.distributed import from_env
+
     try:
-        return int(os.environ.get("WORLD_SIZE") or 1) > 1
-    except ValueError:  # not torchrun's: main() has said so where it matters
+        return from_env().enabled
+    except UserError:  # a WORLD_SIZE that is not torchrun's: main() said so where it mattered
         return False
 
 
