@@ -185,6 +185,10 @@ class BatchLoader:
         self.augment = augment or Augment()
         self.size = _pair(size) if size is not None else tuple(self.images.shape[1:3])
         self.mean, self.std = tuple(mean), tuple(std)
+        # Cutout's fill: the normalization mean as uint8 pixels, so 0 once normalized.
+        self._fill = (
+            torch.tensor(self.mean).mul(255).round().clamp(0, 255).to(self.device, torch.uint8)
+        )
         self.channels_last = channels_last
         self.dtype = dtype
         self.seed = seed
@@ -238,11 +242,6 @@ class BatchLoader:
             self._alternate = (self.epoch, alternate_flips(len(self.labels), self.seed, self.epoch))
         return self._alternate[1][idx.cpu()]
 
-    def _mean_colour(self) -> torch.Tensor:
-        """The normalization mean as uint8 pixels: cutout's fill, 0 after normalization."""
-        mean = torch.tensor(self.mean).mul(255).round().clamp(0, 255)
-        return mean.to(self.device, torch.uint8)
-
     def batch(self, idx: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         """Images ``idx`` as a normalized float batch (augmented when a generator is given)."""
         n, h, w, _ = self.images.shape
@@ -258,7 +257,7 @@ class BatchLoader:
             x = self.images.view(n * h * w, 3).index_select(0, pixel.reshape(-1))
             x = x.view(len(idx), h, w, 3)
             if masks is not None:
-                x = torch.where(masks.to(self.device)[..., None], self._mean_colour(), x)
+                x = torch.where(masks.to(self.device)[..., None], self._fill, x)
         else:
             x = self.images.index_select(0, idx)
         # The one preprocessing definition shared with predict and serve.
