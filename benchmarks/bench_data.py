@@ -7,8 +7,10 @@ IMGCLF_HOME; (b) ``load_dataset`` of the result (memory-mapped open, then readin
 image); (c) ``BatchLoader`` images/s with the CIFAR augmentation (crop_padding 4, flip) at
 batch 512, channels_last on and off, at 32 px and resized to 64 and 224; (d) the baseline
 the importer replaces: the same archive members decoded one by one with Pillow in one
-thread. Without the archive, (a), (b) and (d) are skipped and (c) uses random images.
-Results are recorded in docs/benchmarks.md.
+thread; (e) what cutout adds to a batch, side by side: 32-px images at batch 512 (cutout 8)
+and 224-px stored photos at batch 64 (cutout 56, random pixels). Without the archive, (a),
+(b) and (d) are skipped and (c) uses random images. Results are recorded in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -100,6 +102,24 @@ def bench_loader(images: np.ndarray, labels: np.ndarray, quick: bool) -> list[tu
     return rows
 
 
+def bench_cutout(images: np.ndarray, labels: np.ndarray, quick: bool) -> list[tuple[str, ...]]:
+    from imgclf.data.loader import Augment, BatchLoader
+
+    budget = 0.5 if quick else 2.0
+    photos = np.random.default_rng(0).integers(0, 256, (1_000, 224, 224, 3), dtype=np.uint8)
+    rows = []
+    for what, imgs, labs, batch, crop, cut in (
+        ("32 px, batch 512, crop 4 + flip", images, labels, 512, 4, 8),
+        ("224 px stored, batch 64, crop 16 + flip", photos, np.zeros(len(photos)), 64, 16, 56),
+    ):
+        for cutout in (0, cut):
+            aug = Augment(crop_padding=crop, flip=True, cutout=cutout)
+            loader = BatchLoader(imgs, labs, batch_size=batch, shuffle=True, augment=aug)
+            ips, batches = images_per_second(loader, budget)
+            rows.append((f"{what}, cutout {cutout}", f"{ips:,.0f} images/s", f"{batches} batches"))
+    return rows
+
+
 def images_per_second(loader, budget: float) -> tuple[float, int]:
     """Batch size over the median batch time: robust to other processes on a shared CPU."""
     next(iter(loader))  # warm-up: allocator, thread pool
@@ -187,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(c) batches: {len(labels):,} images 32×32, crop_padding 4 + flip, batch 512",
             bench_loader(images, labels, args.quick),
         )
+        print_table("(e) cutout, side by side", bench_cutout(images, labels, args.quick))
     if args.archive.is_file():
         limit = 5000 if args.quick else None
         print_table("(d) baseline: Pillow, one image at a time", bench_pil(args.archive, limit))
