@@ -68,7 +68,7 @@ def bare_images_per_second(recipe, images: int) -> float:
     """The recipe's model, optimizer (SGD or Muon, its parameter groups) and label
     smoothing on batches made before the clock starts."""
     from imgclf.models import create
-    from imgclf.train.device import resolve_hardware
+    from imgclf.runtime.device import resolve_hardware
     from imgclf.train.optim import build_optimizer
 
     hw = resolve_hardware(None, "auto", "auto")

@@ -2,7 +2,7 @@
 
 For each model: images/s of a full training step (forward, backward, SGD step) in
 fp32 against bf16 autocast, NCHW against channels_last, eager against ``torch.compile``.
-The trainer's defaults (imgclf.train.device) should pick the fastest row on the hardware.
+The trainer's defaults (imgclf.runtime.device) should pick the fastest row on the hardware.
 
     python benchmarks/bench_models.py                 # all models, default batch
     python benchmarks/bench_models.py --models fast simple --steps 3 --no-compile
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from imgclf.models import create, list_models
-from imgclf.train.device import cpu_has_native_bf16, physical_cores
+from imgclf.runtime.device import cpu_has_native_bf16, physical_cores
 
 # Resolution each model is trained at by its bundled recipe.
 RECIPE_SIZE = {"simple": 32, "complex": 32, "medium": 64, "fast": 32}

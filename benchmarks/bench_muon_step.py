@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from imgclf.models import create
-from imgclf.train.device import resolve_hardware
+from imgclf.runtime.device import resolve_hardware
 from imgclf.train.optim import build_optimizer
 from imgclf.train.recipe import load_recipe
 

@@ -24,7 +24,7 @@ import torch
 from imgclf.backend import OnnxNet
 from imgclf.export import onnx_bytes, ort_session
 from imgclf.models import create
-from imgclf.train.device import physical_cores
+from imgclf.runtime.device import physical_cores
 
 
 def cpu_name() -> str:

@@ -26,8 +26,8 @@ from imgclf.data.decode import decode
 from imgclf.evaluate.metrics import infer
 from imgclf.models import create
 from imgclf.predict import predict
-from imgclf.train.checkpoint import save_checkpoint
-from imgclf.train.device import resolve_hardware
+from imgclf.runtime.checkpoint import save_checkpoint
+from imgclf.runtime.device import resolve_hardware
 
 CLASSES = [f"class{i}" for i in range(10)]
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from imgclf.models import create, model_spec
-from imgclf.train.device import resolve_hardware, set_threads
+from imgclf.runtime.device import resolve_hardware, set_threads
 from imgclf.train.recipe import load_recipe
 
 

@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from imgclf.models import create
+from imgclf.runtime.checkpoint import save_checkpoint
 from imgclf.serve import Predictor, create_app, start_in_thread
 from imgclf.serve.load import load_test
-from imgclf.train.checkpoint import save_checkpoint
 
 
 def fast_checkpoint(folder: Path) -> Path:

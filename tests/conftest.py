@@ -20,7 +20,7 @@ from PIL import Image
 # fp32 on every CPU, set at import so module-scoped fixtures and subprocesses see it too:
 # the suite's equalities (two processes against one, ONNX against torch, saved against
 # recomputed scores) are fp32 ones; bf16 autocast on an AVX512-BF16 CPU moved them by 1e-4
-# (imgclf.train.device).
+# (imgclf.runtime.device).
 os.environ["IMGCLF_CPU_BF16"] = "0"
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

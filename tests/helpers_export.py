@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from imgclf.models import create
-from imgclf.train.checkpoint import save_checkpoint
+from imgclf.runtime.checkpoint import save_checkpoint
 
 
 def make_checkpoint(

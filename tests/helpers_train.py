@@ -150,7 +150,7 @@ def interrupt_at(trainer: Trainer, epoch: int, batch: int | None) -> None:
 def interrupt_then_resume(recipe: Any, data: Path, out: Path, epoch: int = 2, batch: int = 2):
     """Train ``recipe`` in ``out``, press Ctrl-C at (``epoch``, ``batch``), then resume to the
     end. Returns the checkpoint as it was at the interrupt, for the caller's checks."""
-    from imgclf.train.checkpoint import load_checkpoint
+    from imgclf.runtime.checkpoint import load_checkpoint
     from imgclf.train.loop import Trainer, train
 
     trainer = Trainer(recipe, data, out, threads=1, progress=False)

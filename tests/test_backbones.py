@@ -475,8 +475,8 @@ def test_two_stage_recipe_runs_and_resumes_across_the_stage_boundary(
     import imgclf
     from conftest import make_class_tree
     from imgclf.data import import_dataset
+    from imgclf.runtime.checkpoint import load_checkpoint
     from imgclf.train import loop
-    from imgclf.train.checkpoint import load_checkpoint
     from imgclf.train.rundir import read_metrics
 
     make_class_tree(tmp_path / "src", {"cat": 10, "dog": 10, "bird": 10}, size=(32, 32))

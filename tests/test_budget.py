@@ -15,9 +15,9 @@ from helpers_train import make_image_folder
 from imgclf.cli import main
 from imgclf.data.importer import import_dataset
 from imgclf.errors import RecipeError
+from imgclf.runtime.checkpoint import load_checkpoint
 from imgclf.train import train
 from imgclf.train.budget import REPLAN_SHARE, parse_duration
-from imgclf.train.checkpoint import load_checkpoint
 from imgclf.train.optim import build_scheduler
 from imgclf.train.recipe import SchedulerConfig
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from imgclf.errors import CheckpointError
-from imgclf.train.checkpoint import load_checkpoint
+from imgclf.runtime.checkpoint import load_checkpoint
 
 
 class _RunsCode:

@@ -28,7 +28,8 @@ from imgclf.cli import main
 from imgclf.data import load_dataset
 from imgclf.data.loader import BatchLoader
 from imgclf.evaluate.metrics import compute_metrics, infer
-from imgclf.train.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
+from imgclf.models import build_model_from_checkpoint
+from imgclf.runtime.checkpoint import load_checkpoint, save_checkpoint
 from imgclf.train.recipe import list_recipes
 
 

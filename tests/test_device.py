@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from imgclf.train import device
+from imgclf.runtime import device
 
 
 def test_cpu_bf16_follows_the_cpu_flags_and_the_switch(monkeypatch):

@@ -30,7 +30,7 @@ from helpers_train import (
 from imgclf.cli import main
 from imgclf.data.importer import import_dataset
 from imgclf.errors import UserError
-from imgclf.train.checkpoint import load_checkpoint
+from imgclf.runtime.checkpoint import load_checkpoint
 from imgclf.train.loop import Trainer, train
 from imgclf.train.recipe import load_recipe
 from imgclf.train.rundir import LOCK_NAME

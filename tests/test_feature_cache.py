@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers_train import import_tiny, tiny_recipe
+from imgclf.runtime.checkpoint import load_checkpoint
 from imgclf.train import train
-from imgclf.train.checkpoint import load_checkpoint
 from imgclf.train.rundir import read_metrics
 
 

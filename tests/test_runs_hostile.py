@@ -29,10 +29,10 @@ from helpers_train import import_tiny, load_pt, make_image_folder, tiny_recipe, 
 from imgclf.cli import main
 from imgclf.errors import CheckpointError
 from imgclf.models.backbones import load_state_file
-from imgclf.train import checkpoint as checkpoint_module
+from imgclf.runtime import checkpoint as checkpoint_module
+from imgclf.runtime.checkpoint import load_checkpoint, save_checkpoint
 from imgclf.train import loop as loop_module
 from imgclf.train import rundir as rundir_module
-from imgclf.train.checkpoint import load_checkpoint, save_checkpoint
 from imgclf.train.rundir import LOCK_NAME, RunDirError, claim_run_dir, read_metrics
 
 

@@ -32,8 +32,8 @@ from imgclf.data.loader import BatchLoader
 from imgclf.errors import RecipeError
 from imgclf.evaluate.metrics import Metrics, compute_metrics, infer
 from imgclf.evaluate.mistakes import top_mistakes
-from imgclf.models import create
-from imgclf.train.checkpoint import build_model_from_checkpoint, load_checkpoint
+from imgclf.models import build_model_from_checkpoint, create
+from imgclf.runtime.checkpoint import load_checkpoint
 from imgclf.train.loop import Run, Trainer, train
 from imgclf.train.recipe import load_recipe
 from imgclf.train.rundir import METRIC_COLUMNS

@@ -261,7 +261,7 @@ def _print_run(run) -> None:
 def _launch_torchrun(args: argparse.Namespace) -> None:
     """``--nproc-per-node N``: become the torchrun job it is shorthand for (exec, so
     Ctrl-C and the exit status are torchrun's own); returns only to train here."""
-    from imgclf.train import distributed
+    from imgclf.runtime import distributed
 
     if args.nproc_per_node is None:
         return
@@ -344,7 +344,7 @@ def _eval(args: argparse.Namespace) -> int:
     from imgclf.evaluate.runs import evaluate
 
     if args.threads:
-        from imgclf.train.device import set_threads
+        from imgclf.runtime.device import set_threads
 
         set_threads(args.threads)
     if len(args.runs) > 1:
@@ -460,7 +460,7 @@ def _predict(args: argparse.Namespace) -> int:
     from imgclf.predict import predict
 
     if args.threads:
-        from imgclf.train.device import set_threads
+        from imgclf.runtime.device import set_threads
 
         set_threads(args.threads)
     result = predict(
@@ -476,7 +476,7 @@ def _predict(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
     )
-    from imgclf.train.distributed import from_env
+    from imgclf.runtime.distributed import from_env
 
     if not from_env().is_main:  # under torchrun, rank 0 wrote the CSV and reports it
         return 0
@@ -649,7 +649,7 @@ def _serve(args: argparse.Namespace) -> int:
     from imgclf.serve import serve
 
     if args.threads:
-        from imgclf.train.device import set_threads
+        from imgclf.runtime.device import set_threads
 
         set_threads(args.threads)
     serve(
@@ -781,7 +781,7 @@ def entry() -> None:
 def _torchrun_worker() -> bool:
     if "WORLD_SIZE" not in os.environ:  # a plain command's exit imports no torch
         return False
-    from imgclf.train.distributed import from_env
+    from imgclf.runtime.distributed import from_env
 
     try:
         return from_env().enabled

@@ -63,8 +63,8 @@ from imgclf.evaluate.compare import (
 )
 from imgclf.evaluate.tta import TTA
 from imgclf.io_utils import atomic_path, check_output_file
-from imgclf.train import distributed
-from imgclf.train.device import resolve_hardware
+from imgclf.runtime import distributed
+from imgclf.runtime.device import resolve_hardware
 
 FORMATS = ("default", "kaggle")
 # Chunks decoded ahead of the model, per decoding thread: enough to hide a slow chunk.
@@ -552,7 +552,7 @@ def _sharded(
         for part, bad in labelled(items[begin:end]):
             rows += part
             failed += bad
-        gathered = distributed.gather((rows, failed), d)
+        gathered = d.gather((rows, failed))
         if gathered is None:
             return failed
         with (
@@ -565,4 +565,4 @@ def _sharded(
                 writer.writerows(part)
         return [bad for _, part in gathered for bad in part]
     finally:
-        distributed.shutdown(d)
+        d.shutdown()

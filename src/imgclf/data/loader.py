@@ -8,7 +8,7 @@ resize and a normalization. On 2 CPU cores this serves well over 50,000 32×32 i
 
 Randomness comes from a CPU ``torch.Generator`` seeded by (seed, epoch): the same batches
 on CPU and CUDA, and after a resume. In data-parallel training (``rank``/``world_size``,
-imgclf.train.distributed) every rank takes its slice of one epoch permutation and draws its
+imgclf.runtime.distributed) every rank takes its slice of one epoch permutation and draws its
 augmentation from its own stream, seeded by (seed, epoch, rank).
 """
 

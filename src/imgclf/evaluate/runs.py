@@ -25,8 +25,9 @@ from imgclf.data.preprocess import Preprocess
 from imgclf.errors import CheckpointError, DataError
 from imgclf.evaluate.metrics import Metrics, compute_metrics, infer
 from imgclf.evaluate.tta import TTA
-from imgclf.train.checkpoint import build_model_from_checkpoint, load_checkpoint
-from imgclf.train.device import resolve_hardware
+from imgclf.models import build_model_from_checkpoint
+from imgclf.runtime.checkpoint import load_checkpoint
+from imgclf.runtime.device import resolve_hardware
 
 
 @dataclass

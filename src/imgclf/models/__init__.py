@@ -8,10 +8,25 @@ from __future__ import annotations
 # Imported for their @register side effect: the registry is filled on `import imgclf.models`.
 from imgclf.models import backbones, fast, lite0, scratch  # noqa: F401
 from imgclf.models.base import Classifier
-from imgclf.models.registry import ModelSpec, create, list_models, model_spec, register
+from imgclf.models.registry import (
+    ModelSpec,
+    build_model_from_checkpoint,
+    create,
+    list_models,
+    model_spec,
+    register,
+)
 
 # Pretrained backbones (backbones.py: torchvision, by name; lite0.py) import torchvision and
 # timm only when a model is built, and fetch weights only for pretrained=True, so listing
 # models stays fast and offline.
 
-__all__ = ["Classifier", "ModelSpec", "create", "list_models", "model_spec", "register"]
+__all__ = [
+    "Classifier",
+    "ModelSpec",
+    "build_model_from_checkpoint",
+    "create",
+    "list_models",
+    "model_spec",
+    "register",
+]

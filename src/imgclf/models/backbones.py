@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import http.client
-import pickle
 import re
 import socket
 from collections.abc import Callable, Mapping
@@ -42,6 +41,7 @@ from torch import nn
 from imgclf.errors import CheckpointError, RecipeError, UnknownModel, WeightsMissing
 from imgclf.models.base import Classifier
 from imgclf.models.registry import ModelSpec, register, register_fallback
+from imgclf.runtime.checkpoint import safe_load
 
 # torchvision's ImageNet weights all use these (their ``transforms()`` mean/std); the
 # generic path reads them from the weights anyway.
@@ -209,15 +209,7 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as exc:
-        # Imported here: imgclf.train imports the model registry, which imports this module.
-        from imgclf.train.checkpoint import why_unreadable
-
-        # Never torch's own first line: it may advise weights_only=False, which would let
-        # a weights file from elsewhere run code.
-        raise CheckpointError(f"{path}: unreadable weights file ({why_unreadable(exc)})") from exc
+    obj = safe_load(path, "weights file")
     if isinstance(obj, dict) and isinstance(obj.get("model_state"), dict):
         obj = {k.removeprefix("net."): v for k, v in obj["model_state"].items()}
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

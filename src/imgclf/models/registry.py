@@ -136,3 +136,12 @@ def create(name: str, num_classes: int, **kwargs: Any) -> Classifier:
         raise TypeError(f"model {name!r} built a {type(model).__name__}, not a Classifier")
     model.name = name
     return model
+
+
+def build_model_from_checkpoint(state: dict[str, Any]) -> Classifier:
+    """The model a checkpoint (:func:`imgclf.runtime.checkpoint.load_checkpoint`)
+    describes, its weights loaded, in eval mode: no recipe is needed."""
+    model = create(state["model_name"], **state["model_args"])
+    model.load_state_dict(state["model_state"])
+    model.eval()
+    return model

@@ -47,7 +47,7 @@ from imgclf.data.preprocess import Preprocess
 from imgclf.errors import UserError
 from imgclf.evaluate.compare import check_vote, load_runs, prefer_order, resolve_weights
 from imgclf.predict import Decoded, Item, _members, _Plan, chunk_probs, decode_items
-from imgclf.train.device import resolve_hardware
+from imgclf.runtime.device import resolve_hardware
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # per image: a 12-megapixel phone JPEG is 3-8 MiB
 MAX_FILES = 64  # per request

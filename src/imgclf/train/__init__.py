@@ -1,12 +1,25 @@
-"""Training: recipes (YAML), stages (freeze/unfreeze by group name), the loop, checkpoints."""
+"""Training: recipes (YAML), stages (freeze/unfreeze by group name), the loop, run folders.
 
+Exports are imported lazily (as in :mod:`imgclf`), so a module that needs one piece of
+training (``imgclf.train.recipe``, ``imgclf.train.rundir``) does not load the trainer.
+"""
+
+from __future__ import annotations
+
+import importlib
 import sys
 import types
+from typing import Any
 
-from imgclf.train.loop import Run, train
-from imgclf.train.recipe import Recipe, list_recipes, load_recipe
+_EXPORTS = {
+    "Run": "imgclf.train.loop",
+    "train": "imgclf.train.loop",
+    "Recipe": "imgclf.train.recipe",
+    "list_recipes": "imgclf.train.recipe",
+    "load_recipe": "imgclf.train.recipe",
+}
 
-__all__ = ["Recipe", "Run", "list_recipes", "load_recipe", "train"]
+__all__ = list(_EXPORTS)
 
 
 class _CallableModule(types.ModuleType):
@@ -14,8 +27,13 @@ class _CallableModule(types.ModuleType):
     # `imgclf.train(recipe, data=...)`: once the package is imported, Python binds the
     # package to that name, so the package itself must be callable (module __class__
     # assignment, Python ≥ 3.5, is the supported way).
-    def __call__(self, *args, **kwargs) -> Run:
-        return train(*args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.train(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _EXPORTS:
+            return getattr(importlib.import_module(_EXPORTS[name]), name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -10,7 +10,7 @@ The prefix runs in eval mode in both paths (a frozen prefix is a fixed feature
 extractor: BatchNorm statistics, dropout and stochastic depth are off), so the cached and
 uncached paths agree to float tolerance (tests/test_feature_cache.py).
 
-In data-parallel training (imgclf.train.distributed) each rank runs the prefix over its
+In data-parallel training (imgclf.runtime.distributed) each rank runs the prefix over its
 shard of the images (samples ``rank::world_size``) and the shards are all-gathered, so the
 expensive pass is split N ways; every rank then holds all features, because each epoch
 reshuffles which rank trains on which sample, exactly as the uncached loader does.
@@ -31,7 +31,7 @@ from imgclf.data.loader import (
     epoch_order,
     num_batches,
 )
-from imgclf.train.distributed import SINGLE, Dist, all_gather_rows
+from imgclf.runtime.distributed import SINGLE, Dist
 from imgclf.train.recipe import Recipe, StageConfig
 from imgclf.train.stages import split_at_first_trained
 
@@ -75,10 +75,9 @@ class FeatureCache:
         self.sample_weights = train.sample_weights
         self.rank, self.world_size = train.rank, train.world_size
         self.features = [
-            all_gather_rows(
+            dist.all_gather_rows(
                 _features(prefix, train, v == 1, autocast_dtype, dist.rank, dist.world_size),
                 train.num_samples,
-                dist,
             )
             for v in range(views)
         ]

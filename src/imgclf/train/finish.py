@@ -12,7 +12,7 @@ import torch
 from imgclf.evaluate.metrics import compute_metrics, infer, write_confusion_csv, write_per_class_csv
 from imgclf.evaluate.mistakes import GRID_MAX, plot_mistakes, top_mistakes, write_mistakes_csv
 from imgclf.evaluate.tta import TTA
-from imgclf.train.checkpoint import load_checkpoint
+from imgclf.runtime.checkpoint import load_checkpoint
 from imgclf.train.rundir import write_json
 
 if TYPE_CHECKING:

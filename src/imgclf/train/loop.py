@@ -10,7 +10,7 @@ how many batches of that epoch were done, which the resumed run skips. Ctrl-C is
 between two steps, never inside one: a checkpoint taken half-way through
 ``optimizer.step()`` would hold weights that its position says are not updated yet.
 
-Under torchrun the same loop trains data-parallel (imgclf.train.distributed): each stage
+Under torchrun the same loop trains data-parallel (imgclf.runtime.distributed): each stage
 wraps the trained network in DistributedDataParallel once its trainable set is fixed,
 each rank steps through its share of every global batch, metrics are summed over ranks,
 rank 0 alone validates (the result is broadcast, so early stopping and best.pt agree
@@ -43,13 +43,13 @@ from imgclf.data.loader import Augment, BatchLoader
 from imgclf.errors import CheckpointError, DataError, RecipeError, TrainingDiverged
 from imgclf.io_utils import atomic_write_text
 from imgclf.models import create, model_spec
-from imgclf.train import distributed
+from imgclf.runtime import distributed
+from imgclf.runtime.checkpoint import check_same_dataset, load_resumable, save_checkpoint
+from imgclf.runtime.device import Hardware, resolve_device, resolve_hardware, set_threads
+from imgclf.runtime.distributed import SINGLE, Dist
 from imgclf.train.adapt import Adapted, adapt, class_weights, sample_weights
 from imgclf.train.budget import Plan, make_plan, parse_duration
-from imgclf.train.checkpoint import check_same_dataset, load_resumable, save_checkpoint
 from imgclf.train.choose import choose_recipe
-from imgclf.train.device import Hardware, resolve_device, resolve_hardware, set_threads
-from imgclf.train.distributed import SINGLE, Dist
 from imgclf.train.feature_cache import FeatureCache
 from imgclf.train.lookahead import Lookahead
 from imgclf.train.optim import build_optimizer, build_scheduler, muon_step
@@ -75,7 +75,7 @@ CHANCE_MARGIN = 0.02
 # validation accuracy, if larger) is reported.
 STAGE_DROP_MIN = 0.01
 # Rank 0 of a torchrun job names the job here, so that a restarted job recognises the
-# folder its killed first attempt made before any checkpoint (imgclf.train.distributed).
+# folder its killed first attempt made before any checkpoint (imgclf.runtime.distributed).
 LAUNCH_MARKER = ".imgclf-launch"
 
 
@@ -180,7 +180,7 @@ class Trainer:
         self.threads = set_threads(threads)
         self.hw: Hardware = resolve_hardware(device, recipe.precision, recipe.channels_last)
         self.show_progress = progress and dist.is_main  # one process speaks for the job
-        distributed.check_sync_bn(recipe.sync_bn, dist, self.hw.device)
+        dist.check_sync_bn(recipe.sync_bn)
         self.ctrl_c = _CtrlC()
         torch.manual_seed(recipe.seed)
         self.resume_state = state
@@ -365,7 +365,7 @@ class Trainer:
     def fit(self) -> None:
         r = self.recipe
         if r.sync_bn:  # only now: the budget's probe (rank 0 alone) must not sync anything
-            self.model = distributed.sync_batchnorm(self.model, self.dist, self.hw.device)
+            self.model = self.dist.sync_batchnorm(self.model)
         for si, stage in enumerate(r.stages):
             if si < self.position.stage:
                 continue
@@ -394,8 +394,8 @@ class Trainer:
                     with_val=self.dist.is_main,  # rank 0 alone validates
                 )
             # Wrapped now that the stage's trainable set and cache are fixed (see
-            # distributed.wrap); one process trains the network itself.
-            self.train_net = distributed.wrap(self._net(), self.dist, self.hw.device)
+            # Dist.wrap); one process trains the network itself.
+            self.train_net = self.dist.wrap(self._net())
             steps = self._stage_steps(si)
             optimizer = build_optimizer(self.model, r, stage, self.adapted.lr_scale, steps)
             # A budgeted stage squeezes or stretches the recipe's schedule onto its planned
@@ -516,7 +516,7 @@ class Trainer:
             note = self.plan.keep_to_budget(si, done, self._elapsed(), window, epoch_ends)
         self._mark = (now, done)  # every rank: _replan_due counts steps from here
         if self.dist.enabled:
-            steps, note = distributed.broadcast((self.plan.stage_steps, note), self.dist)
+            steps, note = self.dist.broadcast((self.plan.stage_steps, note))
             self.plan.stage_steps = list(steps)
         if note:
             self._say(note)
@@ -596,9 +596,7 @@ class Trainer:
                 interrupt = self.ctrl_c.requested
                 save_due = now - last_save > CHECKPOINT_MINUTES * 60
                 if self.dist.enabled:  # any rank's reason holds for all of them
-                    diverged, interrupt, save_due = map(
-                        bool, distributed.all_max([diverged, interrupt, save_due], *self._dd)
-                    )
+                    diverged, interrupt, save_due = self.dist.any(diverged, interrupt, save_due)
                     if diverged:
                         raise self._diverged(loss.item(), si, global_epoch, step)
                 if interrupt:
@@ -648,25 +646,18 @@ class Trainer:
                 p.grad = None
                 changed = True
         if changed and self.dist.enabled:  # DDP fixes its trained set when it is built
-            self.train_net = distributed.wrap(self._net(), self.dist, self.hw.device)
-
-    @property
-    def _dd(self) -> tuple[Dist, torch.device]:
-        """Arguments of the collectives: the job, and the device their tensors live on."""
-        return self.dist, self.hw.device
+            self.train_net = self.dist.wrap(self._net())
 
     def _agreed(self, flag: bool) -> bool:
         """True on every rank when it is true on any (one rank's Ctrl-C stops them all)."""
-        return bool(distributed.all_max([flag], *self._dd)[0]) if self.dist.enabled else flag
+        return self.dist.any(flag)[0]
 
     def _reduced(self, acc: dict[str, float]) -> dict[str, float]:
         """Epoch accumulators summed over ranks; time is the slowest rank's."""
         if not self.dist.enabled:
             return acc
-        loss, correct, count = distributed.all_sum(
-            [acc["loss"], acc["correct"], acc["count"]], *self._dd
-        )
-        (seconds,) = distributed.all_max([acc["seconds"]], *self._dd)
+        loss, correct, count = self.dist.sum([acc["loss"], acc["correct"], acc["count"]])
+        (seconds,) = self.dist.max([acc["seconds"]])
         return {"loss": loss, "correct": correct, "count": count, "seconds": seconds}
 
     def _diverged(self, loss: float, si: int, global_epoch: int, step: int) -> TrainingDiverged:
@@ -696,7 +687,7 @@ class Trainer:
         gets its numbers: early stopping and best.pt are then the same decision on all."""
         if not self.dist.enabled:
             return self._validate()
-        return distributed.broadcast(self._validate() if self.dist.is_main else None, self.dist)
+        return self.dist.broadcast(self._validate() if self.dist.is_main else None)
 
     def _validate(self) -> tuple[float, float]:
         if self.val_loader is None:
@@ -737,7 +728,7 @@ class Trainer:
                 outcome = ("plan", make_plan(self, self.budget_seconds, self.started).to_dict())
             except RecipeError as exc:
                 outcome = ("error", str(exc))
-        kind, value = distributed.broadcast(outcome, self.dist)
+        kind, value = self.dist.broadcast(outcome)
         if kind == "error":
             raise RecipeError(value)
         self.plan = Plan.from_dict(value)
@@ -1050,7 +1041,7 @@ def train(
         trainer.ensure_plan()  # a budget too short is an error before any folder is made
         if trainer.out is None:  # numbered only now, so a bad recipe leaves no empty folder
             made = new_run_dir(rec.name, Path(runs_dir)) if dist.is_main else None
-            trainer.out = distributed.broadcast(made, dist)
+            trainer.out = dist.broadcast(made)
         with (
             claim_run_dir(trainer.out, exist_ok=exist_ok, resume=state)
             if dist.is_main
@@ -1059,7 +1050,7 @@ def train(
         ):
             return trainer.run()
     finally:
-        distributed.shutdown(dist)
+        dist.shutdown()
 
 
 def _after_restart(out: Path | None, exist_ok: bool, env: Dist) -> tuple[Path | None, bool] | None:

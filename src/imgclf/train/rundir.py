@@ -29,7 +29,7 @@ from typing import Any
 
 from imgclf.errors import UserError
 from imgclf.io_utils import atomic_write_text
-from imgclf.train.checkpoint import checkpoint_position
+from imgclf.runtime.checkpoint import checkpoint_position
 
 LOCK_NAME = ".imgclf-train.lock"
 LOCK_PATIENCE = 1.0  # seconds a claim waits for a lock held by someone's early check

@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill, and that rebuild a model without the recipe.
+"""Checkpoints that survive a kill, and the one safe way to read a torch file.
 
 Written to a temporary file and renamed (``os.replace``): a reader, or a resume after
 ``kill -9`` during a save, sees the previous file or the new one, never half of one.
@@ -22,7 +22,7 @@ from imgclf.io_utils import atomic_path
 FORMAT = "imgclf-checkpoint-1"
 
 
-# What a resume reads from a checkpoint (imgclf.train.loop): without one, it cannot go on.
+# What a resume reads from a checkpoint (imgclf.train): without one, it cannot go on.
 RESUME_KEYS = ("recipe", "dataset", "class_names", "model_state", "position", "progress")
 
 
@@ -65,14 +65,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: no best.pt or last.pt in this run folder")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({why_unreadable(exc)})") from exc
+    state = safe_load(path, "checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an imgclf checkpoint")
     state["path"] = str(path)
     return state
+
+
+def safe_load(path: Path, what: str, *, mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` (a file from elsewhere cannot run code),
+    its failures one :class:`CheckpointError` naming the file and ``what`` it should be."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable {what} ({why_unreadable(exc)})") from exc
 
 
 def load_resumable(path: str | Path) -> dict[str, Any]:
@@ -111,9 +117,8 @@ def checkpoint_position(path: Path) -> dict[str, int] | None:
     """The ``position`` saved in ``path``, or None where it cannot be read. Memory-mapped:
     reads the small pickle, not the weights."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return dict(state["position"])
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError):
+        return dict(safe_load(path, "checkpoint", mmap=True)["position"])
+    except (CheckpointError, KeyError, TypeError):
         return None
 
 
@@ -132,12 +137,3 @@ def why_unreadable(exc: BaseException) -> str:
             continue
         return line.split(". ")[0].rstrip(".")
     return type(exc).__name__
-
-
-def build_model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
-    from imgclf.models import create
-
-    model = create(state["model_name"], **state["model_args"])
-    model.load_state_dict(state["model_state"])
-    model.eval()
-    return model

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,13 +30,19 @@ from imgclf.errors import RecipeError, UserError
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's place in the job; ``world_size == 1`` is a plain single process."""
+    """This process's place in the job; ``world_size == 1`` is a plain single process.
+
+    Its methods are the few collectives the trainer and predict need; in a single process
+    each is the identity (``any`` of flags is the flags), so callers never branch on it.
+    ``device`` is where the collectives' tensors live (CUDA for NCCL, CPU for Gloo).
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
     backend: str | None = None  # "gloo" or "nccl" once a process group is joined
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def enabled(self) -> bool:
@@ -45,6 +51,97 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a picklable Python object)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any(self, *flags: bool) -> list[bool]:
+        """Each flag true on every rank when it is true on any (one rank's Ctrl-C stops
+        them all)."""
+        return [bool(v) for v in self.max([float(f) for f in flags])]
+
+    def sum(self, values: list[float]) -> list[float]:
+        return self._all_reduce(values, dist.ReduceOp.SUM if self.enabled else None)
+
+    def max(self, values: list[float]) -> list[float]:
+        """Elementwise maximum over ranks: for flags (any rank set it) and wall times."""
+        return self._all_reduce(values, dist.ReduceOp.MAX if self.enabled else None)
+
+    def _all_reduce(self, values: list[float], op: Any) -> list[float]:
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` in rank order on rank 0; None elsewhere."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def all_gather_rows(self, part: torch.Tensor, n: int) -> torch.Tensor:
+        """Reassemble a tensor whose rows ``rank::world_size`` each rank computed
+        (``part``) into all ``n`` rows on every rank. ``all_gather`` needs equal shapes, so
+        shorter parts are padded by a row and the padding dropped."""
+        if not self.enabled:
+            return part
+        w = self.world_size
+        rows = -(-n // w)
+        padded = torch.zeros((rows, *part.shape[1:]), dtype=part.dtype, device=part.device)
+        padded[: len(part)] = part
+        parts = [torch.empty_like(padded) for _ in range(w)]
+        dist.all_gather(parts, padded)
+        full = torch.empty((n, *part.shape[1:]), dtype=part.dtype, device=part.device)
+        for r, p in enumerate(parts):
+            full[r::w] = p[: len(range(r, n, w))]
+        return full
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        """``net`` in DistributedDataParallel, or ``net`` itself in a single process.
+
+        Called after a stage has fixed which parameters train: DDP registers gradient
+        hooks on the parameters that require grad when it is constructed, so a stage that
+        unfreezes more layers needs a new wrapper (DDP docs: "changing the set of used
+        parameters ... is not supported"). The wrapper's construction broadcasts rank 0's
+        parameters and buffers, so every rank starts the stage from the same weights.
+        """
+        if not self.enabled:
+            return net
+        from torch.nn.parallel import DistributedDataParallel
+
+        dev = self.device
+        ids = [dev.index if dev.index is not None else self.local_rank]
+        return DistributedDataParallel(net, device_ids=ids if dev.type == "cuda" else None)
+
+    def check_sync_bn(self, wanted: bool) -> None:
+        """PyTorch implements SyncBatchNorm for GPUs only (``SyncBatchNorm expected input
+        tensor to be on GPU``): a CPU job says so before it starts, instead of training
+        something other than what the recipe asks for."""
+        if wanted and self.enabled and self.device.type != "cuda":
+            raise RecipeError(
+                "sync_bn: true needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs "
+                "only); drop it for a CPU job (--set sync_bn=false)"
+            )
+
+    def sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        """Replace BatchNorm layers with SyncBatchNorm (statistics over the global batch;
+        parameter and buffer names stay, so checkpoints load into the plain model)."""
+        if not self.enabled:
+            return model  # one process: its batch is the global batch already
+        self.check_sync_bn(True)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def shutdown(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 SINGLE = Dist()
@@ -91,7 +188,7 @@ def local_device(device: str | None) -> str | None:
     env = from_env()
     if not env.enabled:
         return device
-    from imgclf.train.device import resolve_device
+    from imgclf.runtime.device import resolve_device
 
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -105,7 +202,7 @@ def default_threads(threads: int | None) -> int | None:
     env = from_env()
     if threads is not None or not env.enabled:
         return threads
-    from imgclf.train.device import physical_cores
+    from imgclf.runtime.device import physical_cores
 
     return max(1, physical_cores() // env.local_world_size)
 
@@ -131,12 +228,9 @@ def init(device: torch.device, *, backend: str | None = None) -> Dist:
         store, rank, world_size = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"imgclf/attempt-{restart_count()}", store)
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
-    return Dist(env.rank, env.world_size, env.local_rank, env.local_world_size, backend)
-
-
-def shutdown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    # Gloo's tensors live on the CPU, NCCL's on this process's GPU.
+    where = device if backend == "nccl" else torch.device("cpu")
+    return Dist(env.rank, env.world_size, env.local_rank, env.local_world_size, backend, where)
 
 
 def per_rank_batch(global_batch: int, d: Dist) -> int:
@@ -149,101 +243,6 @@ def per_rank_batch(global_batch: int, d: Dist) -> int:
             f"(--set batch_size={max(d.world_size, global_batch - global_batch % d.world_size)})"
         )
     return global_batch // d.world_size
-
-
-# ---------------------------------------------------------------- collectives
-
-
-def broadcast(obj: Any, d: Dist) -> Any:
-    """Rank 0's ``obj`` on every rank (a picklable Python object)."""
-    if not d.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_reduce(values: list[float], d: Dist, device: torch.device, op) -> list[float]:
-    if not d.enabled:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
-def all_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
-    return _all_reduce(values, d, device, dist.ReduceOp.SUM)
-
-
-def all_max(values: list[float], d: Dist, device: torch.device) -> list[float]:
-    """Elementwise maximum over ranks: for flags (any rank set it) and wall times."""
-    return _all_reduce(values, d, device, dist.ReduceOp.MAX)
-
-
-def gather(obj: Any, d: Dist) -> list[Any] | None:
-    """Every rank's ``obj`` in rank order on rank 0; None elsewhere."""
-    if not d.enabled:
-        return [obj]
-    out: list[Any] | None = [None] * d.world_size if d.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def all_gather_rows(part: torch.Tensor, n: int, d: Dist) -> torch.Tensor:
-    """Reassemble a tensor whose rows ``rank::world_size`` each rank computed (``part``)
-    into all ``n`` rows on every rank. ``all_gather`` needs equal shapes, so shorter parts
-    are padded by a row and the padding dropped."""
-    if not d.enabled:
-        return part
-    rows = -(-n // d.world_size)
-    padded = torch.zeros((rows, *part.shape[1:]), dtype=part.dtype, device=part.device)
-    padded[: len(part)] = part
-    parts = [torch.empty_like(padded) for _ in range(d.world_size)]
-    dist.all_gather(parts, padded)
-    full = torch.empty((n, *part.shape[1:]), dtype=part.dtype, device=part.device)
-    for r, p in enumerate(parts):
-        full[r :: d.world_size] = p[: len(range(r, n, d.world_size))]
-    return full
-
-
-# ---------------------------------------------------------------- models
-
-
-def wrap(net: nn.Module, d: Dist, device: torch.device) -> nn.Module:
-    """``net`` in DistributedDataParallel, or ``net`` itself in a single process.
-
-    Called after a stage has fixed which parameters train: DDP registers gradient hooks
-    on the parameters that require grad when it is constructed, so a stage that unfreezes
-    more layers needs a new wrapper (DDP docs: "changing the set of used parameters ...
-    is not supported"). The wrapper's construction broadcasts rank 0's parameters and
-    buffers, so every rank starts the stage from the same weights.
-    """
-    if not d.enabled:
-        return net
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [device.index if device.index is not None else d.local_rank]
-    return DistributedDataParallel(net, device_ids=ids if device.type == "cuda" else None)
-
-
-def check_sync_bn(wanted: bool, d: Dist, device: torch.device) -> None:
-    """PyTorch implements SyncBatchNorm for GPUs only (``SyncBatchNorm expected input
-    tensor to be on GPU``): a CPU job says so before it starts, instead of training
-    something other than what the recipe asks for."""
-    if wanted and d.enabled and device.type != "cuda":
-        raise RecipeError(
-            "sync_bn: true needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only); "
-            "drop it for a CPU job (--set sync_bn=false)"
-        )
-
-
-def sync_batchnorm(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
-    """Replace BatchNorm layers with SyncBatchNorm (statistics over the global batch;
-    parameter and buffer names stay, so checkpoints load into the plain model)."""
-    if not d.enabled:
-        return model  # one process: its batch is the global batch already
-    check_sync_bn(True, d, device)
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 # ---------------------------------------------------------------- launching
