@@ -466,3 +466,14 @@ def test_adamw_with_betas_and_stage_lr() -> None:
 def test_channels_last_on_off_survive_yaml_booleans(given: str, expected: str) -> None:
     # YAML 1.1 turns a bare on/off into True/False; the recipe still means on/off.
     assert load_recipe("fast", [f"channels_last={given}"]).channels_last == expected
+
+
+def test_retired_compile_key_off_is_dropped_and_on_is_an_error() -> None:
+    """`compile` was accepted and never read (issue #29): a checkpoint's saved recipe with
+    `compile: false` still validates (resume), a recipe asking for it is told it does
+    nothing, and the key is no longer in what a run writes."""
+    saved = load_recipe("fast").model_dump(mode="json") | {"compile": False}
+    assert validate(saved, "last.pt").name == "fast"
+    with pytest.raises(RecipeError, match="'compile' is not supported"):
+        load_recipe("fast", ["compile=true"])
+    assert "compile" not in load_recipe("fast").model_dump()

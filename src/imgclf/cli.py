@@ -201,11 +201,21 @@ def _add_recipes(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_recipes)
 
 
-def _add_hardware_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+def _add_hardware_options(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+    """``--device`` and ``--threads`` (main() applies ``--threads`` once, for every
+    command, before the command runs)."""
+    if device:
+        p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument(
         "--threads", type=_positive_int, metavar="N", help="CPU threads (default: physical cores)"
     )
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        from imgclf.runtime.device import set_threads
+
+        set_threads(args.threads)
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
@@ -343,10 +353,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from imgclf.evaluate.runs import evaluate
 
-    if args.threads:
-        from imgclf.runtime.device import set_threads
-
-        set_threads(args.threads)
     if len(args.runs) > 1:
         return _eval_ensemble(args)
     run = args.runs[0]
@@ -430,20 +436,21 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_eval)
 
 
-def _add_vote_options(p: argparse.ArgumentParser) -> None:
+VOTES = ("hard", "soft", "weighted")
+
+
+def _add_vote_option(p: argparse.ArgumentParser, default: str = "hard", help: str = "") -> None:
     p.add_argument(
         "--vote",
-        choices=["hard", "soft", "weighted"],
-        default="hard",
-        help="how several runs combine (hard: majority of top-1 labels; soft: mean "
-        "probability; weighted: weighted mean probability) (hard)",
+        choices=VOTES,
+        default=default,
+        help=help
+        or "how several runs combine (hard: majority of top-1 labels; soft: mean "
+        f"probability; weighted: weighted mean probability) ({default})",
     )
-    p.add_argument(
-        "--prefer",
-        nargs="+",
-        metavar="RUN",
-        help="hard-vote tie-break order, by run name (default: the order the runs are given)",
-    )
+
+
+def _add_weights_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights",
         nargs="+",
@@ -453,16 +460,25 @@ def _add_vote_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_vote_options(p: argparse.ArgumentParser) -> None:
+    """``--vote``, ``--prefer`` and ``--weights``: how the runs of eval, predict and serve
+    combine."""
+    _add_vote_option(p)
+    p.add_argument(
+        "--prefer",
+        nargs="+",
+        metavar="RUN",
+        help="hard-vote tie-break order, by run name (default: the order the runs are given)",
+    )
+    _add_weights_option(p)
+
+
 # ---------------------------------------------------------------- predict, report
 
 
 def _predict(args: argparse.Namespace) -> int:
     from imgclf.predict import predict
 
-    if args.threads:
-        from imgclf.runtime.device import set_threads
-
-        set_threads(args.threads)
     result = predict(
         args.runs,
         args.input,
@@ -545,12 +561,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         choices=["train", "val", "test", "all"],
         help="split for the ensemble (default: test if present, else val, else all)",
     )
-    p.add_argument(
-        "--vote",
-        choices=["hard", "soft", "weighted"],
-        default="hard",
-        help="the ensemble's vote (hard)",
-    )
+    _add_vote_option(p, help="the ensemble's vote (hard)")
     p.set_defaults(handler=_report)
 
 
@@ -633,25 +644,16 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dynamic-batch", action="store_true", help="any batch size (default: batches of 1)"
     )
-    p.add_argument(
-        "--vote",
-        choices=["hard", "soft", "weighted"],
-        default="soft",
-        help="how runs combine: soft or weighted (one graph averages probabilities)",
+    _add_vote_option(
+        p, "soft", "how runs combine: soft or weighted (one graph averages probabilities)"
     )
-    p.add_argument(
-        "--weights", nargs="+", metavar="RUN:W", help="weighted vote (default: val accuracy)"
-    )
+    _add_weights_option(p)
     p.set_defaults(handler=_export)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from imgclf.serve import serve
 
-    if args.threads:
-        from imgclf.runtime.device import set_threads
-
-        set_threads(args.threads)
     serve(
         args.runs,
         host=args.host,
@@ -687,9 +689,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="largest accepted upload, per image (20 MiB)",
     )
     p.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="classes (5)")
-    p.add_argument(
-        "--threads", type=_positive_int, metavar="N", help="CPU threads (default: physical cores)"
-    )
+    _add_hardware_options(p, device=False)
     p.set_defaults(handler=_serve)
 
 
@@ -737,6 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The command line as given: what `train --nproc-per-node N` hands to torchrun.
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _apply_threads(args)
         code = args.handler(args) or 0
         # Flushed here so that a reader gone early (`imgclf data info NAME | head`) is a
         # BrokenPipeError below, not an "Exception ignored" at interpreter exit.

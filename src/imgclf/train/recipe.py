@@ -182,7 +182,6 @@ class Recipe(_Strict):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
-    compile: bool = False
     # Frozen-prefix feature cache for stages that freeze a prefix with fixed views
     # (imgclf.train.feature_cache); off only to compare against the uncached path.
     feature_cache: bool = True
@@ -193,7 +192,7 @@ class Recipe(_Strict):
     # BatchNorm while training: "frozen" keeps every BatchNorm layer on its running
     # statistics (eval mode; scale and shift still learn), "train" normalizes trained
     # layers by batch statistics, "auto" is "frozen" for a pretrained backbone on a data
-    # set under FREEZE_BN_BELOW training images (imgclf.train.small_data) and "train"
+    # set under FREEZE_BN_BELOW training images (imgclf.train.adapt) and "train"
     # otherwise.
     batchnorm: Literal["auto", "frozen", "train"] = "auto"
     # Unbalanced classes: weight the loss by inverse class frequency, or draw each epoch's
@@ -304,11 +303,29 @@ def load_recipe(
     return recipe
 
 
+# Keys that recipes once had and no longer do: the value that meant "off" is dropped, so a
+# checkpoint saved before the key went still resumes; any other value is an error.
+RETIRED = {"compile": False}  # never read: torch.compile was not wired in (issue #29)
+
+
 def validate(data: dict, where: str = "recipe") -> Recipe:
+    data = _drop_retired(data, where)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(f"{where}: {_describe(exc)}") from exc
+
+
+def _drop_retired(data: dict, where: str) -> dict:
+    if not isinstance(data, dict) or not RETIRED.keys() & data.keys():
+        return data
+    data = dict(data)
+    for key, off in RETIRED.items():
+        if key in data and data.pop(key) != off:
+            raise RecipeError(
+                f"{where}: {key!r} is not supported (it never had an effect); remove it"
+            )
+    return data
 
 
 def _describe(exc: ValidationError) -> str:
