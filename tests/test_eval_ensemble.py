@@ -132,9 +132,9 @@ def unbalanced_metrics(names: list[str]) -> Metrics:
 
 
 def test_eval_text_shows_balanced_accuracy_and_macro_f1_beside_accuracy(capsys):
-    from imgclf.cli import _print_metrics
+    from imgclf.cli.results import print_metrics
 
-    _print_metrics("run1", unbalanced_metrics(["common", "rare"]))
+    print_metrics("run1", unbalanced_metrics(["common", "rare"]))
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("run1: accuracy 0.9000  balanced accuracy 0.5000  macro F1 0.4737")
 

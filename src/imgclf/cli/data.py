@@ -1,0 +1,158 @@
+"""`imgclf data import|info|list`, `imgclf models` and `imgclf recipes`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from imgclf.cli.options import fraction, positive_int
+
+
+def _data_import(args: argparse.Namespace) -> int:
+    from imgclf.data import import_dataset, import_named
+
+    if args.src.lower() in ("cifar10", "cifar100") and not _exists(args.src):
+        ds = import_named(
+            args.src,
+            name_as=args.name,
+            image_size=args.image_size,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+        )
+    else:
+        ds = import_dataset(
+            args.src,
+            args.name,
+            image_size=args.image_size,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            labels_csv=args.labels,
+        )
+    print(describe_short(ds))
+    return 0
+
+
+def _exists(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).exists()
+
+
+def describe_short(ds) -> str:
+    h, w = ds.image_size
+    counts = ", ".join(f"{s} {int((ds.splits == i).sum())}" for i, s in enumerate(ds.split_names))
+    skipped = ds.meta["skipped"]
+    return (
+        f"imported {ds.name!r}: {len(ds.labels)} images {h}×{w}, {len(ds.classes)} classes "
+        f"({counts}); {skipped} skipped; {ds.meta['import_seconds']} s → {ds.root}"
+    )
+
+
+def _data_info(args: argparse.Namespace) -> int:
+    from imgclf.data import dataset_info, load_dataset
+
+    info = dataset_info(load_dataset(args.name))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"dataset {info['name']} ({info['root']})")
+    print(f"source: {info['source']} [{info['source_shape']}]")
+    h, w = info["image_size"]
+    print(f"images: {info['num_samples']} at {h}×{w}, resized {info['resized']}")
+    splits = list(info["counts"])
+    width = max(len(c) for c in ["class", "total", *info["classes"]])
+    print(f"{'class':<{width}}  " + "  ".join(f"{s:>7}" for s in splits))
+    for c in info["classes"]:
+        print(f"{c:<{width}}  " + "  ".join(f"{info['counts'][s][c]:>7}" for s in splits))
+    totals = [sum(info["counts"][s].values()) for s in splits]
+    print(f"{'total':<{width}}  " + "  ".join(f"{t:>7}" for t in totals))
+    print(f"validation split: {info['val_split']}")
+    print(f"skipped files: {len(info['skipped'])}")
+    for row in info["skipped"][:20]:
+        print(f"  {row['path']}: {row['reason']}")
+    if len(info["skipped"]) > 20:
+        print(f"  … see {info['root']}/import-report.csv")
+    return 0
+
+
+def _data_list(args: argparse.Namespace) -> int:
+    from imgclf.data import list_datasets, load_dataset
+    from imgclf.paths import datasets_dir
+
+    names = list_datasets()
+    if not names:
+        print(f"no datasets in {datasets_dir()}; run `imgclf data import SRC`")
+    for name in names:
+        ds = load_dataset(name)
+        h, w = ds.image_size
+        print(f"{name}\t{len(ds.labels)} images\t{h}×{w}\t{len(ds.classes)} classes")
+    return 0
+
+
+def add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="import, inspect and list datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    imp = dsub.add_parser(
+        "import",
+        help="decode a dataset once into the cache",
+        description=(
+            "Import SRC into the cache ($IMGCLF_HOME/datasets/NAME, default ~/.cache/imgclf). "
+            "SRC: an image folder <class>/* or {train,val,test}/<class>/*, a flat folder with "
+            "a labels CSV (id,label), CIFAR python batches, a .tar/.tar.gz/.tgz/.zip holding "
+            "one of these, or the word cifar10/cifar100 (downloaded through torchvision)."
+        ),
+    )
+    imp.add_argument("src", help="folder, archive, or cifar10/cifar100")
+    imp.add_argument("--name", help="dataset name (default: the source's file name)")
+    imp.add_argument(
+        "--image-size",
+        type=positive_int,
+        metavar="N",
+        help="resize every image to N×N (default: the most common size)",
+    )
+    imp.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=0.1,
+        metavar="F",
+        help="stratified validation share of train when the source has no val split (0.1)",
+    )
+    imp.add_argument("--seed", type=int, default=0, help="seed of the validation split (0)")
+    imp.add_argument("--labels", metavar="CSV", help="labels CSV for a flat image folder")
+    imp.set_defaults(handler=_data_import)
+    info = dsub.add_parser("info", help="classes, counts, size, source, skipped files")
+    info.add_argument("name", help="dataset name or cache folder")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(handler=_data_info)
+    lst = dsub.add_parser("list", help="list cached datasets")
+    lst.set_defaults(handler=_data_list)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from imgclf.models import list_models
+
+    for spec in list_models():
+        print(f"{spec.name:<18} {spec.kind:<10} {spec.input_size:>4}px  {spec.description}")
+    return 0
+
+
+def add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list registered models")
+    p.set_defaults(handler=_models)
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from imgclf.train.recipe import list_recipes, load_recipe, recipe_yaml
+
+    if args.name:
+        print(recipe_yaml(load_recipe(args.name)), end="")
+        return 0
+    for name, description in list_recipes().items():
+        print(f"{name:<24} {description}")
+    return 0
+
+
+def add_recipes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipes", help="list bundled recipes, or print one resolved")
+    p.add_argument("name", nargs="?", help="a recipe to print in full")
+    p.set_defaults(handler=_recipes)

@@ -1,0 +1,112 @@
+"""Options several commands share, declared once: their types, hardware, training
+length, votes and backend."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1)")
+    return value
+
+
+def add_hardware_options(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+    """``--device`` and ``--threads`` (main() applies ``--threads`` once, for every
+    command, before the command runs)."""
+    if device:
+        p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument(
+        "--threads", type=positive_int, metavar="N", help="CPU threads (default: physical cores)"
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        from imgclf.runtime.device import set_threads
+
+        set_threads(args.threads)
+
+
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `train` and `demo`: both end in imgclf.train.train."""
+    p.add_argument("--out", help="run folder (default runs/<recipe>-<n>)")
+    p.add_argument(
+        "--epochs", type=positive_int, metavar="N", help="total epochs, shared among stages"
+    )
+    p.add_argument(
+        "--time",
+        metavar="DURATION",
+        help="wall-time budget (90s, 10m, 1h30m): every stage is scaled to finish, "
+        "evaluation included, within it on this machine",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. optimizer.lr=0.05 or stages.0.epochs=3 (repeatable)",
+    )
+    add_hardware_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+
+
+VOTES = ("hard", "soft", "weighted")
+
+
+def add_vote_option(p: argparse.ArgumentParser, default: str = "hard", help: str = "") -> None:
+    p.add_argument(
+        "--vote",
+        choices=VOTES,
+        default=default,
+        help=help
+        or "how several runs combine (hard: majority of top-1 labels; soft: mean "
+        f"probability; weighted: weighted mean probability) ({default})",
+    )
+
+
+def add_weights_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        metavar="RUN:W",
+        help="weighted-vote weights, e.g. simple-1:0.5 fast-2:1 (default: each run's "
+        "validation accuracy)",
+    )
+
+
+def add_vote_options(p: argparse.ArgumentParser) -> None:
+    """``--vote``, ``--prefer`` and ``--weights``: how the runs of eval, predict and serve
+    combine."""
+    add_vote_option(p)
+    p.add_argument(
+        "--prefer",
+        nargs="+",
+        metavar="RUN",
+        help="hard-vote tie-break order, by run name (default: the order the runs are given)",
+    )
+    add_weights_option(p)
+
+
+def add_backend_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default=None,
+        help="run the models in PyTorch, or exported to ONNX under ONNX Runtime "
+        "(default: the one measured faster, see docs/benchmarks.md)",
+    )

@@ -1,0 +1,159 @@
+"""`imgclf train` and `imgclf demo`: both end in :func:`imgclf.train.train`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from imgclf.cli.options import add_training_options, positive_int
+from imgclf.errors import UserError
+
+
+def print_run(run) -> None:
+    acc = run.summary.get("val_accuracy")
+    if acc is not None:
+        print(
+            f"val accuracy {acc:.4f} (balanced {run.summary['val_balanced_accuracy']:.4f}, "
+            f"macro F1 {run.summary['val_macro_f1']:.4f}) on {run.summary['val_count']} "
+            f"{run.summary['dataset']} images"
+        )
+    else:
+        print("no validation split: nothing evaluated")
+    if "budget_seconds" in run.summary:
+        print(
+            f"budget bought:    {run.summary['trained_epochs']:.2f} epochs, "
+            f"{run.summary['images_seen']:,} training images in "
+            f"{run.summary['wall_seconds']:.0f} s of {run.summary['budget_seconds']:.0f} s"
+        )
+    best = run.summary.get("best_epoch")
+    if acc is not None and best:
+        print(f"best epoch:       {best} (best.pt: what eval and predict use by default)")
+    for text in run.summary.get("warnings", []):
+        print(f"warning: {text}")
+    print(f"run folder:       {run.path}")
+    print(f"curves:           {run.path / 'curves.png'}")
+    print(f"confusion matrix: {run.path / 'confusion_matrix.png'}")
+    if (run.path / "mistakes.png").is_file():
+        print(f"worst mistakes:   {run.path / 'mistakes.png'}")
+
+
+def _launch_torchrun(args: argparse.Namespace) -> None:
+    """``--nproc-per-node N``: become the torchrun job it is shorthand for (exec, so
+    Ctrl-C and the exit status are torchrun's own); returns only to train here."""
+    from imgclf.runtime import distributed
+
+    if args.nproc_per_node is None:
+        return
+    if distributed.from_env().enabled:
+        raise UserError(
+            "--nproc-per-node starts torchrun itself; under torchrun, drop it (torchrun's "
+            "own --nproc-per-node says how many processes)"
+        )
+    if args.nproc_per_node == 1:
+        return
+    command = distributed.torchrun_command(args.argv, args.nproc_per_node)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from imgclf.train import train
+
+    _launch_torchrun(args)
+    if args.recipe is None and args.resume is None and args.data is None:
+        raise UserError(
+            "give --data DATASET (a recipe is chosen for it), a RECIPE (see `imgclf "
+            "recipes`) or --resume RUN_DIR"
+        )
+    run = train(
+        args.recipe,
+        args.data,
+        out=args.out,
+        epochs=args.epochs,
+        overrides=args.set or (),
+        resume=args.resume,
+        time_budget=args.time,
+        device=args.device,
+        threads=args.threads,
+        progress=not args.quiet,
+        exist_ok=args.exist_ok,
+        new_data=args.new_data,
+    )
+    if run.summary:  # empty on torchrun's ranks other than 0: rank 0 reports the run
+        print_run(run)
+    return 0
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a recipe on a dataset",
+        description="Train RECIPE (a bundled name or a .yaml path) on an imported dataset. "
+        "Writes runs/<recipe>-<n>/ with config.yaml, metrics.csv, last.pt, best.pt, curves, "
+        "confusion matrix, per-class scores, summary.json and TensorBoard events.",
+    )
+    p.add_argument("recipe", nargs="?", help="recipe name (imgclf recipes) or YAML path")
+    p.add_argument("--data", help="dataset name or cache folder (imgclf data list)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
+    p.add_argument(
+        "--exist-ok",
+        action="store_true",
+        help="--out may hold a run: remove that run's files and start afresh there",
+    )
+    p.add_argument(
+        "--new-data",
+        action="store_true",
+        help="with --resume: continue on --data although the run was trained on another "
+        "data set (same classes)",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=positive_int,
+        metavar="N",
+        help="train data-parallel in N processes on this machine: shorthand for `torchrun "
+        "--standalone --nproc-per-node N -m imgclf train ...` (the recipe's batch_size is "
+        "the global batch)",
+    )
+    add_training_options(p)
+    p.set_defaults(handler=_train)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from imgclf.demo import run_demo
+
+    run = run_demo(
+        args.archive,
+        args.epochs,
+        time_budget=args.time,
+        recipe=args.recipe,
+        out=args.out,
+        overrides=args.set or (),
+        device=args.device,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    print_run(run)
+    return 0
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train the fast recipe on CIFAR-10 and show where the results are",
+        description="Train RECIPE (default fast) on CIFAR-10: the cached dataset cifar10, "
+        "else --archive imported as cifar10, else a torchvision download; offline without "
+        "an archive, scikit-learn's bundled 8×8 digits stand in. Prints the validation "
+        "accuracy and where the run folder, curves and confusion matrix are.",
+    )
+    p.add_argument(
+        "--archive",
+        type=Path,
+        metavar="PATH",
+        help="CIFAR-10 archive to import, e.g. cifar-10-python.tar.gz or an image-folder .tar.gz",
+    )
+    p.add_argument("--recipe", default="fast", help="recipe name or YAML path (fast)")
+    add_training_options(p)
+    p.set_defaults(handler=_demo)
