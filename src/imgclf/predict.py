@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from imgclf.backend import backend_for, onnx_net, resolve_backend
-from imgclf.data.decode import Size
+from imgclf.data.decode import Size, default_workers
 from imgclf.data.preprocess import Preprocess, file_to_uint8
 from imgclf.data.sources import IMAGE_EXTENSIONS, is_archive, open_tree
 from imgclf.ensemble import vote as ensemble_vote
@@ -257,13 +257,6 @@ def _decode_ahead(
             yield chunk, future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------- models
