@@ -25,7 +25,8 @@ import numpy as np
 
 from imgclf.data.cache import FORMAT_VERSION, Dataset, load_dataset, publish
 from imgclf.data.decode import Size, cover_crop, decode_chunk, default_workers, probe
-from imgclf.data.sources import IMAGE_EXTENSIONS, Sample, ScannedSource, Skipped, scan_source
+from imgclf.data.scan import ScannedSource, scan_source
+from imgclf.data.sources import IMAGE_EXTENSIONS, Sample, Skipped
 from imgclf.data.splits import stratified_split
 from imgclf.errors import DataError
 from imgclf.paths import dataset_dir, datasets_dir
