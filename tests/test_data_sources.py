@@ -22,7 +22,7 @@ from conftest import (
     write_cifar100,
 )
 from imgclf.data import import_dataset, load_dataset
-from imgclf.data.sources import scan_source
+from imgclf.data.scan import scan_source
 from imgclf.errors import DataError
 
 

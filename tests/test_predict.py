@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_archive
+from conftest import make_archive, save_image
 from helpers_runs import COLOURS, noisy_image, session_runs
 from imgclf import predict as predict_module
 from imgclf.cli import main
+from imgclf.data.scan import scan_source
 from imgclf.errors import CheckpointError, DataError, UserError
 from imgclf.evaluate.runs import load_run, run_logits
-from imgclf.predict import PredictFailures, natural_key, predict
+from imgclf.predict import PredictFailures, list_inputs, natural_key, predict
 
 # Relative path → class colour. Nested folders, numbers that sort wrongly as text, mixed
 # formats and sizes (a non-square photo, a tiny image, grey and RGBA modes).
@@ -194,6 +195,47 @@ def test_small_batches_keep_rows_in_place_around_failures(trained, tmp_path):
     predict([trained.run32], root, tmp_path / "big.csv")
     predict([trained.run32], root, tmp_path / "small.csv", batch_size=2, workers=3)
     assert read_rows(tmp_path / "small.csv") == read_rows(tmp_path / "big.csv")
+
+
+# Litter a class tree picks up on macOS, Windows and Linux desktops; every one of the .jpg
+# files is a real image, so only the hidden-file rule can keep it out.
+LITTER = {
+    "__MACOSX/a.jpg": "hidden file or OS metadata",
+    "cat/._b.jpg": "hidden file or OS metadata",
+    "cat/.hidden.jpg": "hidden file or OS metadata",
+    "cat/.DS_Store": "hidden file or OS metadata",
+    "cat/.thumbnails/t.jpg": "hidden file or OS metadata",
+    "cat/Thumbs.db": "not an image file extension",
+}
+DATA = ["cat/c.jpg", "dog/d.jpg"]
+
+
+@pytest.mark.parametrize("suffix", ["", ".zip"])
+def test_predict_leaves_out_exactly_the_files_import_leaves_out(tmp_path, suffix):
+    root = tmp_path / "in"
+    for rel in [*LITTER, *DATA]:
+        if rel.endswith(".jpg"):
+            save_image(root / rel)
+        else:
+            (root / rel).write_bytes(b"\0\0")
+    src = make_archive(root, tmp_path / f"in{suffix}") if suffix else root
+    scanned, inputs = scan_source(src), list_inputs(src)
+
+    def rel(source: str) -> str:
+        return source.removeprefix(f"{src}/")
+
+    assert sorted(rel(s.source) for s in scanned.samples) == DATA
+    assert sorted(item.file for item in inputs.items) == DATA
+    assert {rel(k.path): k.reason for k in scanned.skipped} == LITTER
+    assert inputs.ignored == {"hidden file or OS metadata": 5, "not an image file": 1}
+
+
+def test_a_hidden_broken_link_gets_no_row(tmp_path):
+    save_image(tmp_path / "in" / "c.jpg")
+    (tmp_path / "in" / ".gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    inputs = list_inputs(tmp_path / "in")
+    assert [item.file for item in inputs.items] == ["c.jpg"]
+    assert inputs.ignored == {"hidden file or OS metadata": 1}
 
 
 # ---------------------------------------------------------------------------- formats

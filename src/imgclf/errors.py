@@ -38,3 +38,9 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
     exit_code = 3
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace, newlines included, as one space: a foreign
+    error (YAML, torch) quoted inside a one-line message stays one line."""
+    return " ".join(text.split())

@@ -4,8 +4,10 @@ The input is a folder (searched recursively), an archive (.tar, .tar.gz, .tgz, .
 in place) or a text file listing image paths, one per line, relative to the list's folder.
 Every image file (by extension) becomes exactly one row, in natural filename order
 (``2.png`` before ``10.png``); a file that cannot be read keeps its row, with an empty label
-and the reason in the ``error`` column, so no row is ever shifted or dropped. Listed
-files always get a row, whatever their extension: the list says they are images.
+and the reason in the ``error`` column, so no row is ever shifted or dropped. Hidden files
+and OS metadata (dot-files, ``._x.jpg``, ``__MACOSX/``) are left out of a folder or archive
+by the rule ``data import`` uses (:func:`imgclf.data.sources.is_hidden`). Listed files
+always get a row, whatever their name: the list says they are images.
 
 Output columns (``format="default"``)::
 
@@ -49,9 +51,16 @@ import numpy as np
 import torch
 
 from imgclf.backend import backend_for, onnx_net, resolve_backend
-from imgclf.data.decode import Size
+from imgclf.data.decode import Size, default_workers
 from imgclf.data.preprocess import Preprocess, file_to_uint8
-from imgclf.data.sources import IMAGE_EXTENSIONS, is_archive, open_tree
+from imgclf.data.sources import (
+    HIDDEN_REASON,
+    IMAGE_EXTENSIONS,
+    is_archive,
+    is_hidden,
+    is_image_name,
+    open_tree,
+)
 from imgclf.ensemble import vote as ensemble_vote
 from imgclf.errors import DataError, UserError
 from imgclf.evaluate.compare import (
@@ -110,16 +119,6 @@ def natural_key(rel: str) -> tuple:
     return parts, rel
 
 
-def _is_image(rel: str) -> bool:
-    return PurePosixPath(rel).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _os_metadata(rel: str) -> bool:
-    # macOS archive litter: __MACOSX/ trees and AppleDouble "._name.jpg" files are not images
-    parts = rel.split("/")
-    return "__MACOSX" in parts or parts[-1].startswith("._")
-
-
 def list_inputs(src: str | os.PathLike[str]) -> Inputs:
     """Every image under a folder or in an archive, or every file a list names, sorted."""
     src = Path(src).expanduser()
@@ -127,7 +126,7 @@ def list_inputs(src: str | os.PathLike[str]) -> Inputs:
         raise DataError(f"{src}: no such file or folder")
     if src.is_dir() or is_archive(src):
         inputs = _tree_inputs(src)
-    elif src.suffix.lower() in IMAGE_EXTENSIONS:
+    elif is_image_name(src.name):
         inputs = Inputs([Item(src.name, path=str(src))])
     else:
         inputs = _list_file_inputs(src)
@@ -144,9 +143,9 @@ def _tree_inputs(src: Path) -> Inputs:
     folder = src.is_dir()
     inputs = Inputs([])
     for rel in tree.files:
-        if _os_metadata(rel):
-            inputs.ignored["OS metadata"] += 1
-        elif not _is_image(rel):
+        if is_hidden(rel):  # what `data import` leaves out as not data, predict leaves too
+            inputs.ignored[HIDDEN_REASON] += 1
+        elif not is_image_name(rel):
             inputs.ignored["not an image file"] += 1
         elif folder:
             inputs.items.append(Item(rel, path=str(src / rel)))
@@ -154,10 +153,13 @@ def _tree_inputs(src: Path) -> Inputs:
             inputs.items.append(Item(rel, data=tree.read(rel)))
     # Entries the walk could not turn into files (a broken link, an archive member over
     # the size cap, an unsafe or duplicate member): an image among them keeps its row,
-    # with the reason, so no input is ever left out; anything else is counted.
+    # with the reason, so no input is ever left out; anything else is counted. A hidden
+    # one is left out as its readable twin would be.
     for skipped in tree.skipped:
         rel = _relative(skipped.path, src)
-        if _is_image(rel):
+        if is_hidden(rel):
+            inputs.ignored[HIDDEN_REASON] += 1
+        elif is_image_name(rel):
             inputs.items.append(Item(rel, error=skipped.reason))
         else:
             inputs.ignored[skipped.reason] += 1
@@ -257,13 +259,6 @@ def _decode_ahead(
             yield chunk, future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------- models

@@ -1,4 +1,4 @@
-"""Decode image bytes to RGB uint8 arrays, in worker processes.
+"""Decode image bytes to RGB uint8 arrays, in worker threads.
 
 Policy, stated once:
 * modes L, LA, P, RGBA, CMYK, I;16, I, F become RGB; alpha is dropped as torchvision's
@@ -19,6 +19,7 @@ simplejpeg rejects, goes through Pillow, whose error is the reason reported.
 from __future__ import annotations
 
 import io
+import os
 import threading
 import warnings
 from collections.abc import Sequence
@@ -28,6 +29,14 @@ import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 Size = tuple[int, int]  # (height, width)
+
+
+def default_workers() -> int:
+    """Decoding threads to use: the CPUs this process may run on (import and predict)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _reason(exc: BaseException) -> str:

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.data.cache import FORMAT_VERSION, Dataset, load_dataset, publish
-from imgclf.data.decode import Size, cover_crop, decode_chunk, probe
-from imgclf.data.sources import IMAGE_EXTENSIONS, Sample, ScannedSource, Skipped, scan_source
+from imgclf.data.decode import Size, cover_crop, decode_chunk, default_workers, probe
+from imgclf.data.scan import ScannedSource, scan_source
+from imgclf.data.sources import IMAGE_EXTENSIONS, Sample, Skipped
 from imgclf.data.splits import stratified_split
 from imgclf.errors import DataError
 from imgclf.paths import dataset_dir, datasets_dir
@@ -42,13 +43,6 @@ Warn = Callable[[str], None]
 
 def _stderr_warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from imgclf.errors import CheckpointError, RecipeError, UnknownModel, WeightsMissing
+from imgclf.errors import CheckpointError, RecipeError, UnknownModel, WeightsMissing, one_line
 from imgclf.models.base import Classifier
 from imgclf.models.registry import ModelSpec, register, register_fallback
 from imgclf.runtime.checkpoint import safe_load
@@ -174,7 +174,7 @@ def resolve_weights(
         except (OSError, http.client.HTTPException, RuntimeError) as exc:
             # OSError covers URLError, socket timeouts and an unwritable cache folder;
             # RuntimeError is torch.hub's hash mismatch.
-            reason = f"download failed: {_one_line(str(exc) or type(exc).__name__)}"
+            reason = f"download failed: {one_line(str(exc) or type(exc).__name__)}"
         else:
             return load_state_file(cached)
     where = f" (download URL {source.url})" if source.url else ""
@@ -242,17 +242,13 @@ def load_backbone_state(
     try:
         result = net.load_state_dict(kept, strict=False)
     except RuntimeError as exc:  # a shape mismatch
-        raise CheckpointError(f"weights do not fit {model}: {_one_line(str(exc))[:300]}") from exc
+        raise CheckpointError(f"weights do not fit {model}: {one_line(str(exc))[:300]}") from exc
     missing = [k for k in result.missing_keys if not k.startswith(prefix)]
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"weights do not fit {model}: {len(missing)} missing key(s) {missing[:3]}, "
             f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}"
         )
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 # ---------------------------------------------------------------------------- torchvision

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from imgclf.errors import RecipeError
+from imgclf.errors import RecipeError, one_line
 
 # A run's config.yaml is the resolved recipe plus these facts about the run; reading it
 # back as a recipe (to repeat the run) skips them.
@@ -289,7 +289,7 @@ def load_recipe(
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML ({_one_line(str(exc))})") from exc
+            raise RecipeError(f"{path}: not valid YAML ({one_line(str(exc))})") from exc
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a YAML mapping of keys to values")
         for key in RUN_INFO_KEYS:
@@ -388,10 +388,6 @@ def apply_override(data: dict, item: str) -> None:
             if part == "stages" and part not in node:
                 node[part] = [{}]
             node = node.setdefault(part, {})
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def recipe_yaml(recipe: Recipe) -> str:
