@@ -388,8 +388,7 @@ def test_library_train_and_evaluate_by_dataset_name(tmp_path):
     assert isinstance(run, Run) and isinstance(run, imgclf.Run)
     assert run.path == tmp_path / "run1" and run.best.is_file()
     assert run.summary["recipe"] == "scratch-simple" and run.summary["epochs"] == 1
-    assert 0.0 <= run.summary["val_accuracy"] <= 1.0
-    assert "val_accuracy=" in repr(run)
+    assert f"val_accuracy={run.summary['val_accuracy']}" in repr(run)
     for _ in range(2):
         metrics = imgclf.evaluate(run, data="tiny")
     assert isinstance(metrics, Metrics)
