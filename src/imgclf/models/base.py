@@ -55,9 +55,10 @@ class Classifier(nn.Module):
     def param_groups(self) -> dict[str, list[str]]:
         """Group name → parameter names (as in ``named_parameters()``), in network order.
 
-        Every parameter appears in exactly one group, frozen ones included.
+        Every parameter appears in exactly one group, frozen ones included. By default the
+        named steps of :meth:`sequence`, so a model lists its groups once.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not define param_groups()")
+        return self.groups_from_modules({g: m for g, m in self.sequence() if g is not None})
 
     def frozen_parameter_names(self) -> set[str]:
         """Parameters that are fixed by design and must keep ``requires_grad=False``

@@ -175,17 +175,6 @@ class FastNet(Classifier):
         """
         self.stem.init_whitening(images, eps)
 
-    def param_groups(self) -> dict[str, list[str]]:
-        return self.groups_from_modules(
-            {
-                "stem": self.stem,
-                "block1": self.block1,
-                "block2": self.block2,
-                "block3": self.block3,
-                "head": self.head,
-            }
-        )
-
     def sequence(self) -> list[tuple[str | None, nn.Module]]:
         return [
             ("stem", self.stem),

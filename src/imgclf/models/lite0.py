@@ -184,14 +184,3 @@ class EfficientNetLite0(Classifier):
             (None, net.global_pool),
             ("head", net.classifier),
         ]
-
-    def param_groups(self) -> dict[str, list[str]]:
-        net = self.net
-        return self.groups_from_modules(
-            {
-                "stem": torch.nn.ModuleList([net.conv_stem, net.bn1]),
-                **{f"blocks{i}": stage for i, stage in enumerate(net.blocks, start=1)},
-                "top": torch.nn.ModuleList([net.conv_head, net.bn2]),
-                "head": net.classifier,
-            }
-        )

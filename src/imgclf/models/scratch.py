@@ -47,11 +47,6 @@ class SimpleNet(Classifier):
         x = self.block2(self.block1(x))
         return self.head(self.pool(x).flatten(1))
 
-    def param_groups(self) -> dict[str, list[str]]:
-        return self.groups_from_modules(
-            {"block1": self.block1, "block2": self.block2, "head": self.head}
-        )
-
     def sequence(self) -> list[tuple[str | None, nn.Module]]:
         return [
             ("block1", self.block1),
@@ -99,11 +94,6 @@ class ComplexNet(Classifier):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(x)))
         return self.head(self.pool(x).flatten(1))
-
-    def param_groups(self) -> dict[str, list[str]]:
-        return self.groups_from_modules(
-            {"block1": self.block1, "block2": self.block2, "block3": self.block3, "head": self.head}
-        )
 
     def sequence(self) -> list[tuple[str | None, nn.Module]]:
         return [
@@ -171,18 +161,6 @@ class MediumNet(Classifier):
             )
         x = self.block4(self.block3(self.block2(self.block1(x))))
         return self.head(self.fc(x.flatten(1)))
-
-    def param_groups(self) -> dict[str, list[str]]:
-        return self.groups_from_modules(
-            {
-                "block1": self.block1,
-                "block2": self.block2,
-                "block3": self.block3,
-                "block4": self.block4,
-                "fc": self.fc,
-                "head": self.head,
-            }
-        )
 
     def sequence(self) -> list[tuple[str | None, nn.Module]]:
         return [
