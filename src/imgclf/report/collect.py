@@ -295,3 +295,28 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
             return list(csv.DictReader(f))
     except OSError:
         return []
+
+
+ENSEMBLE_HEADER = ["", "kind", "accuracy", "balanced acc", "macro F1", ""]
+
+
+def ensemble_rows(comparison: Any) -> list[list[str]]:
+    """The ensemble table of both report formats: each model, then each vote, with its
+    role ("best model", "ensemble") in the last cell (empty for the others)."""
+    c = comparison
+    rows = []
+    for kind, name, m in c.rows():
+        role = "best model" if kind == "model" and name == c.best_model else ""
+        role = "ensemble" if kind == "vote" and name == c.vote else role
+        label = name if kind == "model" else f"{name} vote"
+        scores = [f"{m.accuracy:.4f}", f"{m.balanced_accuracy:.4f}", f"{m.macro_f1:.4f}"]
+        rows.append([label, kind, *scores, role])
+    return rows
+
+
+def weights_text(comparison: Any) -> str | None:
+    """ "weighted vote weights: a 0.5, b 1" where the vote was weighted, else None."""
+    if not comparison.weights:
+        return None
+    shown = ", ".join(f"{n} {w:.4g}" for n, w in comparison.weights.items())
+    return f"weighted vote weights: {shown}"

@@ -15,7 +15,13 @@ import base64
 from collections.abc import Sequence
 from html import escape
 
-from imgclf.report.collect import RunInfo, short_number
+from imgclf.report.collect import (
+    ENSEMBLE_HEADER,
+    RunInfo,
+    ensemble_rows,
+    short_number,
+    weights_text,
+)
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
@@ -131,19 +137,11 @@ def _ensemble_section(ensemble: dict) -> str:
         f'<p class="meta">{len(c.names)} runs on {escape(c.dataset)} {escape(c.split)} '
         f"({c.count} images); the ensemble is the {escape(c.vote)} vote.</p>"
     )
-    rows, marked = [], []
-    for kind, name, m in c.rows():
-        label = name if kind == "model" else f"{name} vote"
-        role = "best model" if kind == "model" and name == c.best_model else ""
-        role = "ensemble" if kind == "vote" and name == c.vote else role
-        scores = [f"{m.accuracy:.4f}", f"{m.balanced_accuracy:.4f}", f"{m.macro_f1:.4f}"]
-        rows.append([label, kind, *scores, role])
-        marked.append(bool(role))
-    header = ["", "kind", "accuracy", "balanced acc", "macro F1", ""]
-    parts.append(table(header, rows, table_id="ensemble-table", marked=marked))
-    if c.weights:
-        shown = ", ".join(f"{n} {w:.4g}" for n, w in c.weights.items())
-        parts.append(f'<p class="meta">weighted vote weights: {escape(shown)}</p>')
+    rows = ensemble_rows(c)
+    marked = [bool(row[-1]) for row in rows]
+    parts.append(table(ENSEMBLE_HEADER, rows, table_id="ensemble-table", marked=marked))
+    if weights := weights_text(c):
+        parts.append(f'<p class="meta">{escape(weights)}</p>')
     parts += [f'<p class="note">{escape(note)}</p>' for note in c.notes]
     parts.append(_img(ensemble["png"], "best model and ensemble confusion matrices"))
     parts.append("</section>")

@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from html import escape
 from urllib.parse import quote
 
-from imgclf.report.collect import RunInfo, short_number
+from imgclf.report.collect import (
+    ENSEMBLE_HEADER,
+    RunInfo,
+    ensemble_rows,
+    short_number,
+    weights_text,
+)
 
 # CommonMark's backslash escapes for the characters that start inline markup here;
 # "<", ">" and "&" become entities instead (a backslash does not stop an HTML block).
@@ -78,24 +84,16 @@ def _mistakes(run: RunInfo, links: dict[str, str]) -> list[str]:
 
 def _ensemble_section(ensemble: dict, link: str) -> str:
     c = ensemble["comparison"]
-    rows = []
-    for kind, name, m in c.rows():
-        role = "best model" if kind == "model" and name == c.best_model else ""
-        role = "ensemble" if kind == "vote" and name == c.vote else role
-        label = name if kind == "model" else f"{name} vote"
-        scores = [f"{m.accuracy:.4f}", f"{m.balanced_accuracy:.4f}", f"{m.macro_f1:.4f}"]
-        rows.append([label, kind, *scores, role])
     parts = [
         "## Ensemble",
         text(
             f"{len(c.names)} runs on {c.dataset} {c.split} ({c.count} images); "
             f"the ensemble is the {c.vote} vote."
         ),
-        table(["", "kind", "accuracy", "balanced acc", "macro F1", ""], rows),
+        table(ENSEMBLE_HEADER, ensemble_rows(c)),
     ]
-    if c.weights:
-        shown = ", ".join(f"{n} {w:.4g}" for n, w in c.weights.items())
-        parts.append(text(f"weighted vote weights: {shown}"))
+    if weights := weights_text(c):
+        parts.append(text(weights))
     parts += [text(f"note: {note}") for note in c.notes]
     parts.append(_image("best model and ensemble confusion matrices", link))
     return "\n\n".join(parts)
