@@ -5,29 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 
-from imgclf.cli.options import fraction, positive_int
+from imgclf.cli.options import command, fraction, pick, positive_int
 
 
 def _data_import(args: argparse.Namespace) -> int:
+    """decode a dataset once into the cache
+
+    Import SRC into the cache ($IMGCLF_HOME/datasets/NAME, default ~/.cache/imgclf).
+    SRC: an image folder <class>/* or {train,val,test}/<class>/*, a flat folder with a
+    labels CSV (id,label), CIFAR python batches, a .tar/.tar.gz/.tgz/.zip holding one of
+    these, or the word cifar10/cifar100 (downloaded through torchvision).
+    """
     from imgclf.data import import_dataset, import_named
 
+    common = pick(args, "image_size", "val_fraction", "seed")
     if args.src.lower() in ("cifar10", "cifar100") and not _exists(args.src):
-        ds = import_named(
-            args.src,
-            name_as=args.name,
-            image_size=args.image_size,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-        )
+        ds = import_named(args.src, name_as=args.name, **common)
     else:
-        ds = import_dataset(
-            args.src,
-            args.name,
-            image_size=args.image_size,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            labels_csv=args.labels,
-        )
+        ds = import_dataset(args.src, args.name, labels_csv=args.labels, **common)
     print(describe_short(ds))
     return 0
 
@@ -49,6 +44,7 @@ def describe_short(ds) -> str:
 
 
 def _data_info(args: argparse.Namespace) -> int:
+    """classes, counts, size, source, skipped files"""
     from imgclf.data import dataset_info, load_dataset
 
     info = dataset_info(load_dataset(args.name))
@@ -76,6 +72,7 @@ def _data_info(args: argparse.Namespace) -> int:
 
 
 def _data_list(args: argparse.Namespace) -> int:
+    """list cached datasets"""
     from imgclf.data import list_datasets, load_dataset
     from imgclf.paths import datasets_dir
 
@@ -92,16 +89,7 @@ def _data_list(args: argparse.Namespace) -> int:
 def add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="import, inspect and list datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    imp = dsub.add_parser(
-        "import",
-        help="decode a dataset once into the cache",
-        description=(
-            "Import SRC into the cache ($IMGCLF_HOME/datasets/NAME, default ~/.cache/imgclf). "
-            "SRC: an image folder <class>/* or {train,val,test}/<class>/*, a flat folder with "
-            "a labels CSV (id,label), CIFAR python batches, a .tar/.tar.gz/.tgz/.zip holding "
-            "one of these, or the word cifar10/cifar100 (downloaded through torchvision)."
-        ),
-    )
+    imp = command(dsub, "import", _data_import)
     imp.add_argument("src", help="folder, archive, or cifar10/cifar100")
     imp.add_argument("--name", help="dataset name (default: the source's file name)")
     imp.add_argument(
@@ -119,16 +107,14 @@ def add_data(sub: argparse._SubParsersAction) -> None:
     )
     imp.add_argument("--seed", type=int, default=0, help="seed of the validation split (0)")
     imp.add_argument("--labels", metavar="CSV", help="labels CSV for a flat image folder")
-    imp.set_defaults(handler=_data_import)
-    info = dsub.add_parser("info", help="classes, counts, size, source, skipped files")
+    info = command(dsub, "info", _data_info)
     info.add_argument("name", help="dataset name or cache folder")
     info.add_argument("--json", action="store_true", help="print one JSON object")
-    info.set_defaults(handler=_data_info)
-    lst = dsub.add_parser("list", help="list cached datasets")
-    lst.set_defaults(handler=_data_list)
+    command(dsub, "list", _data_list)
 
 
 def _models(args: argparse.Namespace) -> int:
+    """list registered models"""
     from imgclf.models import list_models
 
     for spec in list_models():
@@ -137,11 +123,11 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list registered models")
-    p.set_defaults(handler=_models)
+    command(sub, "models", _models)
 
 
 def _recipes(args: argparse.Namespace) -> int:
+    """list bundled recipes, or print one resolved"""
     from imgclf.train.recipe import list_recipes, load_recipe, recipe_yaml
 
     if args.name:
@@ -153,6 +139,5 @@ def _recipes(args: argparse.Namespace) -> int:
 
 
 def add_recipes(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("recipes", help="list bundled recipes, or print one resolved")
+    p = command(sub, "recipes", _recipes)
     p.add_argument("name", nargs="?", help="a recipe to print in full")
-    p.set_defaults(handler=_recipes)

@@ -1,9 +1,33 @@
-"""Options several commands share, declared once: their types, hardware, training
-length, votes and backend."""
+"""What several commands share, declared once: how a command is declared, option types,
+hardware, training length, votes, backend, and handing options on to a library call."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def command(sub: argparse._SubParsersAction, name: str, handler: Handler) -> Any:
+    """A subcommand run by ``handler``, whose docstring is its help: the first paragraph
+    is the one-line help in ``imgclf --help``, the rest the description (as click does)."""
+    doc = inspect.cleandoc(handler.__doc__ or "")
+    summary, _, rest = doc.partition("\n\n")
+    p = sub.add_parser(name, help=" ".join(summary.split()), description=" ".join(rest.split()))
+    p.set_defaults(handler=handler)
+    return p
+
+
+def pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """Options handed on to a library function under their own names."""
+    return {name: getattr(args, name) for name in names}
+
+
+def add_runs_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) or .pt checkpoint(s)")
 
 
 def positive_int(text: str) -> int:

@@ -10,20 +10,30 @@ from pathlib import Path
 from imgclf.cli.options import (
     add_backend_option,
     add_hardware_options,
+    add_runs_argument,
     add_vote_option,
     add_vote_options,
+    command,
+    pick,
     positive_int,
 )
 
+VOTING = ("vote", "prefer", "weights")  # add_vote_options, handed on as they are
+TTA_HELP = "average flipped (and shifted) views"
+
 
 def _eval(args: argparse.Namespace) -> int:
+    """accuracy, per-class scores and confusion of runs on a dataset
+
+    Evaluate RUN (a run folder or checkpoint) on an imported dataset or an image folder.
+    Classes are matched by name.
+    """
     from imgclf.evaluate.runs import evaluate
 
     if len(args.runs) > 1:
         return _eval_ensemble(args)
     run = args.runs[0]
-    kwargs = dict(split=args.split, tta=args.tta, batch_size=args.batch_size)
-    metrics = evaluate(run, args.data, device=args.device, **kwargs)
+    metrics = evaluate(run, args.data, **pick(args, "split", "tta", "batch_size", "device"))
     if args.json:
         print(json.dumps({"run": run, **metrics.to_dict()}))
     else:
@@ -34,17 +44,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_ensemble(args: argparse.Namespace) -> int:
     from imgclf.evaluate.compare import compare_runs
 
-    comparison = compare_runs(
-        args.runs,
-        args.data,
-        split=args.split,
-        vote=args.vote,
-        prefer=args.prefer,
-        weights=args.weights,
-        tta=args.tta,
-        batch_size=args.batch_size,
-        device=args.device,
-    )
+    options = pick(args, "split", *VOTING, "tta", "batch_size", "device")
+    comparison = compare_runs(args.runs, args.data, **options)
     image = comparison.plot(Path(args.out_dir) / "ensemble_confusion.png")
     if args.json:
         print(json.dumps({**comparison.to_dict(), "confusion_image": str(image)}))
@@ -74,52 +75,39 @@ def print_metrics(run: str, metrics) -> None:
         print(f"{c:<{width}}  " + " ".join(f"{int(n):>{cell}}" for n in counts))
 
 
+def _add_split_option(p: argparse.ArgumentParser, what: str) -> None:
+    default = "default: test if present, else val, else all"
+    p.add_argument("--split", choices=["train", "val", "test", "all"], help=f"{what} ({default})")
+
+
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="accuracy, per-class scores and confusion of runs on a dataset",
-        description="Evaluate RUN (a run folder or checkpoint) on an imported dataset or an "
-        "image folder. Classes are matched by name.",
-    )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) or .pt checkpoint(s)")
+    p = command(sub, "eval", _eval)
+    add_runs_argument(p)
     p.add_argument("--data", required=True, help="dataset name, cache folder, or image folder")
-    p.add_argument(
-        "--split",
-        choices=["train", "val", "test", "all"],
-        help="split to score (default: test if present, else val, else all)",
-    )
-    p.add_argument("--tta", action="store_true", help="average flipped (and shifted) views")
+    _add_split_option(p, "split to score")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.add_argument("--batch-size", type=positive_int, default=512, metavar="N")
     add_hardware_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_vote_options(p)
-    p.add_argument(
-        "--out-dir",
-        default=".",
-        metavar="DIR",
-        help="with several runs: where ensemble_confusion.png goes (default: here)",
-    )
-    p.set_defaults(handler=_eval)
+    where = "with several runs: where ensemble_confusion.png goes (default: here)"
+    p.add_argument("--out-dir", default=".", metavar="DIR", help=where)
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from imgclf.predict import predict
+    """label every image in a folder, archive or list with one run or a vote
 
-    result = predict(
-        args.runs,
-        args.input,
-        args.out,
-        vote=args.vote,
-        prefer=args.prefer,
-        weights=args.weights,
-        tta=args.tta,
-        format=args.format,
-        batch_size=args.batch_size,
-        backend=args.backend,
-        device=args.device,
-    )
+    Write one CSV row per image file under PATH (a folder, searched recursively; a
+    .tar/.tar.gz/.tgz/.zip archive; or a text file listing image paths relative to it), in
+    natural filename order. Columns: file,label,confidence (+ label_<run> per run when
+    several) and error (why a file could not be read; empty otherwise). --format kaggle
+    writes id,label with the file stem as id.
+    """
+    from imgclf.predict import predict
     from imgclf.runtime.distributed import from_env
 
+    options = pick(args, *VOTING, "tta", "format", "batch_size", "backend", "device")
+    result = predict(args.runs, args.input, args.out, **options)
     if not from_env().is_main:  # under torchrun, rank 0 wrote the CSV and reports it
         return 0
     print(result.summary())
@@ -130,34 +118,30 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="label every image in a folder, archive or list with one run or a vote",
-        description="Write one CSV row per image file under PATH (a folder, searched "
-        "recursively; a .tar/.tar.gz/.tgz/.zip archive; or a text file listing image paths "
-        "relative to it), in natural filename order. Columns: file,label,confidence "
-        "(+ label_<run> per run when several) and error (why a file could not be read; "
-        "empty otherwise). --format kaggle writes id,label with the file stem as id.",
-    )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) or .pt checkpoint(s)")
+    p = command(sub, "predict", _predict)
+    add_runs_argument(p)
     p.add_argument("--input", required=True, metavar="PATH", help="folder, archive or list")
     p.add_argument("--out", default="predictions.csv", help="CSV to write (predictions.csv)")
     add_vote_options(p)
-    p.add_argument("--tta", action="store_true", help="average flipped (and shifted) views")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.add_argument("--format", choices=["default", "kaggle"], default="default")
     p.add_argument("--batch-size", type=positive_int, default=256, metavar="N")
     p.add_argument("--strict", action="store_true", help="exit 1 when any file could not be read")
     add_backend_option(p)
     add_hardware_options(p)
-    p.set_defaults(handler=_predict)
 
 
 def _report(args: argparse.Namespace) -> int:
+    """one self-contained HTML (or Markdown) report of runs
+
+    Report RUN_OR_DIR (a run folder, or a folder of run folders): per run its recipe,
+    stages, curves, confusion matrix and per-class scores; then a comparison table and,
+    with --data, the ensemble of all runs on that data. HTML embeds every image; --format
+    md writes PNGs into <out>_files/ beside it.
+    """
     from imgclf.report import build_report
 
-    ensemble = None
-    if args.data:
-        ensemble = {"data": args.data, "split": args.split, "vote": args.vote}
+    ensemble = pick(args, "data", "split", "vote") if args.data else None
     report = build_report(args.paths, args.out, format=args.format, ensemble=ensemble)
     n = len(report.runs)
     print(f"report of {n} run{'s' if n != 1 else ''}: {report.path}")
@@ -165,27 +149,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report",
-        help="one self-contained HTML (or Markdown) report of runs",
-        description="Report RUN_OR_DIR (a run folder, or a folder of run folders): per run "
-        "its recipe, stages, curves, confusion matrix and per-class scores; then a "
-        "comparison table and, with --data, the ensemble of all runs on that data. HTML "
-        "embeds every image; --format md writes PNGs into <out>_files/ beside it.",
-    )
+    p = command(sub, "report", _report)
     p.add_argument("paths", nargs="+", metavar="RUN_OR_DIR")
     p.add_argument("--out", default=None, help="report file (report.html or report.md)")
-    p.add_argument(
-        "--format",
-        choices=["html", "md"],
-        default=None,
-        help="html or md (default: from --out's suffix, else html)",
-    )
+    formats = "html or md (default: from --out's suffix, else html)"
+    p.add_argument("--format", choices=["html", "md"], default=None, help=formats)
     p.add_argument("--data", help="dataset to score the ensemble of all runs on")
-    p.add_argument(
-        "--split",
-        choices=["train", "val", "test", "all"],
-        help="split for the ensemble (default: test if present, else val, else all)",
-    )
+    _add_split_option(p, "split for the ensemble")
     add_vote_option(p, help="the ensemble's vote (hard)")
-    p.set_defaults(handler=_report)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from imgclf.cli.options import add_training_options, positive_int
+from imgclf.cli.options import add_training_options, command, pick, positive_int
 from imgclf.errors import UserError
 
 
@@ -59,7 +59,23 @@ def _launch_torchrun(args: argparse.Namespace) -> None:
     os.execv(command[0], command)
 
 
+def _training(args: argparse.Namespace) -> dict:
+    """The options of add_training_options, as imgclf.train.train takes them."""
+    return {
+        **pick(args, "out", "epochs", "device", "threads"),
+        "overrides": args.set or (),
+        "time_budget": args.time,
+        "progress": not args.quiet,
+    }
+
+
 def _train(args: argparse.Namespace) -> int:
+    """train a recipe on a dataset
+
+    Train RECIPE (a bundled name or a .yaml path) on an imported dataset. Writes
+    runs/<recipe>-<n>/ with config.yaml, metrics.csv, last.pt, best.pt, curves, confusion
+    matrix, per-class scores, summary.json and TensorBoard events.
+    """
     from imgclf.train import train
 
     _launch_torchrun(args)
@@ -68,33 +84,15 @@ def _train(args: argparse.Namespace) -> int:
             "give --data DATASET (a recipe is chosen for it), a RECIPE (see `imgclf "
             "recipes`) or --resume RUN_DIR"
         )
-    run = train(
-        args.recipe,
-        args.data,
-        out=args.out,
-        epochs=args.epochs,
-        overrides=args.set or (),
-        resume=args.resume,
-        time_budget=args.time,
-        device=args.device,
-        threads=args.threads,
-        progress=not args.quiet,
-        exist_ok=args.exist_ok,
-        new_data=args.new_data,
-    )
+    options = pick(args, "resume", "exist_ok", "new_data")
+    run = train(args.recipe, args.data, **options, **_training(args))
     if run.summary:  # empty on torchrun's ranks other than 0: rank 0 reports the run
         print_run(run)
     return 0
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a recipe on a dataset",
-        description="Train RECIPE (a bundled name or a .yaml path) on an imported dataset. "
-        "Writes runs/<recipe>-<n>/ with config.yaml, metrics.csv, last.pt, best.pt, curves, "
-        "confusion matrix, per-class scores, summary.json and TensorBoard events.",
-    )
+    p = command(sub, "train", _train)
     p.add_argument("recipe", nargs="?", help="recipe name (imgclf recipes) or YAML path")
     p.add_argument("--data", help="dataset name or cache folder (imgclf data list)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
@@ -118,36 +116,25 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "the global batch)",
     )
     add_training_options(p)
-    p.set_defaults(handler=_train)
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """train the fast recipe on CIFAR-10 and show where the results are
+
+    Train RECIPE (default fast) on CIFAR-10: the cached dataset cifar10, else --archive
+    imported as cifar10, else a torchvision download; offline without an archive,
+    scikit-learn's bundled 8×8 digits stand in. Prints the validation accuracy and where
+    the run folder, curves and confusion matrix are.
+    """
     from imgclf.demo import run_demo
 
-    run = run_demo(
-        args.archive,
-        args.epochs,
-        time_budget=args.time,
-        recipe=args.recipe,
-        out=args.out,
-        overrides=args.set or (),
-        device=args.device,
-        threads=args.threads,
-        progress=not args.quiet,
-    )
+    run = run_demo(args.archive, recipe=args.recipe, **_training(args))
     print_run(run)
     return 0
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="train the fast recipe on CIFAR-10 and show where the results are",
-        description="Train RECIPE (default fast) on CIFAR-10: the cached dataset cifar10, "
-        "else --archive imported as cifar10, else a torchvision download; offline without "
-        "an archive, scikit-learn's bundled 8×8 digits stand in. Prints the validation "
-        "accuracy and where the run folder, curves and confusion matrix are.",
-    )
+    p = command(sub, "demo", _demo)
     p.add_argument(
         "--archive",
         type=Path,
@@ -156,4 +143,3 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--recipe", default="fast", help="recipe name or YAML path (fast)")
     add_training_options(p)
-    p.set_defaults(handler=_demo)

@@ -65,11 +65,27 @@ class Classifier(nn.Module):
         whatever a training stage unfreezes (e.g. a whitening stem)."""
         return set()
 
+    # The forward pass as attribute names, one group each, for models that are a plain
+    # chain of submodules; "pool" and "flatten" are parameter-free glue (self.pool, and
+    # nn.Flatten(1)). Models that are no such chain override sequence() instead.
+    steps: tuple[str, ...] = ()
+
+    def forward(self, x: Any) -> Any:
+        """Apply :attr:`steps` in turn (models that are no plain chain override this)."""
+        if not self.steps:
+            raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+        for name in self.steps:
+            x = x.flatten(1) if name == "flatten" else getattr(self, name)(x)
+        return x
+
     def sequence(self) -> list[tuple[str | None, nn.Module]]:
         """The forward pass as an ordered list of (group name or None, module) such that
         applying the modules in turn equals ``forward``. ``None`` marks parameter-free glue
         (pooling, flatten). Used to split a model at a group (:meth:`split_at`)."""
-        raise NotImplementedError(f"{type(self).__name__} does not define sequence()")
+        if not self.steps:
+            raise NotImplementedError(f"{type(self).__name__} does not define sequence()")
+        glue = {"pool": lambda: self.pool, "flatten": lambda: nn.Flatten(1)}
+        return [(None, glue[s]()) if s in glue else (s, getattr(self, s)) for s in self.steps]
 
     def split_at(self, group: str) -> tuple[nn.Module, nn.Module]:
         """(prefix, suffix) with ``suffix(prefix(x)) == self(x)``; ``group`` starts the suffix.

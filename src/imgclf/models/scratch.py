@@ -43,28 +43,17 @@ class SimpleNet(Classifier):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(self.widths[1], num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block2(self.block1(x))
-        return self.head(self.pool(x).flatten(1))
-
-    def sequence(self) -> list[tuple[str | None, nn.Module]]:
-        return [
-            ("block1", self.block1),
-            ("block2", self.block2),
-            (None, self.pool),
-            (None, nn.Flatten(1)),
-            ("head", self.head),
-        ]
+    steps = ("block1", "block2", "pool", "flatten", "head")
 
 
-def _conv_relu_bn_pool(c_in: int, c_out: int) -> nn.Sequential:
-    # The study's order: BatchNorm after the ReLU, so the conv keeps its bias.
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1),
-        nn.ReLU(inplace=True),
-        nn.BatchNorm2d(c_out),
-        nn.MaxPool2d(2),
-    )
+def _conv_bn_pool(c_in: int, c_out: int, bn_first: bool) -> nn.Sequential:
+    """conv3×3 → ReLU → BatchNorm → max-pool (the study's order for `complex`: the conv
+    keeps its bias), or conv → BatchNorm → ReLU → max-pool (`medium`): no conv bias there,
+    as the BatchNorm right after subtracts the mean and adds its own shift (Ioffe &
+    Szegedy 2015, §3.2). Layer indices are the same in both orders."""
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not bn_first)
+    bn, relu = nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    return nn.Sequential(conv, *((bn, relu) if bn_first else (relu, bn)), nn.MaxPool2d(2))
 
 
 @register(
@@ -85,36 +74,13 @@ class ComplexNet(Classifier):
         check_input_size("complex", input_size, multiple=8, minimum=8)
         super().__init__(num_classes, input_size)
         w1, w2, w3 = self.widths
-        self.block1 = _conv_relu_bn_pool(3, w1)
-        self.block2 = _conv_relu_bn_pool(w1, w2)
-        self.block3 = _conv_relu_bn_pool(w2, w3)
+        self.block1 = _conv_bn_pool(3, w1, bn_first=False)
+        self.block2 = _conv_bn_pool(w1, w2, bn_first=False)
+        self.block3 = _conv_bn_pool(w2, w3, bn_first=False)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(w3, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block3(self.block2(self.block1(x)))
-        return self.head(self.pool(x).flatten(1))
-
-    def sequence(self) -> list[tuple[str | None, nn.Module]]:
-        return [
-            ("block1", self.block1),
-            ("block2", self.block2),
-            ("block3", self.block3),
-            (None, self.pool),
-            (None, nn.Flatten(1)),
-            ("head", self.head),
-        ]
-
-
-def _conv_bn_relu_pool(c_in: int, c_out: int) -> nn.Sequential:
-    # No conv bias: the BatchNorm right after subtracts the mean and adds its own shift
-    # (Ioffe & Szegedy 2015, §3.2), so a bias here would be a dead parameter.
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-    )
+    steps = ("block1", "block2", "block3", "pool", "flatten", "head")
 
 
 @register(
@@ -136,10 +102,10 @@ class MediumNet(Classifier):
         super().__init__(num_classes, input_size, dropout=dropout)
         w1, w2, w3, w4 = self.widths
         h1, h2 = self.hidden
-        self.block1 = _conv_bn_relu_pool(3, w1)
-        self.block2 = _conv_bn_relu_pool(w1, w2)
-        self.block3 = _conv_bn_relu_pool(w2, w3)
-        self.block4 = _conv_bn_relu_pool(w3, w4)
+        self.block1 = _conv_bn_pool(3, w1, bn_first=True)
+        self.block2 = _conv_bn_pool(w1, w2, bn_first=True)
+        self.block3 = _conv_bn_pool(w2, w3, bn_first=True)
+        self.block4 = _conv_bn_pool(w3, w4, bn_first=True)
         flat = w4 * (input_size // 16) ** 2
         self.fc = nn.Sequential(
             nn.Linear(flat, h1),
@@ -159,16 +125,6 @@ class MediumNet(Classifier):
                 f"medium was built for {self.input_size}×{self.input_size} input, "
                 f"got {tuple(x.shape[-2:])}"
             )
-        x = self.block4(self.block3(self.block2(self.block1(x))))
-        return self.head(self.fc(x.flatten(1)))
+        return super().forward(x)
 
-    def sequence(self) -> list[tuple[str | None, nn.Module]]:
-        return [
-            ("block1", self.block1),
-            ("block2", self.block2),
-            ("block3", self.block3),
-            ("block4", self.block4),
-            (None, nn.Flatten(1)),
-            ("fc", self.fc),
-            ("head", self.head),
-        ]
+    steps = ("block1", "block2", "block3", "block4", "flatten", "fc", "head")

@@ -15,7 +15,7 @@ from typing import Any
 from imgclf.errors import UserError
 from imgclf.evaluate.compare import Comparison, compare_runs
 from imgclf.io_utils import atomic_write_text, check_output_file
-from imgclf.report.collect import RunInfo, read_runs
+from imgclf.report.collect import Page, RunInfo, read_runs
 from imgclf.report.to_html import render_html
 from imgclf.report.to_markdown import render_markdown
 
@@ -83,21 +83,15 @@ def build_report(
     title = title or f"imgclf report: {len(runs)} run{'s' if len(runs) != 1 else ''}"
     generated = time.strftime("%Y-%m-%d %H:%M:%S %z")
     comparison = ens["comparison"] if ens else None
+    page = Page(runs, title, generated, ens)
     if fmt == "html":
         pngs = {r.name: {k: p.read_bytes() for k, p in r.images.items()} for r in runs}
-        text = render_html(runs, pngs, title=title, generated=generated, ensemble=ens)
+        text = render_html(page, pngs)
         atomic_write_text(out_path, text)
         return Report(out_path, runs, comparison)
     files_dir = out_path.with_name(f"{out_path.stem}_files")
     links, files = _write_files(runs, ens, files_dir)
-    text = render_markdown(
-        runs,
-        links,
-        title=title,
-        generated=generated,
-        ensemble=ens,
-        ensemble_link=f"{files_dir.name}/{ENSEMBLE_IMAGE}",
-    )
+    text = render_markdown(page, links, f"{files_dir.name}/{ENSEMBLE_IMAGE}")
     atomic_write_text(out_path, text)
     return Report(out_path, runs, comparison, files)
 

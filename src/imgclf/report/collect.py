@@ -300,9 +300,9 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 ENSEMBLE_HEADER = ["", "kind", "accuracy", "balanced acc", "macro F1", ""]
 
 
-def ensemble_rows(comparison: Any) -> list[list[str]]:
-    """The ensemble table of both report formats: each model, then each vote, with its
-    role ("best model", "ensemble") in the last cell (empty for the others)."""
+def ensemble_table(comparison: Any) -> tuple[list[str], list[list[str]]]:
+    """The ensemble table of both report formats, header and rows: each model, then each
+    vote, with its role ("best model", "ensemble") in the last cell (empty for others)."""
     c = comparison
     rows = []
     for kind, name, m in c.rows():
@@ -311,7 +311,7 @@ def ensemble_rows(comparison: Any) -> list[list[str]]:
         label = name if kind == "model" else f"{name} vote"
         scores = [f"{m.accuracy:.4f}", f"{m.balanced_accuracy:.4f}", f"{m.macro_f1:.4f}"]
         rows.append([label, kind, *scores, role])
-    return rows
+    return ENSEMBLE_HEADER, rows
 
 
 def weights_text(comparison: Any) -> str | None:
@@ -320,3 +320,18 @@ def weights_text(comparison: Any) -> str | None:
         return None
     shown = ", ".join(f"{n} {w:.4g}" for n, w in comparison.weights.items())
     return f"weighted vote weights: {shown}"
+
+
+@dataclass
+class Page:
+    """What a report shows, whatever its format: the runs, then the comparison table of
+    all of them, then the ensemble (``{"comparison": Comparison, "png": bytes}``)."""
+
+    runs: list[RunInfo]
+    title: str
+    generated: str  # when, as text
+    ensemble: dict | None = None
+
+    def comparison_table(self) -> tuple[list[str], list[list[str]]]:
+        rows = [r.comparison_row() for r in self.runs]
+        return list(rows[0]), [list(row.values()) for row in rows]

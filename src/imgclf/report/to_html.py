@@ -15,13 +15,7 @@ import base64
 from collections.abc import Sequence
 from html import escape
 
-from imgclf.report.collect import (
-    ENSEMBLE_HEADER,
-    RunInfo,
-    ensemble_rows,
-    short_number,
-    weights_text,
-)
+from imgclf.report.collect import Page, RunInfo, ensemble_table, short_number, weights_text
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
@@ -137,9 +131,9 @@ def _ensemble_section(ensemble: dict) -> str:
         f'<p class="meta">{len(c.names)} runs on {escape(c.dataset)} {escape(c.split)} '
         f"({c.count} images); the ensemble is the {escape(c.vote)} vote.</p>"
     )
-    rows = ensemble_rows(c)
+    header, rows = ensemble_table(c)
     marked = [bool(row[-1]) for row in rows]
-    parts.append(table(ENSEMBLE_HEADER, rows, table_id="ensemble-table", marked=marked))
+    parts.append(table(header, rows, table_id="ensemble-table", marked=marked))
     if weights := weights_text(c):
         parts.append(f'<p class="meta">{escape(weights)}</p>')
     parts += [f'<p class="note">{escape(note)}</p>' for note in c.notes]
@@ -148,29 +142,22 @@ def _ensemble_section(ensemble: dict) -> str:
     return "\n".join(parts)
 
 
-def render_html(
-    runs: list[RunInfo],
-    pngs: dict[str, dict[str, bytes]],
-    *,
-    title: str,
-    generated: str,
-    ensemble: dict | None = None,
-) -> str:
-    """The page. ``pngs[run.name][kind]``: image bytes; ``ensemble``: comparison + png."""
-    rows = [list(r.comparison_row().values()) for r in runs]
-    header = list(runs[0].comparison_row())
+def render_html(page: Page, pngs: dict[str, dict[str, bytes]]) -> str:
+    """The page. ``pngs[run.name][kind]``: image bytes."""
+    runs, title = page.runs, page.title
+    header, rows = page.comparison_table()
     links = " · ".join(f'<a href="#run-{escape(r.name)}">{escape(r.name)}</a>' for r in runs)
     body = [
         f"<h1>{escape(title)}</h1>",
-        f'<p class="meta">generated {escape(generated)} by imgclf · {links} · '
+        f'<p class="meta">generated {escape(page.generated)} by imgclf · {links} · '
         '<a href="#comparison-section">comparison</a></p>',
     ]
     # The order of the study: each run, then the runs against each other.
     body += [_run_section(r, pngs.get(r.name, {})) for r in runs]
     body.append('<section id="comparison-section"><h2>Comparison</h2>')
     body.append(table(header, rows, table_id="comparison") + "</section>")
-    if ensemble is not None:
-        body.append(_ensemble_section(ensemble))
+    if page.ensemble is not None:
+        body.append(_ensemble_section(page.ensemble))
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'

@@ -13,13 +13,7 @@ from collections.abc import Sequence
 from html import escape
 from urllib.parse import quote
 
-from imgclf.report.collect import (
-    ENSEMBLE_HEADER,
-    RunInfo,
-    ensemble_rows,
-    short_number,
-    weights_text,
-)
+from imgclf.report.collect import Page, RunInfo, ensemble_table, short_number, weights_text
 
 # CommonMark's backslash escapes for the characters that start inline markup here;
 # "<", ">" and "&" become entities instead (a backslash does not stop an HTML block).
@@ -90,7 +84,7 @@ def _ensemble_section(ensemble: dict, link: str) -> str:
             f"{len(c.names)} runs on {c.dataset} {c.split} ({c.count} images); "
             f"the ensemble is the {c.vote} vote."
         ),
-        table(ENSEMBLE_HEADER, ensemble_rows(c)),
+        table(*ensemble_table(c)),
     ]
     if weights := weights_text(c):
         parts.append(text(weights))
@@ -99,20 +93,12 @@ def _ensemble_section(ensemble: dict, link: str) -> str:
     return "\n\n".join(parts)
 
 
-def render_markdown(
-    runs: list[RunInfo],
-    links: dict[str, dict[str, str]],
-    *,
-    title: str,
-    generated: str,
-    ensemble: dict | None = None,
-    ensemble_link: str = "",
-) -> str:
-    """``links[run.name][kind]``: relative paths of the PNGs written beside the report."""
-    parts = [f"# {text(title)}", text(f"generated {generated} by imgclf")]
-    parts += [_run_section(r, links.get(r.name, {})) for r in runs]
-    header = list(runs[0].comparison_row())
-    parts += ["## Comparison", table(header, [list(r.comparison_row().values()) for r in runs])]
-    if ensemble is not None:
-        parts.append(_ensemble_section(ensemble, ensemble_link))
+def render_markdown(page: Page, links: dict[str, dict[str, str]], ensemble_link: str = "") -> str:
+    """``links[run.name][kind]``: relative paths of the PNGs written beside the report;
+    ``ensemble_link``: the ensemble's confusion image."""
+    parts = [f"# {text(page.title)}", text(f"generated {page.generated} by imgclf")]
+    parts += [_run_section(r, links.get(r.name, {})) for r in page.runs]
+    parts += ["## Comparison", table(*page.comparison_table())]
+    if page.ensemble is not None:
+        parts.append(_ensemble_section(page.ensemble, ensemble_link))
     return "\n\n".join(parts) + "\n"
