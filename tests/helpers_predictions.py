@@ -13,9 +13,10 @@ import csv
 import io
 import math
 
-# One unit in the 6th decimal the CSV prints, plus fp32 rounding of a probability near 1
-# (~6e-8): two paths within this agree to every digit but possibly the last.
-PROB_ATOL = 2e-6
+# What the README promises, and what the other cross-path tests (export, TTA) use: ten
+# units of the 6th decimal the CSV prints. The differences seen between batch shapes are
+# one unit (fp32 sums in another order), so this leaves room for other CPUs' kernels.
+PROB_ATOL = 1e-5
 PROB_COLUMNS = ("confidence",)
 
 
