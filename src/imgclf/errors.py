@@ -38,3 +38,7 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
     exit_code = 3
+
+
+class ExportError(UserError):
+    """A model that cannot be exported, or an export that does not match PyTorch."""

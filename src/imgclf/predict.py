@@ -48,7 +48,6 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from imgclf.backend import backend_for, onnx_net, resolve_backend
 from imgclf.data.decode import Size
 from imgclf.data.preprocess import Preprocess, file_to_uint8
 from imgclf.data.sources import IMAGE_EXTENSIONS, is_archive, open_tree
@@ -65,6 +64,7 @@ from imgclf.evaluate.tta import TTA
 from imgclf.io_utils import atomic_path, check_output_file
 from imgclf.runtime import distributed
 from imgclf.runtime.device import resolve_hardware
+from imgclf.runtime.onnx import backend_for, onnx_net, resolve_backend
 
 FORMATS = ("default", "kaggle")
 # Chunks decoded ahead of the model, per decoding thread: enough to hide a slow chunk.
@@ -285,7 +285,7 @@ def _members(rs: RunSet, device: torch.device, tta: bool, backend: str = "torch"
         lr.model.to(device, memory_format=torch.channels_last).eval()
         net = TTA(lr.model) if tta else lr.model
         pre = Preprocess.from_state(lr.state)
-        # The same module, run by ONNX Runtime where asked or measured faster (imgclf.backend)
+        # The same module, run by ONNX Runtime where asked or measured faster (imgclf.runtime.onnx)
         if backend_for(backend, lr.state["model_name"], device) == "onnx":
             wrapper = "tta" if tta else "plain"
             net = onnx_net(net, pre.input_size, lr.state.get("path"), wrapper=wrapper)
@@ -444,7 +444,7 @@ def predict(
     ``weights``: for ``vote="weighted"``, ``{run: w}``, ``["run:w", ...]`` or one number per
     run (default: each run's validation accuracy). ``strict``: raise
     :class:`PredictFailures` (after writing ``out``) when any file could not be read.
-    ``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime, :mod:`imgclf.backend`), or None:
+    ``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime, :mod:`imgclf.runtime.onnx`), or None:
     per model, the one measured faster. The preprocessing is the same on both.
     """
     started = time.perf_counter()

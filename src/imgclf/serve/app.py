@@ -42,12 +42,12 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from imgclf import __version__
-from imgclf.backend import backend_for, resolve_backend
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import UserError
 from imgclf.evaluate.compare import check_vote, load_runs, prefer_order, resolve_weights
 from imgclf.predict import Decoded, Item, _members, _Plan, chunk_probs, decode_items
 from imgclf.runtime.device import resolve_hardware
+from imgclf.runtime.onnx import backend_for, resolve_backend
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # per image: a 12-megapixel phone JPEG is 3-8 MiB
 MAX_FILES = 64  # per request
