@@ -17,8 +17,8 @@ from helpers_runs import session_runs
 from imgclf.cli import main
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import UserError
-from imgclf.evaluate.runs import load_run
 from imgclf.export import ATOL, ExportError, export, read_metadata
+from imgclf.inference.runs import load_run
 from imgclf.predict import predict
 from imgclf.runtime.onnx import onnx_bytes, ort_session
 

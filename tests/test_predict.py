@@ -18,7 +18,8 @@ from helpers_runs import COLOURS, noisy_image, session_runs
 from imgclf import predict as predict_module
 from imgclf.cli import main
 from imgclf.errors import CheckpointError, DataError, UserError
-from imgclf.evaluate.runs import load_run, run_logits
+from imgclf.inference.engine import run_logits
+from imgclf.inference.runs import load_run
 from imgclf.predict import PredictFailures, natural_key, predict
 
 # Relative path → class colour. Nested folders, numbers that sort wrongly as text, mixed

@@ -46,7 +46,7 @@ from torch import nn
 from imgclf import __version__
 from imgclf.data.preprocess import Preprocess, batch_to_input
 from imgclf.errors import ExportError, UserError
-from imgclf.evaluate.compare import RunSet, load_runs, resolve_weights
+from imgclf.inference.runs import RunSet, load_runs, resolve_weights
 from imgclf.io_utils import atomic_path
 from imgclf.runtime.onnx import DEFAULT_OPSET, onnx_bytes, ort_session, run_onnx, unsupported_reason
 

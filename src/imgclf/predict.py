@@ -53,14 +53,14 @@ from imgclf.data.preprocess import Preprocess, file_to_uint8
 from imgclf.data.sources import IMAGE_EXTENSIONS, is_archive, open_tree
 from imgclf.ensemble import vote as ensemble_vote
 from imgclf.errors import DataError, UserError
-from imgclf.evaluate.compare import (
+from imgclf.evaluate.tta import TTA
+from imgclf.inference.runs import (
     RunSet,
     check_vote,
     load_runs,
     prefer_order,
     resolve_weights,
 )
-from imgclf.evaluate.tta import TTA
 from imgclf.io_utils import atomic_path, check_output_file
 from imgclf.runtime import distributed
 from imgclf.runtime.device import resolve_hardware

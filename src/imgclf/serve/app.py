@@ -44,7 +44,7 @@ from starlette.concurrency import run_in_threadpool
 from imgclf import __version__
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import UserError
-from imgclf.evaluate.compare import check_vote, load_runs, prefer_order, resolve_weights
+from imgclf.inference.runs import check_vote, load_runs, prefer_order, resolve_weights
 from imgclf.predict import Decoded, Item, _members, _Plan, chunk_probs, decode_items
 from imgclf.runtime.device import resolve_hardware
 from imgclf.runtime.onnx import backend_for, resolve_backend
