@@ -5,8 +5,13 @@
   :func:`~imgclf.inference.runs.load_runs` → :class:`~imgclf.inference.runs.RunSet`: unique
   names, one class order) and check the vote options (``--vote``, ``--prefer``,
   ``--weights``).
-- :mod:`imgclf.inference.engine`: the forward passes, over a cached data set's split
-  (``eval``) or over decoded files (``predict``, ``serve``), on PyTorch or ONNX Runtime.
+- :mod:`imgclf.inference.decode`: files (:class:`~imgclf.inference.decode.Item`) → uint8
+  images at each run's source size, decoded ahead in threads.
+- :mod:`imgclf.inference.engine`: the forward passes, of a run set's members over decoded
+  files (``predict``, ``serve``; PyTorch or ONNX Runtime) and of one run over a cached
+  data set's split (``eval``).
+- :mod:`imgclf.inference.rows`: the vote over the members' probabilities → one label and
+  score per file (:class:`~imgclf.inference.rows.Plan`).
 
 Layer: above the scoring modules (:mod:`imgclf.evaluate.metrics`, :mod:`imgclf.evaluate.tta`,
 :mod:`imgclf.ensemble`), the models, the data and :mod:`imgclf.runtime`; beside
