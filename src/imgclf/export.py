@@ -247,6 +247,32 @@ def sample_pixels(rs: RunSet, graph: Graph, count: int = VERIFY_IMAGES) -> tuple
 # ---------------------------------------------------------------------------- exporters
 
 
+def _exported(
+    graph: Graph,
+    format: str,
+    x: torch.Tensor,
+    example: torch.Tensor,
+    opset: int,
+    dynamic_batch: bool,
+    metadata: dict[str, str],
+) -> tuple[bytes, np.ndarray, str]:
+    """The file's bytes, its outputs on ``x`` (run by its runtime) and that runtime's name."""
+    if format == "onnx":
+        data = onnx_bytes(
+            graph.module,
+            example,
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            metadata=metadata,
+            output_name=graph.output,
+        )
+        return data, run_onnx(ort_session(data), x.numpy(), dynamic_batch), "ONNX Runtime"
+    data, traced = _torchscript_bytes(graph, example)
+    with torch.inference_mode():
+        got = traced(x).float().numpy()
+    return data, got, "TorchScript"
+
+
 def _torchscript_bytes(graph: Graph, example: torch.Tensor) -> tuple[bytes, Any]:
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice
@@ -310,6 +336,8 @@ def export(
 
     ``dynamic_batch``: the graph takes any batch size (default: a batch of 1, what most
     runtimes and converters expect). ``weights``: for ``vote="weighted"``, as in predict.
+    The runs are loaded as a run set (:func:`imgclf.inference.runs.load_runs`); the ONNX
+    mechanics are :mod:`imgclf.runtime.onnx`'s.
     """
     started = time.perf_counter()
     if format not in FORMATS:
@@ -324,22 +352,7 @@ def export(
     expected = reference_outputs(rs, graph, pixels)
     example = x[:2] if dynamic_batch else x[:1]
     metadata = graph.metadata()
-    if format == "onnx":
-        data = onnx_bytes(
-            graph.module,
-            example,
-            opset=opset,
-            dynamic_batch=dynamic_batch,
-            metadata=metadata,
-            output_name=graph.output,
-        )
-        got = run_onnx(ort_session(data), x.numpy(), dynamic_batch)
-        runtime = "ONNX Runtime"
-    else:
-        data, traced = _torchscript_bytes(graph, example)
-        with torch.inference_mode():
-            got = traced(x).float().numpy()
-        runtime = "TorchScript"
+    data, got, runtime = _exported(graph, format, x, example, opset, dynamic_batch, metadata)
     diff = float(np.abs(got.astype(np.float64) - expected).max())
     agree = bool((got.argmax(1) == expected.argmax(1)).all())
     if not diff <= ATOL:

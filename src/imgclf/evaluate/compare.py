@@ -26,6 +26,7 @@ from imgclf.evaluate.runs import default_split, open_data_for
 from imgclf.inference.engine import run_logits
 from imgclf.inference.runs import (
     RunLike,
+    RunSet,
     Weights,
     check_vote,
     load_runs,
@@ -156,6 +157,29 @@ def _hard_metrics(
     return compute_metrics(scores, labels, classes, from_probs=True)
 
 
+def _weighted(
+    rs: RunSet,
+    stacked: np.ndarray,
+    labels: np.ndarray,
+    weights: Weights,
+    vote: str,
+    votes: dict[str, Metrics],
+    notes: list[str],
+) -> dict[str, float] | None:
+    """Add the weighted vote's scores to ``votes`` and return the weights by run; without
+    weights, a note instead (an error when ``vote`` is the weighted one)."""
+    try:
+        weight_list = resolve_weights(rs, weights)
+    except UserError as exc:
+        if vote == "weighted":
+            raise
+        notes.append(f"weighted vote left out: {exc}")
+        return None
+    _, mixed = weighted_vote(stacked, weight_list)
+    votes["weighted"] = compute_metrics(mixed, labels, rs.classes, from_probs=True)
+    return dict(zip(rs.names, weight_list, strict=True))
+
+
 def compare_runs(
     runs: Sequence[RunLike],
     data: str | os.PathLike[str] | Dataset,
@@ -195,17 +219,8 @@ def compare_runs(
     stacked = np.stack(probs)
     votes = {"hard": _hard_metrics(stacked, labels, rs.classes, prefer_idx)}
     votes["soft"] = compute_metrics(stacked.mean(axis=0), labels, rs.classes, from_probs=True)
-    notes, weight_map = [], None
-    try:
-        weight_list = resolve_weights(rs, weights)
-    except UserError as exc:
-        if vote == "weighted":
-            raise
-        notes.append(f"weighted vote left out: {exc}")
-    else:
-        _, mixed = weighted_vote(stacked, weight_list)
-        votes["weighted"] = compute_metrics(mixed, labels, rs.classes, from_probs=True)
-        weight_map = dict(zip(rs.names, weight_list, strict=True))
+    notes: list[str] = []
+    weight_map = _weighted(rs, stacked, labels, weights, vote, votes, notes)
     return Comparison(
         names=rs.names,
         classes=rs.classes,
