@@ -21,10 +21,9 @@ import time
 
 import torch
 
-from imgclf.backend import OnnxNet
-from imgclf.export import onnx_bytes, ort_session
 from imgclf.models import create
 from imgclf.runtime.device import physical_cores
+from imgclf.runtime.onnx import OnnxNet, onnx_bytes, ort_session
 
 
 def cpu_name() -> str:

@@ -64,7 +64,8 @@ def write_run(folder: Path, model_name: str) -> Path:
 
 
 def forward_throughput(run: Path, images: np.ndarray, batch: int, device: str | None) -> float:
-    from imgclf.evaluate.runs import load_run, run_loader
+    from imgclf.inference.engine import run_loader
+    from imgclf.inference.runs import load_run
 
     hw = resolve_hardware(device, "auto", "auto")
     lr = load_run(run)

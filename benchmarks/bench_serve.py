@@ -25,7 +25,7 @@ from PIL import Image
 from imgclf.models import create
 from imgclf.runtime.checkpoint import save_checkpoint
 from imgclf.serve import Predictor, create_app, start_in_thread
-from imgclf.serve.load import load_test
+from serve_load import load_test  # beside this script
 
 
 def fast_checkpoint(folder: Path) -> Path:

@@ -11,8 +11,10 @@ import argparse
 
 import torch
 
-from imgclf.evaluate.runs import label_map, load_run, open_data_for, run_loader
+from imgclf.evaluate.runs import open_data_for
 from imgclf.evaluate.tta import _shift
+from imgclf.inference.engine import label_map, run_loader
+from imgclf.inference.runs import load_run
 
 # airbench94 (legacy/airbench94.py, infer_mirror_translate): the plain view and its mirror
 # weigh 1/2 together, the four shifted views the other 1/2.

@@ -11,9 +11,10 @@ from PIL import Image
 
 from helpers_runs import session_runs
 from imgclf.cli import main
-from imgclf.evaluate.compare import Comparison, compare_runs, unique_names
+from imgclf.evaluate.compare import Comparison, compare_runs
 from imgclf.evaluate.metrics import Metrics, compute_metrics
 from imgclf.evaluate.runs import evaluate
+from imgclf.inference.runs import unique_names
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,10 @@ from helpers_runs import session_runs
 from imgclf.cli import main
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import UserError
-from imgclf.evaluate.runs import load_run
-from imgclf.export import ATOL, ExportError, export, onnx_bytes, ort_session, read_metadata
+from imgclf.export import ATOL, ExportError, export, read_metadata
+from imgclf.inference.runs import load_run
 from imgclf.predict import predict
+from imgclf.runtime.onnx import onnx_bytes, ort_session
 
 pytest.importorskip("onnxruntime")
 CLASSES = ["bird", "cat", "dog"]
@@ -226,7 +227,7 @@ def test_predict_onnx_backend_equals_torch_and_caches_the_export(trained, tmp_pa
 
 
 def test_default_backend_is_the_one_measured_faster():
-    from imgclf.backend import backend_for, resolve_backend
+    from imgclf.runtime.onnx import backend_for, resolve_backend
 
     auto = resolve_backend(None)
     assert backend_for(auto, "efficientnet_lite0") == "onnx"  # 4.5× (docs/benchmarks.md)

@@ -19,7 +19,8 @@ from imgclf import predict as predict_module
 from imgclf.cli import main
 from imgclf.data.scan import scan_source
 from imgclf.errors import CheckpointError, DataError, UserError
-from imgclf.evaluate.runs import load_run, run_logits
+from imgclf.inference.engine import run_logits
+from imgclf.inference.runs import load_run
 from imgclf.predict import PredictFailures, list_inputs, natural_key, predict
 
 # Relative path → class colour. Nested folders, numbers that sort wrongly as text, mixed

@@ -105,7 +105,8 @@ def portrait_run(tmp_path_factory):
 
 
 def test_eval_on_folder_imports_at_the_runs_source_size(portrait_run):
-    from imgclf.evaluate.runs import load_run, open_data_for
+    from imgclf.evaluate.runs import open_data_for
+    from imgclf.inference.runs import load_run
 
     run, val_src, _ = portrait_run
     lr = load_run(run)
@@ -116,7 +117,9 @@ def test_eval_on_folder_imports_at_the_runs_source_size(portrait_run):
 
 def test_eval_on_a_cache_eval_on_a_folder_and_predict_agree(portrait_run):
     """The same files scored three ways give the same probabilities, not just accuracy."""
-    from imgclf.evaluate.runs import evaluate, load_run, run_logits
+    from imgclf.evaluate.runs import evaluate
+    from imgclf.inference.engine import run_logits
+    from imgclf.inference.runs import load_run
     from imgclf.predict import predict
 
     run, val_src, base = portrait_run

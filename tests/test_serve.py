@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,10 +23,13 @@ from helpers_predictions import close
 from helpers_runs import session_runs
 from imgclf.predict import predict
 from imgclf.serve import Predictor, create_app, start_in_thread
-from imgclf.serve.load import load_test
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
+
+# The load generator is a benchmark tool (benchmarks/serve_load.py), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from serve_load import load_test  # noqa: E402
 
 CLASSES = ["bird", "cat", "dog"]
 

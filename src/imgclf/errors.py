@@ -44,3 +44,7 @@ def one_line(text: str) -> str:
     """``text`` with every run of whitespace, newlines included, as one space: a foreign
     error (YAML, torch) quoted inside a one-line message stays one line."""
     return " ".join(text.split())
+
+
+class ExportError(UserError):
+    """A model that cannot be exported, or an export that does not match PyTorch."""

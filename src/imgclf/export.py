@@ -28,11 +28,9 @@ the antialiased resize an ensemble needs: no ``aten::_upsample_bilinear2d_aa``).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -47,23 +45,17 @@ from torch import nn
 
 from imgclf import __version__
 from imgclf.data.preprocess import Preprocess, batch_to_input
-from imgclf.errors import UserError
-from imgclf.evaluate.compare import RunSet, load_runs, resolve_weights
+from imgclf.errors import ExportError, UserError
+from imgclf.inference.runs import RunSet, load_runs, resolve_weights
 from imgclf.io_utils import atomic_path
+from imgclf.runtime.onnx import DEFAULT_OPSET, onnx_bytes, ort_session, run_onnx, unsupported_reason
 
 FORMATS = ("onnx", "torchscript")
 VOTES = ("soft", "weighted")  # the votes one graph can compute: means of probabilities
-# Opset 18: the first whose Resize has the ``antialias`` attribute, needed to shrink an
-# ensemble member's input as the batch loader does (antialiased bilinear).
-DEFAULT_OPSET = 18
 ATOL = 1e-4  # issue #13: exported outputs equal PyTorch's within 1e-4
 VERIFY_IMAGES = 16
 METADATA_KEY = "imgclf"  # the whole description as one JSON value, beside the flat keys
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-
-
-class ExportError(UserError):
-    """A model that cannot be exported, or an export that does not match PyTorch."""
 
 
 # ---------------------------------------------------------------------------- graphs
@@ -255,103 +247,30 @@ def sample_pixels(rs: RunSet, graph: Graph, count: int = VERIFY_IMAGES) -> tuple
 # ---------------------------------------------------------------------------- exporters
 
 
-_OP_PATTERNS = (
-    re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'"),
-    re.compile(r"target=torch\.ops\.([\w.]+?)(?:\.default)?\]"),
-    re.compile(r"operator '([^']+)'"),
-)
-
-
-def _unsupported(exc: BaseException) -> str:
-    """One line naming the operator that stopped the exporter, when the message has one."""
-    text = "\n".join(str(e) for e in (exc, exc.__cause__, exc.__context__) if e is not None)
-    for pattern in _OP_PATTERNS:
-        found = pattern.search(text)
-        if found:
-            return f"operator {found.group(1)} has no ONNX translation"
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first[:300]}"
-
-
-def onnx_bytes(
-    module: nn.Module,
+def _exported(
+    graph: Graph,
+    format: str,
+    x: torch.Tensor,
     example: torch.Tensor,
-    *,
-    opset: int = DEFAULT_OPSET,
-    dynamic_batch: bool = True,
-    metadata: Mapping[str, str] | None = None,
-    output_name: str = "output",
-) -> bytes:
-    """``module`` as an ONNX model (bytes), input ``input``, batch dynamic or fixed at
-    ``example``'s. Raises :class:`ExportError` naming the operator that cannot be exported."""
-    import onnx
-
-    module.eval()
-    dynamic = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
-    # torch.export specializes a batch of 1 to a constant: trace a dynamic batch with 2.
-    if dynamic_batch and example.shape[0] < 2:
-        example = example.expand(2, *example.shape[1:]).clone()
-    buffer = io.BytesIO()
-    try:
-        # The exporter narrates every step on stdout and warns about its own internals.
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            torch.inference_mode(False),
-        ):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                _Named(module),
-                (example,),
-                dynamo=True,
-                opset_version=opset,
-                input_names=["input"],
-                output_names=[output_name],
-                dynamic_shapes=dynamic,
-                verbose=False,
-            )
-            assert program is not None
-            program.save(buffer)
-    except ExportError:
-        raise
-    except Exception as exc:  # the exporter raises many types; all mean "cannot export"
-        raise ExportError(f"cannot export to ONNX: {_unsupported(exc)}") from exc
-    model = onnx.load_from_string(buffer.getvalue())
-    for key, value in (metadata or {}).items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    model.producer_name = "imgclf"
-    model.producer_version = __version__
-    return model.SerializeToString()
-
-
-class _Named(nn.Module):
-    """Gives the exported graph's argument the name ``x`` its dynamic shape refers to."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
-
-
-def ort_session(model: bytes | str | os.PathLike[str], threads: int | None = None):
-    """An ONNX Runtime CPU session (import deferred: the CLI's --help stays instant)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # errors only: ORT warns about unused initializers
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def _run_onnx(session, x: np.ndarray, dynamic_batch: bool) -> np.ndarray:
-    if dynamic_batch:
-        return session.run(None, {"input": x})[0]
-    return np.concatenate([session.run(None, {"input": x[i : i + 1]})[0] for i in range(len(x))])
+    opset: int,
+    dynamic_batch: bool,
+    metadata: dict[str, str],
+) -> tuple[bytes, np.ndarray, str]:
+    """The file's bytes, its outputs on ``x`` (run by its runtime) and that runtime's name."""
+    if format == "onnx":
+        data = onnx_bytes(
+            graph.module,
+            example,
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            metadata=metadata,
+            output_name=graph.output,
+        )
+        return data, run_onnx(ort_session(data), x.numpy(), dynamic_batch), "ONNX Runtime"
+    data, traced = _torchscript_bytes(graph, example)
+    with torch.inference_mode():
+        got = traced(x).float().numpy()
+    return data, got, "TorchScript"
 
 
 def _torchscript_bytes(graph: Graph, example: torch.Tensor) -> tuple[bytes, Any]:
@@ -360,7 +279,7 @@ def _torchscript_bytes(graph: Graph, example: torch.Tensor) -> tuple[bytes, Any]
         try:
             traced = torch.jit.trace(graph.module, example, check_trace=False)
         except Exception as exc:
-            raise ExportError(f"cannot trace to TorchScript: {_unsupported(exc)}") from exc
+            raise ExportError(f"cannot trace to TorchScript: {unsupported_reason(exc)}") from exc
         buffer = io.BytesIO()
         extra = {"imgclf.json": graph.metadata()[METADATA_KEY]}
         torch.jit.save(traced, buffer, _extra_files=extra)
@@ -417,6 +336,8 @@ def export(
 
     ``dynamic_batch``: the graph takes any batch size (default: a batch of 1, what most
     runtimes and converters expect). ``weights``: for ``vote="weighted"``, as in predict.
+    The runs are loaded as a run set (:func:`imgclf.inference.runs.load_runs`); the ONNX
+    mechanics are :mod:`imgclf.runtime.onnx`'s.
     """
     started = time.perf_counter()
     if format not in FORMATS:
@@ -431,22 +352,7 @@ def export(
     expected = reference_outputs(rs, graph, pixels)
     example = x[:2] if dynamic_batch else x[:1]
     metadata = graph.metadata()
-    if format == "onnx":
-        data = onnx_bytes(
-            graph.module,
-            example,
-            opset=opset,
-            dynamic_batch=dynamic_batch,
-            metadata=metadata,
-            output_name=graph.output,
-        )
-        got = _run_onnx(ort_session(data), x.numpy(), dynamic_batch)
-        runtime = "ONNX Runtime"
-    else:
-        data, traced = _torchscript_bytes(graph, example)
-        with torch.inference_mode():
-            got = traced(x).float().numpy()
-        runtime = "TorchScript"
+    data, got, runtime = _exported(graph, format, x, example, opset, dynamic_batch, metadata)
     diff = float(np.abs(got.astype(np.float64) - expected).max())
     agree = bool((got.argmax(1) == expected.argmax(1)).all())
     if not diff <= ATOL:

@@ -21,12 +21,14 @@ models voting for it (hard), the mean (soft) or weighted mean (weighted) probabi
 
 Decoding overlaps with compute: chunks of files are read and decoded in a thread pool
 (file reads, simplejpeg and Pillow release the GIL) while the main thread runs the models
-on earlier chunks. Every file goes through :mod:`imgclf.data.preprocess`, the transform
-the runs' training and validation images went through: cropped to cover the run's
-``source_size`` (the size of the cache it was trained on, from its checkpoint), then
-normalized and resized to its input size on the batch. A file is decoded once per distinct
-source size among the runs (usually once), so a 32-px scratch net and a 224-px backbone
-vote on the same files, each seeing them as it saw its training data.
+on earlier chunks (:mod:`imgclf.inference`: decoding ahead, the members' forward passes,
+the vote; this module lists the inputs and writes the rows). Every file goes through
+:mod:`imgclf.data.preprocess`, the transform the runs' training and validation images went
+through: cropped to cover the run's ``source_size`` (the size of the cache it was trained
+on, from its checkpoint), then normalized and resized to its input size on the batch. A
+file is decoded once per distinct source size among the runs (usually once), so a 32-px
+scratch net and a 224-px backbone vote on the same files, each seeing them as it saw its
+training data.
 
 Under torchrun (``torchrun --nproc-per-node N -m imgclf predict ...``) the sorted file list
 is cut into N contiguous blocks, each process labels its own, and rank 0 gathers the rows
@@ -41,18 +43,14 @@ import csv
 import os
 import re
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 import torch
 
-from imgclf.backend import backend_for, onnx_net, resolve_backend
-from imgclf.data.decode import Size, default_workers
-from imgclf.data.preprocess import Preprocess, file_to_uint8
+from imgclf.data.decode import default_workers
 from imgclf.data.sources import (
     HIDDEN_REASON,
     IMAGE_EXTENSIONS,
@@ -61,23 +59,17 @@ from imgclf.data.sources import (
     is_image_name,
     open_tree,
 )
-from imgclf.ensemble import vote as ensemble_vote
 from imgclf.errors import DataError, UserError
-from imgclf.evaluate.compare import (
-    RunSet,
-    check_vote,
-    load_runs,
-    prefer_order,
-    resolve_weights,
-)
-from imgclf.evaluate.tta import TTA
+from imgclf.inference.decode import Item, decode_ahead
+from imgclf.inference.engine import Autocast, Member, autocast_for, chunk_probs, make_members
+from imgclf.inference.rows import Plan
+from imgclf.inference.runs import check_vote, load_runs
 from imgclf.io_utils import atomic_path, check_output_file
 from imgclf.runtime import distributed
 from imgclf.runtime.device import resolve_hardware
+from imgclf.runtime.onnx import resolve_backend
 
 FORMATS = ("default", "kaggle")
-# Chunks decoded ahead of the model, per decoding thread: enough to hide a slow chunk.
-PREFETCH_PER_WORKER = 2
 
 
 class PredictFailures(UserError):
@@ -88,16 +80,6 @@ class PredictFailures(UserError):
 
 
 # ---------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class Item:
-    """One input file: its name in the output, and where its bytes come from."""
-
-    file: str  # relative POSIX path (folder, archive) or the line as listed
-    path: str | None = None  # read by a decoding thread
-    data: bytes | None = None  # archive members, already in memory
-    error: str | None = None  # known unreadable before decoding (e.g. a broken link)
 
 
 @dataclass
@@ -193,176 +175,7 @@ def _list_file_inputs(src: Path) -> Inputs:
 # ---------------------------------------------------------------------------- decoding
 
 
-@dataclass
-class Decoded:
-    """One chunk: the reason each file failed (None when read), and for each source size
-    the good images as (positions in the chunk, N×H×W×3 uint8)."""
-
-    reasons: list[str | None]
-    groups: dict[Size, tuple[np.ndarray, np.ndarray]]
-
-
-def _read(item: Item) -> tuple[bytes | None, str | None]:
-    if item.error is not None:
-        return None, item.error
-    if item.data is not None:
-        return item.data, None
-    try:
-        with open(item.path, "rb") as f:  # type: ignore[arg-type]
-            return f.read(), None
-    except OSError as exc:
-        return None, f"cannot read file ({exc.strerror or exc})"
-
-
-def decode_items(items: Sequence[Item], sizes: Sequence[Size]) -> Decoded:
-    """Decode a chunk at every source size (runs in a worker thread)."""
-    reasons: list[str | None] = []
-    good: dict[Size, list[tuple[int, np.ndarray]]] = {size: [] for size in sizes}
-    for pos, item in enumerate(items):
-        data, why = _read(item)
-        arrays = {}
-        for size in sizes:
-            if why is not None:
-                break
-            arrays[size], why = file_to_uint8(data, None, size)
-        reasons.append(why)
-        if why is None:
-            for size, arr in arrays.items():
-                good[size].append((pos, arr))
-    groups = {
-        size: (
-            np.array([p for p, _ in rows], dtype=np.int64),
-            np.stack([a for _, a in rows]) if rows else np.empty((0, *size, 3), np.uint8),
-        )
-        for size, rows in good.items()
-    }
-    return Decoded(reasons, groups)
-
-
-def _decode_ahead(
-    chunks: list[list[Item]], sizes: Sequence[Size], workers: int
-) -> Iterator[tuple[list[Item], Decoded]]:
-    """Chunks in order, each decoded in the pool while the caller works on earlier ones."""
-    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="imgclf-decode")
-    pending: deque[tuple[list[Item], Future[Decoded]]] = deque()
-    todo = iter(chunks)
-    try:
-        for chunk in todo:
-            pending.append((chunk, pool.submit(decode_items, chunk, sizes)))
-            if len(pending) >= workers * PREFETCH_PER_WORKER:
-                break
-        while pending:
-            chunk, future = pending.popleft()
-            following = next(todo, None)
-            if following is not None:
-                pending.append((following, pool.submit(decode_items, following, sizes)))
-            yield chunk, future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-# ---------------------------------------------------------------------------- models
-
-
-@dataclass
-class _Member:
-    """One run, ready to score batches: network, preprocessing, column order."""
-
-    name: str
-    net: torch.nn.Module
-    preprocess: Preprocess
-    order: torch.Tensor  # output columns in the first run's class order
-
-
-def _members(rs: RunSet, device: torch.device, tta: bool, backend: str = "torch") -> list[_Member]:
-    out = []
-    for lr, order in zip(rs.runs, rs.orders, strict=True):
-        lr.model.to(device, memory_format=torch.channels_last).eval()
-        net = TTA(lr.model) if tta else lr.model
-        pre = Preprocess.from_state(lr.state)
-        # The same module, run by ONNX Runtime where asked or measured faster (imgclf.backend)
-        if backend_for(backend, lr.state["model_name"], device) == "onnx":
-            wrapper = "tta" if tta else "plain"
-            net = onnx_net(net, pre.input_size, lr.state.get("path"), wrapper=wrapper)
-        out.append(
-            _Member(
-                lr.name,
-                net,
-                pre,
-                torch.from_numpy(order).to(device),
-            )
-        )
-    return out
-
-
-def chunk_probs(
-    members: list[_Member], decoded: Decoded, num_rows: int, num_classes: int, device, autocast
-) -> np.ndarray:
-    """Probabilities ``(models, rows, classes)`` of a chunk; failed rows stay NaN."""
-    probs = np.full((len(members), num_rows, num_classes), np.nan, dtype=np.float32)
-    for m, member in enumerate(members):
-        positions, images = decoded.groups[member.preprocess.source_size]
-        if len(positions) == 0:
-            continue
-        pixels = torch.from_numpy(images).to(device, non_blocking=True)
-        # The loader's own preprocessing, so predict and eval feed models identically.
-        x = member.preprocess.batch_to_input(pixels)
-        with autocast():
-            logits = member.net(x)
-        scores = torch.softmax(logits.float(), dim=1)[:, member.order]
-        probs[m, positions] = scores.cpu().numpy()
-    return probs
-
-
-# ---------------------------------------------------------------------------- rows
-
-
-@dataclass
-class _Plan:
-    """How rows are labelled and written: the vote and the output columns."""
-
-    classes: list[str]
-    names: list[str]
-    vote: str
-    prefer: list[int] | None
-    weights: list[float] | None
-    format: str
-
-    def header(self) -> list[str]:
-        if self.format == "kaggle":
-            return ["id", "label"]
-        per_model = [f"label_{n}" for n in self.names] if len(self.names) > 1 else []
-        return ["file", "label", "confidence", *per_model, "error"]
-
-    def rows(self, items: list[Item], reasons: list[str | None], probs: np.ndarray) -> list:
-        ok = np.array([r is None for r in reasons], dtype=bool)
-        labels = np.full(len(items), -1, dtype=np.int64)
-        confidence = np.zeros(len(items), dtype=np.float64)
-        per_model = np.full((len(self.names), len(items)), -1, dtype=np.int64)
-        if ok.any():
-            good = probs[:, ok]
-            voted, scores = self._vote(good)
-            labels[ok] = voted
-            confidence[ok] = scores[np.arange(len(voted)), voted]
-            per_model[:, ok] = good.argmax(axis=2)
-        return [
-            self._row(items[i], reasons[i], labels[i], confidence[i], per_model[:, i])
-            for i in range(len(items))
-        ]
-
-    def _vote(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if len(probs) == 1:
-            return probs[0].argmax(axis=1), probs[0]
-        weights = self.weights if self.vote == "weighted" else None
-        return ensemble_vote(self.vote, probs, prefer_order=self.prefer, weights=weights)
-
-    def _row(self, item: Item, reason, label: int, confidence: float, models) -> list[str]:
-        name = self.classes[label] if label >= 0 else ""
-        if self.format == "kaggle":
-            return [PurePosixPath(item.file).stem, name]
-        per_model = [self.classes[m] if m >= 0 else "" for m in models]
-        conf = f"{confidence:.6f}" if label >= 0 else ""
-        return [item.file, name, conf, *(per_model if len(self.names) > 1 else []), reason or ""]
+# ---------------------------------------------------------------------------- output
 
 
 def _check_kaggle_ids(items: list[Item]) -> None:
@@ -435,78 +248,34 @@ def predict(
 ) -> PredictResult:
     """Label every image in ``input`` with the runs' vote; write a CSV to ``out`` atomically.
 
-    ``prefer``: run names in hard-vote tie-break order (default: the order given).
-    ``weights``: for ``vote="weighted"``, ``{run: w}``, ``["run:w", ...]`` or one number per
-    run (default: each run's validation accuracy). ``strict``: raise
-    :class:`PredictFailures` (after writing ``out``) when any file could not be read.
-    ``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime, :mod:`imgclf.backend`), or None:
-    per model, the one measured faster. The preprocessing is the same on both.
+    ``runs``: run folders or checkpoints (one class set). ``input``: a folder, an archive,
+    a text list of image paths or one image (see the module's description). ``vote``:
+    ``hard``, ``soft`` or ``weighted``. ``prefer``: run names in hard-vote tie-break order
+    (default: the order given). ``weights``: for ``vote="weighted"``, ``{run: w}``,
+    ``["run:w", ...]`` or one number per run (default: each run's validation accuracy).
+    ``tta``: average each model's test-time views. ``format``: ``default`` or ``kaggle``.
+    ``batch_size``: files per chunk (decoded ahead, then one forward pass per model).
+    ``strict``: raise :class:`PredictFailures` (after writing ``out``) when any file could
+    not be read. ``workers``: decoding threads (default: this process's share of the
+    cores). ``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime, :mod:`imgclf.runtime.onnx`),
+    or None: per model, the one measured faster. The preprocessing is the same on both.
+    Under torchrun the processes share the files and rank 0 writes the CSV.
     """
     started = time.perf_counter()
     check_output_file(out)  # before any model loads or file decodes: fail in a second
     env = distributed.from_env()  # under torchrun: this process's share of the files
     device = distributed.local_device(device)
-    if format not in FORMATS:
-        raise UserError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
-    check_vote(vote)
+    _check_options(format, batch_size, vote)
     hw = resolve_hardware(device, "auto", "auto")
     backend = resolve_backend(backend, hw.device)
     rs = load_runs(runs)
-    plan = _Plan(
-        classes=rs.classes,
-        names=rs.names,
-        vote=vote,
-        prefer=prefer_order(rs, prefer),
-        weights=resolve_weights(rs, weights) if vote == "weighted" and len(rs.runs) > 1 else None,
-        format=format,
-    )
-    if vote != "hard" and plan.prefer is not None:
-        raise UserError(f"--prefer breaks hard-vote ties; it does not apply to --vote {vote}")
-    if vote != "weighted" and weights is not None:
-        raise UserError(f"--weights apply to --vote weighted, not --vote {vote}")
-    inputs = list_inputs(input)
-    if format == "kaggle":
-        _check_kaggle_ids(inputs.items)
-    members = _members(rs, hw.device, tta, backend)
-    sizes = list(dict.fromkeys(m.preprocess.source_size for m in members))
-
-    def autocast() -> contextlib.AbstractContextManager:
-        if hw.autocast_dtype is None or backend == "onnx":
-            return contextlib.nullcontext()
-        return torch.autocast(hw.device.type, dtype=hw.autocast_dtype)
-
-    def labelled(items: list[Item]) -> Iterator[tuple[list, list[tuple[str, str]]]]:
-        """(rows, failures) of each chunk of ``items``, in order."""
-        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-        # The machine's cores are shared among the processes on it.
-        threads = workers or max(1, default_workers() // env.local_world_size)
-        decoding = _decode_ahead(chunks, sizes, threads)
-        # closing: on an error, stop the decoding threads now
-        with torch.inference_mode(), contextlib.closing(decoding):
-            for chunk, decoded in decoding:
-                probs = chunk_probs(
-                    members, decoded, len(chunk), len(rs.classes), hw.device, autocast
-                )
-                yield (
-                    plan.rows(chunk, decoded.reasons, probs),
-                    [(it.file, r) for it, r in zip(chunk, decoded.reasons, strict=True) if r],
-                )
-
-    failed: list[tuple[str, str]] = []
-    if env.enabled:
-        failed = _sharded(inputs.items, labelled, out, plan.header(), hw.device, env)
-    else:
-        with (
-            atomic_path(out) as tmp,
-            open(tmp, "w", newline="", encoding="utf-8") as f,
-        ):
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(plan.header())
-            for rows, bad in labelled(inputs.items):
-                writer.writerows(rows)
-                failed += bad
+    plan = Plan.for_runs(rs, vote, prefer, weights, format)
+    inputs = _inputs(input, format)
+    # The machine's cores are shared among the processes on it.
+    threads = workers or max(1, default_workers() // env.local_world_size)
+    members = make_members(rs, hw.device, tta, backend)
+    pipeline = _Pipeline(members, plan, hw.device, autocast_for(hw, backend), batch_size, threads)
+    failed = _label(inputs.items, pipeline.labelled, out, plan.header(), hw.device, env)
     result = PredictResult(
         out=Path(out),
         rows=len(inputs.items),
@@ -519,18 +288,108 @@ def predict(
         processes=env.world_size,
     )
     if strict and failed and env.is_main:  # rank 0 holds every process's failures
-        exc = PredictFailures(
-            f"{len(failed)} of {result.rows} files could not be read "
-            f"(rows with an error in {out}); first: {failed[0][0]}: {failed[0][1]}"
-        )
-        exc.result = result
-        raise exc
+        raise _failures(result, out)
     return result
+
+
+def _inputs(input: str | os.PathLike[str], format: str) -> Inputs:
+    inputs = list_inputs(input)
+    if format == "kaggle":
+        _check_kaggle_ids(inputs.items)
+    return inputs
+
+
+def _check_options(format: str, batch_size: int, vote: str) -> None:
+    if format not in FORMATS:
+        raise UserError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    check_vote(vote)
+
+
+Labelled = Iterator[tuple[list, list[tuple[str, str]]]]
+
+
+@dataclass
+class _Pipeline:
+    """Files → rows: chunks decoded ahead in threads, each scored by every member in one
+    forward pass and voted into rows."""
+
+    members: list[Member]
+    plan: Plan
+    device: torch.device
+    autocast: Autocast
+    batch_size: int
+    threads: int
+
+    def labelled(self, items: list[Item]) -> Labelled:
+        """(rows, failures) of each chunk of ``items``, in order."""
+        size = self.batch_size
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        sizes = list(dict.fromkeys(m.preprocess.source_size for m in self.members))
+        decoding = decode_ahead(chunks, sizes, self.threads)
+        classes = len(self.plan.classes)
+        # closing: on an error, stop the decoding threads now
+        with torch.inference_mode(), contextlib.closing(decoding):
+            for chunk, decoded in decoding:
+                probs = chunk_probs(
+                    self.members, decoded, len(chunk), classes, self.device, self.autocast
+                )
+                yield (
+                    self.plan.rows(chunk, decoded.reasons, probs),
+                    [(it.file, r) for it, r in zip(chunk, decoded.reasons, strict=True) if r],
+                )
+
+
+def _label(
+    items: list[Item],
+    labelled: Callable[[list[Item]], Labelled],
+    out: str | os.PathLike[str],
+    header: list[str],
+    device: torch.device,
+    env: distributed.Dist,
+) -> list[tuple[str, str]]:
+    """Label ``items`` and write the CSV (under torchrun: share them, :func:`_sharded`);
+    returns the files that could not be read, with the reasons."""
+    if env.enabled:
+        return _sharded(items, labelled, out, header, device, env)
+    failed: list[tuple[str, str]] = []
+    _write_csv(out, header, _collect(labelled(items), failed))
+    return failed
+
+
+def _collect(labelled: Labelled, failed: list[tuple[str, str]]) -> Iterator[list]:
+    """The rows of each chunk, its failures added to ``failed`` on the way."""
+    for rows, bad in labelled:
+        failed += bad
+        yield rows
+
+
+def _write_csv(out: str | os.PathLike[str], header: list[str], parts: Iterable[list]) -> None:
+    """The header, then every part's rows, written atomically (nothing on an error)."""
+    with (
+        atomic_path(out) as tmp,
+        open(tmp, "w", newline="", encoding="utf-8") as f,
+    ):
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        for rows in parts:
+            writer.writerows(rows)
+
+
+def _failures(result: PredictResult, out: str | os.PathLike[str]) -> PredictFailures:
+    first, why = result.failed[0]
+    exc = PredictFailures(
+        f"{result.failures} of {result.rows} files could not be read "
+        f"(rows with an error in {out}); first: {first}: {why}"
+    )
+    exc.result = result
+    return exc
 
 
 def _sharded(
     items: list[Item],
-    labelled: Callable[[list[Item]], Iterator[tuple[list, list[tuple[str, str]]]]],
+    labelled: Callable[[list[Item]], Labelled],
     out: str | os.PathLike[str],
     header: list[str],
     device: torch.device,
@@ -550,14 +409,7 @@ def _sharded(
         gathered = d.gather((rows, failed))
         if gathered is None:
             return failed
-        with (
-            atomic_path(out) as tmp,
-            open(tmp, "w", newline="", encoding="utf-8") as f,
-        ):
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(header)
-            for part, _ in gathered:
-                writer.writerows(part)
+        _write_csv(out, header, (part for part, _ in gathered))
         return [bad for _, part in gathered for bad in part]
     finally:
         d.shutdown()

@@ -2,15 +2,15 @@
 
 ``compare_runs(runs, data)`` scores every run as ``imgclf eval`` would (same logits, same
 accuracy), then the three votes of :mod:`imgclf.ensemble` over their probabilities. The
-run-set helpers here (unique names, one class order, ``--prefer`` and ``--weights``) are
-shared with :mod:`imgclf.predict`, so both commands name and combine runs the same way.
+runs are loaded as a run set of :mod:`imgclf.inference.runs` (unique names, one class
+order, ``--prefer`` and ``--weights``), as ``predict``, ``serve`` and ``export`` load
+them, so every command names and combines runs the same way.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,143 +19,20 @@ import numpy as np
 import torch
 
 from imgclf.data.cache import Dataset
-from imgclf.ensemble import VOTE_METHODS, EnsembleError, hard_vote, vote_shares, weighted_vote
-from imgclf.errors import CheckpointError, UserError
+from imgclf.ensemble import hard_vote, vote_shares, weighted_vote
+from imgclf.errors import UserError
 from imgclf.evaluate.metrics import Metrics, compute_metrics
-from imgclf.evaluate.runs import LoadedRun, default_split, load_run, open_data_for, run_logits
-
-RunLike = str | os.PathLike[str]
-Weights = Mapping[str, float] | Sequence[float] | Sequence[str] | None
-
-
-# ---------------------------------------------------------------------------- run sets
-
-
-@dataclass
-class RunSet:
-    """Loaded runs with unique names, and how to put each one's outputs in one class order.
-
-    ``orders[k][i]`` is run k's output column for ``classes[i]`` (the first run's order).
-    """
-
-    runs: list[LoadedRun]
-    given: list[str]  # each run as the caller named it (a path)
-    classes: list[str]
-    orders: list[np.ndarray]
-
-    @property
-    def names(self) -> list[str]:
-        return [lr.name for lr in self.runs]
-
-    def index(self, name: str, option: str) -> int:
-        """A run by its (unique) name, or by the path it was given as."""
-        for i, (lr, given) in enumerate(zip(self.runs, self.given, strict=True)):
-            if name == lr.name or os.path.normpath(name) == os.path.normpath(given):
-                return i
-        raise UserError(f"{option} {name!r}: no such run; runs are: {', '.join(self.names)}")
-
-
-def unique_names(names: Sequence[str]) -> list[str]:
-    """Folder names, made unique by suffixes ``-2``, ``-3``… in the order given."""
-    out: list[str] = []
-    for name in names:
-        candidate, n = name, 1
-        while candidate in out or (candidate != name and candidate in names):
-            n += 1
-            candidate = f"{name}-{n}"
-        out.append(candidate)
-    return out
-
-
-def load_runs(runs: Sequence[RunLike], device: torch.device | str = "cpu") -> RunSet:
-    """Load every run; all must share one class set (any order). Names are made unique."""
-    if not runs:
-        raise UserError("give at least one run folder or checkpoint")
-    loaded = [load_run(r, device) for r in runs]
-    for lr, name in zip(loaded, unique_names([lr.name for lr in loaded]), strict=True):
-        lr.name = name
-    first = loaded[0]
-    orders = []
-    for lr in loaded:
-        if sorted(lr.classes) != sorted(first.classes):
-            raise CheckpointError(
-                f"runs have different classes: {first.name} {first.classes} "
-                f"vs {lr.name} {lr.classes}"
-            )
-        where = {c: i for i, c in enumerate(lr.classes)}
-        orders.append(np.array([where[c] for c in first.classes], dtype=np.int64))
-    return RunSet(loaded, [str(r) for r in runs], first.classes, orders)
-
-
-def prefer_order(rs: RunSet, prefer: Sequence[str] | None) -> list[int] | None:
-    """``--prefer`` names → model indices (the hard vote's tie-break order)."""
-    if not prefer:
-        return None
-    order = [rs.index(name, "--prefer") for name in prefer]
-    if len(set(order)) != len(order):
-        raise UserError(f"--prefer {' '.join(prefer)}: a run is named twice")
-    return order
-
-
-def parse_weights(texts: Sequence[str]) -> dict[str, float]:
-    """``["simple-1:0.5", "fast-2:1"]`` → ``{"simple-1": 0.5, "fast-2": 1.0}``."""
-    out: dict[str, float] = {}
-    for text in texts:
-        name, sep, value = str(text).rpartition(":")
-        try:
-            if not sep or not name:
-                raise ValueError
-            out[name] = float(value)
-        except ValueError:
-            raise UserError(f"--weights {text!r}: expected RUN:WEIGHT, e.g. simple-1:0.5") from None
-    return out
-
-
-def validation_accuracy(lr: LoadedRun) -> float | None:
-    """The run's validation accuracy: summary.json, else the checkpoint's best so far."""
-    folder = lr.path if lr.path.is_dir() else lr.path.parent
-    try:
-        acc = json.loads((folder / "summary.json").read_text()).get("val_accuracy")
-    except (OSError, ValueError):
-        acc = None
-    if acc is None:
-        best = (lr.state.get("progress") or {}).get("best_val_acc", -1.0)
-        acc = best if best is not None and best >= 0 else None
-    return None if acc is None else float(acc)
-
-
-def resolve_weights(rs: RunSet, weights: Weights) -> list[float]:
-    """One weight per run: given by name (``RUN:W`` strings or a mapping) or in run order;
-    by default each run's validation accuracy."""
-    if weights is None:
-        accs = [validation_accuracy(lr) for lr in rs.runs]
-        missing = [lr.name for lr, a in zip(rs.runs, accs, strict=True) if a is None]
-        if missing:
-            raise UserError(
-                f"no validation accuracy for {', '.join(missing)} to weight the vote by; "
-                "pass --weights RUN:W for every run"
-            )
-        return [float(a) for a in accs]
-    if not isinstance(weights, Mapping) and all(isinstance(w, str) for w in weights):
-        weights = parse_weights(weights)  # type: ignore[arg-type]
-    if isinstance(weights, Mapping):
-        by_index = {rs.index(name, "--weights"): float(w) for name, w in weights.items()}
-        missing = [lr.name for i, lr in enumerate(rs.runs) if i not in by_index]
-        if missing:
-            raise UserError(f"--weights: give a weight for every run; missing {', '.join(missing)}")
-        return [by_index[i] for i in range(len(rs.runs))]
-    values = [float(w) for w in weights]  # type: ignore[union-attr]
-    if len(values) != len(rs.runs):
-        raise UserError(f"got {len(values)} weights for {len(rs.runs)} runs")
-    return values
-
-
-def check_vote(method: str) -> None:
-    if method not in VOTE_METHODS:
-        raise EnsembleError(
-            f"unknown vote method {method!r}; choose one of: {', '.join(VOTE_METHODS)}"
-        )
-
+from imgclf.evaluate.runs import default_split, open_data_for
+from imgclf.inference.engine import run_logits
+from imgclf.inference.runs import (
+    RunLike,
+    RunSet,
+    Weights,
+    check_vote,
+    load_runs,
+    prefer_order,
+    resolve_weights,
+)
 
 # ---------------------------------------------------------------------------- comparison
 
@@ -280,6 +157,29 @@ def _hard_metrics(
     return compute_metrics(scores, labels, classes, from_probs=True)
 
 
+def _weighted(
+    rs: RunSet,
+    stacked: np.ndarray,
+    labels: np.ndarray,
+    weights: Weights,
+    vote: str,
+    votes: dict[str, Metrics],
+    notes: list[str],
+) -> dict[str, float] | None:
+    """Add the weighted vote's scores to ``votes`` and return the weights by run; without
+    weights, a note instead (an error when ``vote`` is the weighted one)."""
+    try:
+        weight_list = resolve_weights(rs, weights)
+    except UserError as exc:
+        if vote == "weighted":
+            raise
+        notes.append(f"weighted vote left out: {exc}")
+        return None
+    _, mixed = weighted_vote(stacked, weight_list)
+    votes["weighted"] = compute_metrics(mixed, labels, rs.classes, from_probs=True)
+    return dict(zip(rs.names, weight_list, strict=True))
+
+
 def compare_runs(
     runs: Sequence[RunLike],
     data: str | os.PathLike[str] | Dataset,
@@ -319,17 +219,8 @@ def compare_runs(
     stacked = np.stack(probs)
     votes = {"hard": _hard_metrics(stacked, labels, rs.classes, prefer_idx)}
     votes["soft"] = compute_metrics(stacked.mean(axis=0), labels, rs.classes, from_probs=True)
-    notes, weight_map = [], None
-    try:
-        weight_list = resolve_weights(rs, weights)
-    except UserError as exc:
-        if vote == "weighted":
-            raise
-        notes.append(f"weighted vote left out: {exc}")
-    else:
-        _, mixed = weighted_vote(stacked, weight_list)
-        votes["weighted"] = compute_metrics(mixed, labels, rs.classes, from_probs=True)
-        weight_map = dict(zip(rs.names, weight_list, strict=True))
+    notes: list[str] = []
+    weight_map = _weighted(rs, stacked, labels, weights, vote, votes, notes)
     return Comparison(
         names=rs.names,
         classes=rs.classes,

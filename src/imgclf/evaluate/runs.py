@@ -1,8 +1,9 @@
-"""Evaluate trained runs on a dataset: by name from the cache, or an image folder path.
+"""``imgclf eval`` of one run: on a dataset by name from the cache, or an image folder path.
 
 Classes are matched by name, never by index: a checkpoint trained on
 ``[cat, dog]`` scores a folder whose classes sort as ``[dog, cat]`` correctly, and a
-different class set is an error that shows both.
+different class set is an error that shows both. Loading the run and its forward pass
+are :mod:`imgclf.inference`'s; this module opens the data and scores.
 """
 
 from __future__ import annotations
@@ -10,47 +11,19 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from imgclf.data.cache import Dataset, load_dataset, resolve_dataset_dir
 from imgclf.data.decode import Size
 from imgclf.data.importer import import_dataset
-from imgclf.data.loader import BatchLoader
 from imgclf.data.preprocess import Preprocess
-from imgclf.errors import CheckpointError, DataError
-from imgclf.evaluate.metrics import Metrics, compute_metrics, infer
-from imgclf.evaluate.tta import TTA
-from imgclf.models import build_model_from_checkpoint
-from imgclf.runtime.checkpoint import load_checkpoint
-from imgclf.runtime.device import resolve_hardware
-
-
-@dataclass
-class LoadedRun:
-    """A checkpoint rebuilt for inference."""
-
-    path: Path
-    name: str
-    model: torch.nn.Module
-    state: dict[str, Any]
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.state["class_names"])
-
-
-def load_run(run: str | Path | Any, device: torch.device | str = "cpu") -> LoadedRun:
-    """A run folder (its best.pt, else last.pt), a checkpoint file, or a ``Run``."""
-    path = Path(getattr(run, "path", run))
-    state = load_checkpoint(path)
-    model = build_model_from_checkpoint(state).to(device)
-    folder = path if path.is_dir() else path.parent
-    return LoadedRun(path, folder.name, model, state)
+from imgclf.errors import DataError
+from imgclf.evaluate.metrics import Metrics, compute_metrics
+from imgclf.inference.engine import run_logits
+from imgclf.inference.runs import LoadedRun, load_run
 
 
 def open_data(data: str | Path | Dataset, source_size: Size | None = None) -> Dataset:
@@ -103,52 +76,6 @@ def default_split(ds: Dataset) -> str:
     return "all"
 
 
-def label_map(run_classes: list[str], ds: Dataset) -> np.ndarray:
-    """Data label index → run class index; error when the class sets differ."""
-    if sorted(run_classes) != sorted(ds.classes):
-        raise CheckpointError(
-            f"checkpoint classes {run_classes} do not match data classes {ds.classes}"
-        )
-    where = {c: i for i, c in enumerate(run_classes)}
-    return np.array([where[c] for c in ds.classes], dtype=np.int64)
-
-
-def run_loader(lr: LoadedRun, images, labels, batch_size: int, device) -> BatchLoader:
-    pre = Preprocess.from_state(lr.state)
-    return BatchLoader(
-        images,
-        labels,
-        batch_size=batch_size,
-        size=pre.input_size,
-        mean=pre.mean,
-        std=pre.std,
-        channels_last=True,
-        device=device,
-    )
-
-
-def run_logits(
-    lr: LoadedRun,
-    ds: Dataset,
-    split: str,
-    *,
-    tta: bool = False,
-    batch_size: int = 512,
-    device: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of one run on a split, with labels in the run's class order."""
-    hw = resolve_hardware(device, "auto", "auto")
-    mapping = label_map(lr.classes, ds)
-    idx = ds.indices(split)
-    if len(idx) == 0:
-        raise DataError(f"dataset {ds.name!r}: split {split!r} is empty")
-    labels = mapping[ds.labels[idx]]
-    loader = run_loader(lr, ds.images[idx], labels, batch_size, hw.device)
-    lr.model.to(hw.device, memory_format=torch.channels_last)
-    net = TTA(lr.model) if tta else lr.model
-    return infer(net, loader, autocast_dtype=hw.autocast_dtype)
-
-
 def evaluate(
     run: str | Path | Any,
     data: str | Path | Dataset,
@@ -158,7 +85,16 @@ def evaluate(
     batch_size: int = 512,
     device: str | None = None,
 ) -> Metrics:
-    """Accuracy, loss, per-class scores and confusion matrix of a run on a dataset."""
+    """Accuracy, loss, per-class scores and confusion matrix of a run on a dataset.
+
+        ``run``: a run folder, a checkpoint file or a ``Run``. ``data``: a cached dataset's
+        name or folder, a :class:`~imgclf.data.cache.Dataset`, or any importable source (a
+        folder of class folders, an archive…), imported for the occasion at the run's
+        training-cache size and removed after. ``split``: default ``test``, else ``val``, else
+        ``all``. ``tta``: average over the image and its mirror (and one-pixel shifts for images
+    of 64 px or less, :mod:`imgclf.evaluate.tta`). Also callable as
+        ``imgclf.evaluate(run, data)``.
+    """
     lr = load_run(run)
     ds = open_data_for(data, [lr])[0]
     split = split or default_split(ds)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from imgclf.errors import DataError
-from imgclf.evaluate.compare import unique_names
+from imgclf.inference.runs import unique_names
 from imgclf.predict import natural_key
 from imgclf.train.rundir import read_metrics
 

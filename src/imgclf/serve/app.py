@@ -4,7 +4,7 @@ Why FastAPI on uvicorn: the most used Python async web stack, with JSON errors, 
 file-upload parser (python-multipart), an in-process test client, and a production ASGI
 server, so nothing here is hand-written HTTP.
 
-A request goes through the very functions ``imgclf predict`` uses (:mod:`imgclf.predict`:
+A request goes through the very functions ``imgclf predict`` uses (:mod:`imgclf.inference`:
 ``decode_items`` → :mod:`imgclf.data.preprocess`, ``chunk_probs``, the same vote), so one
 file gets one answer through both. Decoding runs in the request's worker thread (Pillow,
 simplejpeg and file reads release the GIL); the models run in one thread that takes every
@@ -42,12 +42,14 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from imgclf import __version__
-from imgclf.backend import backend_for, resolve_backend
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import UserError
-from imgclf.evaluate.compare import check_vote, load_runs, prefer_order, resolve_weights
-from imgclf.predict import Decoded, Item, _members, _Plan, chunk_probs, decode_items
+from imgclf.inference.decode import Decoded, Item, decode_items, merge
+from imgclf.inference.engine import autocast_for, chunk_probs, make_members
+from imgclf.inference.rows import Plan
+from imgclf.inference.runs import check_vote, load_runs
 from imgclf.runtime.device import resolve_hardware
+from imgclf.runtime.onnx import resolve_backend
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # per image: a 12-megapixel phone JPEG is 3-8 MiB
 MAX_FILES = 64  # per request
@@ -93,28 +95,15 @@ class Predictor:
         self.hw = resolve_hardware(device, "auto", "auto")  # as predict: same autocast
         self.backend = resolve_backend(backend, self.hw.device)
         self.rs = load_runs(runs)
-        many = len(self.rs.runs) > 1
-        self.plan = _Plan(
-            classes=self.rs.classes,
-            names=self.rs.names,
-            vote=vote,
-            prefer=prefer_order(self.rs, prefer),
-            weights=resolve_weights(self.rs, weights) if vote == "weighted" and many else None,
-            format="default",
-        )
-        if vote != "hard" and self.plan.prefer is not None:
-            raise UserError(f"--prefer breaks hard-vote ties; it does not apply to --vote {vote}")
-        if vote != "weighted" and weights is not None:
-            raise UserError(f"--weights apply to --vote weighted, not --vote {vote}")
+        self.plan = Plan.for_runs(self.rs, vote, prefer, weights)
         self.vote = vote
         self.top_k = top_k
         self.max_bytes = max_bytes
-        self.members = _members(self.rs, self.hw.device, False, self.backend)
-        self.backends = [
-            backend_for(self.backend, lr.state["model_name"], self.hw.device) for lr in self.rs.runs
-        ]
+        self.members = make_members(self.rs, self.hw.device, False, self.backend)
+        self.backends = [m.backend for m in self.members]
         if self.backend == "auto":  # say what "auto" chose: one name, or "mixed"
             self.backend = self.backends[0] if len(set(self.backends)) == 1 else "mixed"
+        self.autocast = autocast_for(self.hw, self.backend)
         self.sizes = list(dict.fromkeys(m.preprocess.source_size for m in self.members))
 
     # -- the steps of one request: decode (any thread), score (one thread), answer
@@ -130,18 +119,12 @@ class Predictor:
 
     def probs(self, decoded: Decoded, rows: int) -> np.ndarray:
         """(models, rows, classes) probabilities, exactly as ``predict`` computes them."""
-
-        def autocast() -> contextlib.AbstractContextManager:
-            if self.hw.autocast_dtype is None or self.backend == "onnx":
-                return contextlib.nullcontext()
-            return torch.autocast(self.hw.device.type, dtype=self.hw.autocast_dtype)
-
         with torch.inference_mode():
             classes = len(self.rs.classes)
-            return chunk_probs(self.members, decoded, rows, classes, self.hw.device, autocast)
+            return chunk_probs(self.members, decoded, rows, classes, self.hw.device, self.autocast)
 
     def answer(self, names: Sequence[str], probs: np.ndarray) -> list[dict[str, Any]]:
-        labels, scores = self.plan._vote(probs)  # predict's vote, tie-breaks included
+        labels, scores = self.plan.decide(probs)  # predict's vote, tie-breaks included
         classes = self.rs.classes
         out = []
         for i, name in enumerate(names):
@@ -185,24 +168,6 @@ class Predictor:
             "max_bytes": self.max_bytes,
             "max_files": MAX_FILES,
         }
-
-
-def merge(jobs: Sequence[tuple[Decoded, int]]) -> Decoded:
-    """Several requests' decoded images as one chunk (positions shifted past the earlier)."""
-    reasons: list[str | None] = []
-    groups: dict[Any, tuple[list[np.ndarray], list[np.ndarray]]] = {}
-    offset = 0
-    for decoded, rows in jobs:
-        reasons += decoded.reasons
-        for size, (positions, images) in decoded.groups.items():
-            pos, imgs = groups.setdefault(size, ([], []))
-            pos.append(positions + offset)
-            imgs.append(images)
-        offset += rows
-    return Decoded(
-        reasons,
-        {size: (np.concatenate(p), np.concatenate(i)) for size, (p, i) in groups.items()},
-    )
 
 
 class Batcher:

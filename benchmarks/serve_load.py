@@ -2,7 +2,8 @@
 
 Loopback only (the server must be this machine's: 127.0.0.0/8 or ::1), a fixed number of
 requests and a time cap, so it always stops by itself. Used by benchmarks/bench_serve.py
-and the slow test in tests/test_serve.py.
+and the slow test in tests/test_serve.py (which puts this folder on ``sys.path``); not
+part of the package, which nothing of it needs.
 """
 
 from __future__ import annotations

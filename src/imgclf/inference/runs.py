@@ -1,0 +1,199 @@
+"""Runs loaded for inference, and run sets: several runs with unique names, one class
+order, and the options that say how they vote (``--prefer``, ``--weights``, ``--vote``).
+
+Every command that uses trained runs (``eval``, ``predict``, ``serve``, ``export``) loads
+them here, so all of them name, order and weigh runs the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgclf.ensemble import VOTE_METHODS, EnsembleError
+from imgclf.errors import CheckpointError, UserError
+from imgclf.models import build_model_from_checkpoint
+from imgclf.runtime.checkpoint import load_checkpoint
+
+RunLike = str | os.PathLike[str]
+Weights = Mapping[str, float] | Sequence[float] | Sequence[str] | None
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+@dataclass
+class LoadedRun:
+    """A checkpoint rebuilt for inference: where it came from, its (unique) name, the model
+    and the checkpoint's state (class names, preprocessing, progress)."""
+
+    path: Path
+    name: str
+    model: torch.nn.Module
+    state: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        """The model's output classes, in its output column order."""
+        return list(self.state["class_names"])
+
+
+def load_run(run: str | Path | Any, device: torch.device | str = "cpu") -> LoadedRun:
+    """Load a run for inference and rebuild its model on ``device``.
+
+    ``run``: a run folder (its ``best.pt``, else ``last.pt``), a checkpoint file, or any
+    object with a ``path`` (a ``Run`` from ``imgclf.train``). The name is the run folder's.
+    Raises :class:`~imgclf.errors.CheckpointError` for a missing or unreadable checkpoint.
+    """
+    path = Path(getattr(run, "path", run))
+    state = load_checkpoint(path)
+    model = build_model_from_checkpoint(state).to(device)
+    folder = path if path.is_dir() else path.parent
+    return LoadedRun(path, folder.name, model, state)
+
+
+def validation_accuracy(lr: LoadedRun) -> float | None:
+    """The run's validation accuracy: summary.json, else the checkpoint's best so far."""
+    folder = lr.path if lr.path.is_dir() else lr.path.parent
+    try:
+        acc = json.loads((folder / "summary.json").read_text()).get("val_accuracy")
+    except (OSError, ValueError):
+        acc = None
+    if acc is None:
+        best = (lr.state.get("progress") or {}).get("best_val_acc", -1.0)
+        acc = best if best is not None and best >= 0 else None
+    return None if acc is None else float(acc)
+
+
+# ---------------------------------------------------------------------------- run sets
+
+
+@dataclass
+class RunSet:
+    """Loaded runs with unique names, and how to put each one's outputs in one class order.
+
+    ``orders[k][i]`` is run k's output column for ``classes[i]`` (the first run's order).
+    """
+
+    runs: list[LoadedRun]
+    given: list[str]  # each run as the caller named it (a path)
+    classes: list[str]
+    orders: list[np.ndarray]
+
+    @property
+    def names(self) -> list[str]:
+        """The runs' unique names, in the order given."""
+        return [lr.name for lr in self.runs]
+
+    def index(self, name: str, option: str) -> int:
+        """A run by its (unique) name, or by the path it was given as."""
+        for i, (lr, given) in enumerate(zip(self.runs, self.given, strict=True)):
+            if name == lr.name or os.path.normpath(name) == os.path.normpath(given):
+                return i
+        raise UserError(f"{option} {name!r}: no such run; runs are: {', '.join(self.names)}")
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Folder names, made unique by suffixes ``-2``, ``-3``… in the order given."""
+    out: list[str] = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in out or (candidate != name and candidate in names):
+            n += 1
+            candidate = f"{name}-{n}"
+        out.append(candidate)
+    return out
+
+
+def load_runs(runs: Sequence[RunLike], device: torch.device | str = "cpu") -> RunSet:
+    """Load every run (see :func:`load_run`) as one :class:`RunSet`.
+
+    All runs must share one class set, in any order: the first run's order is the set's,
+    and ``orders`` maps every run's outputs to it. Runs with the same folder name get
+    suffixes (``run``, ``run-2``…). Raises :class:`~imgclf.errors.UserError` for no runs,
+    :class:`~imgclf.errors.CheckpointError` for different class sets.
+    """
+    if not runs:
+        raise UserError("give at least one run folder or checkpoint")
+    loaded = [load_run(r, device) for r in runs]
+    for lr, name in zip(loaded, unique_names([lr.name for lr in loaded]), strict=True):
+        lr.name = name
+    first = loaded[0]
+    orders = []
+    for lr in loaded:
+        if sorted(lr.classes) != sorted(first.classes):
+            raise CheckpointError(
+                f"runs have different classes: {first.name} {first.classes} "
+                f"vs {lr.name} {lr.classes}"
+            )
+        where = {c: i for i, c in enumerate(lr.classes)}
+        orders.append(np.array([where[c] for c in first.classes], dtype=np.int64))
+    return RunSet(loaded, [str(r) for r in runs], first.classes, orders)
+
+
+# ---------------------------------------------------------------------------- vote options
+
+
+def check_vote(method: str) -> None:
+    """Raise :class:`~imgclf.ensemble.EnsembleError` unless ``method`` is a vote method."""
+    if method not in VOTE_METHODS:
+        raise EnsembleError(
+            f"unknown vote method {method!r}; choose one of: {', '.join(VOTE_METHODS)}"
+        )
+
+
+def prefer_order(rs: RunSet, prefer: Sequence[str] | None) -> list[int] | None:
+    """``--prefer`` names → model indices (the hard vote's tie-break order)."""
+    if not prefer:
+        return None
+    order = [rs.index(name, "--prefer") for name in prefer]
+    if len(set(order)) != len(order):
+        raise UserError(f"--prefer {' '.join(prefer)}: a run is named twice")
+    return order
+
+
+def parse_weights(texts: Sequence[str]) -> dict[str, float]:
+    """``["simple-1:0.5", "fast-2:1"]`` → ``{"simple-1": 0.5, "fast-2": 1.0}``."""
+    out: dict[str, float] = {}
+    for text in texts:
+        name, sep, value = str(text).rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = float(value)
+        except ValueError:
+            raise UserError(f"--weights {text!r}: expected RUN:WEIGHT, e.g. simple-1:0.5") from None
+    return out
+
+
+def resolve_weights(rs: RunSet, weights: Weights) -> list[float]:
+    """One weight per run: given by name (``RUN:W`` strings or a mapping) or in run order;
+    by default each run's validation accuracy."""
+    if weights is None:
+        accs = [validation_accuracy(lr) for lr in rs.runs]
+        missing = [lr.name for lr, a in zip(rs.runs, accs, strict=True) if a is None]
+        if missing:
+            raise UserError(
+                f"no validation accuracy for {', '.join(missing)} to weight the vote by; "
+                "pass --weights RUN:W for every run"
+            )
+        return [float(a) for a in accs]
+    if not isinstance(weights, Mapping) and all(isinstance(w, str) for w in weights):
+        weights = parse_weights(weights)  # type: ignore[arg-type]
+    if isinstance(weights, Mapping):
+        by_index = {rs.index(name, "--weights"): float(w) for name, w in weights.items()}
+        missing = [lr.name for i, lr in enumerate(rs.runs) if i not in by_index]
+        if missing:
+            raise UserError(f"--weights: give a weight for every run; missing {', '.join(missing)}")
+        return [by_index[i] for i in range(len(rs.runs))]
+    values = [float(w) for w in weights]  # type: ignore[union-attr]
+    if len(values) != len(rs.runs):
+        raise UserError(f"got {len(values)} weights for {len(rs.runs)} runs")
+    return values

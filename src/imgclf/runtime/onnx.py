@@ -1,0 +1,229 @@
+"""ONNX mechanics, and where a model runs for ``predict`` and ``serve``: PyTorch eager, or
+ONNX Runtime.
+
+The low layer of ``imgclf export`` and of the ONNX backend: :func:`onnx_bytes` exports a
+module with ``torch.onnx.export(dynamo=True)``, :func:`ort_session` opens a graph in ONNX
+Runtime (``onnx`` and ``onnxruntime`` are imported when used: the CLI's --help stays
+instant). What a graph means (the preprocessing, the vote, the metadata) is
+:mod:`imgclf.export`'s business, not this module's.
+
+The ONNX backend is a drop-in ``nn.Module``: :class:`OnnxNet` takes the same normalized
+float batch the PyTorch model takes (preprocessing stays :mod:`imgclf.data.preprocess`,
+on both backends) and returns its logits as a tensor. The graph is the one ``imgclf
+export`` writes, with a dynamic batch, exported once per checkpoint and kept in
+``$IMGCLF_HOME/onnx/`` under a hash of the checkpoint's bytes, the exporter's versions and
+the wrapper (TTA or not), so later runs load it in milliseconds instead of re-exporting
+(2–8 s here).
+
+Default backend: per model, the one measured faster on this project's CPU
+(:data:`ONNX_FASTER`, benchmarks/bench_onnx.py, docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgclf import __version__
+from imgclf.errors import ExportError, UserError
+from imgclf.io_utils import atomic_path
+from imgclf.paths import imgclf_home
+
+# Opset 18: the first whose Resize has the ``antialias`` attribute, needed to shrink an
+# ensemble member's input as the batch loader does (antialiased bilinear).
+DEFAULT_OPSET = 18
+
+BACKENDS = ("torch", "onnx")
+# Models ONNX Runtime runs faster than PyTorch eager on the CPU, measured by
+# benchmarks/bench_onnx.py (docs/benchmarks.md §6, 2-core AMD EPYC, idle): Lite0 at
+# 224 px 4.5× (depthwise convolutions), `fast` at 32 px 1.26× (under load the two tied).
+# Every model not measured stays on PyTorch.
+ONNX_FASTER = frozenset({"efficientnet_lite0", "fast"})
+
+
+# ---------------------------------------------------------------------------- export
+
+
+_OP_PATTERNS = (
+    re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'"),
+    re.compile(r"target=torch\.ops\.([\w.]+?)(?:\.default)?\]"),
+    re.compile(r"operator '([^']+)'"),
+)
+
+
+def unsupported_reason(exc: BaseException) -> str:
+    """One line naming the operator that stopped the exporter, when the message has one."""
+    text = "\n".join(str(e) for e in (exc, exc.__cause__, exc.__context__) if e is not None)
+    for pattern in _OP_PATTERNS:
+        found = pattern.search(text)
+        if found:
+            return f"operator {found.group(1)} has no ONNX translation"
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def onnx_bytes(
+    module: nn.Module,
+    example: torch.Tensor,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    metadata: Mapping[str, str] | None = None,
+    output_name: str = "output",
+) -> bytes:
+    """``module`` as an ONNX model (bytes), input ``input``, batch dynamic or fixed at
+    ``example``'s. Raises :class:`ExportError` naming the operator that cannot be exported."""
+    import onnx
+
+    module.eval()
+    dynamic = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    # torch.export specializes a batch of 1 to a constant: trace a dynamic batch with 2.
+    if dynamic_batch and example.shape[0] < 2:
+        example = example.expand(2, *example.shape[1:]).clone()
+    buffer = io.BytesIO()
+    try:
+        # The exporter narrates every step on stdout and warns about its own internals.
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            torch.inference_mode(False),
+        ):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                _Named(module),
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=[output_name],
+                dynamic_shapes=dynamic,
+                verbose=False,
+            )
+            assert program is not None
+            program.save(buffer)
+    except ExportError:
+        raise
+    except Exception as exc:  # the exporter raises many types; all mean "cannot export"
+        raise ExportError(f"cannot export to ONNX: {unsupported_reason(exc)}") from exc
+    model = onnx.load_from_string(buffer.getvalue())
+    for key, value in (metadata or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name = "imgclf"
+    model.producer_version = __version__
+    return model.SerializeToString()
+
+
+class _Named(nn.Module):
+    """Gives the exported graph's argument the name ``x`` its dynamic shape refers to."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def ort_session(model: bytes | str | os.PathLike[str], threads: int | None = None):
+    """An ONNX Runtime CPU session (import deferred: the CLI's --help stays instant)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: ORT warns about unused initializers
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, x: np.ndarray, dynamic_batch: bool) -> np.ndarray:
+    """The graph's output on ``x``: in one call, or image by image for a fixed batch of 1."""
+    if dynamic_batch:
+        return session.run(None, {"input": x})[0]
+    return np.concatenate([session.run(None, {"input": x[i : i + 1]})[0] for i in range(len(x))])
+
+
+# ---------------------------------------------------------------------------- backend
+
+
+def resolve_backend(backend: str | None, device: torch.device | str = "cpu") -> str:
+    """``torch``, ``onnx``, or ``auto`` (no choice given: per model, see :func:`backend_for`)."""
+    if backend is None:
+        return "auto"
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend == "onnx" and torch.device(device).type != "cpu":
+        raise UserError(f"--backend onnx runs on the CPU; drop --device {device} or use torch")
+    return backend
+
+
+def backend_for(backend: str, model_name: str, device: torch.device | str = "cpu") -> str:
+    """The backend one model runs on: the one asked for, else the one measured faster."""
+    if backend != "auto":
+        return backend
+    on_cpu = torch.device(device).type == "cpu"
+    return "onnx" if on_cpu and model_name in ONNX_FASTER else "torch"
+
+
+class OnnxNet(nn.Module):
+    """An ONNX Runtime session behind the interface of the module it was exported from."""
+
+    def __init__(self, session: Any) -> None:
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # ORT wants a C-contiguous float32 array; the loader hands channels_last views.
+        array = np.ascontiguousarray(x.detach().cpu().float().numpy())
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+def _cache_key(checkpoint: str | os.PathLike[str], wrapper: str) -> str:
+    import onnx
+    import onnxruntime
+
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    versions = f"{wrapper}|{__version__}|{torch.__version__}|{onnx.__version__}"
+    digest.update(f"{versions}|{onnxruntime.__version__}".encode())
+    return digest.hexdigest()[:32]
+
+
+def onnx_net(
+    module: nn.Module,
+    input_size: int,
+    checkpoint: str | os.PathLike[str] | None,
+    *,
+    wrapper: str = "plain",
+    threads: int | None = None,
+) -> OnnxNet:
+    """``module`` exported to ONNX (dynamic batch), cached by ``checkpoint``'s bytes."""
+    cached: Path | None = None
+    if checkpoint is not None:
+        cached = imgclf_home() / "onnx" / f"{_cache_key(checkpoint, wrapper)}.onnx"
+        if cached.is_file():
+            try:
+                return OnnxNet(ort_session(cached, threads))
+            except Exception:  # a damaged cache file: export again and replace it
+                pass
+    example = torch.zeros(2, 3, input_size, input_size)
+    data = onnx_bytes(module.eval(), example, dynamic_batch=True, output_name="logits")
+    if cached is not None:
+        with atomic_path(cached) as tmp:
+            tmp.write_bytes(data)
+    return OnnxNet(ort_session(data, threads))
