@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -57,6 +56,7 @@ from imgclf.data.sources import (
     is_archive,
     is_hidden,
     is_image_name,
+    natural_key,
     open_tree,
 )
 from imgclf.errors import DataError, UserError
@@ -86,19 +86,6 @@ class PredictFailures(UserError):
 class Inputs:
     items: list[Item]
     ignored: Counter = field(default_factory=Counter)  # reason → files
-
-
-_DIGITS = re.compile(r"(\d+)")
-
-
-def natural_key(rel: str) -> tuple:
-    """Sort key: digit runs compare as numbers (``2.png`` < ``10.png``), per path part,
-    case-insensitively; the path itself breaks the remaining ties (``02`` vs ``2``)."""
-    parts = tuple(
-        tuple(int(t) if i % 2 else t.casefold() for i, t in enumerate(_DIGITS.split(part)))
-        for part in rel.split("/")
-    )
-    return parts, rel
 
 
 def list_inputs(src: str | os.PathLike[str]) -> Inputs:

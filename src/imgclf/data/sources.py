@@ -13,6 +13,7 @@ tree holds is decided in :mod:`imgclf.data.scan`.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -209,3 +210,16 @@ def open_tree(src: Path) -> Tree:
         f"{src}: not a folder or a .tar/.tar.gz/.tgz/.zip archive; "
         "give an image folder, an archive or CIFAR batches"
     )
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(rel: str) -> tuple:
+    """Sort key: digit runs compare as numbers (``2.png`` < ``10.png``), per path part,
+    case-insensitively; the path itself breaks the remaining ties (``02`` vs ``2``)."""
+    parts = tuple(
+        tuple(int(t) if i % 2 else t.casefold() for i, t in enumerate(_DIGITS.split(part)))
+        for part in rel.split("/")
+    )
+    return parts, rel

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
+from imgclf.data.sources import natural_key
 from imgclf.errors import DataError
 from imgclf.inference.runs import unique_names
-from imgclf.predict import natural_key
 from imgclf.train.rundir import read_metrics
 
 # The run folder's images, in the order a run section shows them.
