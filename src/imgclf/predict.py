@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import os
 import time
 from collections import Counter
@@ -67,6 +68,7 @@ from imgclf.inference.runs import check_vote, load_runs
 from imgclf.io_utils import atomic_path, check_output_file
 from imgclf.runtime import distributed
 from imgclf.runtime.device import resolve_hardware
+from imgclf.runtime.distributed import Dist
 from imgclf.runtime.onnx import resolve_backend
 
 FORMATS = ("default", "kaggle")
@@ -262,7 +264,8 @@ def predict(
     threads = workers or max(1, default_workers() // env.local_world_size)
     members = make_members(rs, hw.device, tta, backend)
     pipeline = _Pipeline(members, plan, hw.device, autocast_for(hw, backend), batch_size, threads)
-    failed = _label(inputs.items, pipeline.labelled, out, plan.header(), hw.device, env)
+    write = functools.partial(_write_csv, out, plan.header())
+    failed = _label(inputs.items, pipeline.labelled, write, hw.device, env)
     result = PredictResult(
         out=Path(out),
         rows=len(inputs.items),
@@ -295,6 +298,7 @@ def _check_options(format: str, batch_size: int, vote: str) -> None:
 
 
 Labelled = Iterator[tuple[list, list[tuple[str, str]]]]
+Labelling = Callable[[list[Item]], Labelled]  # items → (rows, failures) per chunk
 
 
 @dataclass
@@ -328,21 +332,23 @@ class _Pipeline:
                 )
 
 
+Write = Callable[[Iterable[list]], None]  # the CSV writer, given the rows of each chunk
+
+
 def _label(
-    items: list[Item],
-    labelled: Callable[[list[Item]], Labelled],
-    out: str | os.PathLike[str],
-    header: list[str],
-    device: torch.device,
-    env: distributed.Dist,
+    items: list[Item], labelled: Labelling, write: Write, device: torch.device, env: Dist
 ) -> list[tuple[str, str]]:
     """Label ``items`` and write the CSV (under torchrun: share them, :func:`_sharded`);
     returns the files that could not be read, with the reasons."""
-    if env.enabled:
-        return _sharded(items, labelled, out, header, device, env)
-    failed: list[tuple[str, str]] = []
-    _write_csv(out, header, _collect(labelled(items), failed))
-    return failed
+    if not env.enabled:
+        failed: list[tuple[str, str]] = []
+        write(_collect(labelled(items), failed))
+        return failed
+    d = distributed.init(device, backend="gloo")  # rows are Python objects: CPU transport
+    try:
+        return _sharded(items, labelled, write, d)
+    finally:
+        d.shutdown()
 
 
 def _collect(labelled: Labelled, failed: list[tuple[str, str]]) -> Iterator[list]:
@@ -375,28 +381,19 @@ def _failures(result: PredictResult, out: str | os.PathLike[str]) -> PredictFail
 
 
 def _sharded(
-    items: list[Item],
-    labelled: Callable[[list[Item]], Labelled],
-    out: str | os.PathLike[str],
-    header: list[str],
-    device: torch.device,
-    env: distributed.Dist,
+    items: list[Item], labelled: Labelling, write: Write, d: Dist
 ) -> list[tuple[str, str]]:
     """Label this rank's contiguous block of ``items``; rank 0 gathers every block's rows
     in rank order (that is, input order) and writes the CSV atomically. Returns the
     failures: every rank's on rank 0, its own elsewhere."""
-    d = distributed.init(device, backend="gloo")  # rows are Python objects: CPU transport
-    try:
-        begin, end = (len(items) * r // d.world_size for r in (d.rank, d.rank + 1))
-        rows: list = []
-        failed: list[tuple[str, str]] = []
-        for part, bad in labelled(items[begin:end]):
-            rows += part
-            failed += bad
-        gathered = d.gather((rows, failed))
-        if gathered is None:
-            return failed
-        _write_csv(out, header, (part for part, _ in gathered))
-        return [bad for _, part in gathered for bad in part]
-    finally:
-        d.shutdown()
+    begin, end = (len(items) * r // d.world_size for r in (d.rank, d.rank + 1))
+    rows: list = []
+    failed: list[tuple[str, str]] = []
+    for part, bad in labelled(items[begin:end]):
+        rows += part
+        failed += bad
+    gathered = d.gather((rows, failed))
+    if gathered is None:
+        return failed
+    write(part for part, _ in gathered)
+    return [bad for _, part in gathered for bad in part]
