@@ -10,6 +10,7 @@ never run).
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from pathlib import Path
 
@@ -216,3 +217,49 @@ def test_the_root_names_only_itself():
     assert layer_of("imgclf") == ("imgclf", 0)
     assert layer_of("imgclf.train.loop") == ("imgclf.train", 5)
     assert layer_of("imgclf.newthing") is None  # a new top-level module needs a layer
+
+
+# ---------------------------------------------------------------- README's Layout
+
+README = SRC.parent / "README.md"
+
+
+def layout_entries(readme: str) -> dict[str, str]:
+    """The Layout block's entries under src/imgclf/: name → its description (the
+    indented lines that follow it)."""
+    block = readme.split("## Layout", 1)[1].split("```")[1]
+    entries: dict[str, str] = {}
+    current = None
+    for line in block.splitlines():
+        if line.startswith("  ") and not line.startswith("   "):  # an entry: 2 spaces in
+            current, _, rest = line.strip().partition(" ")
+            entries[current] = rest
+        elif line.startswith("   ") and current:
+            entries[current] += " " + line.strip()
+        else:
+            current = None  # top-level lines (recipes/, benchmarks/) are not the package's
+    return entries
+
+
+def test_readme_layout_names_every_module_of_the_package_and_no_other():
+    entries = layout_entries(README.read_text())
+    package = SRC / "imgclf"
+    on_disk = {
+        p.name + ("/" if p.is_dir() else "")
+        for p in package.iterdir()
+        if not p.name.startswith(("_", ".")) and p.name != "recipes" and p.suffix != ".pyc"
+    }
+    assert set(entries) == on_disk
+    for name, text in entries.items():
+        if name.endswith("/"):  # every module a package's line names is there
+            for module in re.findall(r"\b(\w+\.py)\b", text):
+                assert (package / name / module).is_file(), f"{name}{module} in README"
+            mentioned = set(re.findall(r"\b(\w+)\.py\b", text))
+            missing = {
+                p.stem for p in (package / name).glob("*.py") if not p.stem.startswith("_")
+            } - mentioned
+            assert not missing or name in SUMMARISED, f"{name}: {sorted(missing)} not in README"
+
+
+# Packages whose README line describes them as a whole rather than file by file.
+SUMMARISED = {"models/", "serve/", "report/", "cli/"}

@@ -24,6 +24,7 @@ from imgclf.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``imgclf`` argument parser: one subcommand per entry of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="imgclf",
         description="Image classification: import data, train, evaluate, ensemble, predict.",
@@ -50,6 +51,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command line (``sys.argv[1:]`` by default); returns the exit code. A user
+    mistake is one ``error:`` line and its code (2), never a traceback."""
     args = build_parser().parse_args(argv)
     # The command line as given: what `train --nproc-per-node N` hands to torchrun.
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -120,6 +120,7 @@ def resolve_dataset_dir(name_or_path: str | Path) -> Path:
 
 
 def load_dataset(name_or_path: str | Path) -> Dataset:
+    """Open an imported data set by name or cache folder, its arrays memory-mapped."""
     root = resolve_dataset_dir(name_or_path)
     for _ in range(_LOAD_TRIES):
         version = root.resolve()  # one version folder for every file read below
@@ -159,6 +160,7 @@ def _load_version(root: Path, version: Path) -> Dataset:
 
 
 def list_datasets() -> list[str]:
+    """Names of the imported data sets in the cache, sorted."""
     base = datasets_dir()
     for folder in (base.parent, base):
         if folder.exists() and not folder.is_dir():

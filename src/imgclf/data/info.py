@@ -6,6 +6,8 @@ from imgclf.data.cache import Dataset
 
 
 def dataset_info(ds: Dataset) -> dict:
+    """What ``imgclf data info`` shows, as a dict: classes, counts per split, size,
+    source, validation split and skipped files."""
     return {
         "name": ds.name,
         "root": str(ds.root),

@@ -27,6 +27,8 @@ RESUME_KEYS = ("recipe", "dataset", "class_names", "model_state", "position", "p
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` (a dict of tensors and plain values) to ``path`` atomically, with
+    the imgclf format marker; a full disk is an ``OSError(ENOSPC)`` and leaves no file."""
     state = {"format": FORMAT, **state}
     try:
         with atomic_path(path) as tmp:
@@ -55,6 +57,9 @@ def _nbytes(obj: Any) -> int:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """An imgclf checkpoint, read safely (:func:`safe_load`): ``path`` is a ``.pt`` file
+    or a run folder (its ``best.pt``, else ``last.pt``). Anything else, or a damaged file, is
+    one :class:`CheckpointError` line naming the file."""
     path = Path(path)
     if path.is_dir():
         for name in ("best.pt", "last.pt"):

@@ -22,6 +22,9 @@ from imgclf.errors import UserError
 
 @dataclass(frozen=True)
 class Hardware:
+    """Where and how a model runs: device, autocast dtype (None: fp32), whether fp16 needs a
+    gradient scaler, and the memory format."""
+
     device: torch.device
     autocast_dtype: torch.dtype | None
     use_scaler: bool
@@ -34,6 +37,7 @@ class Hardware:
 
 
 def resolve_device(name: str | None = None) -> torch.device:
+    """The device named (``cpu``, ``cuda``, ``cuda:N``, ``mps``), or the best available."""
     if name and name != "auto":
         try:
             dev = torch.device(name)
@@ -60,6 +64,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_hardware(device: str | None, precision: str, channels_last: str) -> Hardware:
+    """Device, precision (``auto``, ``fp32``, ``bf16``, ``fp16``) and memory format for
+    ``device`` (module docstring: the defaults and why)."""
     dev = resolve_device(device)
     dtype: torch.dtype | None
     scaler = False
@@ -85,6 +91,7 @@ def resolve_hardware(device: str | None, precision: str, channels_last: str) -> 
 
 
 def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once)."""
     logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     logical = logical or 1
     try:
@@ -103,6 +110,7 @@ def physical_cores() -> int:
 
 
 def set_threads(threads: int | None) -> int:
+    """Set torch's CPU threads (default: the physical cores); returns the number set."""
     n = threads or physical_cores()
     torch.set_num_threads(n)
     return n

@@ -164,6 +164,9 @@ class StageConfig(_Strict):
 
 
 class Recipe(_Strict):
+    """A whole experiment as data: model, input size, augmentation, optimizer, schedule,
+    batch, stages and switches. Built by :func:`load_recipe` (YAML, ``--set``, ``--epochs``)."""
+
     name: str = "custom"
     description: str = ""
     model: str
@@ -309,6 +312,8 @@ RETIRED = {"compile": False}  # never read: torch.compile was not wired in (issu
 
 
 def validate(data: dict, where: str = "recipe") -> Recipe:
+    """A :class:`Recipe` from a plain dict (a YAML file's, or a checkpoint's ``recipe``);
+    every problem is one :class:`RecipeError` line that starts with ``where``."""
     data = _drop_retired(data, where)
     try:
         return Recipe.model_validate(data)
