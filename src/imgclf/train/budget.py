@@ -49,17 +49,14 @@ REPLAN_SHARE = 0.985
 # Most a re-plan may lengthen the remaining steps (a pessimistic probe), early in a run.
 MAX_GROWTH = 1.25
 # Within an epoch, a re-plan every this share of the budget (at the probe's step time), and
-# never on fewer steps than REPLAN_MIN_STEPS. A stage shorter than an epoch was otherwise
-# never re-planned: lite0-cpu's fine-tuning ran at 61 images/s where the probe measured 38,
-# and a 15-min budget ended at 562 s (2-core EPYC, docs/results.md "A quarter-hour").
+# never on fewer steps than REPLAN_MIN_STEPS: a stage shorter than an epoch was otherwise
+# never re-planned (docs/benchmarks.md §8, "Notes moved from the code").
 REPLAN_EVERY_SHARE = 0.05
 REPLAN_MIN_STEPS = 20
-# A re-plan projects with the lower median of the stage's latest 3 window rates: a re-plan
-# may shrink without limit but grows only early and by at most MAX_GROWTH, so on its own
-# each slow window ratcheted the plan down for good: a 12-s test budget of 17-ms epochs
-# ended at 3.4-4.5 s (2-core EPYC family 26, in the full test suite). With only two
-# windows so far the faster one counts: a stage's second re-plan leans to growth, which
-# MAX_GROWTH bounds, rather than to a shrink nothing undoes.
+# A re-plan projects with the lower median of the stage's latest 3 window rates: re-plans
+# shrink without limit but grow only early, so each slow window alone ratcheted the plan
+# down for good. With two windows so far the faster one counts: growth is bounded by
+# MAX_GROWTH, a shrink is never undone (docs/benchmarks.md §8).
 RATE_WINDOWS = 3
 # Seconds set aside for the plots and files written at the end.
 FINISH_OVERHEAD_S = 3.0
@@ -67,25 +64,16 @@ FINISH_OVERHEAD_S = 3.0
 EPOCH_OVERHEAD_S = 0.05
 # Timed steps per stage in the probe, after one untimed warm-up step: one is enough, since
 # the re-plan after each epoch corrects the estimate, and every probe step is time the
-# budget does not train (a `fast` step is 3.4 s here: 2+1 steps were 7% of a 2.4-min budget).
+# budget does not train (docs/benchmarks.md §8).
 PROBE_STEPS = 1
 # A stage whose recipe length costs at most this share of the budget runs in full when a
-# budget shrinks the others. A cached head stage's steps cost microseconds once its feature
+# budget shrinks the others: a cached head stage's steps cost microseconds once its feature
 # cache is paid for, so scaling it in proportion only under-trains the head the next stage
-# builds on: `lite0-cpu --time 15m` on CIFAR-10 (2-core EPYC) planned 0.1 of the head's 2
-# epochs (a fraction of a second of training after a 7-minute cache), reached 69.7%, and its
-# 0.3-epoch fine-tuning stage then fell to 62.9% (docs/results.md, "A quarter-hour").
+# builds on (docs/results.md, "A quarter-hour"; docs/benchmarks.md §8).
 CHEAP_STAGE_SHARE = 0.02
 # Timed forward passes (the median is used) behind the estimates of a feature cache's build
-# and of validation; timed once per plan, not per stage (the network is the same). One pass
-# after one warm-up priced lite0-cpu's CIFAR-10 cache (95,000 images at 96 px) at 669 s in
-# a fresh process and 221-284 s in three later probes of the same process (2-core EPYC):
-# one pass is a sample of the machine's noise, so one run planned a 15-min budget and the
-# next refused it. The median of three, reading and resizing the batch included (about 3%
-# of a pass there), read 547-569 s in four probes in a row; the build itself took about
-# 310-420 s in three runs (wall time less training, evaluation and start-up, not timed on
-# its own), so the estimate errs on the safe side. Two more passes of one batch cost under
-# two seconds there.
+# and of validation; timed once per plan, not per stage (the network is the same): one
+# pass is a sample of the machine's noise (docs/benchmarks.md §8).
 FORWARD_REPEATS = 3
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -218,17 +206,16 @@ class Plan:
             for i in range(si, n)
         }
         # A kept stage (a cached head at its recipe length) runs as planned: its time is
-        # counted, but only the other stages shrink or grow. Without this, a head stage of
-        # 8 epochs grew by MAX_GROWTH after each of its 0.1-s epochs (22 epochs, clothing
-        # photos at --time 8m): "early" counts steps, and its steps cost next to nothing.
+        # counted, but only the other stages shrink or grow ("early" counts steps, and its
+        # steps cost next to nothing: docs/benchmarks.md §8).
         kept = sum(t for i, t in rest.items() if self.is_kept(i))
         scalable = sum(t for i, t in rest.items() if not self.is_kept(i))
         later_setup = sum(self.setup_seconds[si + 1 :])
         available = self.budget_seconds * REPLAN_SHARE - elapsed - self.reserve_seconds
         projected = kept + scalable + later_setup
         # Early = under half of the scalable stages' steps done (a kept stage's steps are
-        # many and cheap: counted, lite0-cpu's 2 head epochs made its 0.3-epoch
-        # fine-tuning stage "late" from its first step, and it never grew).
+        # many and cheap: counted, they made a short stage after them "late" from its
+        # first step, and it never grew: docs/benchmarks.md §8).
         early = 2 * sum(d for i, d in enumerate(done) if not self.is_kept(i)) < sum(
             s for i, s in enumerate(self.stage_steps) if not self.is_kept(i)
         )
@@ -239,10 +226,8 @@ class Plan:
         free = max(0.0, available - later_setup - kept)
         # Growth: the rate measured so far is trusted to MAX_GROWTH per re-plan (one window
         # may be luck), but time the probe over-priced and is now spent for less (a
-        # feature cache) is certain, so steps at the probe's own rate may take all of it.
-        # Capped at MAX_GROWTH alone, lite0-cpu's fine-tuning stage grew from 32 to 40
-        # steps after its cache came in 285 s under the estimate, and a 15-min budget
-        # ended at 646 s (2-core EPYC, family 23, AVX2).
+        # feature cache) is certain, so steps at the probe's own rate may take all of it
+        # (docs/benchmarks.md §8).
         at_probe_rate = sum(
             (self.stage_steps[i] - done[i]) * self.step_seconds[i]
             for i in range(si, n)
@@ -263,7 +248,7 @@ class Plan:
         # spent (one-time costs, a slow first epoch) and the rate the rest is projected
         # with. A rate under 1× beside "behind" is then explained by the first figure.
         # Neither behind in time nor in rate, a shrink undoes part of an earlier growth
-        # (lite0-cpu read "behind the plan: 372 s spent where the plan had 518 s").
+        # ("over the budget", not "behind the plan": docs/benchmarks.md §8).
         behind = elapsed > planned_so_far or ratio > 1
         how = "time to spare" if f >= 1 else "behind the plan" if behind else "over the budget"
         basis = (
