@@ -13,7 +13,8 @@ others shrink, since cutting it saves nothing (CHEAP_STAGE_SHARE).
 
 After every epoch, and within one every 5% of the budget (REPLAN_EVERY_SHARE), the run
 compares the time spent with the probe's estimate and shrinks what is left when it is
-behind, or grows it early in the run when the probe was pessimistic.
+behind, or grows it early in the run when the probe was pessimistic (:class:`Replanner`
+keeps that clock; in a data-parallel job rank 0's decides for every rank).
 
 The plan (steps per stage) is saved in every checkpoint: a resumed run keeps it.
 """
@@ -28,17 +29,19 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from imgclf.data.loader import BatchLoader
 from imgclf.errors import RecipeError
+from imgclf.runtime.device import Hardware
+from imgclf.runtime.distributed import Dist
 from imgclf.train.feature_cache import views_for
+from imgclf.train.recipe import Recipe
 from imgclf.train.stages import set_trainable, split_at_first_trained
-
-if TYPE_CHECKING:
-    from imgclf.train.loop import Trainer
 
 # Share of the budget planned for: the rest absorbs the probe's error and machine noise,
 # so the run ends within the budget + 5% (issue #11) on a noisy machine.
@@ -269,16 +272,84 @@ class Plan:
         return sum(self.stage_steps) / steps_per_epoch
 
 
-def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
+class Replanner:
+    """The budget's clock in one stage (index ``si``): when to re-plan within an epoch
+    (:meth:`due`), and the re-plan itself (:meth:`replan`, also at every epoch's end),
+    measured from the stage's start or its latest re-plan. ``done``: the stage's steps
+    done when its clock starts (after its feature cache). Without a plan nothing is due.
+
+    In a data-parallel job rank 0's clock decides and broadcasts the plan: every rank must
+    run the same steps. ``elapsed`` gives the run's wall time so far (resumes included),
+    ``say`` prints a re-plan's note."""
+
+    def __init__(
+        self,
+        plan: Plan | None,
+        si: int,
+        done: int,
+        *,
+        dist: Dist,
+        elapsed: Callable[[], float],
+        say: Callable[[str], None],
+    ) -> None:
+        self.plan, self.si, self.dist = plan, si, dist
+        self.elapsed, self.say = elapsed, say
+        self.mark = (time.perf_counter(), done)  # (when, steps done) of the latest re-plan
+
+    def stage_steps(self) -> int:
+        """The stage's planned steps now (a re-plan moves them)."""
+        return self.plan.stage_steps[self.si]
+
+    def due(self, done: int, epoch_end: int) -> bool:
+        """A re-plan within the epoch, ``done`` steps into the stage: every
+        ``replan_every`` steps since the last one, unless this epoch's end (step
+        ``epoch_end``, which re-plans anyway) is nearer than that."""
+        if self.plan is None or self.plan.is_kept(self.si):
+            return False
+        every = self.plan.replan_every(self.si)
+        return done - self.mark[1] >= every and epoch_end - done >= every // 2
+
+    def replan(self, done: int, epoch_ends: int = 1) -> None:
+        """Fit the rest of the plan to the time measured since the last re-plan
+        (Plan.keep_to_budget), ``done`` steps into the stage, with ``epoch_ends``
+        validations and checkpoints in that window (0 within an epoch)."""
+        note = None
+        now = time.perf_counter()
+        if self.dist.is_main:  # one clock decides: every rank must run the same steps
+            window = (now - self.mark[0], done - self.mark[1])
+            note = self.plan.keep_to_budget(self.si, done, self.elapsed(), window, epoch_ends)
+        self.mark = (now, done)  # every rank: due() counts steps from here
+        if self.dist.enabled:
+            steps, note = self.dist.broadcast((self.plan.stage_steps, note))
+            self.plan.stage_steps = list(steps)
+        if note:
+            self.say(note)
+
+
+@dataclass
+class PlanInputs:
+    """What a plan is made for (:func:`make_plan`): the model (probed on copies, never
+    trained), its loaders (the training one at the adapted batch), the recipe, the
+    hardware and whether BatchNorm is frozen (the adapted mode)."""
+
+    model: nn.Module
+    recipe: Recipe
+    train_loader: BatchLoader
+    val_loader: BatchLoader | None
+    hw: Hardware
+    freeze_bn: bool
+
+
+def make_plan(job: PlanInputs, budget_seconds: float, started: float) -> Plan:
     """Probe each stage and scale the recipe's epochs to fit ``budget_seconds`` counted
     from ``started`` (a ``time.perf_counter()`` value: setup before the plan counts too)."""
-    r = trainer.recipe
-    per_image = _forward_per_image(trainer)  # the same network in every stage: timed once
-    costs = [_probe_stage(trainer, stage, per_image) for stage in r.stages]
-    spe = len(trainer.train_loader)
+    r = job.recipe
+    per_image = _forward_per_image(job)  # the same network in every stage: timed once
+    costs = [_probe_stage(job, stage, per_image) for stage in r.stages]
+    spe = len(job.train_loader)
     # The final evaluation runs the whole network on the validation split, once per
     # test-time view (imgclf.evaluate.tta: 2, or 6 for inputs up to 64 px).
-    views = (6 if trainer.model.input_size <= 64 else 2) if r.tta else 1
+    views = (6 if job.model.input_size <= 64 else 2) if r.tta else 1
     final_eval = costs[-1].full_validation * views
     spent = time.perf_counter() - started
     fixed = spent + sum(c.setup for c in costs) + final_eval + FINISH_OVERHEAD_S
@@ -300,7 +371,7 @@ def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
             f"{costs[0].step:.2f} s)"
         )
     epochs = [n / spe for n in steps]
-    images_per_s = [trainer.train_loader.batch_size / c.step for c in costs]
+    images_per_s = [job.train_loader.batch_size / c.step for c in costs]
     parts = [
         f"{e:.1f} of them in stage {i + 1} ({s.name or _groups(s)}, {ips:,.0f} images/s)"
         for i, (e, s, ips) in enumerate(zip(epochs, r.stages, images_per_s, strict=True))
@@ -325,6 +396,24 @@ def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
     )
 
 
+def agreed_plan(job: PlanInputs, budget_seconds: float, started: float, dist: Dist) -> Plan:
+    """:func:`make_plan`, made once for every rank of a data-parallel job: rank 0 probes
+    and plans, the rest follow, since every rank must run the same steps (a budget too
+    short is the same one-line error on every rank)."""
+    if not dist.enabled:
+        return make_plan(job, budget_seconds, started)
+    outcome: tuple[str, Any] | None = None
+    if dist.is_main:
+        try:
+            outcome = ("plan", make_plan(job, budget_seconds, started).to_dict())
+        except RecipeError as exc:
+            outcome = ("error", str(exc))
+    kind, value = dist.broadcast(outcome)
+    if kind == "error":
+        raise RecipeError(value)
+    return Plan.from_dict(value)
+
+
 def stage_scales(full: list[float], available: float, budget_seconds: float) -> list[float]:
     """The factor each stage's recipe length is scaled by so that the stages, costing
     ``full`` seconds each at their recipe length, fill ``available`` seconds: one factor for
@@ -346,37 +435,32 @@ def _groups(stage) -> str:
     return "all" if groups is None else "+".join(groups)
 
 
-def _forward_per_image(trainer: Trainer) -> float:
+def _forward_per_image(job: PlanInputs) -> float:
     """Seconds per image to read, resize and run the whole network in eval mode (no
     gradients, BatchNorm's statistics untouched): what a feature cache and a validation
     cost."""
     rng = torch.get_rng_state()
     try:
-        loader = trainer.train_loader
+        loader = job.train_loader
         idx = torch.arange(min(loader.batch_size, loader.num_samples))
-        return _time_forward(trainer.model, lambda: loader.batch(idx), trainer) / len(idx)
+        return _time_forward(job.model, lambda: loader.batch(idx), job.hw) / len(idx)
     finally:
         torch.set_rng_state(rng)
 
 
-def _probe_stage(trainer: Trainer, stage, forward: float) -> StageCost:
+def _probe_stage(job: PlanInputs, stage, forward: float) -> StageCost:
     """Time a few training steps of ``stage`` on a copy of the model; ``forward`` (seconds
     per image of the whole network) prices its feature cache and validation."""
     rng = torch.get_rng_state()
     try:
-        model = copy.deepcopy(trainer.model)
-        set_trainable(
-            model,
-            stage.groups(),
-            bn_update=stage.bn_update,
-            freeze_bn=trainer.adapted.freeze_bn,
-        )
-        loader = trainer.train_loader
+        model = copy.deepcopy(job.model)
+        set_trainable(model, stage.groups(), bn_update=stage.bn_update, freeze_bn=job.freeze_bn)
+        loader = job.train_loader
         n_train = loader.num_samples
-        n_val = trainer.val_loader.num_samples if trainer.val_loader is not None else 0
+        n_val = job.val_loader.num_samples if job.val_loader is not None else 0
         cached = (
-            trainer.recipe.feature_cache
-            and views_for(trainer.recipe, stage) is not None
+            job.recipe.feature_cache
+            and views_for(job.recipe, stage) is not None
             and not stage.bn_update
             and split_at_first_trained(model, stage.groups()) is not None
         )
@@ -385,34 +469,33 @@ def _probe_stage(trainer: Trainer, stage, forward: float) -> StageCost:
             prefix, suffix = split_at_first_trained(model, stage.groups())
             with torch.inference_mode():
                 features = prefix.eval()(batch)
-            step = _time_steps(suffix, features.clone(), trainer)
-            views = views_for(trainer.recipe, stage) or 1
+            step = _time_steps(suffix, features.clone(), job)
+            views = views_for(job.recipe, stage) or 1
             setup = forward * (views * n_train + n_val)
             validation = 0.0  # on cached features: negligible
         else:
-            step = _time_steps(model, batch, trainer)
+            step = _time_steps(model, batch, job)
             setup = 0.0
             validation = forward * n_val
         return StageCost(
             step=step,
             validation=validation,
             setup=setup,
-            epoch=_time_checkpoint(trainer),
+            epoch=_time_checkpoint(job.model),
             full_validation=forward * n_val,
         )
     finally:
         torch.set_rng_state(rng)
 
 
-def _autocast(trainer: Trainer):
-    hw = trainer.hw
+def _autocast(hw: Hardware):
     return torch.autocast(
         hw.device.type, dtype=hw.autocast_dtype, enabled=hw.autocast_dtype is not None
     )
 
 
 def _time_forward(
-    model: torch.nn.Module, make_batch: Callable[[], torch.Tensor], trainer: Trainer
+    model: torch.nn.Module, make_batch: Callable[[], torch.Tensor], hw: Hardware
 ) -> float:
     """Seconds to make one batch (read, resize) and run it through ``model`` in eval mode,
     as building a feature cache and validating do: the median of FORWARD_REPEATS passes
@@ -420,7 +503,7 @@ def _time_forward(
     was = model.training
     model.eval()
     try:
-        with torch.inference_mode(), _autocast(trainer):
+        with torch.inference_mode(), _autocast(hw):
             batch = make_batch()
             model(batch)  # warm-up: allocations, kernel selection
             _sync(batch)
@@ -436,11 +519,11 @@ def _time_forward(
         model.train(was)
 
 
-def _time_steps(net: torch.nn.Module, x: torch.Tensor, trainer: Trainer) -> float:
+def _time_steps(net: torch.nn.Module, x: torch.Tensor, job: PlanInputs) -> float:
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
     y = torch.zeros(len(x), dtype=torch.int64, device=x.device)
-    loader = trainer.train_loader
+    loader = job.train_loader
     gen = torch.Generator().manual_seed(0)
     idx = torch.arange(len(x))
     times = []
@@ -448,7 +531,7 @@ def _time_steps(net: torch.nn.Module, x: torch.Tensor, trainer: Trainer) -> floa
         t = time.perf_counter()
         if i and x.ndim == 4 and x.shape[1] == 3 and loader.augment.enabled:
             x = loader.batch(idx, gen)  # the augmentation is part of a step's cost
-        with _autocast(trainer):
+        with _autocast(job.hw):
             loss = F.cross_entropy(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -458,11 +541,11 @@ def _time_steps(net: torch.nn.Module, x: torch.Tensor, trainer: Trainer) -> floa
     return sum(times[1:]) / PROBE_STEPS
 
 
-def _time_checkpoint(trainer: Trainer) -> float:
+def _time_checkpoint(model: nn.Module) -> float:
     """An epoch ends with two checkpoint writes (last.pt, often best.pt: weights and the
     optimizer's momentum, written and synced to disk), a metrics row and TensorBoard
     events: negligible for real data sets, most of an epoch of a cached head stage."""
-    state = {"model": trainer.model.state_dict(), "momentum": trainer.model.state_dict()}
+    state = {"model": model.state_dict(), "momentum": model.state_dict()}
     with tempfile.NamedTemporaryFile(dir=tempfile.gettempdir()) as f:
         t = time.perf_counter()
         torch.save(state, f)
