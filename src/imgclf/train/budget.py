@@ -201,6 +201,55 @@ class Plan:
         if window is not None and window[1] > 0:
             probed = window[1] * self._train_step(si) + epoch_ends * self._epoch_cost(si)
             ratio = self._steady_ratio(si, window[0] / probed)
+        f = self._factor(si, done, elapsed, ratio)
+        if f is None:
+            return None
+        for i in range(si, n):
+            if self.is_kept(i):
+                continue
+            left = self.stage_steps[i] - done[i]
+            keep = math.floor(left * f)
+            if i > si and left > 0:
+                keep = max(keep, 1)  # a later stage still runs, however briefly
+            self.stage_steps[i] = done[i] + keep
+        return self._note(f, elapsed, planned_so_far, ratio, window, epoch_ends)
+
+    def _note(
+        self,
+        f: float,
+        elapsed: float,
+        planned_so_far: float,
+        ratio: float,
+        window: tuple[float, int] | None,
+        epoch_ends: int,
+    ) -> str:
+        """What a re-plan that scaled the remaining steps by ``f`` prints."""
+        # Both figures are printed because either can drive the change: the time already
+        # spent (one-time costs, a slow first epoch) and the rate the rest is projected
+        # with. A rate under 1× beside "behind" is then explained by the first figure.
+        # Neither behind in time nor in rate, a shrink undoes part of an earlier growth:
+        # "over the budget" (docs/benchmarks.md §8).
+        behind = elapsed > planned_so_far or ratio > 1
+        how = "time to spare" if f >= 1 else "behind the plan" if behind else "over the budget"
+        basis = (
+            "run's"
+            if window is None or window[1] <= 0
+            else "latest epoch's"
+            if epoch_ends
+            else f"latest {window[1]}"
+        )
+        return (
+            f"{how}: {elapsed:.0f} s spent where the plan had {planned_so_far:.0f} s, "
+            f"the {basis} steps at {ratio:.2f}× the probe's time; the remaining steps "
+            f"{'shrink' if f < 1 else 'grow'} to {f:.0%} to fit "
+            f"{describe_duration(self.budget_seconds)}"
+        )
+
+    def _factor(self, si: int, done: list[int], elapsed: float, ratio: float) -> float | None:
+        """The factor the remaining steps of the stages not kept are scaled by, ``done``
+        steps of each stage done and this stage's steps at ``ratio`` × the probe's time;
+        None: they fit (and it is not early enough to grow them), or nothing scales."""
+        n = len(self.stage_steps)
         # The measured rate applies to this stage only: a cached head stage's epochs are all
         # bookkeeping and a full stage's all compute, so one stage's error says little
         # about the next, which is re-planned when its own epochs are measured.
@@ -239,34 +288,7 @@ class Plan:
         f = free / scalable
         if f > 1 and at_probe_rate > 0:
             f = min(f, max(MAX_GROWTH, free / at_probe_rate))
-        for i in range(si, n):
-            if self.is_kept(i):
-                continue
-            left = self.stage_steps[i] - done[i]
-            keep = math.floor(left * f)
-            if i > si and left > 0:
-                keep = max(keep, 1)  # a later stage still runs, however briefly
-            self.stage_steps[i] = done[i] + keep
-        # Both figures are printed because either can drive the change: the time already
-        # spent (one-time costs, a slow first epoch) and the rate the rest is projected
-        # with. A rate under 1× beside "behind" is then explained by the first figure.
-        # Neither behind in time nor in rate, a shrink undoes part of an earlier growth
-        # ("over the budget", not "behind the plan": docs/benchmarks.md §8).
-        behind = elapsed > planned_so_far or ratio > 1
-        how = "time to spare" if f >= 1 else "behind the plan" if behind else "over the budget"
-        basis = (
-            "run's"
-            if window is None or window[1] <= 0
-            else "latest epoch's"
-            if epoch_ends
-            else f"latest {window[1]}"
-        )
-        return (
-            f"{how}: {elapsed:.0f} s spent where the plan had {planned_so_far:.0f} s, "
-            f"the {basis} steps at {ratio:.2f}× the probe's time; the remaining steps "
-            f"{'shrink' if f < 1 else 'grow'} to {f:.0%} to fit "
-            f"{describe_duration(self.budget_seconds)}"
-        )
+        return f
 
     def epochs_done(self, steps_per_epoch: int) -> float:
         return sum(self.stage_steps) / steps_per_epoch
