@@ -2,7 +2,8 @@
 
 A checkpoint (``last.pt``, ``best.pt``) is one dict; :func:`to_checkpoint` writes it and
 :func:`from_checkpoint` / :func:`restore_stage` read it back. Its keys are read elsewhere
-too (imgclf.runtime.checkpoint, models, predict, export, rundir), so they stay as they are.
+too (imgclf.runtime.checkpoint, models, evaluate, data.preprocess, rundir), so they stay as
+they are.
 """
 
 from __future__ import annotations
