@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 if TYPE_CHECKING:
-    from imgclf.train.loop import Trainer
+    from imgclf.train.trainer import Trainer
 
 CLASSES = ("a", "b", "c")
 COLOURS = {"a": (200, 40, 40), "b": (40, 200, 40), "c": (40, 40, 200)}
@@ -151,7 +151,8 @@ def interrupt_then_resume(recipe: Any, data: Path, out: Path, epoch: int = 2, ba
     """Train ``recipe`` in ``out``, press Ctrl-C at (``epoch``, ``batch``), then resume to the
     end. Returns the checkpoint as it was at the interrupt, for the caller's checks."""
     from imgclf.runtime.checkpoint import load_checkpoint
-    from imgclf.train.loop import Trainer, train
+    from imgclf.train.api import train
+    from imgclf.train.trainer import Trainer
 
     trainer = Trainer(recipe, data, out, threads=1, progress=False)
     interrupt_at(trainer, epoch, batch)

@@ -20,10 +20,11 @@ from helpers_train import (
 from imgclf.data.importer import import_dataset
 from imgclf.data.loader import Augment, BatchLoader, alternate_flips
 from imgclf.errors import RecipeError
+from imgclf.train.api import train
 from imgclf.train.lookahead import Lookahead
-from imgclf.train.loop import Trainer, train
 from imgclf.train.optim import lr_factor
 from imgclf.train.recipe import LookaheadConfig, load_recipe, validate
+from imgclf.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

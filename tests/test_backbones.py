@@ -476,8 +476,8 @@ def test_two_stage_recipe_runs_and_resumes_across_the_stage_boundary(
     from conftest import make_class_tree
     from imgclf.data import import_dataset
     from imgclf.runtime.checkpoint import load_checkpoint
-    from imgclf.train import loop
     from imgclf.train.rundir import read_metrics
+    from imgclf.train.trainer import Trainer
 
     make_class_tree(tmp_path / "src", {"cat": 10, "dog": 10, "bird": 10}, size=(32, 32))
     ds = import_dataset(tmp_path / "src", "tiny", val_fraction=0.3)
@@ -494,14 +494,14 @@ def test_two_stage_recipe_runs_and_resumes_across_the_stage_boundary(
     }
 
     # Interrupt as stage 2 begins: last.pt then holds the end of stage 1.
-    original = loop.Trainer._epoch
+    original = Trainer._epoch
 
     def stop_at_stage_two(self, si, *args, **kwargs):
         if si == 1:
             raise KeyboardInterrupt
         return original(self, si, *args, **kwargs)
 
-    monkeypatch.setattr(loop.Trainer, "_epoch", stop_at_stage_two)
+    monkeypatch.setattr(Trainer, "_epoch", stop_at_stage_two)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         imgclf.train(recipe, data=ds, out=out, progress=False)
@@ -517,7 +517,7 @@ def test_two_stage_recipe_runs_and_resumes_across_the_stage_boundary(
     moved = {k for k in initial if not torch.equal(initial[k], state[k])}
     assert moved and all(k.startswith("net.classifier.1.") for k in moved)
 
-    monkeypatch.setattr(loop.Trainer, "_epoch", original)
+    monkeypatch.setattr(Trainer, "_epoch", original)
     run = imgclf.train(None, data=ds, resume=out, progress=False)
     rows = read_metrics(run.path / "metrics.csv")
     assert [(r["stage"], r["epoch"]) for r in rows] == [(1, 1), (2, 2)]

@@ -92,8 +92,8 @@ def test_resume_keeps_the_plan_and_refuses_a_new_budget(tiny, tmp_path):
     assert plan["budget_seconds"] == 6 and plan["stage_steps"][0] >= 1
     with pytest.raises(RecipeError, match="keeps the plan"):
         train(resume=run.path, time_budget="1m", progress=False)
-    from imgclf.train.loop import Trainer
     from imgclf.train.recipe import validate
+    from imgclf.train.trainer import Trainer
 
     state = load_checkpoint(run.path / "last.pt")
     again = Trainer(validate(state["recipe"]), tiny, run.path, progress=False, state=state)
@@ -101,8 +101,8 @@ def test_resume_keeps_the_plan_and_refuses_a_new_budget(tiny, tmp_path):
 
 
 def test_plan_keeps_stage_proportions(tiny, tmp_path):
-    from imgclf.train.loop import Trainer
     from imgclf.train.recipe import validate
+    from imgclf.train.trainer import Trainer
 
     recipe = validate(_recipe(stages=((3, "all"), (1, "all"))))
     trainer = Trainer(recipe, tiny, tmp_path / "r", progress=False, budget_seconds=20)
@@ -130,8 +130,8 @@ def test_a_stage_that_costs_almost_nothing_keeps_its_length():
 
 def test_plan_gives_a_cheap_cached_stage_its_recipe_length(tiny, tmp_path, monkeypatch):
     from imgclf.train import budget
-    from imgclf.train.loop import Trainer
     from imgclf.train.recipe import validate
+    from imgclf.train.trainer import Trainer
 
     # Probe results as measured for lite0-cpu on a CPU: the head stage's steps nearly free
     # after a cache, the full stage's slow. Stubbed so the test does not depend on timing.

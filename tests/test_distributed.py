@@ -37,7 +37,8 @@ from imgclf.data.loader import BatchLoader, augment_generator, epoch_generator
 from imgclf.errors import RecipeError
 from imgclf.runtime import distributed
 from imgclf.runtime.distributed import Dist
-from imgclf.train.loop import LAUNCH_MARKER, _after_restart, train
+from imgclf.train.api import _after_restart, train
+from imgclf.train.rundir import LAUNCH_MARKER
 
 # Weights of 2 processes vs 1: the same arithmetic up to the order of a sum (measured
 # 3e-8 after 2 epochs here); 1e-5 leaves room, a wrong batch would be off by 1e-2.

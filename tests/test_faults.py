@@ -31,9 +31,10 @@ from imgclf.cli import main
 from imgclf.data.importer import import_dataset
 from imgclf.errors import UserError
 from imgclf.runtime.checkpoint import load_checkpoint
-from imgclf.train.loop import Trainer, train
+from imgclf.train.api import train
 from imgclf.train.recipe import load_recipe
 from imgclf.train.rundir import LOCK_NAME
+from imgclf.train.trainer import Trainer
 
 EPOCHS = 3
 
@@ -228,7 +229,7 @@ def test_ctrl_c_anywhere_then_resume_is_exact(
 
 def test_periodic_mid_epoch_checkpoints_change_nothing(two_stage_reference, tmp_path, monkeypatch):
     recipe, ds, reference = two_stage_reference
-    monkeypatch.setattr("imgclf.train.loop.CHECKPOINT_MINUTES", 0.0)  # after every step
+    monkeypatch.setattr("imgclf.train.steps.CHECKPOINT_MINUTES", 0.0)  # after every step
     saves = []
     monkeypatch.setattr(Trainer, "_checkpoint_mid_epoch", _counting(saves))
     run = train(recipe, ds, out=tmp_path / "run", threads=1, progress=False)

@@ -104,10 +104,10 @@ def test_stage_augment_override_enables_cache(tmp_path: Path) -> None:
         ],
     )
     msgs: list[str] = []
-    from imgclf.train import loop
     from imgclf.train.recipe import validate
+    from imgclf.train.trainer import Trainer
 
-    trainer = loop.Trainer(
+    trainer = Trainer(
         validate(recipe),
         ds,
         tmp_path / "run",

@@ -19,7 +19,7 @@ from helpers_train import (
 from imgclf.data.importer import import_dataset
 from imgclf.errors import RecipeError
 from imgclf.models import create
-from imgclf.train.loop import train
+from imgclf.train.api import train
 from imgclf.train.muon import Muon, orthogonalize
 from imgclf.train.optim import build_optimizer, muon_step
 from imgclf.train.recipe import load_recipe, validate

@@ -31,8 +31,8 @@ from imgclf.errors import CheckpointError
 from imgclf.models.backbones import load_state_file
 from imgclf.runtime import checkpoint as checkpoint_module
 from imgclf.runtime.checkpoint import load_checkpoint, save_checkpoint
-from imgclf.train import loop as loop_module
 from imgclf.train import rundir as rundir_module
+from imgclf.train import trainer as trainer_module
 from imgclf.train.rundir import LOCK_NAME, RunDirError, claim_run_dir, read_metrics
 
 
@@ -328,7 +328,7 @@ def test_disk_full_saving_a_checkpoint_is_one_line_and_metrics_match_it(
 ):
     out = tmp_path / "run"
     monkeypatch.setattr(
-        loop_module, "save_checkpoint", disk_full_at_epoch_2(save_checkpoint, failing)
+        trainer_module, "save_checkpoint", disk_full_at_epoch_2(save_checkpoint, failing)
     )
     code, _, stderr = run_cli(
         capsys, "train", two_epochs, "--data", "tiny", "--out", out, "--quiet"
@@ -353,7 +353,7 @@ def test_disk_full_before_any_checkpoint(two_epochs, tmp_path, capsys, monkeypat
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     out = tmp_path / "run"
-    monkeypatch.setattr(loop_module, "save_checkpoint", no_room)
+    monkeypatch.setattr(trainer_module, "save_checkpoint", no_room)
     code, _, stderr = run_cli(
         capsys, "train", two_epochs, "--data", "tiny", "--out", out, "--quiet"
     )

@@ -34,10 +34,12 @@ from imgclf.evaluate.metrics import Metrics, compute_metrics, infer
 from imgclf.evaluate.mistakes import top_mistakes
 from imgclf.models import build_model_from_checkpoint, create
 from imgclf.runtime.checkpoint import load_checkpoint
-from imgclf.train.loop import Run, Trainer, train
+from imgclf.train.api import train
 from imgclf.train.recipe import load_recipe
 from imgclf.train.rundir import METRIC_COLUMNS
 from imgclf.train.stages import set_trainable
+from imgclf.train.state import Run
+from imgclf.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

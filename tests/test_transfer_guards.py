@@ -181,8 +181,8 @@ def test_class_balance_changes_training_as_declared(tmp_path, mode):
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
         "stages": [{"epochs": 1}],
     }
-    from imgclf.train.loop import Trainer
     from imgclf.train.recipe import validate
+    from imgclf.train.trainer import Trainer
 
     plain = Trainer(validate(base), ds, tmp_path / "a", progress=False)
     balanced = Trainer(
@@ -251,8 +251,8 @@ def test_no_chance_warning_on_learnable_data(tmp_path, capsys):
 
 
 def test_a_stage_ending_below_the_previous_one_warns(tmp_path, capsys):
-    from imgclf.train.loop import Trainer
     from imgclf.train.recipe import validate
+    from imgclf.train.trainer import Trainer
 
     src = make_image_folder(tmp_path / "src", per_class=50, size=16)
     ds = import_dataset(src, "ok", dest=tmp_path / "cache", val_fraction=0.4, warn=_quiet)

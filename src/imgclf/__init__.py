@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 
 # Imported lazily so `import imgclf` (and `imgclf --help`) do not pay for torch.
 _EXPORTS = {
-    "train": "imgclf.train.loop",
-    "Run": "imgclf.train.loop",
+    "train": "imgclf.train.api",
+    "Run": "imgclf.train.state",
     "evaluate": "imgclf.evaluate.runs",
     "import_dataset": "imgclf.data.importer",
     "load_dataset": "imgclf.data.cache",

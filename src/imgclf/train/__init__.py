@@ -12,8 +12,8 @@ import types
 from typing import Any
 
 _EXPORTS = {
-    "Run": "imgclf.train.loop",
-    "train": "imgclf.train.loop",
+    "Run": "imgclf.train.state",
+    "train": "imgclf.train.api",
     "Recipe": "imgclf.train.recipe",
     "list_recipes": "imgclf.train.recipe",
     "load_recipe": "imgclf.train.recipe",

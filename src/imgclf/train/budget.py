@@ -13,7 +13,8 @@ others shrink, since cutting it saves nothing (CHEAP_STAGE_SHARE).
 
 After every epoch, and within one every 5% of the budget (REPLAN_EVERY_SHARE), the run
 compares the time spent with the probe's estimate and shrinks what is left when it is
-behind, or grows it early in the run when the probe was pessimistic.
+behind, or grows it early in the run when the probe was pessimistic (:class:`Replanner`
+keeps that clock; in a data-parallel job rank 0's decides for every rank).
 
 The plan (steps per stage) is saved in every checkpoint: a resumed run keeps it.
 """
@@ -28,17 +29,19 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from imgclf.data.loader import BatchLoader
 from imgclf.errors import RecipeError
+from imgclf.runtime.device import Hardware
+from imgclf.runtime.distributed import Dist
 from imgclf.train.feature_cache import views_for
+from imgclf.train.recipe import Recipe
 from imgclf.train.stages import set_trainable, split_at_first_trained
-
-if TYPE_CHECKING:
-    from imgclf.train.loop import Trainer
 
 # Share of the budget planned for: the rest absorbs the probe's error and machine noise,
 # so the run ends within the budget + 5% (issue #11) on a noisy machine.
@@ -49,17 +52,14 @@ REPLAN_SHARE = 0.985
 # Most a re-plan may lengthen the remaining steps (a pessimistic probe), early in a run.
 MAX_GROWTH = 1.25
 # Within an epoch, a re-plan every this share of the budget (at the probe's step time), and
-# never on fewer steps than REPLAN_MIN_STEPS. A stage shorter than an epoch was otherwise
-# never re-planned: lite0-cpu's fine-tuning ran at 61 images/s where the probe measured 38,
-# and a 15-min budget ended at 562 s (2-core EPYC, docs/results.md "A quarter-hour").
+# never on fewer steps than REPLAN_MIN_STEPS: a stage shorter than an epoch was otherwise
+# never re-planned (docs/benchmarks.md §8, "Notes moved from the code").
 REPLAN_EVERY_SHARE = 0.05
 REPLAN_MIN_STEPS = 20
-# A re-plan projects with the lower median of the stage's latest 3 window rates: a re-plan
-# may shrink without limit but grows only early and by at most MAX_GROWTH, so on its own
-# each slow window ratcheted the plan down for good: a 12-s test budget of 17-ms epochs
-# ended at 3.4-4.5 s (2-core EPYC family 26, in the full test suite). With only two
-# windows so far the faster one counts: a stage's second re-plan leans to growth, which
-# MAX_GROWTH bounds, rather than to a shrink nothing undoes.
+# A re-plan projects with the lower median of the stage's latest 3 window rates: re-plans
+# shrink without limit but grow only early, so each slow window alone ratcheted the plan
+# down for good. With two windows so far the faster one counts: growth is bounded by
+# MAX_GROWTH, a shrink is never undone (docs/benchmarks.md §8).
 RATE_WINDOWS = 3
 # Seconds set aside for the plots and files written at the end.
 FINISH_OVERHEAD_S = 3.0
@@ -67,25 +67,16 @@ FINISH_OVERHEAD_S = 3.0
 EPOCH_OVERHEAD_S = 0.05
 # Timed steps per stage in the probe, after one untimed warm-up step: one is enough, since
 # the re-plan after each epoch corrects the estimate, and every probe step is time the
-# budget does not train (a `fast` step is 3.4 s here: 2+1 steps were 7% of a 2.4-min budget).
+# budget does not train (docs/benchmarks.md §8).
 PROBE_STEPS = 1
 # A stage whose recipe length costs at most this share of the budget runs in full when a
-# budget shrinks the others. A cached head stage's steps cost microseconds once its feature
+# budget shrinks the others: a cached head stage's steps cost microseconds once its feature
 # cache is paid for, so scaling it in proportion only under-trains the head the next stage
-# builds on: `lite0-cpu --time 15m` on CIFAR-10 (2-core EPYC) planned 0.1 of the head's 2
-# epochs (a fraction of a second of training after a 7-minute cache), reached 69.7%, and its
-# 0.3-epoch fine-tuning stage then fell to 62.9% (docs/results.md, "A quarter-hour").
+# builds on (docs/results.md, "A quarter-hour"; docs/benchmarks.md §8).
 CHEAP_STAGE_SHARE = 0.02
 # Timed forward passes (the median is used) behind the estimates of a feature cache's build
-# and of validation; timed once per plan, not per stage (the network is the same). One pass
-# after one warm-up priced lite0-cpu's CIFAR-10 cache (95,000 images at 96 px) at 669 s in
-# a fresh process and 221-284 s in three later probes of the same process (2-core EPYC):
-# one pass is a sample of the machine's noise, so one run planned a 15-min budget and the
-# next refused it. The median of three, reading and resizing the batch included (about 3%
-# of a pass there), read 547-569 s in four probes in a row; the build itself took about
-# 310-420 s in three runs (wall time less training, evaluation and start-up, not timed on
-# its own), so the estimate errs on the safe side. Two more passes of one batch cost under
-# two seconds there.
+# and of validation; timed once per plan, not per stage (the network is the same): one
+# pass is a sample of the machine's noise (docs/benchmarks.md §8).
 FORWARD_REPEATS = 3
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -210,47 +201,9 @@ class Plan:
         if window is not None and window[1] > 0:
             probed = window[1] * self._train_step(si) + epoch_ends * self._epoch_cost(si)
             ratio = self._steady_ratio(si, window[0] / probed)
-        # The measured rate applies to this stage only: a cached head stage's epochs are all
-        # bookkeeping and a full stage's all compute, so one stage's error says little
-        # about the next, which is re-planned when its own epochs are measured.
-        rest = {
-            i: (self.stage_steps[i] - done[i]) * self.step_seconds[i] * (ratio if i == si else 1)
-            for i in range(si, n)
-        }
-        # A kept stage (a cached head at its recipe length) runs as planned: its time is
-        # counted, but only the other stages shrink or grow. Without this, a head stage of
-        # 8 epochs grew by MAX_GROWTH after each of its 0.1-s epochs (22 epochs, clothing
-        # photos at --time 8m): "early" counts steps, and its steps cost next to nothing.
-        kept = sum(t for i, t in rest.items() if self.is_kept(i))
-        scalable = sum(t for i, t in rest.items() if not self.is_kept(i))
-        later_setup = sum(self.setup_seconds[si + 1 :])
-        available = self.budget_seconds * REPLAN_SHARE - elapsed - self.reserve_seconds
-        projected = kept + scalable + later_setup
-        # Early = under half of the scalable stages' steps done (a kept stage's steps are
-        # many and cheap: counted, lite0-cpu's 2 head epochs made its 0.3-epoch
-        # fine-tuning stage "late" from its first step, and it never grew).
-        early = 2 * sum(d for i, d in enumerate(done) if not self.is_kept(i)) < sum(
-            s for i, s in enumerate(self.stage_steps) if not self.is_kept(i)
-        )
-        if scalable <= 0:
+        f = self._factor(si, done, elapsed, ratio)
+        if f is None:
             return None
-        if projected <= available and not (early and projected < 0.9 * available):
-            return None
-        free = max(0.0, available - later_setup - kept)
-        # Growth: the rate measured so far is trusted to MAX_GROWTH per re-plan (one window
-        # may be luck), but time the probe over-priced and is now spent for less (a
-        # feature cache) is certain, so steps at the probe's own rate may take all of it.
-        # Capped at MAX_GROWTH alone, lite0-cpu's fine-tuning stage grew from 32 to 40
-        # steps after its cache came in 285 s under the estimate, and a 15-min budget
-        # ended at 646 s (2-core EPYC, family 23, AVX2).
-        at_probe_rate = sum(
-            (self.stage_steps[i] - done[i]) * self.step_seconds[i]
-            for i in range(si, n)
-            if not self.is_kept(i)
-        )
-        f = free / scalable
-        if f > 1 and at_probe_rate > 0:
-            f = min(f, max(MAX_GROWTH, free / at_probe_rate))
         for i in range(si, n):
             if self.is_kept(i):
                 continue
@@ -259,11 +212,23 @@ class Plan:
             if i > si and left > 0:
                 keep = max(keep, 1)  # a later stage still runs, however briefly
             self.stage_steps[i] = done[i] + keep
+        return self._note(f, elapsed, planned_so_far, ratio, window, epoch_ends)
+
+    def _note(
+        self,
+        f: float,
+        elapsed: float,
+        planned_so_far: float,
+        ratio: float,
+        window: tuple[float, int] | None,
+        epoch_ends: int,
+    ) -> str:
+        """What a re-plan that scaled the remaining steps by ``f`` prints."""
         # Both figures are printed because either can drive the change: the time already
         # spent (one-time costs, a slow first epoch) and the rate the rest is projected
         # with. A rate under 1× beside "behind" is then explained by the first figure.
-        # Neither behind in time nor in rate, a shrink undoes part of an earlier growth
-        # (lite0-cpu read "behind the plan: 372 s spent where the plan had 518 s").
+        # Neither behind in time nor in rate, a shrink undoes part of an earlier growth:
+        # "over the budget" (docs/benchmarks.md §8).
         behind = elapsed > planned_so_far or ratio > 1
         how = "time to spare" if f >= 1 else "behind the plan" if behind else "over the budget"
         basis = (
@@ -280,20 +245,133 @@ class Plan:
             f"{describe_duration(self.budget_seconds)}"
         )
 
+    def _factor(self, si: int, done: list[int], elapsed: float, ratio: float) -> float | None:
+        """The factor the remaining steps of the stages not kept are scaled by, ``done``
+        steps of each stage done and this stage's steps at ``ratio`` × the probe's time;
+        None: they fit (and it is not early enough to grow them), or nothing scales."""
+        n = len(self.stage_steps)
+        # The measured rate applies to this stage only: a cached head stage's epochs are all
+        # bookkeeping and a full stage's all compute, so one stage's error says little
+        # about the next, which is re-planned when its own epochs are measured.
+        rest = {
+            i: (self.stage_steps[i] - done[i]) * self.step_seconds[i] * (ratio if i == si else 1)
+            for i in range(si, n)
+        }
+        # A kept stage (a cached head at its recipe length) runs as planned: its time is
+        # counted, but only the other stages shrink or grow ("early" counts steps, and its
+        # steps cost next to nothing: docs/benchmarks.md §8).
+        kept = sum(t for i, t in rest.items() if self.is_kept(i))
+        scalable = sum(t for i, t in rest.items() if not self.is_kept(i))
+        later_setup = sum(self.setup_seconds[si + 1 :])
+        available = self.budget_seconds * REPLAN_SHARE - elapsed - self.reserve_seconds
+        projected = kept + scalable + later_setup
+        # Early = under half of the scalable stages' steps done (a kept stage's steps are
+        # many and cheap: counted, they made a short stage after them "late" from its
+        # first step, and it never grew: docs/benchmarks.md §8).
+        early = 2 * sum(d for i, d in enumerate(done) if not self.is_kept(i)) < sum(
+            s for i, s in enumerate(self.stage_steps) if not self.is_kept(i)
+        )
+        if scalable <= 0:
+            return None
+        if projected <= available and not (early and projected < 0.9 * available):
+            return None
+        free = max(0.0, available - later_setup - kept)
+        # Growth: the rate measured so far is trusted to MAX_GROWTH per re-plan (one window
+        # may be luck), but time the probe over-priced and is now spent for less (a
+        # feature cache) is certain, so steps at the probe's own rate may take all of it
+        # (docs/benchmarks.md §8).
+        at_probe_rate = sum(
+            (self.stage_steps[i] - done[i]) * self.step_seconds[i]
+            for i in range(si, n)
+            if not self.is_kept(i)
+        )
+        f = free / scalable
+        if f > 1 and at_probe_rate > 0:
+            f = min(f, max(MAX_GROWTH, free / at_probe_rate))
+        return f
+
     def epochs_done(self, steps_per_epoch: int) -> float:
         return sum(self.stage_steps) / steps_per_epoch
 
 
-def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
+class Replanner:
+    """The budget's clock in one stage (index ``si``): when to re-plan within an epoch
+    (:meth:`due`), and the re-plan itself (:meth:`replan`, also at every epoch's end),
+    measured from the stage's start or its latest re-plan. ``done``: the stage's steps
+    done when its clock starts (after its feature cache). Without a plan nothing is due.
+
+    In a data-parallel job rank 0's clock decides and broadcasts the plan: every rank must
+    run the same steps. ``elapsed`` gives the run's wall time so far (resumes included),
+    ``say`` prints a re-plan's note."""
+
+    def __init__(
+        self,
+        plan: Plan | None,
+        si: int,
+        done: int,
+        *,
+        dist: Dist,
+        elapsed: Callable[[], float],
+        say: Callable[[str], None],
+    ) -> None:
+        self.plan, self.si, self.dist = plan, si, dist
+        self.elapsed, self.say = elapsed, say
+        self.mark = (time.perf_counter(), done)  # (when, steps done) of the latest re-plan
+
+    def stage_steps(self) -> int:
+        """The stage's planned steps now (a re-plan moves them)."""
+        return self.plan.stage_steps[self.si]
+
+    def due(self, done: int, epoch_end: int) -> bool:
+        """A re-plan within the epoch, ``done`` steps into the stage: every
+        ``replan_every`` steps since the last one, unless this epoch's end (step
+        ``epoch_end``, which re-plans anyway) is nearer than that."""
+        if self.plan is None or self.plan.is_kept(self.si):
+            return False
+        every = self.plan.replan_every(self.si)
+        return done - self.mark[1] >= every and epoch_end - done >= every // 2
+
+    def replan(self, done: int, epoch_ends: int = 1) -> None:
+        """Fit the rest of the plan to the time measured since the last re-plan
+        (Plan.keep_to_budget), ``done`` steps into the stage, with ``epoch_ends``
+        validations and checkpoints in that window (0 within an epoch)."""
+        note = None
+        now = time.perf_counter()
+        if self.dist.is_main:  # one clock decides: every rank must run the same steps
+            window = (now - self.mark[0], done - self.mark[1])
+            note = self.plan.keep_to_budget(self.si, done, self.elapsed(), window, epoch_ends)
+        self.mark = (now, done)  # every rank: due() counts steps from here
+        if self.dist.enabled:
+            steps, note = self.dist.broadcast((self.plan.stage_steps, note))
+            self.plan.stage_steps = list(steps)
+        if note:
+            self.say(note)
+
+
+@dataclass
+class PlanInputs:
+    """What a plan is made for (:func:`make_plan`): the model (probed on copies, never
+    trained), its loaders (the training one at the adapted batch), the recipe, the
+    hardware and whether BatchNorm is frozen (the adapted mode)."""
+
+    model: nn.Module
+    recipe: Recipe
+    train_loader: BatchLoader
+    val_loader: BatchLoader | None
+    hw: Hardware
+    freeze_bn: bool
+
+
+def make_plan(job: PlanInputs, budget_seconds: float, started: float) -> Plan:
     """Probe each stage and scale the recipe's epochs to fit ``budget_seconds`` counted
     from ``started`` (a ``time.perf_counter()`` value: setup before the plan counts too)."""
-    r = trainer.recipe
-    per_image = _forward_per_image(trainer)  # the same network in every stage: timed once
-    costs = [_probe_stage(trainer, stage, per_image) for stage in r.stages]
-    spe = len(trainer.train_loader)
+    r = job.recipe
+    per_image = _forward_per_image(job)  # the same network in every stage: timed once
+    costs = [_probe_stage(job, stage, per_image) for stage in r.stages]
+    spe = len(job.train_loader)
     # The final evaluation runs the whole network on the validation split, once per
     # test-time view (imgclf.evaluate.tta: 2, or 6 for inputs up to 64 px).
-    views = (6 if trainer.model.input_size <= 64 else 2) if r.tta else 1
+    views = (6 if job.model.input_size <= 64 else 2) if r.tta else 1
     final_eval = costs[-1].full_validation * views
     spent = time.perf_counter() - started
     fixed = spent + sum(c.setup for c in costs) + final_eval + FINISH_OVERHEAD_S
@@ -315,7 +393,7 @@ def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
             f"{costs[0].step:.2f} s)"
         )
     epochs = [n / spe for n in steps]
-    images_per_s = [trainer.train_loader.batch_size / c.step for c in costs]
+    images_per_s = [job.train_loader.batch_size / c.step for c in costs]
     parts = [
         f"{e:.1f} of them in stage {i + 1} ({s.name or _groups(s)}, {ips:,.0f} images/s)"
         for i, (e, s, ips) in enumerate(zip(epochs, r.stages, images_per_s, strict=True))
@@ -340,6 +418,24 @@ def make_plan(trainer: Trainer, budget_seconds: float, started: float) -> Plan:
     )
 
 
+def agreed_plan(job: PlanInputs, budget_seconds: float, started: float, dist: Dist) -> Plan:
+    """:func:`make_plan`, made once for every rank of a data-parallel job: rank 0 probes
+    and plans, the rest follow, since every rank must run the same steps (a budget too
+    short is the same one-line error on every rank)."""
+    if not dist.enabled:
+        return make_plan(job, budget_seconds, started)
+    outcome: tuple[str, Any] | None = None
+    if dist.is_main:
+        try:
+            outcome = ("plan", make_plan(job, budget_seconds, started).to_dict())
+        except RecipeError as exc:
+            outcome = ("error", str(exc))
+    kind, value = dist.broadcast(outcome)
+    if kind == "error":
+        raise RecipeError(value)
+    return Plan.from_dict(value)
+
+
 def stage_scales(full: list[float], available: float, budget_seconds: float) -> list[float]:
     """The factor each stage's recipe length is scaled by so that the stages, costing
     ``full`` seconds each at their recipe length, fill ``available`` seconds: one factor for
@@ -361,37 +457,32 @@ def _groups(stage) -> str:
     return "all" if groups is None else "+".join(groups)
 
 
-def _forward_per_image(trainer: Trainer) -> float:
+def _forward_per_image(job: PlanInputs) -> float:
     """Seconds per image to read, resize and run the whole network in eval mode (no
     gradients, BatchNorm's statistics untouched): what a feature cache and a validation
     cost."""
     rng = torch.get_rng_state()
     try:
-        loader = trainer.train_loader
+        loader = job.train_loader
         idx = torch.arange(min(loader.batch_size, loader.num_samples))
-        return _time_forward(trainer.model, lambda: loader.batch(idx), trainer) / len(idx)
+        return _time_forward(job.model, lambda: loader.batch(idx), job.hw) / len(idx)
     finally:
         torch.set_rng_state(rng)
 
 
-def _probe_stage(trainer: Trainer, stage, forward: float) -> StageCost:
+def _probe_stage(job: PlanInputs, stage, forward: float) -> StageCost:
     """Time a few training steps of ``stage`` on a copy of the model; ``forward`` (seconds
     per image of the whole network) prices its feature cache and validation."""
     rng = torch.get_rng_state()
     try:
-        model = copy.deepcopy(trainer.model)
-        set_trainable(
-            model,
-            stage.groups(),
-            bn_update=stage.bn_update,
-            freeze_bn=trainer.adapted.freeze_bn,
-        )
-        loader = trainer.train_loader
+        model = copy.deepcopy(job.model)
+        set_trainable(model, stage.groups(), bn_update=stage.bn_update, freeze_bn=job.freeze_bn)
+        loader = job.train_loader
         n_train = loader.num_samples
-        n_val = trainer.val_loader.num_samples if trainer.val_loader is not None else 0
+        n_val = job.val_loader.num_samples if job.val_loader is not None else 0
         cached = (
-            trainer.recipe.feature_cache
-            and views_for(trainer.recipe, stage) is not None
+            job.recipe.feature_cache
+            and views_for(job.recipe, stage) is not None
             and not stage.bn_update
             and split_at_first_trained(model, stage.groups()) is not None
         )
@@ -400,34 +491,33 @@ def _probe_stage(trainer: Trainer, stage, forward: float) -> StageCost:
             prefix, suffix = split_at_first_trained(model, stage.groups())
             with torch.inference_mode():
                 features = prefix.eval()(batch)
-            step = _time_steps(suffix, features.clone(), trainer)
-            views = views_for(trainer.recipe, stage) or 1
+            step = _time_steps(suffix, features.clone(), job)
+            views = views_for(job.recipe, stage) or 1
             setup = forward * (views * n_train + n_val)
             validation = 0.0  # on cached features: negligible
         else:
-            step = _time_steps(model, batch, trainer)
+            step = _time_steps(model, batch, job)
             setup = 0.0
             validation = forward * n_val
         return StageCost(
             step=step,
             validation=validation,
             setup=setup,
-            epoch=_time_checkpoint(trainer),
+            epoch=_time_checkpoint(job.model),
             full_validation=forward * n_val,
         )
     finally:
         torch.set_rng_state(rng)
 
 
-def _autocast(trainer: Trainer):
-    hw = trainer.hw
+def _autocast(hw: Hardware):
     return torch.autocast(
         hw.device.type, dtype=hw.autocast_dtype, enabled=hw.autocast_dtype is not None
     )
 
 
 def _time_forward(
-    model: torch.nn.Module, make_batch: Callable[[], torch.Tensor], trainer: Trainer
+    model: torch.nn.Module, make_batch: Callable[[], torch.Tensor], hw: Hardware
 ) -> float:
     """Seconds to make one batch (read, resize) and run it through ``model`` in eval mode,
     as building a feature cache and validating do: the median of FORWARD_REPEATS passes
@@ -435,7 +525,7 @@ def _time_forward(
     was = model.training
     model.eval()
     try:
-        with torch.inference_mode(), _autocast(trainer):
+        with torch.inference_mode(), _autocast(hw):
             batch = make_batch()
             model(batch)  # warm-up: allocations, kernel selection
             _sync(batch)
@@ -451,11 +541,11 @@ def _time_forward(
         model.train(was)
 
 
-def _time_steps(net: torch.nn.Module, x: torch.Tensor, trainer: Trainer) -> float:
+def _time_steps(net: torch.nn.Module, x: torch.Tensor, job: PlanInputs) -> float:
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
     y = torch.zeros(len(x), dtype=torch.int64, device=x.device)
-    loader = trainer.train_loader
+    loader = job.train_loader
     gen = torch.Generator().manual_seed(0)
     idx = torch.arange(len(x))
     times = []
@@ -463,7 +553,7 @@ def _time_steps(net: torch.nn.Module, x: torch.Tensor, trainer: Trainer) -> floa
         t = time.perf_counter()
         if i and x.ndim == 4 and x.shape[1] == 3 and loader.augment.enabled:
             x = loader.batch(idx, gen)  # the augmentation is part of a step's cost
-        with _autocast(trainer):
+        with _autocast(job.hw):
             loss = F.cross_entropy(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -473,11 +563,11 @@ def _time_steps(net: torch.nn.Module, x: torch.Tensor, trainer: Trainer) -> floa
     return sum(times[1:]) / PROBE_STEPS
 
 
-def _time_checkpoint(trainer: Trainer) -> float:
+def _time_checkpoint(model: nn.Module) -> float:
     """An epoch ends with two checkpoint writes (last.pt, often best.pt: weights and the
     optimizer's momentum, written and synced to disk), a metrics row and TensorBoard
     events: negligible for real data sets, most of an epoch of a cached head stage."""
-    state = {"model": trainer.model.state_dict(), "momentum": trainer.model.state_dict()}
+    state = {"model": model.state_dict(), "momentum": model.state_dict()}
     with tempfile.NamedTemporaryFile(dir=tempfile.gettempdir()) as f:
         t = time.perf_counter()
         torch.save(state, f)

@@ -5,105 +5,148 @@ confusion matrix, per-class scores, the most confident mistakes, curves and
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn as nn
 
+from imgclf.data.cache import Dataset
+from imgclf.data.loader import BatchLoader
 from imgclf.evaluate.metrics import compute_metrics, infer, write_confusion_csv, write_per_class_csv
 from imgclf.evaluate.mistakes import GRID_MAX, plot_mistakes, top_mistakes, write_mistakes_csv
 from imgclf.evaluate.tta import TTA
 from imgclf.runtime.checkpoint import load_checkpoint
+from imgclf.runtime.device import Hardware
+from imgclf.train.adapt import Adapted
+from imgclf.train.budget import Plan
+from imgclf.train.recipe import Recipe
 from imgclf.train.rundir import write_json
-
-if TYPE_CHECKING:
-    from imgclf.train.loop import Trainer
+from imgclf.train.state import Progress
 
 
-def finish_run(trainer: Trainer) -> dict[str, Any]:
-    from imgclf.evaluate.plots import plot_confusion, plot_curves
+@dataclass
+class FinishInputs:
+    """What the end of a run reads: the run folder and model, what it was trained from
+    and with, and what training recorded (metrics rows, progress, a budget's plan)."""
 
-    out, model = trainer.out, trainer.model
+    out: Path
+    model: nn.Module
+    recipe: Recipe
+    ds: Dataset
+    val_loader: BatchLoader | None
+    rows: list[dict[str, Any]]  # metrics.csv, one row an epoch
+    progress: Progress
+    plan: Plan | None
+    steps_per_epoch: int
+    adapted: Adapted
+    hw: Hardware
+    threads: int
+    started: float  # time.perf_counter() when train() began, in this process
+
+
+def finish_run(run: FinishInputs) -> dict[str, Any]:
+    """Load ``best.pt`` into the model, evaluate it on the validation split (with TTA when
+    the recipe has it), write the confusion matrix, per-class scores, mistakes, curves and
+    ``summary.json``; returns the summary."""
+    from imgclf.evaluate.plots import plot_curves
+
+    out, model = run.out, run.model
     best = out / "best.pt"
     if best.is_file():
         model.load_state_dict(load_checkpoint(best)["model_state"])
     summary: dict[str, Any] = {
-        "recipe": trainer.recipe.name,
+        "recipe": run.recipe.name,
         "model": model.name,
-        "dataset": trainer.ds.name,
-        "classes": list(trainer.ds.classes),
+        "dataset": run.ds.name,
+        "classes": list(run.ds.classes),
         "input_size": model.input_size,
-        "epochs": len(trainer.log.rows),
-        "best_epoch": trainer.progress.best_epoch,
-        "train_seconds": round(trainer.progress.seconds, 2),
+        "epochs": len(run.rows),
+        "best_epoch": run.progress.best_epoch,
+        "train_seconds": round(run.progress.seconds, 2),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "device": str(trainer.hw.device),
-        "precision": trainer.hw.precision,
-        "threads": trainer.threads,
+        "device": str(run.hw.device),
+        "precision": run.hw.precision,
+        "threads": run.threads,
     }
-    rows = trainer.log.rows
-    if rows:
-        summary["images_per_second"] = round(rows[-1]["images_per_second"], 1)
-        plot_curves(rows, out / "curves.png", title=f"{trainer.recipe.name} on {trainer.ds.name}")
-    if trainer.val_loader is not None:
-        started = time.perf_counter()
-        net = TTA(model) if trainer.recipe.tta else model
-        logits, labels = infer(net, trainer.val_loader, autocast_dtype=trainer.hw.autocast_dtype)
-        metrics = compute_metrics(logits, labels, trainer.ds.classes)
-        write_confusion_csv(metrics, out / "confusion.csv")
-        write_per_class_csv(metrics, out / "per_class.csv")
-        plot_confusion(
-            metrics.confusion,
-            trainer.ds.classes,
-            out / "confusion_matrix.png",
-            title=f"{trainer.recipe.name}: validation accuracy {metrics.accuracy:.4f}, "
-            f"balanced {metrics.balanced_accuracy:.4f}",
-        )
-        _write_mistakes(trainer, logits, labels)
-        summary.update(
-            val_accuracy=round(metrics.accuracy, 6),
-            val_balanced_accuracy=round(metrics.balanced_accuracy, 6),
-            val_loss=round(metrics.loss, 6),
-            val_macro_f1=round(metrics.macro_f1, 6),
-            val_count=metrics.count,
-            tta=trainer.recipe.tta,
-            eval_seconds=round(time.perf_counter() - started, 2),
-        )
-    summary["images_seen"] = trainer.progress.images_seen
-    if trainer.plan is not None:  # what a time budget bought on this machine
-        summary["budget_seconds"] = trainer.plan.budget_seconds
-        summary["planned_epochs"] = round(sum(trainer.plan.stage_epochs), 3)
-        # Trained, after any re-plan on the way (the plan shrinks when the machine is
-        # slower than its probe said).
-        summary["trained_epochs"] = round(trainer.plan.epochs_done(len(trainer.train_loader)), 3)
-        summary["plan"] = trainer.plan.text
-    summary["batchnorm"] = "frozen" if trainer.adapted.freeze_bn else "train"
-    summary["batch_size"] = trainer.adapted.batch_size
-    summary["source_size"] = list(trainer.ds.image_size)
+    if run.rows:
+        summary["images_per_second"] = round(run.rows[-1]["images_per_second"], 1)
+        plot_curves(run.rows, out / "curves.png", title=f"{run.recipe.name} on {run.ds.name}")
+    if run.val_loader is not None:
+        summary.update(_evaluate(run))
+    summary["images_seen"] = run.progress.images_seen
+    if run.plan is not None:  # what a time budget bought on this machine
+        summary.update(_budget_summary(run.plan, run.steps_per_epoch))
+    summary["batchnorm"] = "frozen" if run.adapted.freeze_bn else "train"
+    summary["batch_size"] = run.adapted.batch_size
+    summary["source_size"] = list(run.ds.image_size)
     # Guard-rail warnings (chance level, a stage ending below the previous one): a run
     # that learnt nothing must not look like a finished one.
-    summary["warnings"] = list(trainer.progress.warnings)
+    summary["warnings"] = list(run.progress.warnings)
     summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     # From train() to here in this process (a resumed run counts from its resume).
-    summary["wall_seconds"] = round(time.perf_counter() - trainer.started, 2)
+    summary["wall_seconds"] = round(time.perf_counter() - run.started, 2)
     summary["torch_threads"] = torch.get_num_threads()
     write_json(out / "summary.json", summary)
     return summary
 
 
-def _dataset_files(trainer: Trainer) -> list[str] | None:
+def _evaluate(run: FinishInputs) -> dict[str, Any]:
+    """The validation split's scores and files: confusion, per-class, mistakes."""
+    from imgclf.evaluate.plots import plot_confusion
+
+    started = time.perf_counter()
+    name, classes = run.recipe.name, run.ds.classes
+    net = TTA(run.model) if run.recipe.tta else run.model
+    logits, labels = infer(net, run.val_loader, autocast_dtype=run.hw.autocast_dtype)
+    metrics = compute_metrics(logits, labels, classes)
+    write_confusion_csv(metrics, run.out / "confusion.csv")
+    write_per_class_csv(metrics, run.out / "per_class.csv")
+    plot_confusion(
+        metrics.confusion,
+        classes,
+        run.out / "confusion_matrix.png",
+        title=f"{name}: validation accuracy {metrics.accuracy:.4f}, "
+        f"balanced {metrics.balanced_accuracy:.4f}",
+    )
+    _write_mistakes(run, logits, labels)
+    return dict(
+        val_accuracy=round(metrics.accuracy, 6),
+        val_balanced_accuracy=round(metrics.balanced_accuracy, 6),
+        val_loss=round(metrics.loss, 6),
+        val_macro_f1=round(metrics.macro_f1, 6),
+        val_count=metrics.count,
+        tta=run.recipe.tta,
+        eval_seconds=round(time.perf_counter() - started, 2),
+    )
+
+
+def _budget_summary(plan: Plan, steps_per_epoch: int) -> dict[str, Any]:
+    return {
+        "budget_seconds": plan.budget_seconds,
+        "planned_epochs": round(sum(plan.stage_epochs), 3),
+        # Trained, after any re-plan on the way (the plan shrinks when the machine is
+        # slower than its probe said).
+        "trained_epochs": round(plan.epochs_done(steps_per_epoch), 3),
+        "plan": plan.text,
+    }
+
+
+def _dataset_files(ds: Dataset) -> list[str] | None:
     # Source paths make a mistake findable on disk; a dataset without a readable files.csv
     # (or one out of step with its arrays) still gets its mistakes, without paths.
     try:
-        files = trainer.ds.files()
+        files = ds.files()
     except (OSError, KeyError, ValueError):
         return None
-    return files if len(files) == len(trainer.ds.labels) else None
+    return files if len(files) == len(ds.labels) else None
 
 
-def _write_mistakes(trainer: Trainer, logits: torch.Tensor, labels: torch.Tensor) -> None:
+def _write_mistakes(run: FinishInputs, logits: torch.Tensor, labels: torch.Tensor) -> None:
     """``mistakes.csv`` (every wrong validation prediction, most confident first) and
     ``mistakes.png`` (the first :data:`GRID_MAX` of them as captioned thumbnails)."""
-    out, ds = trainer.out, trainer.ds
+    out, ds = run.out, run.ds
     probs = torch.softmax(logits.float(), dim=1).numpy()
     mistakes = top_mistakes(probs, labels.numpy(), k=None)
     val_idx = ds.indices("val")  # the val loader's order: position i is sample val_idx[i]
@@ -112,7 +155,7 @@ def _write_mistakes(trainer: Trainer, logits: torch.Tensor, labels: torch.Tensor
         ds.classes,
         out / "mistakes.csv",
         dataset_indices=val_idx,
-        files=_dataset_files(trainer),
+        files=_dataset_files(ds),
     )
     grid = mistakes[:GRID_MAX]
     if not grid:
@@ -122,7 +165,7 @@ def _write_mistakes(trainer: Trainer, logits: torch.Tensor, labels: torch.Tensor
     images = ds.images[val_idx[[m.index for m in grid]]]  # only these pages of the memmap
     shown = f"all {len(grid)}" if len(grid) == len(mistakes) else f"{len(grid)} of {len(mistakes)}"
     title = (
-        f"{trainer.recipe.name}: {shown} validation mistakes ({len(labels)} images), "
+        f"{run.recipe.name}: {shown} validation mistakes ({len(labels)} images), "
         "most confident first"
     )
     plot_mistakes(images, grid, ds.classes, out / "mistakes.png", title=title)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -43,13 +44,45 @@ def build_optimizer(
     opt = recipe.optimizer
     base_lr = (stage.lr if stage.lr is not None else opt.lr) * lr_scale
     groups = resolve_groups(model, stage.groups())
-    top = groups[-1]  # groups come in network order: the last trained one is the top
-    owner = group_of(model)
-    norm = norm_parameter_names(model)
     # Muon's rate is an angular step on a normalized update: the batch-size rule
     # (lr_scale) does not apply to it; the stage's length, its own lr and the lower groups'
     # multiplier do.
     muon_lr = muon_step(opt, steps) * (stage.lr / opt.lr if stage.lr is not None else 1.0)
+    param_groups = _param_groups(model, opt, stage, groups[-1], base_lr, muon_lr)
+    if not param_groups:
+        raise ValueError("no trainable parameters in this stage")
+    if opt.name == "muon":
+        return Muon(
+            param_groups,
+            lr=base_lr,
+            momentum=opt.momentum,
+            nesterov=opt.nesterov,
+            ns_steps=opt.muon_ns_steps,
+        )
+    if opt.name == "sgd":
+        return torch.optim.SGD(
+            param_groups,
+            lr=base_lr,
+            momentum=opt.momentum,
+            nesterov=opt.nesterov and opt.momentum > 0,
+        )
+    return torch.optim.AdamW(param_groups, lr=base_lr, betas=opt.betas)
+
+
+def _param_groups(
+    model: nn.Module,
+    opt: OptimizerConfig,
+    stage: StageConfig,
+    top: str,
+    base_lr: float,
+    muon_lr: float,
+) -> list[dict[str, Any]]:
+    """The stage's trainable parameters in groups of one (lr, weight decay, Muon or not,
+    share of the stage's schedule); ``top``, the last trained group in network order,
+    keeps the full rate, the lower ones take ``lower_lr_mult``. The group at the stage's
+    base lr comes first: metrics.csv logs param_groups[0]'s lr."""
+    owner = group_of(model)
+    norm = norm_parameter_names(model)
     # A group frozen mid-stage with freeze_anneal gets its own schedule: "until" is the share
     # of the stage's steps its curve is squeezed onto (build_scheduler).
     until = stage.freeze_after if stage.freeze_anneal else {}
@@ -72,33 +105,14 @@ def build_optimizer(
         if p.ndim <= 1 and opt.no_decay_1d:  # biases and norm parameters
             wd = 0.0
         buckets.setdefault((lr, wd, False, share), []).append(p)
-    # The group at the stage's base lr first: metrics.csv logs param_groups[0]'s lr.
     ordered = sorted(
         buckets.items(), key=lambda item: item[0][2] or item[0][0] != base_lr or item[0][3] < 1
     )
-    param_groups = [
+    return [
         {"params": ps, "lr": lr, "weight_decay": wd, "initial_lr": lr, "until": share}
         | ({"muon": True, "momentum": opt.muon_momentum} if muon else {})
         for (lr, wd, muon, share), ps in ordered
     ]
-    if not param_groups:
-        raise ValueError("no trainable parameters in this stage")
-    if opt.name == "muon":
-        return Muon(
-            param_groups,
-            lr=base_lr,
-            momentum=opt.momentum,
-            nesterov=opt.nesterov,
-            ns_steps=opt.muon_ns_steps,
-        )
-    if opt.name == "sgd":
-        return torch.optim.SGD(
-            param_groups,
-            lr=base_lr,
-            momentum=opt.momentum,
-            nesterov=opt.nesterov and opt.momentum > 0,
-        )
-    return torch.optim.AdamW(param_groups, lr=base_lr, betas=opt.betas)
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)

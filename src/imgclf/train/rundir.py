@@ -32,10 +32,13 @@ from imgclf.io_utils import atomic_write_text
 from imgclf.runtime.checkpoint import checkpoint_position
 
 LOCK_NAME = ".imgclf-train.lock"
+# Rank 0 of a torchrun job names the job here, so that a restarted job recognises the
+# folder its killed first attempt made before any checkpoint (imgclf.runtime.distributed).
+LAUNCH_MARKER = ".imgclf-launch"
 LOCK_PATIENCE = 1.0  # seconds a claim waits for a lock held by someone's early check
 # Any one of these says a folder holds a run (a finished one, or one to --resume).
 RUN_MARKERS = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "summary.json")
-# Everything a run writes (imgclf.train.loop and .finish); --exist-ok removes exactly these.
+# Everything a run writes (imgclf.train.trainer and .finish); --exist-ok removes exactly these.
 RUN_FILES = (
     *RUN_MARKERS,
     "curves.png",
@@ -341,3 +344,19 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class Discard:
+    """The metrics log and TensorBoard writer of ranks other than 0: they write nothing."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: dict[str, Any]) -> None:
+        pass
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,279 @@
+"""``train(recipe, data)``: the public entry to training.
+
+It reads the call's arguments (a recipe and a data set, or a run to resume, or the run
+folder of a torchrun job that was restarted), joins the process group under torchrun,
+claims the run folder and runs the :class:`~imgclf.train.trainer.Trainer` in it: every
+stage of the recipe, ``metrics.csv`` and TensorBoard each epoch, ``last.pt``/``best.pt``,
+and finally the best weights evaluated on the validation split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgclf.data.cache import Dataset, load_dataset
+from imgclf.errors import CheckpointError, RecipeError
+from imgclf.runtime import distributed
+from imgclf.runtime.checkpoint import check_same_dataset, load_resumable
+from imgclf.runtime.device import resolve_device
+from imgclf.runtime.distributed import Dist
+from imgclf.train.budget import parse_duration
+from imgclf.train.choose import choose_recipe
+from imgclf.train.recipe import Recipe, load_recipe, validate
+from imgclf.train.rundir import (
+    LAUNCH_MARKER,
+    check_run_dir,
+    claim_run_dir,
+    disk_full_is_an_error,
+    new_run_dir,
+)
+from imgclf.train.state import Run
+from imgclf.train.trainer import Trainer
+
+
+def train(
+    recipe: str | Path | Recipe | dict | None = None,
+    data: str | Path | Dataset | None = None,
+    *,
+    out: str | Path | None = None,
+    epochs: int | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: str | Path | None = None,
+    time_budget: str | float | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    runs_dir: str | Path = "runs",
+    exist_ok: bool = False,
+    new_data: bool = False,
+) -> Run:
+    """Train a recipe on a dataset; returns the :class:`Run` (its folder and summary).
+    Without a recipe, one is chosen from the data (:func:`imgclf.train.choose.choose_recipe`).
+
+    ``time_budget`` (``"10m"``, ``"1h30m"``, or seconds): scale every stage to finish,
+    evaluation included, within that wall time (:mod:`imgclf.train.budget`).
+
+    One process trains in a run folder at a time (:func:`~imgclf.train.rundir.claim_run_dir`).
+    ``out`` may not hold a run already unless ``exist_ok`` (its run files are removed
+    first); a resume continues on its checkpoint's data set unless ``new_data``.
+
+    Under torchrun (``torchrun --nproc-per-node N -m imgclf train ...``) it trains
+    data-parallel (:mod:`imgclf.train.trainer`); the returned summary is rank 0's, other
+    ranks get an empty one. After torchrun restarts a failed job (``--max-restarts``),
+    ``out`` is what lets the restarted processes find the run and resume it from its
+    ``last.pt``.
+
+    >>> run = imgclf.train("fast", data="c10", epochs=2)
+    >>> run = imgclf.train("fast", data="c10", time_budget="10m")
+    """
+    started = time.perf_counter()
+    env = distributed.from_env()
+    args = _Args(
+        recipe, data, out, epochs, tuple(overrides), resume, time_budget, exist_ok, new_data
+    )
+    job = _resolve(args, env)
+    device, threads = _per_process(job.recipe, env, device, threads)
+    dist = distributed.init(resolve_device(device))
+    try:
+        trainer = Trainer(
+            job.recipe,
+            job.ds,
+            job.out,
+            device=device,
+            threads=threads,
+            progress=progress,
+            state=job.state,
+            budget_seconds=job.budget,
+            started=started,
+            dist=dist,
+        )
+        return _train_in_folder(trainer, job, Path(runs_dir))
+    finally:
+        dist.shutdown()
+
+
+@dataclass
+class _Args:
+    """What train() was asked to train; a torchrun restart changes some of it."""
+
+    recipe: Any
+    data: Any
+    out: str | Path | None
+    epochs: int | None
+    overrides: tuple[str, ...]
+    resume: str | Path | None
+    time_budget: str | float | None
+    exist_ok: bool
+    new_data: bool
+
+
+@dataclass
+class _Job:
+    """What train()'s arguments resolve to."""
+
+    recipe: Recipe
+    ds: Dataset
+    out: Path | None  # None: numbered once the trainer is built
+    state: dict | None  # the checkpoint resumed from
+    budget: float | None  # seconds
+    exist_ok: bool
+
+
+def _resolve(args: _Args, env: Dist) -> _Job:
+    """The recipe, data set, run folder, checkpoint and budget that ``args`` ask for,
+    each checked (in this order) against what it cannot go with."""
+    if env.enabled and args.resume is None:
+        _follow_restart(args, env)
+    budget = _budget_seconds(args)
+    rec, state, out_dir = _resumed(args) if args.resume is not None else _fresh(args, env)
+    return _Job(rec, _dataset(args, state), out_dir, state, budget, args.exist_ok)
+
+
+def _per_process(
+    rec: Recipe, env: Dist, device: str | None, threads: int | None
+) -> tuple[str | None, int | None]:
+    """Under torchrun, before any process group is joined (an error is then one line on
+    every rank): the recipe's batch must divide among the processes, and each process
+    takes its local device and its share of the threads."""
+    if not env.enabled:
+        return device, threads
+    distributed.per_rank_batch(rec.batch_size, env)
+    return distributed.local_device(device), distributed.default_threads(threads)
+
+
+def _follow_restart(args: _Args, env: Dist) -> None:
+    """Under a restarted torchrun job, resume its run (or start it afresh where the first
+    attempt was killed before any checkpoint): see :func:`_after_restart`."""
+    restarted = _after_restart(Path(args.out) if args.out else None, args.exist_ok, env)
+    if restarted is not None:
+        args.resume, args.exist_ok = restarted
+    if args.resume is not None:  # the checkpoint holds the recipe, its length and plan
+        args.overrides, args.epochs, args.time_budget, args.new_data = (), None, None, False
+
+
+def _budget_seconds(args: _Args) -> float | None:
+    """The time budget in seconds (None: none), checked against what it cannot go with."""
+    if args.time_budget is None:
+        return None
+    if args.resume is not None:
+        raise RecipeError("--time: a resumed run keeps the plan of its budget; drop --time")
+    if args.epochs is not None:
+        raise RecipeError("--time and --epochs both set the length; give one of them")
+    given = args.time_budget
+    budget = parse_duration(given) if isinstance(given, str) else float(given)
+    if not budget > 0:
+        raise RecipeError(f"--time {given}: the budget must be more than zero")
+    return budget
+
+
+def _resumed(args: _Args) -> tuple[Recipe, dict, Path]:
+    """A resume: the checkpoint, its recipe and its run folder."""
+    resume = Path(args.resume)
+    last = resume / "last.pt" if resume.is_dir() else resume
+    state = load_resumable(last)
+    rec = validate(state["recipe"], str(last))
+    if args.overrides or args.epochs:
+        raise CheckpointError("--resume continues the saved recipe; drop --set/--epochs")
+    if args.exist_ok:
+        raise CheckpointError("--exist-ok starts a fresh run; --resume continues one")
+    return rec, state, last.parent
+
+
+def _fresh(args: _Args, env: Dist) -> tuple[Recipe, None, Path | None]:
+    """A fresh run: its recipe (the one named, or one chosen for the data) and its run
+    folder (None: numbered once the trainer is built)."""
+    recipe = args.recipe
+    if recipe is None:
+        if args.data is None:
+            raise CheckpointError("give a recipe, --data to choose one for, or --resume")
+        recipe, why = choose_recipe(_load_data(args.data, None))
+        # Printed even with --quiet: it says what is being trained and how to change it.
+        if env.is_main:
+            print(
+                f"recipe: {recipe}, chosen because {why} (name a RECIPE to override)",
+                file=sys.stderr,
+            )
+    rec = load_recipe(recipe, args.overrides, args.epochs)
+    out_dir = Path(args.out) if args.out else None
+    if args.new_data:
+        raise CheckpointError("--new-data goes with --resume: a fresh run takes any --data")
+    # Early, before a model is built; checked again when locked. Rank 0's alone: it
+    # holds the lock, and may hold it already when another rank gets here.
+    if out_dir is not None and env.is_main:
+        check_run_dir(out_dir, exist_ok=args.exist_ok)
+    return rec, None, out_dir
+
+
+def _load_data(data: str | Path | Dataset | None, state: dict | None) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    if data is None:
+        if state is None:
+            raise CheckpointError("no --data given and nothing to resume")
+        data = state["dataset"]
+    return load_dataset(data)
+
+
+def _dataset(args: _Args, state: dict | None) -> Dataset:
+    """The data set to train on: the one given, or a resumed checkpoint's, whose classes
+    it must have (and, unless ``new_data``, be the same data set)."""
+    ds = _load_data(args.data, state)
+    if state is not None and args.data is not None and not args.new_data:
+        check_same_dataset(state, ds.root)
+    if state is not None and sorted(state["class_names"]) != sorted(ds.classes):
+        raise CheckpointError(
+            f"checkpoint classes {state['class_names']} do not match data classes {ds.classes}"
+        )
+    return ds
+
+
+def _train_in_folder(trainer: Trainer, job: _Job, runs_dir: Path) -> Run:
+    """Plan a budget, number the run folder (when none was given) and claim it, then
+    train in it."""
+    trainer.ensure_plan()  # a budget too short is an error before any folder is made
+    dist = trainer.dist
+    if trainer.out is None:  # numbered only now, so a bad recipe leaves no empty folder
+        made = new_run_dir(job.recipe.name, runs_dir) if dist.is_main else None
+        trainer.out = dist.broadcast(made)
+    with (
+        claim_run_dir(trainer.out, exist_ok=job.exist_ok, resume=job.state)
+        if dist.is_main
+        else contextlib.nullcontext(),
+        disk_full_is_an_error(trainer.out),
+    ):
+        return trainer.run()
+
+
+def _after_restart(out: Path | None, exist_ok: bool, env: Dist) -> tuple[Path | None, bool] | None:
+    """After torchrun restarted the job's workers (``--max-restarts``): what to resume,
+    as ``(resume, exist_ok)``, or None to start as the command line says.
+
+    The run folder must be known (``--out``): with ``last.pt`` there the run resumes from
+    it; without one, a folder whose launch marker names this same torchrun job is the
+    first attempt's, killed before its first checkpoint, and is started afresh. A folder
+    of anything else is left to the usual checks (a run there is never removed)."""
+    count = distributed.restart_count()
+    if count == 0:
+        return None
+    if out is None:
+        if env.is_main:
+            print(
+                f"warning: torchrun restart {count}: without --out the restarted job cannot "
+                "find its run folder and starts again in a new one; give --out to resume",
+                file=sys.stderr,
+            )
+        return None
+    if (out / "last.pt").is_file():
+        if env.is_main:
+            print(f"torchrun restart {count}: resuming from {out / 'last.pt'}", file=sys.stderr)
+        return out, False
+    marker = out / LAUNCH_MARKER
+    with contextlib.suppress(OSError):
+        if marker.read_text().strip() == distributed.launch_id():
+            return None, True  # our own first attempt: replace it
+    return None

@@ -1,0 +1,147 @@
+"""Run state: where training stands, what it has measured, and the checkpoint that holds both.
+
+A checkpoint (``last.pt``, ``best.pt``) is one dict; :func:`to_checkpoint` writes it and
+:func:`from_checkpoint` / :func:`restore_stage` read it back. Its keys are read elsewhere
+too (imgclf.runtime.checkpoint, models, evaluate, data.preprocess, rundir), so they stay as
+they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from imgclf import __version__
+from imgclf.data.cache import Dataset
+from imgclf.train.budget import Plan
+from imgclf.train.lookahead import Lookahead
+from imgclf.train.recipe import Recipe
+
+
+@dataclass
+class Run:
+    """A finished (or stopped) run and where its files are."""
+
+    path: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    def __repr__(self) -> str:
+        acc = self.summary.get("val_accuracy")
+        return f"Run({str(self.path)!r}, val_accuracy={acc})"
+
+
+@dataclass
+class Position:
+    """Where training stands: stage index, epochs done in it, batches done in the next."""
+
+    stage: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class Progress:
+    """What a run has measured so far, saved in every checkpoint."""
+
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    epochs_since_best: int = 0
+    partial: dict[str, float] = field(default_factory=dict)  # mid-epoch accumulators
+    seconds: float = 0.0  # training wall time so far, across resumes
+    stage_end_acc: list[float] = field(default_factory=list)  # val accuracy ending each stage
+    images_seen: int = 0  # training images processed, across resumes
+    wall_seconds: float = 0.0  # wall time of the run's processes up to the last checkpoint
+    warnings: list[str] = field(default_factory=list)  # guard-rail warnings, for summary.json
+
+    def record_epoch(self, epoch: int, val_acc: float, min_delta: float) -> bool:
+        """Count global ``epoch``, validated at ``val_acc``, for early stopping; True when
+        its weights are the best so far (or there is no validation to tell): best.pt."""
+        improved = val_acc == val_acc and val_acc > self.best_val_acc + min_delta
+        no_val = val_acc != val_acc
+        if improved or no_val:
+            self.best_val_acc = val_acc if improved else self.best_val_acc
+            self.best_epoch = epoch
+            self.epochs_since_best = 0
+        else:
+            self.epochs_since_best += 1
+        return improved or no_val
+
+
+def to_checkpoint(
+    model: nn.Module,
+    ds: Dataset,
+    recipe: Recipe,
+    position: Position,
+    progress: Progress,
+    plan: Plan | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    lookahead: Lookahead | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict of a run: the model and what rebuilds its input (name, args,
+    classes, size, normalisation, the cache's image size), the recipe and data set, where
+    training stands, and, mid-stage, the optimizer, schedule and Lookahead states (None at
+    a stage's end: the next stage builds its own), the global RNG and a budget's plan."""
+    mid_stage = optimizer is not None
+    return {
+        "imgclf_version": __version__,
+        "model_name": model.name,
+        "model_args": model.model_args,
+        "class_names": list(ds.classes),
+        "input_size": model.input_size,
+        "mean": list(model.mean),
+        "std": list(model.std),
+        # What turns a raw file into this model's input (imgclf.data.preprocess):
+        # files are cropped to the training cache's size, then resized on the batch.
+        "source_size": list(ds.image_size),
+        "recipe": recipe.model_dump(mode="json"),
+        "dataset": str(ds.root),
+        "position": vars(position).copy(),
+        "progress": vars(progress).copy(),
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict() if mid_stage else None,
+        "lookahead_state": lookahead.state_dict() if mid_stage and lookahead is not None else None,
+        "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "plan": plan.to_dict() if plan is not None else None,
+    }
+
+
+def from_checkpoint(
+    state: dict[str, Any], model: nn.Module
+) -> tuple[Position, Progress, Plan | None]:
+    """Load a checkpoint's weights into ``model``; return where it stood, its progress and
+    its budget's plan (None: no budget). A resumed run keeps the plan of its budget."""
+    model.load_state_dict(state["model_state"])
+    plan = Plan.from_dict(state["plan"]) if state.get("plan") else None
+    pos = state["position"]
+    return Position(pos["stage"], pos["epoch"], pos["batch"]), Progress(**state["progress"]), plan
+
+
+def restore_stage(
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    lookahead: Lookahead | None,
+) -> None:
+    """Continue the stage a checkpoint stopped in: its optimizer, schedule and Lookahead
+    states when it was saved mid-stage, and in any case the global RNG, last, so that the
+    next random number is the one the interrupted run would have drawn."""
+    if state.get("optimizer_state") is not None:
+        optimizer.load_state_dict(state["optimizer_state"])
+        scheduler.load_state_dict(state["scheduler_state"])
+        if lookahead is not None and state.get("lookahead_state"):
+            lookahead.load_state_dict(state["lookahead_state"])
+    torch.set_rng_state(state["torch_rng"])
