@@ -246,16 +246,15 @@ def predict(
     ``batch_size``: files per chunk (decoded ahead, then one forward pass per model).
     ``strict``: raise :class:`PredictFailures` (after writing ``out``) when any file could
     not be read. ``workers``: decoding threads (default: this process's share of the
-    cores). ``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime, :mod:`imgclf.runtime.onnx`),
-    or None: per model, the one measured faster. The preprocessing is the same on both.
-    Under torchrun the processes share the files and rank 0 writes the CSV.
+    cores). ``backend``: ``"torch"``, ``"onnx"`` (:mod:`imgclf.runtime.onnx`) or None (per
+    model, the one measured faster), on the same preprocessing. Under torchrun the
+    processes share the files and rank 0 writes the CSV.
     """
     started = time.perf_counter()
     check_output_file(out)  # before any model loads or file decodes: fail in a second
     env = distributed.from_env()  # under torchrun: this process's share of the files
-    device = distributed.local_device(device)
     _check_options(format, batch_size, vote)
-    hw = resolve_hardware(device, "auto", "auto")
+    hw = resolve_hardware(distributed.local_device(device), "auto", "auto")
     backend = resolve_backend(backend, hw.device)
     rs = load_runs(runs)
     plan = Plan.for_runs(rs, vote, prefer, weights, format)
@@ -264,7 +263,7 @@ def predict(
     threads = workers or max(1, default_workers() // env.local_world_size)
     members = make_members(rs, hw.device, tta, backend)
     pipeline = _Pipeline(members, plan, hw.device, autocast_for(hw, backend), batch_size, threads)
-    write = functools.partial(_write_csv, out, plan.header())
+    write = functools.partial(_write_csv, out, plan.header())  # rank 0's, under torchrun
     failed = _label(inputs.items, pipeline.labelled, write, hw.device, env)
     result = PredictResult(
         out=Path(out),

@@ -69,14 +69,8 @@ class Muon(torch.optim.Optimizer):
     ) -> None:
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or ns_steps < 1:
             raise ValueError("Muon: lr ≥ 0, 0 ≤ momentum < 1, weight_decay ≥ 0, ns_steps ≥ 1")
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            muon=False,
-            ns_steps=ns_steps,
-        )
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        defaults.update(muon=False, ns_steps=ns_steps)
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["muon"] and any(p.ndim < 2 for p in group["params"]):

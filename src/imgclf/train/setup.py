@@ -63,13 +63,8 @@ def make_loaders(
 ) -> tuple[BatchLoader, BatchLoader | None]:
     """The training loader (this rank's share of each global ``batch``, augmented) and
     the validation one (None without a validation split), at the model's input."""
-    common = dict(
-        size=model.input_size,
-        mean=model.mean,
-        std=model.std,
-        channels_last=hw.channels_last,
-        device=hw.device,
-    )
+    common = dict(size=model.input_size, mean=model.mean, std=model.std)
+    common.update(channels_last=hw.channels_last, device=hw.device)
     train_idx = ds.indices("train")
     if len(train_idx) == 0:
         raise CheckpointError(f"dataset {ds.name!r} has no training images")

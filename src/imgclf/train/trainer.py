@@ -161,14 +161,8 @@ class Trainer:
         """Probe and plan a time budget, once (a resumed run already has its plan)."""
         if self.budget_seconds is None or self.plan is not None:
             return
-        job = PlanInputs(
-            model=self.model,
-            recipe=self.recipe,
-            train_loader=self.train_loader,
-            val_loader=self.val_loader,
-            hw=self.hw,
-            freeze_bn=self.adapted.freeze_bn,
-        )
+        loaders = (self.train_loader, self.val_loader)
+        job = PlanInputs(self.model, self.recipe, *loaders, self.hw, self.adapted.freeze_bn)
         self.plan = agreed_plan(job, self.budget_seconds, self.started, self.dist)
 
     # ------------------------------------------------------------------ stages
@@ -548,21 +542,10 @@ class Trainer:
         self.tb = TensorBoard(self.out / "tb")
 
     def _finish_inputs(self) -> FinishInputs:
-        return FinishInputs(
-            out=self.out,
-            model=self.model,
-            recipe=self.recipe,
-            ds=self.ds,
-            val_loader=self.val_loader,
-            rows=self.log.rows,
-            progress=self.progress,
-            plan=self.plan,
-            steps_per_epoch=len(self.train_loader),
-            adapted=self.adapted,
-            hw=self.hw,
-            threads=self.threads,
-            started=self.started,
-        )
+        # In FinishInputs' field order.
+        run = (self.out, self.model, self.recipe, self.ds, self.val_loader, self.log.rows)
+        trained = (self.progress, self.plan, len(self.train_loader), self.adapted)
+        return FinishInputs(*run, *trained, self.hw, self.threads, self.started)
 
 
 def _lr_of_last_step(optimizer, scheduler) -> float:
