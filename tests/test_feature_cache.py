@@ -118,3 +118,83 @@ def test_stage_augment_override_enables_cache(tmp_path: Path) -> None:
     trainer.run()
     assert any("feature cache: 2 view(s)" in m for m in msgs)
     assert trainer.train_loader.augment.crop_padding == 2  # stage 2 restored the crops
+
+
+# ---------------------------------------------------------------- crop views, engines
+
+
+def _loader_and_model(tmp_path: Path):
+    from imgclf.data.loader import BatchLoader
+    from imgclf.models import create
+
+    ds = import_tiny(tmp_path)
+    idx = ds.indices("train")
+    loader = BatchLoader(ds.images[idx], ds.labels[idx], batch_size=8, size=16)
+    return loader, create("complex", num_classes=3, input_size=16).eval()
+
+
+def test_crop_views_are_fixed_per_sample_and_match_the_prefix_on_those_crops(tmp_path):
+    """cache_views with random crops: view 0 is the image, 1 its mirror, 2.. crops (and
+    mirrors) drawn once per sample, the same whichever batch computes them; the cached
+    activations are the prefix's on exactly those pixels."""
+    from imgclf.train.feature_cache import FeatureCache, View
+    from imgclf.train.recipe import validate
+
+    loader, model = _loader_and_model(tmp_path)
+    aug = {"crop_padding": 3, "flip": True, "cache_views": 4}
+    recipe = validate(_staged(augment=aug))
+    cache = FeatureCache.build(model, recipe, recipe.stages[0], loader, None, None, print)
+    assert cache is not None and cache.views == 4 and len(cache.features) == 4
+    n, h, w = loader.images.shape[:3]
+    crop = View(2, False, 3, loader.seed)
+    whole = crop.indices(torch.arange(n), n, h, w)
+    part = crop.indices(torch.tensor([5, 1]), n, h, w)
+    assert torch.equal(part[0], whole[0][[5, 1]]) and torch.equal(part[1], whole[1][[5, 1]])
+    moved = (whole[0][:, 0] - 0).abs().max()  # row 0's source: within the padding
+    assert 0 < moved <= 3
+    prefix, _ = model.split_at("block3")
+    with torch.inference_mode():
+        plain = prefix(loader.batch(torch.arange(n)))
+        mirrored = prefix(loader.batch(torch.arange(n)).flip(-1))
+        cropped = prefix(loader.batch(torch.arange(n), view=whole))
+    assert torch.allclose(cache.features[0], plain, atol=1e-5)
+    assert torch.allclose(cache.features[1], mirrored, atol=1e-5)
+    assert torch.allclose(cache.features[2], cropped, atol=1e-5)
+    assert not torch.allclose(cache.features[2], cache.features[3])  # two draws differ
+    # Without cache_views, random crops stay uncached (a new crop every epoch).
+    uncached = validate(_staged(augment={"crop_padding": 3, "flip": True}))
+    assert FeatureCache.build(model, uncached, uncached.stages[0], loader, None, None) is None
+
+
+def test_onnx_runtime_prefix_equals_eager_and_falls_back(tmp_path, monkeypatch):
+    """When a pass is long enough to pay for an export, ONNX Runtime runs the prefix if it
+    is faster, and its activations equal eager fp32's within the export tolerance; a
+    prefix it cannot run, or IMGCLF_CACHE_ENGINE=torch, keeps PyTorch."""
+    from imgclf.train import prefix_pass
+
+    loader, model = _loader_and_model(tmp_path)
+    prefix, _ = model.split_at("block3")
+    x = loader.batch(torch.arange(8))
+    monkeypatch.setattr(prefix_pass, "WORTH_SECONDS", 0.0)
+
+    # Eager (a plain function) timed slower than ONNX Runtime (a module): ORT is chosen.
+    def seconds(run, x) -> float:
+        return 0.1 if isinstance(run, torch.nn.Module) else 1.0
+
+    monkeypatch.setattr(prefix_pass, "_seconds", seconds)
+    chosen = prefix_pass.choose(prefix, x, 10_000, None)
+    assert chosen.engine.startswith("ONNX Runtime") and chosen.batch_size == prefix_pass.ORT_BATCH
+    with torch.inference_mode():
+        assert torch.allclose(chosen.run(x), prefix(x), atol=1e-4, rtol=1e-3)
+    said: list[str] = []
+
+    def broken(*args):
+        raise RuntimeError("Unsupported: aten::weird_op\nmore")
+
+    monkeypatch.setattr(prefix_pass, "_onnx_runner", broken)
+    assert prefix_pass.choose(prefix, x, 10_000, None, said.append).engine == "PyTorch"
+    assert said == [
+        "feature cache: PyTorch (ONNX Runtime failed: Unsupported: aten::weird_op more)"
+    ]
+    monkeypatch.setenv(prefix_pass.ENGINE_ENV, "torch")
+    assert prefix_pass.choose(prefix, x, 10_000, None).engine == "PyTorch"

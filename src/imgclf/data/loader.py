@@ -37,6 +37,7 @@ class Augment:
     crop_padding: int = 0
     flip: bool | str = False
     cutout: int = 0
+    cache_views: int = 0  # read by the feature cache (imgclf.train.feature_cache), not here
 
     @property
     def enabled(self) -> bool:
@@ -118,7 +119,7 @@ def augment_indices(
     if p > 0:
         dy = torch.randint(-p, p + 1, (batch, 1), generator=gen)
         dx = torch.randint(-p, p + 1, (batch, 1), generator=gen)
-        rows, cols = _reflect(rows + dy, height), _reflect(cols + dx, width)
+        rows, cols = shifted(height, width, dy, dx)
     if aug.flip == "alternate":
         if flips is None:
             raise ValueError("flip: alternate needs the batch's flips (alternate_flips)")
@@ -128,6 +129,15 @@ def augment_indices(
         cols = torch.where(flip, cols.flip(1), cols)
     masks = cutout_masks(batch, height, width, aug.cutout, gen) if aug.cutout > 0 else None
     return rows, cols, masks
+
+
+def shifted(
+    height: int, width: int, dy: torch.Tensor, dx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source rows and columns (B×H, B×W) of images moved by (``dy``, ``dx``) pixels (B×1
+    each), reflected at the edges: the random crop's geometry."""
+    rows = _reflect(torch.arange(height) + dy, height)
+    return rows, _reflect(torch.arange(width) + dx, width)
 
 
 def cutout_masks(
@@ -243,15 +253,23 @@ class BatchLoader:
             self._alternate = (self.epoch, alternate_flips(len(self.labels), self.seed, self.epoch))
         return self._alternate[1][idx.cpu()]
 
-    def batch(self, idx: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        """Images ``idx`` as a normalized float batch (augmented when a generator is given)."""
+    def batch(
+        self,
+        idx: torch.Tensor,
+        gen: torch.Generator | None = None,
+        view: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Images ``idx`` as a normalized float batch: augmented when a generator is given,
+        or seen through ``view`` (source rows B×H and columns B×W, e.g. :func:`shifted`)."""
         n, h, w, _ = self.images.shape
-        if gen is not None and self.augment.enabled:
+        masks = None
+        if view is None and gen is not None and self.augment.enabled:
             flips = self._flips(idx)
-        idx = idx.to(self.device)
-        if gen is not None and self.augment.enabled:
             rows, cols, masks = augment_indices(len(idx), h, w, self.augment, gen, flips)
-            rows, cols = rows.to(self.device), cols.to(self.device)
+            view = rows, cols
+        idx = idx.to(self.device)
+        if view is not None:
+            rows, cols = view[0].to(self.device), view[1].to(self.device)
             # One index_select of whole pixels over a flat view: ~5× faster than 3-tensor
             # advanced indexing here (benchmarks/bench_data.py).
             pixel = (idx.view(-1, 1, 1) * h + rows[:, :, None]) * w + cols[:, None, :]

@@ -20,18 +20,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from imgclf.data.loader import (
+    Augment,
     BatchLoader,
     alternate_flips,
     epoch_generator,
     epoch_order,
     num_batches,
+    shifted,
 )
 from imgclf.runtime.distributed import SINGLE, Dist
+from imgclf.train import prefix_pass
+from imgclf.train.prefix_pass import PrefixPass
 from imgclf.train.recipe import Recipe, StageConfig
 from imgclf.train.stages import split_at_first_trained
 
@@ -44,11 +49,46 @@ def cache_limit_bytes() -> float:
 
 
 def views_for(recipe: Recipe, stage: StageConfig) -> int | None:
-    """How many fixed views the augmentation has (1, or 2 with flips); None: not cacheable."""
+    """How many fixed views of each image the cache holds: 1, 2 with flips, or the
+    augmentation's ``cache_views`` with random crops; None: not cacheable."""
     aug = stage.augment_for(recipe)
-    if aug.crop_padding > 0 or aug.cutout > 0:
+    if aug.cutout > 0:
         return None
+    if aug.crop_padding > 0:
+        return aug.cache_views or None
     return 2 if aug.flip else 1
+
+
+@dataclass(frozen=True)
+class View:
+    """One fixed view of every image: mirrored or not, and moved by up to the stage's
+    crop padding (view 0: the image; 1: its mirror, with flips; then crops, drawn once)."""
+
+    index: int
+    flip: bool
+    padding: int
+    seed: int
+
+    @staticmethod
+    def all(count: int, aug: Augment, seed: int) -> list[View]:
+        first_crop = 2 if aug.flip else 1
+        return [
+            View(v, v == 1 and bool(aug.flip), aug.crop_padding if v >= first_crop else 0, seed)
+            for v in range(count)
+        ]
+
+    def indices(self, idx: torch.Tensor, n: int, h: int, w: int) -> tuple | None:
+        """Source rows and columns of samples ``idx`` (of ``n``) in this view, or None for
+        the plain image. The draws are per sample over all ``n``, so a sample's view does
+        not depend on the batch or the rank that computes it."""
+        if self.padding == 0:
+            return None
+        gen = epoch_generator(self.seed + 3, self.index)
+        p = self.padding
+        dy, dx = (torch.randint(-p, p + 1, (n, 1), generator=gen) for _ in range(2))
+        mirror = torch.rand(n, 1, generator=gen) < 0.5
+        rows, cols = shifted(h, w, dy[idx], dx[idx])
+        return rows, torch.where(mirror[idx], cols.flip(1), cols)
 
 
 class FeatureCache:
@@ -60,12 +100,12 @@ class FeatureCache:
         suffix: nn.Module,
         train: BatchLoader,
         val: BatchLoader | None,
-        views: int,
-        autocast_dtype: torch.dtype | None,
+        views: list[View],
+        engine: PrefixPass,
         dist: Dist = SINGLE,
     ) -> None:
         self.suffix = suffix
-        self.views = views
+        self.views = len(views)
         self.alternate = train.augment.flip == "alternate"
         self.train_loader = train
         self.batch_size = train.batch_size
@@ -76,12 +116,12 @@ class FeatureCache:
         self.rank, self.world_size = train.rank, train.world_size
         self.features = [
             dist.all_gather_rows(
-                _features(prefix, train, v == 1, autocast_dtype, dist.rank, dist.world_size),
-                train.num_samples,
+                _features(engine, train, view, dist.rank, dist.world_size), train.num_samples
             )
-            for v in range(views)
+            for view in views
         ]
-        self.val_features = _features(prefix, val, False, autocast_dtype) if val else None
+        plain = View(0, False, 0, train.seed)
+        self.val_features = _features(engine, val, plain) if val else None
         self.val_labels = val.labels if val else None
         self.epoch = 0
 
@@ -118,11 +158,15 @@ class FeatureCache:
                 "(raise IMGCLF_FEATURE_CACHE_GB to allow it)"
             )
             return None
+        sample = train.batch(torch.arange(min(train.batch_size, train.num_samples)))
+        engine = prefix_pass.choose(prefix, sample, n * views // dist.world_size, autocast_dtype)
         say(
             f"feature cache: {views} view(s) of {n} images after the frozen prefix "
-            f"({need / 2**20:.0f} MB)"
+            f"({need / 2**20:.0f} MB; {engine.engine})"
         )
-        return cls(prefix, suffix, train, val if with_val else None, views, autocast_dtype, dist)
+        aug = Augment(**stage.augment_for(recipe).model_dump())
+        fixed = View.all(views, aug, train.seed)
+        return cls(prefix, suffix, train, val if with_val else None, fixed, engine, dist)
 
     # The trainer iterates this like a BatchLoader.
     def __len__(self) -> int:
@@ -175,22 +219,17 @@ class FeatureCache:
 
 @torch.inference_mode()
 def _features(
-    prefix: nn.Module,
-    loader: BatchLoader,
-    flip: bool,
-    dtype: torch.dtype | None,
-    rank: int = 0,
-    world_size: int = 1,
+    engine: PrefixPass, loader: BatchLoader, view: View, rank: int = 0, world_size: int = 1
 ) -> torch.Tensor:
-    """Prefix activations of samples ``rank::world_size`` (all of them in one process)."""
+    """Prefix activations of samples ``rank::world_size`` (all of them in one process),
+    seen through ``view``."""
+    n, h, w = loader.images.shape[:3]
     parts = []
-    device = loader.device
     mine = torch.arange(rank, loader.num_samples, world_size)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for begin in range(0, len(mine), loader.batch_size):
-            idx = mine[begin : begin + loader.batch_size]
-            x = loader.batch(idx)
-            if flip:
-                x = x.flip(-1)
-            parts.append(prefix(x).float())
+    for begin in range(0, len(mine), engine.batch_size):
+        idx = mine[begin : begin + engine.batch_size]
+        x = loader.batch(idx, view=view.indices(idx, n, h, w))
+        if view.flip:
+            x = x.flip(-1)
+        parts.append(engine.run(x))
     return torch.cat(parts)

@@ -48,6 +48,11 @@ class AugmentConfig(_Strict):
     # stored image), centred anywhere in it and clipped at its edges, set to the mean
     # colour. airbench96 uses 12 px on 32-px images for its 40-epoch runs.
     cutout: int = Field(0, ge=0, le=1024, strict=True)
+    # With random crops, a stage whose frozen prefix is cached (feature_cache) would need
+    # the prefix run again every epoch; instead the cache can hold this many fixed views of
+    # each image (the image, its mirror with `flip`, then random crops and mirrors drawn
+    # once), and each epoch shows one of them per image. 0: no cache for random crops.
+    cache_views: int = Field(0, ge=0, le=16, strict=True)
 
 
 class OptimizerConfig(_Strict):

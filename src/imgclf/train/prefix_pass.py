@@ -1,0 +1,102 @@
+"""How a frozen prefix runs over a data set for the feature cache: the faster of eager
+PyTorch and ONNX Runtime on this machine, measured on one batch before the pass.
+
+The cache's pass is inference only, so it may run on another engine than training does:
+on the CPU, ONNX Runtime ran EfficientNet-Lite0's prefix 2.6× faster than eager bf16 and
+4.8× faster than eager fp32 (docs/benchmarks.md §3), but which engine wins depends on the
+CPU and the network, so each cache measures both on the same batch, keeps the faster, and
+uses ONNX Runtime only where its outputs equal eager fp32's within :data:`ATOL` (the
+tolerance of ``imgclf export``'s own check).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from imgclf.errors import one_line
+
+# Images per ONNX Runtime call: batch 8 ran Lite0's prefix fastest of 8, 16 and 64 on a
+# 2-core CPU (docs/benchmarks.md §3); eager keeps the loader's batch.
+ORT_BATCH = 8
+ATOL = 1e-4  # as imgclf export's verification (issue #13)
+RTOL = 1e-3
+# IMGCLF_CACHE_ENGINE=torch forces eager PyTorch (to compare, or where ONNX Runtime misbehaves).
+ENGINE_ENV = "IMGCLF_CACHE_ENGINE"
+# A pass that eager PyTorch finishes sooner than this stays eager: exporting the prefix
+# and checking it take a few seconds of their own.
+WORTH_SECONDS = 30.0
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PrefixPass:
+    """The engine chosen for a prefix: ``run(x)`` → activations (fp32), its batch size,
+    and a short description for the cache's printout."""
+
+    run: Runner
+    batch_size: int
+    engine: str
+
+
+def eager(prefix: nn.Module, dtype: torch.dtype | None, device: torch.device) -> Runner:
+    """The prefix in PyTorch (autocast to ``dtype`` when given), fp32 out."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return prefix(x).float()
+
+    return run
+
+
+def choose(
+    prefix: nn.Module,
+    sample: torch.Tensor,
+    passes: int,
+    dtype: torch.dtype | None,
+    say: Callable[[str], None] = print,
+) -> PrefixPass:
+    """Eager or ONNX Runtime for ``prefix``, timed on ``sample`` (one batch of inputs, at
+    the loader's batch size), for a cache of ``passes`` images in all."""
+    torch_pass = PrefixPass(eager(prefix, dtype, sample.device), len(sample), "PyTorch")
+    h, w = sample.shape[-2:]
+    if sample.device.type != "cpu" or h != w or os.environ.get(ENGINE_ENV) == "torch":
+        return torch_pass
+    with torch.inference_mode():
+        eager_s = _seconds(torch_pass.run, sample) / len(sample)
+    if eager_s * passes < WORTH_SECONDS:
+        return torch_pass  # an export and a check would cost more than they save
+    try:
+        ort = _onnx_runner(prefix, h)
+        with torch.inference_mode():
+            same = torch.allclose(ort(sample), prefix(sample), atol=ATOL, rtol=RTOL)
+            ort_s = _seconds(ort, sample[:ORT_BATCH]) / len(sample[:ORT_BATCH])
+    except Exception as exc:  # an op the exporter or ONNX Runtime lacks: stay eager
+        say(f"feature cache: PyTorch (ONNX Runtime failed: {one_line(str(exc))[:120]})")
+        return torch_pass
+    if not same:
+        say("feature cache: PyTorch (ONNX Runtime's activations differ from PyTorch's)")
+        return torch_pass
+    if ort_s < eager_s:
+        return PrefixPass(ort, ORT_BATCH, f"ONNX Runtime, {eager_s / ort_s:.1f}× PyTorch's speed")
+    return torch_pass
+
+
+def _onnx_runner(prefix: nn.Module, size: int) -> Runner:
+    from imgclf.runtime.onnx import onnx_net
+
+    return onnx_net(prefix, size, None, threads=torch.get_num_threads())
+
+
+def _seconds(run: Runner, x: torch.Tensor) -> float:
+    """Seconds of one call after a warm-up call (the first runs allocate and plan)."""
+    run(x)
+    started = time.perf_counter()
+    run(x)
+    return time.perf_counter() - started
