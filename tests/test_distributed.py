@@ -5,7 +5,7 @@ each rank's augmentation, the global-batch rule, the shorthand's command line, w
 restarted job resumes. The rest run real torchrun jobs of 2 CPU processes (Gloo, on the
 loopback) on a 16-px, three-colour folder: each job costs two interpreter starts (~10 s
 here), so only the equivalence and sharded-predict jobs are in the quick set; Ctrl-C +
-resume and a SIGKILLed worker are marked slow.
+resume, a SIGKILLed worker and the weight EMA's job are marked slow.
 
 The reference is always one process with the global batch: with augmentation off and a
 model without BatchNorm (`simple`), 2 processes × half the batch must end with the same
@@ -264,6 +264,32 @@ def test_stages_and_feature_cache_under_two_processes(tiny, tmp_path):
                             str(tmp_path / "two")))  # fmt: skip
     assert "feature cache" in done.stderr
     assert_close_runs(tmp_path / "two", one.path)
+
+
+@pytest.mark.slow  # one more 2-process job; the EMA's arithmetic is tested in one process
+def test_weight_ema_of_two_processes_is_rank_0s_single_process_average(tiny, tmp_path):
+    """With a weight EMA, rank 0 alone keeps the average (imgclf.train.ema): it validates
+    it, and saves it as last.pt's ema_state and as best.pt, the single process's average
+    to float tolerance."""
+    _, ds, _, _ = tiny
+    ema = {"decay": 0.9, "warmup": True}
+    recipe = write_recipe(tmp_path / "ema.yaml", tiny_recipe(epochs=2, ema=ema, **NO_AUGMENT))
+    one = train(recipe, ds.root, out=tmp_path / "one", threads=1, progress=False)
+    two = tmp_path / "two"
+    done = run_job(torchrun("train", str(recipe), "--data", str(ds.root), "--out", str(two)))
+    assert_close_runs(two, one.path)  # the trained weights, and the average's val metrics
+    assert done.stderr.count("val (ema) loss") == 2  # rank 0's two epoch lines
+    last, reference = load_pt(two / "last.pt"), load_pt(one.last)
+    assert last["ema_state"]["updates"] == reference["ema_state"]["updates"] == 2 * 6
+    pairs = [(last["ema_state"]["weights"], reference["ema_state"]["weights"])]
+    pairs.append((load_pt(two / "best.pt")["model_state"], load_pt(one.best)["model_state"]))
+    for got, want in pairs:
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=0, msg=key)
+    summary = load_json(two / "summary.json")
+    assert summary["ema"] == {**ema, "stages": [1], "best_pt": "ema"}
+    assert summary["ema"] == one.summary["ema"]
 
 
 def test_sharded_predict_writes_the_single_process_csv(tiny, tmp_path):

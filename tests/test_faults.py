@@ -192,18 +192,31 @@ def test_non_finite_loss_before_any_checkpoint(tmp_path, capsys):
 # stage boundary). Two stages, so a resume also has to pick the right optimizer.
 
 TWO_STAGES = [{"epochs": 1, "train": ["head"]}, {"epochs": 2, "train": "all", "lr": 0.02}]
+# A weight EMA over both stages (imgclf.train.ema): one average carried across the stage
+# boundary, saved in every checkpoint, validated, and best.pt.
+EMA = {"decay": 0.9, "warmup": True}
 
 
-@pytest.fixture(scope="module")
-def two_stage_reference(tmp_path_factory):
+def _two_stage(tmp_path_factory, **changes):
     root = tmp_path_factory.mktemp("two-stage")
     folder = make_image_folder(root / "src")
     ds = import_dataset(folder, "tiny", dest=root / "tiny", warn=lambda msg: None)
-    recipe = load_recipe(tiny_recipe(stages=TWO_STAGES))
+    recipe = load_recipe(tiny_recipe(stages=TWO_STAGES, **changes))
     run = train(recipe, ds, out=root / "reference", threads=1, progress=False)
     return recipe, ds, run
 
 
+@pytest.fixture(scope="module")
+def two_stage_reference(tmp_path_factory):
+    return _two_stage(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def two_stage_ema_reference(tmp_path_factory):
+    return _two_stage(tmp_path_factory, ema=EMA)
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["plain", "ema"])
 @pytest.mark.parametrize(
     "epoch, batch, position",
     [
@@ -213,18 +226,24 @@ def two_stage_reference(tmp_path_factory):
         (3, 2, {"stage": 1, "epoch": 1, "batch": 3}),
     ],
 )
-def test_ctrl_c_anywhere_then_resume_is_exact(
-    two_stage_reference, tmp_path, epoch, batch, position
-):
-    recipe, ds, reference = two_stage_reference
+def test_ctrl_c_anywhere_then_resume_is_exact(request, tmp_path, epoch, batch, position, ema):
+    name = "two_stage_ema_reference" if ema else "two_stage_reference"
+    recipe, ds, reference = request.getfixturevalue(name)
     out = tmp_path / "run"
     trainer = Trainer(recipe, ds, out, threads=1, progress=False)
     interrupt_at(trainer, epoch, batch)
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
-    assert load_checkpoint(out / "last.pt")["position"] == position
+    at_interrupt = load_checkpoint(out / "last.pt")
+    assert at_interrupt["position"] == position
+    assert (at_interrupt["ema_state"] is not None) == ema
     train(None, resume=out, threads=1, progress=False)
-    assert_same_run(out, reference.path)
+    assert_same_run(out, reference.path)  # best.pt: the average's weights, with EMA
+    if ema:
+        got, want = (load_checkpoint(p / "last.pt")["ema_state"] for p in (out, reference.path))
+        assert got["updates"] == want["updates"] == 3 * 6
+        for key, value in want["weights"].items():
+            assert torch.equal(got["weights"][key], value), key
 
 
 def test_periodic_mid_epoch_checkpoints_change_nothing(two_stage_reference, tmp_path, monkeypatch):

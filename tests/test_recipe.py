@@ -16,6 +16,7 @@ from imgclf.errors import RecipeError
 from imgclf.models import create, model_spec
 from imgclf.train.optim import build_optimizer, build_scheduler, lr_factor
 from imgclf.train.recipe import (
+    EmaConfig,
     Recipe,
     SchedulerConfig,
     list_recipes,
@@ -115,6 +116,17 @@ def test_overrides_do_not_touch_the_callers_dict() -> None:
         ("optimizer.lr.max=2", ["'optimizer.lr' is not a mapping"]),
         ("optimizer.lr", ["expected key=value"]),
         ("stages.0.train=[]", ["at least one parameter group"]),
+        ("ema.dcay=0.99", ["unknown key 'ema.dcay'", "decay", "warmup"]),
+        ("ema.decay=1", ["ema.decay", "less than 1"]),
+        ("ema.decay=-0.5", ["ema.decay", "greater than or equal to 0"]),
+        ("ema.decay=false", ["ema.decay", "a number from 0 up to (not including) 1"]),
+        ("ema.decay=lots", ["ema.decay", "number"]),
+        ("ema.warmup=maybe", ["ema.warmup", "bool"]),
+        ("ema=0.999", ["ema: a mapping such as {decay: 0.999", "a decay is ema.decay=0.999"]),
+        ("ema=[0.9]", ["ema: a mapping such as", "true/false, not [0.9]"]),
+        ("stages.0.ema={decay: 0.9}", ["stages.0.ema", "the recipe's `ema` block"]),
+        ("stages.0.ema=0.9", ["stages.0.ema: true or false, not 0.9", "ema.decay=0.9"]),
+        ("stages.0.ema=sometimes", ["stages.0.ema: true or false, not 'sometimes'"]),
     ],
 )
 def test_bad_override_is_a_one_line_error_naming_the_choices(override, expected) -> None:
@@ -123,6 +135,26 @@ def test_bad_override_is_a_one_line_error_naming_the_choices(override, expected)
     text = one_line_error(excinfo)
     for part in expected:
         assert part in text, text
+
+
+def test_ema_is_off_unless_asked_and_a_stage_may_turn_it_on_or_off() -> None:
+    """``ema`` settings with timm's names; ``true`` the defaults, ``false``/null none; a
+    stage's ``ema: true/false`` overrides the recipe's on/off, never its settings."""
+    assert load_recipe("scratch-simple").ema is None
+    on = load_recipe("scratch-simple", ["ema=true"])
+    assert on.ema == EmaConfig(decay=0.999, warmup=True)
+    assert load_recipe("scratch-simple", ["ema.decay=0.9"]).ema == EmaConfig(decay=0.9)
+    assert load_recipe("scratch-simple", ["ema=false"]).ema is None
+    assert load_recipe("scratch-simple", ["ema={decay: 0, warmup: off}"]).ema.decay == 0.0
+    stages = "stages=[{train: head}, {train: all, ema: true}, {ema: false}, {}]"
+    plain = load_recipe("scratch-simple", [stages])
+    assert [plain.ema_for(s) for s in plain.stages] == [None, EmaConfig(), None, None]
+    tuned = load_recipe("scratch-simple", [stages, "ema.decay=0.99"])
+    d99 = EmaConfig(decay=0.99)
+    assert [tuned.ema_for(s) for s in tuned.stages] == [d99, d99, None, d99]
+    # The resolved recipe (config.yaml, a checkpoint's) reads back the same.
+    assert validate(yaml.safe_load(recipe_yaml(tuned))) == tuned
+    assert tuned.with_epochs(8).stages[1].ema is True
 
 
 def test_several_problems_are_counted_on_the_one_line() -> None:

@@ -107,6 +107,37 @@ class LookaheadConfig(_Strict):
     power: float = Field(3.0, ge=0)
 
 
+class EmaConfig(_Strict):
+    """An exponential moving average of the weights, as timm's ``ModelEmaV3`` keeps it
+    (imgclf.train.ema): after every optimizer step, ema ← ema + (1 − d)(weights − ema) over
+    the parameters and floating-point buffers (BatchNorm statistics), integer buffers
+    copied. Validation and best.pt use the average; training continues from the weights.
+
+    The average's first update copies the weights (d = 0, as in timm); update t + 1 uses
+    d = ``decay``, or with ``warmup`` d = min(decay, 1 − (1 + t)^(−2/3)) (timm's warmup,
+    gamma 1, power 2/3: 0.9 at t ≈ 31, 0.99 at 1,000, 0.999 at 31,600), so a short stage
+    is not held near its starting weights."""
+
+    decay: float = Field(0.999, ge=0, lt=1)
+    warmup: bool = True
+
+    @field_validator("decay", mode="before")
+    @classmethod
+    def _not_a_switch(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # `decay: false` would otherwise be a silent 0.0
+            raise ValueError(f"a number from 0 up to (not including) 1, e.g. 0.999, not {v}")
+        return v
+
+
+def _ema_switch(v: Any, expected: str) -> Any:
+    """``ema``'s value when it is on/off or settings; anything else is an error that says
+    what was ``expected`` (and where a bare number, probably a decay, goes)."""
+    if v is None or isinstance(v, bool | dict | EmaConfig):
+        return v
+    hint = f" (a decay is ema.decay={v})" if isinstance(v, int | float) else ""
+    raise ValueError(f"{expected}, not {v!r}{hint}")
+
+
 class SchedulerConfig(_Strict):
     name: Literal["constant", "step", "multistep", "cosine", "onecycle", "linear"] = "constant"
     step_size: int = Field(7, ge=1)  # epochs, for "step" (the study: StepLR(7, 0.1))
@@ -141,7 +172,17 @@ class StageConfig(_Strict):
     # so its rate reaches the schedule's end (0 for linear) at its freeze point instead of
     # stopping mid-curve (airbench94_muon anneals its whitening bias over its 3 epochs).
     freeze_anneal: bool = False
+    # true/false: this stage updates (and validates) the recipe's weight EMA or not, e.g.
+    # only the fine-tuning stage; unset: it does when the recipe has an `ema` block.
+    ema: bool | None = None
     name: str = ""
+
+    @field_validator("ema", mode="before")
+    @classmethod
+    def _ema_on_off(cls, v: Any) -> Any:
+        if isinstance(v, dict | EmaConfig):
+            raise ValueError("true or false here; the EMA's settings are the recipe's `ema` block")
+        return _ema_switch(v, "true or false")
 
     @field_validator("train")
     @classmethod
@@ -185,6 +226,9 @@ class Recipe(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)
     lookahead: LookaheadConfig | None = None
+    # Weight EMA (EmaConfig), off unless given; `ema: true` takes the defaults. A stage's
+    # own `ema: true/false` turns it on or off there.
+    ema: EmaConfig | None = None
     early_stopping: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
     seed: int = 0
@@ -221,6 +265,18 @@ class Recipe(_Strict):
         if isinstance(v, bool):
             return "on" if v else "off"
         return v
+
+    @field_validator("ema", mode="before")
+    @classmethod
+    def _ema_true_false(cls, v: Any) -> Any:
+        v = _ema_switch(v, "a mapping such as {decay: 0.999, warmup: true}, or true/false")
+        return {} if v is True else None if v is False else v
+
+    def ema_for(self, stage: StageConfig) -> EmaConfig | None:
+        """The EMA settings ``stage`` trains with, None when it keeps no EMA."""
+        if stage.ema is None:
+            return self.ema
+        return (self.ema or EmaConfig()) if stage.ema else None
 
     @property
     def total_epochs(self) -> int:

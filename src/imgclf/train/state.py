@@ -64,15 +64,21 @@ class Progress:
     images_seen: int = 0  # training images processed, across resumes
     wall_seconds: float = 0.0  # wall time of the run's processes up to the last checkpoint
     warnings: list[str] = field(default_factory=list)  # guard-rail warnings, for summary.json
+    # The weights best.pt holds: "trained", or "ema" (the average, imgclf.train.ema).
+    best_weights: str = "trained"
 
-    def record_epoch(self, epoch: int, val_acc: float, min_delta: float) -> bool:
-        """Count global ``epoch``, validated at ``val_acc``, for early stopping; True when
-        its weights are the best so far (or there is no validation to tell): best.pt."""
+    def record_epoch(
+        self, epoch: int, val_acc: float, min_delta: float, weights: str = "trained"
+    ) -> bool:
+        """Count global ``epoch``, whose ``weights`` validated at ``val_acc``, for early
+        stopping; True when they are the best so far (or there is no validation to tell):
+        best.pt."""
         improved = val_acc == val_acc and val_acc > self.best_val_acc + min_delta
         no_val = val_acc != val_acc
         if improved or no_val:
             self.best_val_acc = val_acc if improved else self.best_val_acc
             self.best_epoch = epoch
+            self.best_weights = weights
             self.epochs_since_best = 0
         else:
             self.epochs_since_best += 1
@@ -89,11 +95,14 @@ def to_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     lookahead: Lookahead | None = None,
+    ema_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of a run: the model and what rebuilds its input (name, args,
     classes, size, normalisation, the cache's image size), the recipe and data set, where
     training stands, and, mid-stage, the optimizer, schedule and Lookahead states (None at
-    a stage's end: the next stage builds its own), the global RNG and a budget's plan."""
+    a stage's end: the next stage builds its own), the weight EMA's state (whenever the
+    stage keeps one: the next stage may carry it on; None otherwise, and in checkpoints
+    from before it existed), the global RNG and a budget's plan."""
     mid_stage = optimizer is not None
     return {
         "imgclf_version": __version__,
@@ -114,9 +123,18 @@ def to_checkpoint(
         "optimizer_state": optimizer.state_dict() if mid_stage else None,
         "lookahead_state": lookahead.state_dict() if mid_stage and lookahead is not None else None,
         "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
+        "ema_state": ema_state,
         "torch_rng": torch.get_rng_state(),
         "plan": plan.to_dict() if plan is not None else None,
     }
+
+
+def best_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """best.pt's dict: ``state`` with the weights that were validated as ``model_state``,
+    the EMA's when the stage keeps one (eval, predict and export read ``model_state``; the
+    same tensors as ``ema_state``'s, so torch.save stores them once)."""
+    ema = state.get("ema_state")
+    return state if ema is None else {**state, "model_state": ema["weights"]}
 
 
 def from_checkpoint(

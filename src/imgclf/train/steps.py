@@ -1,10 +1,10 @@
 """One stage's training pieces and its epoch of optimizer steps, top to bottom.
 
 :func:`train_steps` is the loop, as in the torchvision reference's ``train_one_epoch`` or
-nanoGPT's: forward, loss, backward, clip, step, schedule (and Lookahead's blend), then
-one call to :class:`AfterStep` for everything that is not training: the epoch's running
-totals, the progress bar, one agreement of all ranks on a diverged loss, Ctrl-C and a
-mid-epoch checkpoint, and the time budget's re-plans.
+nanoGPT's: forward, loss, backward, clip, step, schedule (and Lookahead's blend and the
+weight EMA's update), then one call to :class:`AfterStep` for everything that is not
+training: the epoch's running totals, the progress bar, one agreement of all ranks on a
+diverged loss, Ctrl-C and a mid-epoch checkpoint, and the time budget's re-plans.
 
 Ctrl-C is acted on between two steps, never inside one: a checkpoint taken half-way
 through ``optimizer.step()`` would hold weights that its position says are not updated
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from imgclf.data.loader import BatchLoader
 from imgclf.runtime.distributed import Dist
 from imgclf.train.budget import Replanner
+from imgclf.train.ema import WeightEma
 from imgclf.train.feature_cache import FeatureCache
 from imgclf.train.guards import CtrlC
 from imgclf.train.lookahead import Lookahead
@@ -44,7 +45,8 @@ class StageRun:
     """What one stage trains with, made when the stage starts and dropped when it ends:
     the network stepped (the model, its feature cache's suffix, or either wrapped for
     data parallelism), the batches (images, or cached features), the optimizer, schedule,
-    Lookahead, the loss's settings and the budget's clock."""
+    Lookahead, the weight EMA (imgclf.train.ema; it outlives the stage when the next one
+    carries it on), the loss's settings and the budget's clock."""
 
     config: StageConfig
     model: nn.Module
@@ -61,6 +63,16 @@ class StageRun:
     label_smoothing: float
     grad_clip: float | None
     lookahead_done: bool = False  # the last step has put the slow weights in place
+    ema: WeightEma | None = None
+
+    def stepped(self, done: int) -> None:
+        """After the stage's optimizer step ``done`` (counted from 1) and its schedule:
+        Lookahead's blend, then the EMA's update, which so averages the weights training
+        goes on from."""
+        if self.lookahead is not None:
+            self.lookahead_step(done)
+        if self.ema is not None:
+            self.ema.update()
 
     def lookahead_step(self, done: int) -> None:
         """Lookahead after the stage's step ``done`` (counted from 1)."""
@@ -112,8 +124,7 @@ def train_steps(st: StageRun, after: AfterStep) -> None:
             torch.nn.utils.clip_grad_norm_(st.model.parameters(), st.grad_clip)
         st.optimizer.step()
         st.scheduler.step()
-        if st.lookahead is not None:
-            st.lookahead_step(after.first + step + 1)
+        st.stepped(after.first + step + 1)
         after(step, loss, logits, y, diverged)
 
 

@@ -4,7 +4,8 @@
 the recipe (freezing and unfreezing groups itself), and ends each epoch here: validation,
 a row in ``metrics.csv`` and TensorBoard, the guard rails (imgclf.train.guards), early
 stopping, a budget's re-plan, and ``last.pt``/``best.pt`` (imgclf.train.state). An
-epoch's steps are imgclf.train.steps; the end of the run is imgclf.train.finish.
+epoch's steps are imgclf.train.steps; the end of the run is imgclf.train.finish. With a
+weight EMA (imgclf.train.ema) validation and best.pt use the average.
 
 Resume is exact on CPU: batches are a function of (seed, epoch), the global RNG state is
 saved, and a checkpoint taken mid-epoch (Ctrl-C, or every ``CHECKPOINT_MINUTES``) records
@@ -43,6 +44,7 @@ from imgclf.runtime.device import Hardware, resolve_hardware, set_threads
 from imgclf.runtime.distributed import SINGLE, Dist
 from imgclf.train.adapt import adapt
 from imgclf.train.budget import Plan, PlanInputs, Replanner, agreed_plan
+from imgclf.train.ema import WeightEma, ema_summary, stage_ema, validated
 from imgclf.train.feature_cache import FeatureCache
 from imgclf.train.finish import FinishInputs, finish_run
 from imgclf.train.guards import (
@@ -70,6 +72,7 @@ from imgclf.train.state import (
     Position,
     Progress,
     Run,
+    best_checkpoint,
     from_checkpoint,
     restore_stage,
     to_checkpoint,
@@ -121,6 +124,7 @@ class Trainer:
         self.position, self.progress = Position(), Progress()
         self.wall_base = 0.0  # wall time of the processes before a resume
         self.stage: StageRun | None = None  # the stage training now
+        self.ema: WeightEma | None = None  # the weight EMA, kept across the stages with one
         # Rank 0's metrics.csv and TensorBoard once run() opens the folder; others write nothing.
         self.log: MetricsLog | Discard = Discard()
         self.tb: TensorBoard | Discard = Discard()
@@ -193,6 +197,11 @@ class Trainer:
         its optimizer, schedule and Lookahead (a resumed stage's from the checkpoint)."""
         r = self.recipe
         n_train, cache = self._stage_network(stage)
+        # Rank 0 alone keeps the average: it alone validates and saves (imgclf.train.ema).
+        on = r.ema_for(stage) if self.dist.is_main else None
+        self.ema = stage_ema(
+            self.ema, self.model, on, self.resume_state, stage.groups(), cache is not None
+        )
         # Wrapped now that the stage's trainable set and cache are fixed (see Dist.wrap);
         # one process trains the network itself.
         net = self.dist.wrap(cache.suffix if cache is not None else self.model)
@@ -229,6 +238,7 @@ class Trainer:
             optimizer=optimizer,
             scheduler=scheduler,
             lookahead=lookahead,
+            ema=self.ema,
             # Where this stage's clock starts for the budget's re-plans (after its cache).
             clock=self._clock(si, len(batches)),
             steps=planned,
@@ -297,7 +307,10 @@ class Trainer:
         self._check_chance(si, global_epoch, val_acc)
         if pos.epoch + 1 >= self._stage_epochs(si):
             self._check_stage_end(si, val_acc)
-        best = progress.record_epoch(global_epoch, val_acc, self.recipe.early_stopping.min_delta)
+        weights = "trained" if self.ema is None else "ema"
+        best = progress.record_epoch(
+            global_epoch, val_acc, self.recipe.early_stopping.min_delta, weights
+        )
         pos.epoch, pos.batch = pos.epoch + 1, 0
         progress.partial = {}
         if self.plan is not None:
@@ -382,7 +395,7 @@ class Trainer:
         }
         self.log.append(row)
         self.tb.log(row)
-        self._say(_summary_line(row, self.total_epochs))
+        self._say(_summary_line(row, self.total_epochs, self.ema is not None))
 
     def _agreed(self, flag: bool) -> bool:
         """True on every rank when it is true on any (one rank's Ctrl-C stops them all)."""
@@ -424,9 +437,10 @@ class Trainer:
             optimizer,
             scheduler,
             lookahead,
+            self.ema.state_dict() if self.ema is not None else None,
         )
         if best:
-            save_checkpoint(state, self.out / "best.pt")
+            save_checkpoint(best_checkpoint(state), self.out / "best.pt")
         save_checkpoint(state, self.out / "last.pt")
 
     def _checkpoint_mid_epoch(self, acc: dict, started: float, optimizer, scheduler) -> None:
@@ -438,8 +452,9 @@ class Trainer:
     # ------------------------------------------------------------------ validation, guards
 
     def _validate_agreed(self) -> tuple[float, float]:
-        """Rank 0 validates (on its copy of the weights, the one it saves) and every rank
-        gets its numbers: early stopping and best.pt are then the same decision on all."""
+        """Rank 0 validates (on its copy of the weights, or of their EMA: the one it saves
+        as best.pt) and every rank gets its numbers: early stopping and best.pt are then
+        the same decision on all."""
         if not self.dist.enabled:
             return self._validate()
         return self.dist.broadcast(self._validate() if self.dist.is_main else None)
@@ -448,11 +463,8 @@ class Trainer:
         if self.val_loader is None:
             return float("nan"), float("nan")
         cache = self.stage.cache if self.stage is not None else None
-        dtype = self.hw.autocast_dtype
-        if cache is not None and cache.val_features is not None:
-            logits, labels = infer(cache.suffix, cache.val_batches(), autocast_dtype=dtype)
-        else:
-            logits, labels = infer(self.model, self.val_loader, autocast_dtype=dtype)
+        net, batches = validated(self.model, self.ema, cache, self.val_loader)
+        logits, labels = infer(net, batches, autocast_dtype=self.hw.autocast_dtype)
         loss = F.cross_entropy(logits, labels).item()
         return loss, (logits.argmax(1) == labels).float().mean().item()
 
@@ -523,6 +535,7 @@ class Trainer:
         summary = finish_run(self._finish_inputs())
         summary["world_size"] = self.dist.world_size
         summary["backend"] = self.dist.backend  # None: one process, no process group
+        summary["ema"] = ema_summary(self.recipe, self.progress)  # None: no weight EMA
         write_json(self.out / "summary.json", summary)
         return Run(self.out, summary)
 
@@ -555,11 +568,12 @@ def _lr_of_last_step(optimizer, scheduler) -> float:
     return group["initial_lr"] * scheduler.lr_lambdas[0](max(scheduler.last_epoch - 1, 0))
 
 
-def _summary_line(row: dict, total_epochs: int) -> str:
+def _summary_line(row: dict, total_epochs: int, ema: bool = False) -> str:
+    """The epoch's line; ``ema``: the EMA's weights were validated, and it says so."""
     val = (
         ""
         if math.isnan(row["val_acc"])
-        else f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+        else f"  val{' (ema)' if ema else ''} loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
     )
     return (
         f"epoch {row['epoch']:>3}/{total_epochs} stage {row['stage']}  lr {row['lr']:.4g}  "
