@@ -380,3 +380,30 @@ def test_one_slow_window_does_not_shrink_the_plan_two_do():
     from imgclf.train.budget import Plan
 
     assert Plan.from_dict(plan.to_dict()).window_ratios == [[1, 1.0]]
+
+
+def test_a_cached_stage_is_priced_on_the_engine_its_cache_will_use(tiny, monkeypatch):
+    """The feature cache's pass may run on ONNX Runtime (train/prefix_pass.py): the plan
+    prices it at the chosen engine's measured seconds per image, for every view of every
+    training image and each validation image, not at eager PyTorch's."""
+    from imgclf.data.loader import BatchLoader
+    from imgclf.models import create
+    from imgclf.runtime.device import resolve_hardware
+    from imgclf.train import budget, prefix_pass
+    from imgclf.train.recipe import validate
+
+    recipe = validate(_recipe(((1, "head"),)) | {"augment": {"flip": True}})
+    model = create("simple", num_classes=3, input_size=16)
+    tr, va = tiny.indices("train"), tiny.indices("val")
+    loaders = [BatchLoader(tiny.images[i], tiny.labels[i], batch_size=8, size=16) for i in (tr, va)]
+    job = budget.PlanInputs(model, recipe, *loaders, resolve_hardware("cpu", "fp32", "off"), False)
+    chosen = []
+
+    def choose(prefix, sample, passes, dtype, say):
+        chosen.append(passes)
+        return prefix_pass.PrefixPass(lambda x: x, 8, "ONNX Runtime", 0.25)
+
+    monkeypatch.setattr(budget.prefix_pass, "choose", choose)
+    cost = budget._probe_stage(job, recipe.stages[0], forward=100.0)
+    passes = 2 * len(tr) + len(va)  # flips: two views
+    assert chosen == [passes] and cost.setup == pytest.approx(0.25 * passes)

@@ -39,6 +39,7 @@ from imgclf.data.loader import BatchLoader
 from imgclf.errors import RecipeError
 from imgclf.runtime.device import Hardware
 from imgclf.runtime.distributed import Dist
+from imgclf.train import prefix_pass
 from imgclf.train.feature_cache import views_for
 from imgclf.train.recipe import Recipe
 from imgclf.train.stages import set_trainable, split_at_first_trained
@@ -492,8 +493,11 @@ def _probe_stage(job: PlanInputs, stage, forward: float) -> StageCost:
             with torch.inference_mode():
                 features = prefix.eval()(batch)
             step = _time_steps(suffix, features.clone(), job)
-            views = views_for(job.recipe, stage) or 1
-            setup = forward * (views * n_train + n_val)
+            passes = (views_for(job.recipe, stage) or 1) * n_train + n_val
+            # Priced on the engine the cache will choose (prefix_pass: ONNX Runtime ran
+            # Lite0's prefix several times faster than eager PyTorch on 2-core CPUs).
+            engine = prefix_pass.choose(prefix, batch, passes, job.hw.autocast_dtype, _quiet)
+            setup = engine.seconds_per_image * passes
             validation = 0.0  # on cached features: negligible
         else:
             step = _time_steps(model, batch, job)
@@ -508,6 +512,10 @@ def _probe_stage(job: PlanInputs, stage, forward: float) -> StageCost:
         )
     finally:
         torch.set_rng_state(rng)
+
+
+def _quiet(text: str) -> None:
+    """The probe's engine choice says nothing: the cache says it when it is built."""
 
 
 def _autocast(hw: Hardware):

@@ -38,11 +38,13 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class PrefixPass:
     """The engine chosen for a prefix: ``run(x)`` → activations (fp32), its batch size,
-    and a short description for the cache's printout."""
+    a short description for the cache's printout, and the seconds per image measured
+    (what a time budget prices the pass at; 0 where nothing was measured)."""
 
     run: Runner
     batch_size: int
     engine: str
+    seconds_per_image: float = 0.0
 
 
 def eager(prefix: nn.Module, dtype: torch.dtype | None, device: torch.device) -> Runner:
@@ -64,12 +66,13 @@ def choose(
 ) -> PrefixPass:
     """Eager or ONNX Runtime for ``prefix``, timed on ``sample`` (one batch of inputs, at
     the loader's batch size), for a cache of ``passes`` images in all."""
-    torch_pass = PrefixPass(eager(prefix, dtype, sample.device), len(sample), "PyTorch")
+    run = eager(prefix, dtype, sample.device)
+    with torch.inference_mode():
+        eager_s = _seconds(run, sample) / len(sample)
+    torch_pass = PrefixPass(run, len(sample), "PyTorch", eager_s)
     h, w = sample.shape[-2:]
     if sample.device.type != "cpu" or h != w or os.environ.get(ENGINE_ENV) == "torch":
         return torch_pass
-    with torch.inference_mode():
-        eager_s = _seconds(torch_pass.run, sample) / len(sample)
     if eager_s * passes < WORTH_SECONDS:
         return torch_pass  # an export and a check would cost more than they save
     try:
@@ -84,7 +87,8 @@ def choose(
         say("feature cache: PyTorch (ONNX Runtime's activations differ from PyTorch's)")
         return torch_pass
     if ort_s < eager_s:
-        return PrefixPass(ort, ORT_BATCH, f"ONNX Runtime, {eager_s / ort_s:.1f}× PyTorch's speed")
+        speed = f"ONNX Runtime, {eager_s / ort_s:.1f}× PyTorch's speed"
+        return PrefixPass(ort, ORT_BATCH, speed, ort_s)
     return torch_pass
 
 
