@@ -24,17 +24,10 @@ from typing import Any
 import torch
 
 from imgclf.errors import UserError
-from imgclf.models.backbones import (
-    INPUT_MULTIPLE,
-    WeightsSource,
-    build_head,
-    check_backbone_size,
-    head_config,
-    load_backbone_state,
-    resolve_weights,
-)
+from imgclf.models.backbones import INPUT_MULTIPLE, build_head, check_backbone_size, head_config
 from imgclf.models.base import Classifier
 from imgclf.models.registry import register
+from imgclf.models.weights import WeightsSource, load_backbone_state, resolve_weights
 
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
 LITE0_MEAN: tuple[float, float, float] = (127 / 255,) * 3
