@@ -14,6 +14,7 @@ from imgclf.models.registry import (
     create,
     list_models,
     model_spec,
+    other_models,
     register,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "create",
     "list_models",
     "model_spec",
+    "other_models",
     "register",
 ]

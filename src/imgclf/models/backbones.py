@@ -251,60 +251,99 @@ def check_backbone_size(model: str, input_size: int, multiple: int) -> None:
         )
 
 
-class TorchvisionBackbone(Classifier):
-    """A torchvision classification network (``self.net``) with a new head.
+class Backbone(Classifier):
+    """A pretrained network (``self.net``) whose classifier, at ``self.head_path``, is
+    replaced by the recipe's head, so the network's own forward runs unchanged.
 
-    The head replaces the network's last Linear layer (``self.head_path``, e.g. ``fc`` or
-    ``classifier.1``), so the network's own forward runs unchanged.
+    Subclasses build the network and load its weights in :meth:`build_net`. ``model_args``
+    keeps ``pretrained: false`` and no weights file: a checkpoint's state dict carries the
+    weights, and rebuilding from it must not fetch or read them again.
     """
 
     def __init__(
         self,
-        arch: str,
+        name: str,
         num_classes: int,
         input_size: int,
         *,
         pretrained: bool = False,
         weights: str | Path | None = None,
         head: Mapping[str, Any] | None = None,
+        **config: Any,
     ) -> None:
+        cfg = head_config(head)
+        check_backbone_size(name, input_size, 1)
+        super().__init__(
+            num_classes, input_size, pretrained=False, weights=None, head=cfg, **config
+        )
+        net, head_path = self.build_net(name, pretrained, weights, **config)
+        old = net.get_submodule(head_path)
+        net.set_submodule(head_path, build_head(old.in_features, num_classes, cfg))
+        self.head_path = head_path
+        self.net = net
+
+    def build_net(
+        self, name: str, pretrained: bool, weights: str | Path | None, **config: Any
+    ) -> tuple[nn.Module, str]:
+        """The network, its weights loaded (:func:`resolve_weights`' order), and the path
+        of the classifier the head replaces."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def backbone_builder(
+    cls: type[Backbone], name: str, default_size: Callable[[], int]
+) -> Callable[..., Classifier]:
+    """The registry's constructor of ``name``: ``build(num_classes, input_size=None,
+    pretrained=..., weights=..., head=..., **config)``, at ``default_size()`` by default."""
+
+    def build(num_classes: int, input_size: int | None = None, **options: Any) -> Classifier:
+        size = default_size() if input_size is None else input_size
+        return cls(name, num_classes, size, **options)
+
+    build.__name__ = name
+    return build
+
+
+class TorchvisionBackbone(Backbone):
+    """A torchvision classification network with a new head in place of its last Linear
+    layer (``self.head_path``, e.g. ``fc`` or ``classifier.1``)."""
+
+    def build_net(
+        self, name: str, pretrained: bool, weights: str | Path | None, **config: Any
+    ) -> tuple[nn.Module, str]:
         import torchvision
 
-        info = _arch(arch)
-        cfg = head_config(head)
-        check_backbone_size(arch, input_size, 1)
-        super().__init__(num_classes, input_size, pretrained=False, weights=None, head=cfg)
-        self.arch = arch
+        if config:  # as the registry's build() refused them before Backbone took **config
+            raise TypeError(f"{name}: unexpected model_args {sorted(config)}")
+        info = _arch(name)
+        self.arch = name
         self.mean, self.std = info.mean, info.std
         kwargs = dict(info.builder_kwargs)
-        if arch.startswith("vit_"):
-            kwargs["image_size"] = input_size  # position embeddings are sized for it
-        net = torchvision.models.get_model(arch, weights=None, **kwargs)
+        if name.startswith("vit_"):
+            kwargs["image_size"] = self.input_size  # position embeddings are sized for it
+        net = torchvision.models.get_model(name, weights=None, **kwargs)
         self._groups = _family_groups(net)
         if self._groups is not None:
-            check_backbone_size(arch, input_size, INPUT_MULTIPLE)
+            check_backbone_size(name, self.input_size, INPUT_MULTIPLE)
         head_path = _last_linear(net)
         if head_path is None:
             raise UnknownModel(
-                f"{arch}: its classifier is not a Linear layer (a 1×1 convolution), so imgclf "
+                f"{name}: its classifier is not a Linear layer (a 1×1 convolution), so imgclf "
                 "cannot give it a new head; choose another torchvision model"
             )
         state = resolve_weights(info.source, pretrained=pretrained, weights=weights)
         if state is not None:
             load_backbone_state(
                 net,
-                _fix_keys(arch, state),
+                _fix_keys(name, state),
                 head_path,
-                model=arch,
+                model=name,
                 ignore_prefixes=info.ignore_prefixes,
             )
-        old = net.get_submodule(head_path)
-        net.set_submodule(head_path, build_head(old.in_features, num_classes, cfg))
-        self.head_path = head_path
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return net, head_path
 
     def sequence(self) -> list[tuple[str | None, nn.Module]]:
         """The forward pass as (group, module) steps, for the families imgclf knows.
@@ -349,20 +388,7 @@ class TorchvisionBackbone(Classifier):
 
 
 def _builder(arch: str) -> Callable[..., Classifier]:
-    def build(
-        num_classes: int,
-        input_size: int | None = None,
-        pretrained: bool = False,
-        weights: str | Path | None = None,
-        head: Mapping[str, Any] | None = None,
-    ) -> Classifier:
-        size = _arch(arch).input_size if input_size is None else input_size
-        return TorchvisionBackbone(
-            arch, num_classes, size, pretrained=pretrained, weights=weights, head=head
-        )
-
-    build.__name__ = arch
-    return build
+    return backbone_builder(TorchvisionBackbone, arch, lambda: _arch(arch).input_size)
 
 
 # The study's backbones, listed by ``imgclf models``. ``pretrained`` defaults to False here
@@ -373,8 +399,20 @@ _REGISTERED = {
     "resnet50": "ResNet-50 (torchvision IMAGENET1K_V2, ImageNet 80.9%): stem, layer1-4, head",
     "efficientnet_b0": "EfficientNet-B0 (torchvision, ImageNet 77.7%): stem, blocks1-7, top, head",
 }
+
+
+def _local(arch: str) -> Callable[[], Path | None]:
+    return lambda: _arch(arch).source.local()
+
+
 for _name, _description in _REGISTERED.items():
-    register(_name, description=_description, input_size=224, kind="pretrained")(_builder(_name))
+    register(
+        _name,
+        description=_description,
+        input_size=224,
+        kind="pretrained",
+        local_weights=_local(_name),
+    )(_builder(_name))
 
 
 def _resolve_torchvision(name: str) -> tuple[ModelSpec, Callable[..., Classifier]] | None:
@@ -383,9 +421,8 @@ def _resolve_torchvision(name: str) -> tuple[ModelSpec, Callable[..., Classifier
         return None
     info = _arch(arch)
     top1 = f", ImageNet {info.top1:.1f}%" if info.top1 else ""
-    spec = ModelSpec(
-        name, f"torchvision {arch} ({info.weights_name}{top1})", info.input_size, "pretrained"
-    )
+    description = f"torchvision {arch} ({info.weights_name}{top1})"
+    spec = ModelSpec(name, description, info.input_size, "pretrained", info.source.local)
     return spec, _builder(arch)
 
 
@@ -393,4 +430,5 @@ register_fallback(
     _resolve_torchvision,
     names=torchvision_names,
     hint="or any torchvision classification model by name, e.g. tv:convnext_tiny",
+    summary="tv:<name>: any of torchvision's {n} classification models, e.g. tv:convnext_tiny",
 )

@@ -126,6 +126,7 @@ def _timm() -> Any:
     "75.1%): stem, blocks1-7, top, head",
     input_size=224,
     kind="pretrained",
+    local_weights=lambda: SOURCE.local(),
 )
 class EfficientNetLite0(Classifier):
     """EfficientNet-Lite0 (``self.net``, a timm EfficientNet) with a new head.
