@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgclf.errors import CheckpointError, RecipeError, UnknownModel, WeightsMissing
-from imgclf.models import backbones, create, model_spec
+from imgclf.models import backbones, create, model_spec, weights
 from imgclf.train.stages import set_trainable
 
 NUM_CLASSES = 7  # odd, and not 10
@@ -168,6 +168,7 @@ def test_rebuild_from_model_args_loads_strict_without_fetching(
         raise AssertionError(f"rebuild read weights from {path}")
 
     monkeypatch.setattr(backbones, "load_state_file", no_read)
+    monkeypatch.setattr(weights, "load_state_file", no_read)  # where resolve_weights reads
     rebuilt = create(name, **model.model_args).eval()
     assert rebuilt.model_args == model.model_args
     rebuilt.load_state_dict(model.state_dict(), strict=True)

@@ -102,6 +102,9 @@ BAD_TRAIN = [
     (["RECIPE"], "no --data given"),
     (["--resume", "TMP/nothing-here"], "no such checkpoint"),
     ([], "give --data DATASET"),
+    (["RECIPE", "--data", "tiny", "--weights", "TMP/none.pth"], "none.pth: no such file"),
+    (["RECIPE", "--data", "tiny", "--weights", "RECIPE"], "'simple' is trained from scratch"),
+    (["--resume", "TMP/nothing-here", "--weights", "RECIPE"], "drop --weights"),
 ]
 
 

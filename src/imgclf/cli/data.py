@@ -114,12 +114,31 @@ def add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
-    """list registered models"""
-    from imgclf.models import list_models
+    """list the models, and whether each one's weights are on this machine
+
+    Lists the registered models (the weights column: on disk, to download, or none needed:
+    trained from scratch), then the names built beyond them: torchvision's and timm's
+    models, whose weights download on first use or come from `imgclf train --weights FILE`.
+    No model is built.
+    """
+    from imgclf.models import list_models, other_models
 
     for spec in list_models():
-        print(f"{spec.name:<18} {spec.kind:<10} {spec.input_size:>4}px  {spec.description}")
+        print(
+            f"{spec.name:<18} {spec.kind:<10} {spec.input_size:>4}px  {_weights(spec):<8}  ", end=""
+        )
+        print(spec.description)
+    print("weights: on disk = used offline; download = fetched on first use, or --weights FILE")
+    for line in other_models():
+        print(f"also {line} (weights: download, or --weights FILE)")
     return 0
+
+
+def _weights(spec) -> str:
+    if spec.kind != "pretrained":
+        return "none"
+    local = spec.local_weights() if spec.local_weights else None
+    return "on disk" if local is not None else "download"
 
 
 def add_models(sub: argparse._SubParsersAction) -> None:

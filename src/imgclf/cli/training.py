@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -69,6 +70,23 @@ def _training(args: argparse.Namespace) -> dict:
     }
 
 
+def _weights_override(args: argparse.Namespace) -> list[str]:
+    """``--weights FILE`` as the recipe field it sets (``--set weights=PATH``), the path
+    absolute so config.yaml says which file the run started from."""
+    if args.weights is None:
+        return []
+    if args.resume is not None:
+        raise UserError(
+            "--weights starts a run from a weights file; --resume continues from the run's "
+            "own last.pt: drop --weights"
+        )
+    path = Path(args.weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"--weights {args.weights}: no such file")
+    # JSON quoting is YAML too: a path with ':' or '#' stays one string.
+    return [f"weights={json.dumps(str(path.resolve()))}"]
+
+
 def _train(args: argparse.Namespace) -> int:
     """train a recipe on a dataset
 
@@ -85,7 +103,9 @@ def _train(args: argparse.Namespace) -> int:
             "recipes`) or --resume RUN_DIR"
         )
     options = pick(args, "resume", "exist_ok", "new_data")
-    run = train(args.recipe, args.data, **options, **_training(args))
+    training = _training(args)
+    training["overrides"] = (*training["overrides"], *_weights_override(args))
+    run = train(args.recipe, args.data, **options, **training)
     if run.summary:  # empty on torchrun's ranks other than 0: rank 0 reports the run
         print_run(run)
     return 0
@@ -106,6 +126,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --resume: continue on --data although the run was trained on another "
         "data set (same classes)",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="start a pretrained model (a torchvision name, timm/<name>) from this weights "
+        "file instead of downloading: a state dict, plain or in a timm/torchvision training "
+        "checkpoint, or .safetensors (the recipe's weights field)",
     )
     p.add_argument(
         "--nproc-per-node",

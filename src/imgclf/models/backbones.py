@@ -19,16 +19,14 @@ Parameter groups, in network order, ``head`` last:
 - any other model: one group per top-level child of the torchvision network (``features``,
   ``classifier`` …) and ``head``.
 
-Weights are loaded by :func:`resolve_weights`; ``model_args`` stores ``pretrained: false``
-because a checkpoint's state dict already carries the weights.
+Weights are loaded by :func:`imgclf.models.weights.resolve_weights`; ``model_args`` stores
+``pretrained: false`` because a checkpoint's state dict already carries the weights.
 """
 
 from __future__ import annotations
 
 import functools
-import http.client
 import re
-import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,19 +36,24 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from imgclf.errors import CheckpointError, RecipeError, UnknownModel, WeightsMissing, one_line
+from imgclf.errors import RecipeError, UnknownModel
 from imgclf.models.base import Classifier
 from imgclf.models.registry import ModelSpec, register, register_fallback
-from imgclf.runtime.checkpoint import safe_load
+
+# The weights machinery lives in weights.py; these names stay importable from here.
+from imgclf.models.weights import (  # noqa: F401
+    DOWNLOAD_TIMEOUT_S,
+    WeightsSource,
+    cache_dir,
+    load_backbone_state,
+    load_state_file,
+    resolve_weights,
+)
 
 # torchvision's ImageNet weights all use these (their ``transforms()`` mean/std); the
 # generic path reads them from the weights anyway.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-# Seconds a download may wait on the network: offline, name resolution fails at once, but
-# a silently dropped connection would otherwise hang until the OS gives up (minutes).
-DOWNLOAD_TIMEOUT_S = 20.0
 
 # Below 32 px the last stride-2 stages run on 1×1 maps; a multiple of 16 keeps every
 # stride-2 stage but the last exact (32, 48, 64, 96, 224 … are accepted; 225 is a typo).
@@ -120,135 +123,6 @@ def _zeroed(linear: nn.Linear) -> nn.Linear:
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
     return linear
-
-
-# ---------------------------------------------------------------------------- weights
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    """Where the ImageNet weights of one architecture can come from."""
-
-    model: str  # the name used in messages
-    filename: str  # the file name in torchvision's cache folder
-    url: str | None = None  # download URL (torchvision's ``Weights.url``)
-    shipped: Callable[[], Path | None] | None = None  # a file a pip package ships (Lite0)
-    install_hint: str = ""  # how to get the shipped file, for the error message
-
-
-def cache_dir() -> Path:
-    """torchvision's weights cache: ``$TORCH_HOME/hub/checkpoints`` (~/.cache/torch/…)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def resolve_weights(
-    source: WeightsSource, *, pretrained: bool, weights: str | Path | None
-) -> dict[str, torch.Tensor] | None:
-    """The state dict a backbone starts from, or None for random initialisation.
-
-    In this order:
-
-    1. ``weights``: a state-dict file (``--set weights=PATH``), used even when
-       ``pretrained`` is false (an explicit file wins);
-    2. ``pretrained: false``: None, random initialisation; nothing is read or fetched;
-    3. torchvision's cache, ``cache_dir() / source.filename``;
-    4. the file a pip package ships (``source.shipped``: Lite0's weights);
-    5. a download of ``source.url`` into the cache, with a short socket timeout.
-
-    Anything else raises :class:`WeightsMissing`, one line naming the file and the folder.
-    """
-    if weights is not None:
-        return load_state_file(weights)
-    if not pretrained:
-        return None
-    cached = cache_dir() / source.filename
-    if cached.is_file():
-        return load_state_file(cached)
-    shipped = source.shipped() if source.shipped else None
-    if shipped is not None and shipped.is_file():
-        return load_state_file(shipped)
-    reason = source.install_hint or "no download URL"
-    if source.url:
-        try:
-            _download(source.url, cached)
-        except (OSError, http.client.HTTPException, RuntimeError) as exc:
-            # OSError covers URLError, socket timeouts and an unwritable cache folder;
-            # RuntimeError is torch.hub's hash mismatch.
-            reason = f"download failed: {one_line(str(exc) or type(exc).__name__)}"
-        else:
-            return load_state_file(cached)
-    where = f" (download URL {source.url})" if source.url else ""
-    raise WeightsMissing(
-        f"{source.model} ImageNet weights not found: place {source.filename} in "
-        f"{cache_dir()}/{where} or set pretrained: false / --set weights=PATH ({reason})"
-    )
-
-
-def _download(url: str, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # torchvision file names end in the first hex digits of the file's SHA-256.
-    match = re.search(r"-([a-f0-9]{6,})\.", dest.name)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        # Writes a temporary file and renames it: an interrupted download leaves no
-        # half file in the cache.
-        torch.hub.download_url_to_file(
-            url, str(dest), hash_prefix=match.group(1) if match else None, progress=True
-        )
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file (``weights_only``: a file from elsewhere cannot run code).
-
-    Accepts a plain state dict, one wrapped as ``{"state_dict": ...}``, or an imgclf
-    checkpoint (its ``model_state``, with the wrapper's ``net.`` prefix removed).
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file")
-    obj = safe_load(path, "weights file")
-    if isinstance(obj, dict) and isinstance(obj.get("model_state"), dict):
-        obj = {k.removeprefix("net."): v for k, v in obj["model_state"].items()}
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a state dict (parameter names → tensors)")
-    return obj
-
-
-def load_backbone_state(
-    net: nn.Module,
-    state: Mapping[str, torch.Tensor],
-    head_path: str,
-    *,
-    model: str,
-    ignore_prefixes: tuple[str, ...] = (),
-) -> None:
-    """Load ``state`` into ``net``, all of it except the classifier at ``head_path`` (about
-    to be replaced, and free to have another number of classes).
-
-    Every other parameter and buffer must be in ``state`` with the same shape, and every
-    key of ``state`` must be used (``ignore_prefixes``: auxiliary heads imgclf drops).
-    """
-    prefix = head_path + "."
-    kept = {
-        k: v
-        for k, v in state.items()
-        if not k.startswith(prefix) and not k.startswith(ignore_prefixes)
-    }
-    try:
-        result = net.load_state_dict(kept, strict=False)
-    except RuntimeError as exc:  # a shape mismatch
-        raise CheckpointError(f"weights do not fit {model}: {one_line(str(exc))[:300]}") from exc
-    missing = [k for k in result.missing_keys if not k.startswith(prefix)]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"weights do not fit {model}: {len(missing)} missing key(s) {missing[:3]}, "
-            f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}"
-        )
 
 
 # ---------------------------------------------------------------------------- torchvision
@@ -377,60 +251,99 @@ def check_backbone_size(model: str, input_size: int, multiple: int) -> None:
         )
 
 
-class TorchvisionBackbone(Classifier):
-    """A torchvision classification network (``self.net``) with a new head.
+class Backbone(Classifier):
+    """A pretrained network (``self.net``) whose classifier, at ``self.head_path``, is
+    replaced by the recipe's head, so the network's own forward runs unchanged.
 
-    The head replaces the network's last Linear layer (``self.head_path``, e.g. ``fc`` or
-    ``classifier.1``), so the network's own forward runs unchanged.
+    Subclasses build the network and load its weights in :meth:`build_net`. ``model_args``
+    keeps ``pretrained: false`` and no weights file: a checkpoint's state dict carries the
+    weights, and rebuilding from it must not fetch or read them again.
     """
 
     def __init__(
         self,
-        arch: str,
+        name: str,
         num_classes: int,
         input_size: int,
         *,
         pretrained: bool = False,
         weights: str | Path | None = None,
         head: Mapping[str, Any] | None = None,
+        **config: Any,
     ) -> None:
+        cfg = head_config(head)
+        check_backbone_size(name, input_size, 1)
+        super().__init__(
+            num_classes, input_size, pretrained=False, weights=None, head=cfg, **config
+        )
+        net, head_path = self.build_net(name, pretrained, weights, **config)
+        old = net.get_submodule(head_path)
+        net.set_submodule(head_path, build_head(old.in_features, num_classes, cfg))
+        self.head_path = head_path
+        self.net = net
+
+    def build_net(
+        self, name: str, pretrained: bool, weights: str | Path | None, **config: Any
+    ) -> tuple[nn.Module, str]:
+        """The network, its weights loaded (:func:`resolve_weights`' order), and the path
+        of the classifier the head replaces."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def backbone_builder(
+    cls: type[Backbone], name: str, default_size: Callable[[], int]
+) -> Callable[..., Classifier]:
+    """The registry's constructor of ``name``: ``build(num_classes, input_size=None,
+    pretrained=..., weights=..., head=..., **config)``, at ``default_size()`` by default."""
+
+    def build(num_classes: int, input_size: int | None = None, **options: Any) -> Classifier:
+        size = default_size() if input_size is None else input_size
+        return cls(name, num_classes, size, **options)
+
+    build.__name__ = name
+    return build
+
+
+class TorchvisionBackbone(Backbone):
+    """A torchvision classification network with a new head in place of its last Linear
+    layer (``self.head_path``, e.g. ``fc`` or ``classifier.1``)."""
+
+    def build_net(
+        self, name: str, pretrained: bool, weights: str | Path | None, **config: Any
+    ) -> tuple[nn.Module, str]:
         import torchvision
 
-        info = _arch(arch)
-        cfg = head_config(head)
-        check_backbone_size(arch, input_size, 1)
-        super().__init__(num_classes, input_size, pretrained=False, weights=None, head=cfg)
-        self.arch = arch
+        if config:  # as the registry's build() refused them before Backbone took **config
+            raise TypeError(f"{name}: unexpected model_args {sorted(config)}")
+        info = _arch(name)
+        self.arch = name
         self.mean, self.std = info.mean, info.std
         kwargs = dict(info.builder_kwargs)
-        if arch.startswith("vit_"):
-            kwargs["image_size"] = input_size  # position embeddings are sized for it
-        net = torchvision.models.get_model(arch, weights=None, **kwargs)
+        if name.startswith("vit_"):
+            kwargs["image_size"] = self.input_size  # position embeddings are sized for it
+        net = torchvision.models.get_model(name, weights=None, **kwargs)
         self._groups = _family_groups(net)
         if self._groups is not None:
-            check_backbone_size(arch, input_size, INPUT_MULTIPLE)
+            check_backbone_size(name, self.input_size, INPUT_MULTIPLE)
         head_path = _last_linear(net)
         if head_path is None:
             raise UnknownModel(
-                f"{arch}: its classifier is not a Linear layer (a 1×1 convolution), so imgclf "
+                f"{name}: its classifier is not a Linear layer (a 1×1 convolution), so imgclf "
                 "cannot give it a new head; choose another torchvision model"
             )
         state = resolve_weights(info.source, pretrained=pretrained, weights=weights)
         if state is not None:
             load_backbone_state(
                 net,
-                _fix_keys(arch, state),
+                _fix_keys(name, state),
                 head_path,
-                model=arch,
+                model=name,
                 ignore_prefixes=info.ignore_prefixes,
             )
-        old = net.get_submodule(head_path)
-        net.set_submodule(head_path, build_head(old.in_features, num_classes, cfg))
-        self.head_path = head_path
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return net, head_path
 
     def sequence(self) -> list[tuple[str | None, nn.Module]]:
         """The forward pass as (group, module) steps, for the families imgclf knows.
@@ -475,20 +388,7 @@ class TorchvisionBackbone(Classifier):
 
 
 def _builder(arch: str) -> Callable[..., Classifier]:
-    def build(
-        num_classes: int,
-        input_size: int | None = None,
-        pretrained: bool = False,
-        weights: str | Path | None = None,
-        head: Mapping[str, Any] | None = None,
-    ) -> Classifier:
-        size = _arch(arch).input_size if input_size is None else input_size
-        return TorchvisionBackbone(
-            arch, num_classes, size, pretrained=pretrained, weights=weights, head=head
-        )
-
-    build.__name__ = arch
-    return build
+    return backbone_builder(TorchvisionBackbone, arch, lambda: _arch(arch).input_size)
 
 
 # The study's backbones, listed by ``imgclf models``. ``pretrained`` defaults to False here
@@ -499,8 +399,20 @@ _REGISTERED = {
     "resnet50": "ResNet-50 (torchvision IMAGENET1K_V2, ImageNet 80.9%): stem, layer1-4, head",
     "efficientnet_b0": "EfficientNet-B0 (torchvision, ImageNet 77.7%): stem, blocks1-7, top, head",
 }
+
+
+def _local(arch: str) -> Callable[[], Path | None]:
+    return lambda: _arch(arch).source.local()
+
+
 for _name, _description in _REGISTERED.items():
-    register(_name, description=_description, input_size=224, kind="pretrained")(_builder(_name))
+    register(
+        _name,
+        description=_description,
+        input_size=224,
+        kind="pretrained",
+        local_weights=_local(_name),
+    )(_builder(_name))
 
 
 def _resolve_torchvision(name: str) -> tuple[ModelSpec, Callable[..., Classifier]] | None:
@@ -509,9 +421,8 @@ def _resolve_torchvision(name: str) -> tuple[ModelSpec, Callable[..., Classifier
         return None
     info = _arch(arch)
     top1 = f", ImageNet {info.top1:.1f}%" if info.top1 else ""
-    spec = ModelSpec(
-        name, f"torchvision {arch} ({info.weights_name}{top1})", info.input_size, "pretrained"
-    )
+    description = f"torchvision {arch} ({info.weights_name}{top1})"
+    spec = ModelSpec(name, description, info.input_size, "pretrained", info.source.local)
     return spec, _builder(arch)
 
 
@@ -519,4 +430,5 @@ register_fallback(
     _resolve_torchvision,
     names=torchvision_names,
     hint="or any torchvision classification model by name, e.g. tv:convnext_tiny",
+    summary="tv:<name>: any of torchvision's {n} classification models, e.g. tv:convnext_tiny",
 )

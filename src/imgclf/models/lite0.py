@@ -48,17 +48,10 @@ from typing import Any, ClassVar
 import torch
 
 from imgclf.errors import UserError
-from imgclf.models.backbones import (
-    INPUT_MULTIPLE,
-    WeightsSource,
-    build_head,
-    check_backbone_size,
-    head_config,
-    load_backbone_state,
-    resolve_weights,
-)
+from imgclf.models.backbones import INPUT_MULTIPLE, build_head, check_backbone_size, head_config
 from imgclf.models.base import Classifier
 from imgclf.models.registry import register
+from imgclf.models.weights import WeightsSource, load_backbone_state, resolve_weights
 
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
 LITE_MEAN: tuple[float, float, float] = (127 / 255,) * 3
@@ -287,7 +280,14 @@ def _description(v: LiteVariant) -> str:
 
 
 def _register(v: LiteVariant) -> Callable[[type[EfficientNetLite]], type[EfficientNetLite]]:
-    return register(v.name, description=_description(v), input_size=v.input_size, kind="pretrained")
+    return register(
+        v.name,
+        description=_description(v),
+        input_size=v.input_size,
+        kind="pretrained",
+        # What `imgclf models` reports as on disk (looked up when asked, as a build does).
+        local_weights=lambda: weights_source(v.number).local(),
+    )
 
 
 @_register(LITE0)

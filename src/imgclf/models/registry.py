@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from imgclf.errors import UnknownModel
@@ -25,6 +26,9 @@ class ModelSpec:
     description: str
     input_size: int  # default square input resolution
     kind: str  # "scratch" (random init) or "pretrained" (downloads weights)
+    # The weights file a pretrained model finds on this machine, or None where it would
+    # download them (`imgclf models` shows which); not set for models without such a file.
+    local_weights: Callable[[], Path | None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,12 @@ Builder = TypeVar("Builder", bound=Callable[..., Classifier])
 
 
 def register(
-    name: str, *, description: str, input_size: int, kind: str = "scratch"
+    name: str,
+    *,
+    description: str,
+    input_size: int,
+    kind: str = "scratch",
+    local_weights: Callable[[], Path | None] | None = None,
 ) -> Callable[[Builder], Builder]:
     """Register a Classifier subclass or factory under ``name``.
 
@@ -57,27 +66,30 @@ def register(
     def add(build: Builder) -> Builder:
         if name in _MODELS:
             raise ValueError(f"model {name!r} registered twice")
-        _MODELS[name] = _Entry(ModelSpec(name, description, input_size, kind), build)
+        spec = ModelSpec(name, description, input_size, kind, local_weights)
+        _MODELS[name] = _Entry(spec, build)
         return build
 
     return add
 
 
 # Names outside the registry that a resolver can still build (backbones.py: any
-# torchvision classification model). Each resolver maps a name to (spec, build) or None,
-# lists its names for "did you mean", and adds a hint to the unknown-model message.
+# torchvision classification model; timm_models.py: timm/<name>). Each resolver maps a
+# name to (spec, build) or None, lists its names for "did you mean", adds a hint to the
+# unknown-model message and a summary line to `imgclf models`.
 @dataclass(frozen=True)
 class _Fallback:
     resolve: Callable[[str], tuple[ModelSpec, Callable[..., Classifier]] | None]
     names: Callable[[], Iterable[str]]
     hint: str
+    summary: str
 
 
 _FALLBACKS: list[_Fallback] = []
 
 # difflib's default cutoff (0.6) suggests 'resnet50' for 'resnet9000'; 0.8 still catches
 # typos like 'simpel' (0.83) and 'mobilenetv2' (0.96).
-_SUGGEST_CUTOFF = 0.8
+SUGGEST_CUTOFF = 0.8
 
 
 def register_fallback(
@@ -85,12 +97,19 @@ def register_fallback(
     *,
     names: Callable[[], Iterable[str]],
     hint: str,
+    summary: str,
 ) -> None:
     """Let ``create``/``model_spec`` build names that are not registered.
 
-    Registered names always win; ``list_models`` lists only registered ones.
+    Registered names always win; ``list_models`` lists only registered ones, and
+    :func:`other_models` the fallbacks' ``summary`` (``{n}``: how many names it has).
     """
-    _FALLBACKS.append(_Fallback(resolve, names, hint))
+    _FALLBACKS.append(_Fallback(resolve, names, hint, summary))
+
+
+def other_models() -> list[str]:
+    """One line per fallback: the names it builds beyond the registered ones."""
+    return [f.summary.format(n=len(list(f.names()))) for f in _FALLBACKS]
 
 
 def _entry(name: str) -> _Entry:
@@ -101,12 +120,12 @@ def _entry(name: str) -> _Entry:
         if found is not None:
             return _Entry(*found)
     choices = ", ".join(sorted(_MODELS))
-    close = difflib.get_close_matches(name.lower(), list(_MODELS), n=1, cutoff=_SUGGEST_CUTOFF)
+    close = difflib.get_close_matches(name.lower(), list(_MODELS), n=1, cutoff=SUGGEST_CUTOFF)
     for fallback in _FALLBACKS:
         if close:
             break
         close = difflib.get_close_matches(
-            name.lower(), list(fallback.names()), n=1, cutoff=_SUGGEST_CUTOFF
+            name.lower(), list(fallback.names()), n=1, cutoff=SUGGEST_CUTOFF
         )
     hint = f"; did you mean {close[0]!r}?" if close else ";"
     extra = "".join(f" ({fallback.hint})" for fallback in _FALLBACKS)

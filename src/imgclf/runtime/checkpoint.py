@@ -7,6 +7,7 @@ Loaded with ``weights_only=True``: a checkpoint from elsewhere cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -77,11 +78,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def safe_load(path: Path, what: str, *, mmap: bool = False) -> Any:
+def safe_load(path: Path, what: str, *, mmap: bool = False, allow: tuple[type, ...] = ()) -> Any:
     """``torch.load`` with ``weights_only=True`` (a file from elsewhere cannot run code),
-    its failures one :class:`CheckpointError` naming the file and ``what`` it should be."""
+    its failures one :class:`CheckpointError` naming the file and ``what`` it should be.
+    ``allow``: plain classes the file may also hold (``torch.serialization.safe_globals``)."""
+    # torch.serialization.safe_globals is torch >= 2.5; before it, ``allow`` is not honoured
+    # and such a file is refused as unreadable, as it was before ``allow`` existed.
+    scope = getattr(torch.serialization, "safe_globals", None)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with scope(list(allow)) if scope and allow else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable {what} ({why_unreadable(exc)})") from exc
 

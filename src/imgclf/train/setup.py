@@ -39,6 +39,11 @@ def build_model(recipe: Recipe, num_classes: int, hw: Hardware, *, fresh: bool) 
             weights=r.weights if fresh else None,
             head=r.head or None,
         )
+    elif r.weights is not None:  # else the file would be silently left unread
+        raise RecipeError(
+            f"weights: {r.weights}: model {r.model!r} is trained from scratch and takes no "
+            "weights file; a pretrained one does (imgclf models)"
+        )
     try:
         model = create(r.model, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError) as exc:  # bad model_args or input_size in the recipe
