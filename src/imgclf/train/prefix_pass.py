@@ -2,11 +2,11 @@
 PyTorch and ONNX Runtime on this machine, measured on one batch before the pass.
 
 The cache's pass is inference only, so it may run on another engine than training does:
-on the CPU, ONNX Runtime ran EfficientNet-Lite0's prefix 2.6× faster than eager bf16 and
-4.8× faster than eager fp32 (docs/benchmarks.md §3), but which engine wins depends on the
-CPU and the network, so each cache measures both on the same batch, keeps the faster, and
-uses ONNX Runtime only where its outputs equal eager fp32's within :data:`ATOL` (the
-tolerance of ``imgclf export``'s own check).
+on the CPU, ONNX Runtime ran EfficientNet-Lite0's prefix 2.6× faster than eager PyTorch's
+best setting and 3.6× faster than eager at batch 64 (docs/benchmarks.md §3), but which
+wins depends on the CPU and the network, so each cache measures both on the same batch,
+keeps the faster, and uses ONNX Runtime only where its outputs equal eager fp32's within
+:data:`ATOL` (the tolerance of ``imgclf export``'s own check).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch.nn as nn
 
 from imgclf.errors import one_line
 
-# Images per ONNX Runtime call: batch 8 ran Lite0's prefix fastest of 8, 16 and 64 on a
-# 2-core CPU (docs/benchmarks.md §3); eager keeps the loader's batch.
+# Images per ONNX Runtime call: batch 8 ran Lite0's prefix fastest of 8, 16 and 64 up to
+# the head on a 2-core CPU, level with 16 up to blocks6 (docs/benchmarks.md §3); eager
+# keeps the loader's batch.
 ORT_BATCH = 8
 ATOL = 1e-4  # as imgclf export's verification (issue #13)
 RTOL = 1e-3
