@@ -159,7 +159,8 @@ class FeatureCache:
             )
             return None
         sample = train.batch(torch.arange(min(train.batch_size, train.num_samples)))
-        engine = prefix_pass.choose(prefix, sample, n * views // dist.world_size, autocast_dtype)
+        passes = n * views // dist.world_size  # this rank's share
+        engine = prefix_pass.choose(prefix, sample, passes, autocast_dtype, say)
         say(
             f"feature cache: {views} view(s) of {n} images after the frozen prefix "
             f"({need / 2**20:.0f} MB; {engine.engine})"
