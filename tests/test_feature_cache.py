@@ -147,8 +147,9 @@ def test_crop_views_are_fixed_per_sample_and_match_the_prefix_on_those_crops(tmp
     assert cache is not None and cache.views == 4 and len(cache.features) == 4
     n, h, w = loader.images.shape[:3]
     crop = View(2, False, 3, loader.seed)
-    whole = crop.indices(torch.arange(n), n, h, w)
-    part = crop.indices(torch.tensor([5, 1]), n, h, w)
+    draws = crop.draws(n)
+    whole = View.indices(draws, torch.arange(n), h, w)
+    part = View.indices(crop.draws(n), torch.tensor([5, 1]), h, w)
     assert torch.equal(part[0], whole[0][[5, 1]]) and torch.equal(part[1], whole[1][[5, 1]])
     moved = (whole[0][:, 0] - 0).abs().max()  # row 0's source: within the padding
     assert 0 < moved <= 3

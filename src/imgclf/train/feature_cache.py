@@ -77,16 +77,24 @@ class View:
             for v in range(count)
         ]
 
-    def indices(self, idx: torch.Tensor, n: int, h: int, w: int) -> tuple | None:
-        """Source rows and columns of samples ``idx`` (of ``n``) in this view, or None for
-        the plain image. The draws are per sample over all ``n``, so a sample's view does
-        not depend on the batch or the rank that computes it."""
+    def draws(self, n: int) -> tuple[torch.Tensor, ...] | None:
+        """Each of ``n`` samples' shift (dy, dx) and mirror in this view, drawn once for
+        the whole pass and per sample over all ``n``, so a sample's view does not depend
+        on the batch or the rank that computes it; None for a view without crops."""
         if self.padding == 0:
             return None
         gen = epoch_generator(self.seed + 3, self.index)
         p = self.padding
         dy, dx = (torch.randint(-p, p + 1, (n, 1), generator=gen) for _ in range(2))
-        mirror = torch.rand(n, 1, generator=gen) < 0.5
+        return dy, dx, torch.rand(n, 1, generator=gen) < 0.5
+
+    @staticmethod
+    def indices(draws: tuple[torch.Tensor, ...] | None, idx: torch.Tensor, h: int, w: int):
+        """Source rows and columns of samples ``idx`` under ``draws`` (:meth:`draws`), or
+        None for the plain image."""
+        if draws is None:
+            return None
+        dy, dx, mirror = draws
         rows, cols = shifted(h, w, dy[idx], dx[idx])
         return rows, torch.where(mirror[idx], cols.flip(1), cols)
 
@@ -227,9 +235,10 @@ def _features(
     n, h, w = loader.images.shape[:3]
     parts = []
     mine = torch.arange(rank, loader.num_samples, world_size)
+    draws = view.draws(n)  # once: per batch it was O(n) draws, O(n²/batch) in all
     for begin in range(0, len(mine), engine.batch_size):
         idx = mine[begin : begin + engine.batch_size]
-        x = loader.batch(idx, view=view.indices(idx, n, h, w))
+        x = loader.batch(idx, view=View.indices(draws, idx, h, w))
         if view.flip:
             x = x.flip(-1)
         parts.append(engine.run(x))
