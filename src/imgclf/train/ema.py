@@ -8,15 +8,14 @@ after every optimizer step with one ``torch._foreach_lerp_``, integer buffers
 warmup 1 − (1 + t)^(−2/3)); tests/test_ema.py checks it bit for bit against timm's class.
 
 It is not timm's class because that one lerps every entry of the model and rebuilds both
-state dicts at each step: 5.0 ms a step for EfficientNet-Lite0 on this CPU (one thread),
-three times a step of its head stage on cached features (1.6 ms, batch 64). Here each
-stage pairs, once, only the entries that can differ: the parameters it trains, the buffers
-of modules in training mode (BatchNorm statistics), and whatever the average has not
-caught up with from an earlier stage; for every other entry the average and the weights
-are equal and stay so, and an update would leave it as it is (lerp(a, a, w) = a exactly),
-so the result is timm's. Lite0's update here: 0.012 ms in the head stage, 1.4 ms when
-everything trains. A time budget's probe (imgclf.train.budget) times steps without the
-update; the budget's re-plans absorb its cost.
+state dicts at each step, which cost more than a cached head-stage step of Lite0
+(docs/benchmarks.md, "Weight EMA's update"). Here each stage pairs, once, only the entries
+that can differ: the parameters it trains, the buffers of modules in training mode
+(BatchNorm statistics), and whatever the average has not caught up with from an earlier
+stage; for every other entry the average and the weights are equal and stay so, and an
+update would leave it as it is (lerp(a, a, w) = a exactly), so the result is timm's. A
+time budget's probe (imgclf.train.budget) times steps without the update; the budget's
+re-plans absorb its cost.
 
 Stages: the average starts from the weights when a stage with EMA follows one without
 (or the run starts), carries on through consecutive EMA stages (one average, as timm keeps
