@@ -159,7 +159,8 @@ class FeatureCache:
         with torch.inference_mode():
             probe = prefix(train.batch(torch.arange(1)))
         n = train.num_samples + (val.num_samples if val else 0)
-        need = probe[0].numel() * 4 * n * views
+        # Stored: every view of the training images, the validation images once.
+        need = probe[0].numel() * 4 * (train.num_samples * views + n - train.num_samples)
         if need > cache_limit_bytes():
             say(
                 f"feature cache skipped: it would take {need / 2**30:.1f} GB "
@@ -167,7 +168,10 @@ class FeatureCache:
             )
             return None
         sample = train.batch(torch.arange(min(train.batch_size, train.num_samples)))
-        passes = n * views // dist.world_size  # this rank's share
+        # This rank's share of the pass: every view of the training images, the validation
+        # images once.
+        n_val = val.num_samples if val is not None and with_val else 0
+        passes = train.num_samples * views // dist.world_size + n_val
         engine = prefix_pass.choose(prefix, sample, passes, autocast_dtype, say)
         say(
             f"feature cache: {views} view(s) of {n} images after the frozen prefix "

@@ -102,6 +102,13 @@ def _onnx_runner(prefix: nn.Module, size: int) -> Runner:
 def _seconds(run: Runner, x: torch.Tensor) -> float:
     """Seconds of one call after a warm-up call (the first runs allocate and plan)."""
     run(x)
+    _sync(x)
     started = time.perf_counter()
     run(x)
+    _sync(x)
     return time.perf_counter() - started
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:  # CUDA kernels run asynchronously: the clock must wait for them
+        torch.cuda.synchronize(x.device)
