@@ -39,10 +39,10 @@ from imgclf.data.loader import BatchLoader
 from imgclf.errors import RecipeError
 from imgclf.runtime.device import Hardware
 from imgclf.runtime.distributed import Dist
-from imgclf.train import prefix_pass
+from imgclf.train import precision, prefix_pass
 from imgclf.train.feature_cache import views_for
 from imgclf.train.recipe import Recipe
-from imgclf.train.stages import set_trainable, split_at_first_trained
+from imgclf.train.stages import set_trainable, split_at_first_trained, stage_size
 
 # Share of the budget planned for: the rest absorbs the probe's error and machine noise,
 # so the run ends within the budget + 5% (issue #11) on a noisy machine.
@@ -474,11 +474,11 @@ def _forward_per_image(job: PlanInputs) -> float:
 def _probe_stage(job: PlanInputs, stage, forward: float) -> StageCost:
     """Time a few training steps of ``stage`` on a copy of the model; ``forward`` (seconds
     per image of the whole network) prices its feature cache and validation."""
-    rng = torch.get_rng_state()
+    rng, loader = torch.get_rng_state(), job.train_loader
+    size, loader.size = loader.size, stage_size(stage, job.model)
     try:
         model = copy.deepcopy(job.model)
         set_trainable(model, stage.groups(), bn_update=stage.bn_update, freeze_bn=job.freeze_bn)
-        loader = job.train_loader
         n_train = loader.num_samples
         n_val = job.val_loader.num_samples if job.val_loader is not None else 0
         cached = (
@@ -492,7 +492,7 @@ def _probe_stage(job: PlanInputs, stage, forward: float) -> StageCost:
             prefix, suffix = split_at_first_trained(model, stage.groups())
             with torch.inference_mode():
                 features = prefix.eval()(batch)
-            step = _time_steps(suffix, features.clone(), job)
+            step = _time_steps(suffix, features.clone(), job, _step_dtype(suffix, features, job))
             passes = (views_for(job.recipe, stage) or 1) * n_train + n_val
             # Priced on the engine the cache will choose (prefix_pass: ONNX Runtime ran
             # Lite0's prefix several times faster than eager PyTorch on 2-core CPUs).
@@ -500,7 +500,7 @@ def _probe_stage(job: PlanInputs, stage, forward: float) -> StageCost:
             setup = engine.seconds_per_image * passes
             validation = 0.0  # on cached features: negligible
         else:
-            step = _time_steps(model, batch, job)
+            step = _time_steps(model, batch, job, _step_dtype(model, batch, job))
             setup = 0.0
             validation = forward * n_val
         return StageCost(
@@ -511,6 +511,7 @@ def _probe_stage(job: PlanInputs, stage, forward: float) -> StageCost:
             full_validation=forward * n_val,
         )
     finally:
+        loader.size = size
         torch.set_rng_state(rng)
 
 
@@ -549,7 +550,16 @@ def _time_forward(
         model.train(was)
 
 
-def _time_steps(net: torch.nn.Module, x: torch.Tensor, job: PlanInputs) -> float:
+def _step_dtype(net: nn.Module, x: torch.Tensor, job: PlanInputs) -> torch.dtype | None:
+    """The precision the stage will train in: timed as the trainer will time it."""
+    if not precision.measured(job.recipe.precision, job.hw):
+        return job.hw.autocast_dtype
+    return precision.NAMES[precision.choose(net, x, job.hw)[0]]
+
+
+def _time_steps(
+    net: torch.nn.Module, x: torch.Tensor, job: PlanInputs, dtype: torch.dtype | None
+) -> float:
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
     y = torch.zeros(len(x), dtype=torch.int64, device=x.device)
@@ -561,7 +571,7 @@ def _time_steps(net: torch.nn.Module, x: torch.Tensor, job: PlanInputs) -> float
         t = time.perf_counter()
         if i and x.ndim == 4 and x.shape[1] == 3 and loader.augment.enabled:
             x = loader.batch(idx, gen)  # the augmentation is part of a step's cost
-        with _autocast(job.hw):
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

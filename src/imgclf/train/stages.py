@@ -112,6 +112,13 @@ def frozen_prefix(model: nn.Module, groups: list[str] | None) -> nn.Module | Non
     return split[0] if split else None
 
 
+def stage_size(stage, model: nn.Module) -> tuple[int, int]:
+    """The training images' size in ``stage`` (a recipe StageConfig): its own
+    ``input_size`` (FixRes: train smaller than the test size), or the model's."""
+    size = stage.input_size or model.input_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def group_of(model: nn.Module) -> dict[str, str]:
     """Parameter name → its group name."""
     return {n: g for g, names in model.param_groups().items() for n in names}

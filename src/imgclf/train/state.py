@@ -66,6 +66,8 @@ class Progress:
     warnings: list[str] = field(default_factory=list)  # guard-rail warnings, for summary.json
     # The weights best.pt holds: "trained", or "ema" (the average, imgclf.train.ema).
     best_weights: str = "trained"
+    # Stage index (as text) → the precision it trains in, once chosen (imgclf.train.precision).
+    stage_precision: dict[str, str] = field(default_factory=dict)
 
     def record_epoch(
         self, epoch: int, val_acc: float, min_delta: float, weights: str = "trained"

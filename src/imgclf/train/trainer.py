@@ -42,6 +42,7 @@ from imgclf.runtime import distributed
 from imgclf.runtime.checkpoint import save_checkpoint
 from imgclf.runtime.device import Hardware, resolve_hardware, set_threads
 from imgclf.runtime.distributed import SINGLE, Dist
+from imgclf.train import precision
 from imgclf.train.adapt import adapt
 from imgclf.train.budget import Plan, PlanInputs, Replanner, agreed_plan
 from imgclf.train.ema import WeightEma, ema_summary, stage_ema, validated
@@ -67,7 +68,7 @@ from imgclf.train.setup import (
     make_loaders,
     share_batch,
 )
-from imgclf.train.stages import set_trainable, train_mode
+from imgclf.train.stages import set_trainable, stage_size, train_mode
 from imgclf.train.state import (
     Position,
     Progress,
@@ -228,7 +229,7 @@ class Trainer:
         )
         self._say_muon_step(optimizer, steps)
         batches = cache if cache is not None else self.train_loader
-        hw = self.hw
+        dtype = self._stage_dtype(si, cache)
         return StageRun(
             config=stage,
             model=self.model,
@@ -242,13 +243,26 @@ class Trainer:
             # Where this stage's clock starts for the budget's re-plans (after its cache).
             clock=self._clock(si, len(batches)),
             steps=planned,
-            autocast=torch.autocast(
-                hw.device.type, dtype=hw.autocast_dtype, enabled=hw.autocast_dtype is not None
-            ),
+            autocast=torch.autocast(self.hw.device.type, dtype=dtype, enabled=dtype is not None),
             loss_weights=self.loss_weights,
             label_smoothing=r.label_smoothing,
             grad_clip=r.grad_clip,
         )
+
+    def _stage_dtype(self, si: int, cache: FeatureCache | None) -> torch.dtype | None:
+        """Stage ``si``'s autocast dtype (imgclf.train.precision), recorded in the
+        progress so that a resumed stage keeps it."""
+        n = min(precision.PROBE_IMAGES, self.train_loader.num_samples)
+        if cache is not None:
+            net, sample = cache.suffix, lambda: cache.features[0][:n].float().clone()
+        else:
+            net, sample = self.model, lambda: self.train_loader.batch(torch.arange(n))
+        saved = self.progress.stage_precision.get(str(si))
+        dtype = precision.stage_precision(
+            net, sample, self.hw, self.recipe.precision, saved, self.dist, self._say
+        )
+        self.progress.stage_precision[str(si)] = precision.name_of(dtype)
+        return dtype
 
     def _stage_network(self, stage: StageConfig) -> tuple[int, FeatureCache | None]:
         """Make the stage's groups trainable and its augmentation current, and build its
@@ -259,6 +273,7 @@ class Trainer:
             self.model, stage.groups(), bn_update=stage.bn_update, freeze_bn=self.adapted.freeze_bn
         )
         self.train_loader.augment = Augment(**stage.augment_for(r).model_dump())
+        self.train_loader.size = stage_size(stage, self.model)
         if not r.feature_cache:
             return n_train, None
         cache = FeatureCache.build(

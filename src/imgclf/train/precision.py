@@ -1,0 +1,98 @@
+"""A stage's training precision on a CPU, chosen by timing it rather than by CPU flags.
+
+``precision: auto`` picks bf16 autocast on CPUs that report native bf16 (AVX512-BF16 or
+AMX; imgclf.runtime.device). Whether bf16 is actually faster depends on the CPU *and*
+the network: on a 2-core Xeon with AVX512-BF16 and no AMX (family 6 model 207), a
+Lite0 fine-tuning step ran at 13.2 images/s in bf16 and 17.6 in fp32 (batch 32), and
+Lite0's layers after ``blocks3`` on cached activations at 29 against 52 images/s
+(docs/benchmarks.md §9), while the Zen 5 EPYCs train the ``fast`` net twice as fast in
+bf16. So each trained stage times a few of its own forward-backward passes both ways and
+keeps the faster; the choice is saved in the checkpoint (a resumed stage keeps it, so a
+resume is bit for bit the run it continues) and rank 0's choice is every rank's.
+
+Only ``auto`` on a CPU with native bf16 is measured: a precision named in the recipe is
+kept, GPUs keep their bf16/fp16, and a CPU without native bf16 runs fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from imgclf.runtime.device import Hardware
+from imgclf.runtime.distributed import Dist
+
+NAMES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+# Images per timed pass: Lite0's per-image speed at 16 is within 3% of 32 and 64 on the
+# Xeon above, and a probe of 1 + 2 passes per precision then costs a few seconds.
+PROBE_IMAGES = 16
+PROBE_PASSES = 2
+
+
+def name_of(dtype: torch.dtype | None) -> str:
+    return next(k for k, v in NAMES.items() if v == dtype)
+
+
+def measured(recipe_precision: str, hw: Hardware) -> bool:
+    """Whether a stage's precision is chosen by timing (see the module docstring)."""
+    return recipe_precision == "auto" and hw.device.type == "cpu" and hw.autocast_dtype is not None
+
+
+def pass_seconds(net: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> float:
+    """Median seconds of PROBE_PASSES forward-backward passes of ``net`` on ``x`` under
+    autocast to ``dtype`` (None: fp32), after one warm-up (oneDNN's primitive creation)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    y = torch.zeros(len(x), dtype=torch.int64, device=x.device)
+    times = []
+    for i in range(PROBE_PASSES + 1):
+        t = time.perf_counter()
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(net(x).float(), y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True) if params else ()
+        del grads
+        if i:
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def choose(net: nn.Module, sample: torch.Tensor, hw: Hardware) -> tuple[str, str]:
+    """(precision, why) for training ``net`` (in its training mode) on batches like
+    ``sample``: the faster of bf16 and fp32 on a copy of ``net``, so that BatchNorm
+    statistics and the RNG of the run are untouched."""
+    rng = torch.get_rng_state()
+    try:
+        probe = copy.deepcopy(net)
+        x = sample[:PROBE_IMAGES]
+        speed = {name: len(x) / pass_seconds(probe, x, NAMES[name]) for name in ("bf16", "fp32")}
+    finally:
+        torch.set_rng_state(rng)
+    best = max(speed, key=speed.__getitem__)
+    why = ", ".join(f"{n} {s:.0f} images/s" for n, s in speed.items())
+    return best, why
+
+
+def stage_precision(
+    net: nn.Module,
+    sample: Callable[[], torch.Tensor],
+    hw: Hardware,
+    recipe_precision: str,
+    saved: str | None,
+    dist: Dist,
+    say: Callable[[str], None],
+) -> torch.dtype | None:
+    """The autocast dtype a stage trains in: ``saved`` (the checkpoint's, on resume), a
+    timed choice (:func:`measured`), or the hardware's."""
+    if saved is not None:
+        return NAMES[saved]
+    if not measured(recipe_precision, hw):
+        return hw.autocast_dtype
+    name, why = choose(net, sample(), hw) if dist.is_main else ("fp32", "")
+    name = dist.broadcast(name)
+    if dist.is_main:
+        say(f"precision: {name} for this stage (timed: {why})")
+    return NAMES[name]

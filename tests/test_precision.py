@@ -1,0 +1,131 @@
+"""A stage's training precision on a CPU: timed, not read off the CPU flags
+(imgclf.train.precision), saved in the checkpoint and kept by a resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers_train import import_tiny, interrupt_at, tiny_recipe
+from imgclf.runtime import device
+from imgclf.runtime.checkpoint import load_checkpoint
+from imgclf.runtime.device import Hardware
+from imgclf.runtime.distributed import SINGLE
+from imgclf.train import precision
+from imgclf.train.api import train
+from imgclf.train.recipe import load_recipe
+from imgclf.train.trainer import Trainer
+
+CPU_BF16 = Hardware(torch.device("cpu"), torch.bfloat16, False, False)
+CPU_FP32 = Hardware(torch.device("cpu"), None, False, False)
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)
+    ).train()
+
+
+def no_sample() -> torch.Tensor:
+    raise AssertionError("a choice that is not timed must not make a sample batch")
+
+
+def test_choice_times_a_copy_leaving_weights_statistics_and_rng_alone():
+    net = small_net()
+    net(torch.randn(2, 3, 8, 8))  # materialise the lazy layer
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(4, 3, 8, 8)
+    rng = torch.get_rng_state()
+    name, why = precision.choose(net, x, CPU_BF16)
+    assert name in ("fp32", "bf16")
+    assert "bf16" in why and "fp32" in why and "images/s" in why
+    assert torch.equal(torch.get_rng_state(), rng)
+    for key, value in net.state_dict().items():  # BatchNorm in training mode included
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize(
+    ("hw", "recipe_precision", "want"),
+    [
+        (CPU_FP32, "auto", None),  # no native bf16: fp32, nothing to time
+        (CPU_BF16, "bf16", torch.bfloat16),  # named in the recipe: kept
+        (CPU_FP32, "fp32", None),
+    ],
+)
+def test_a_named_precision_or_a_cpu_without_bf16_is_not_timed(hw, recipe_precision, want):
+    said = []
+    got = precision.stage_precision(
+        small_net(), no_sample, hw, recipe_precision, None, SINGLE, said.append
+    )
+    assert got == want and said == []
+
+
+def test_a_saved_choice_is_kept_without_timing():
+    got = precision.stage_precision(small_net(), no_sample, CPU_BF16, "auto", "bf16", SINGLE, print)
+    assert got == torch.bfloat16
+    got = precision.stage_precision(small_net(), no_sample, CPU_BF16, "auto", "fp32", SINGLE, print)
+    assert got is None
+
+
+def test_auto_on_a_bf16_cpu_takes_the_faster_and_says_so(monkeypatch):
+    timings = {torch.bfloat16: 2.0, None: 1.0}  # fp32 twice as fast
+    monkeypatch.setattr(precision, "pass_seconds", lambda net, x, dtype: timings[dtype])
+    said = []
+    sample = lambda: torch.randn(4, 3, 8, 8)  # noqa: E731
+    got = precision.stage_precision(
+        small_net(), sample, CPU_BF16, "auto", None, SINGLE, said.append
+    )
+    assert got is None
+    assert said == ["precision: fp32 for this stage (timed: bf16 2 images/s, fp32 4 images/s)"]
+    timings = {torch.bfloat16: 1.0, None: 3.0}
+    got = precision.stage_precision(small_net(), sample, CPU_BF16, "auto", None, SINGLE, print)
+    assert got == torch.bfloat16
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """This CPU as one with native bf16, precision auto (the suite runs fp32 otherwise)."""
+    monkeypatch.setenv("IMGCLF_CPU_BF16", "1")
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+
+
+def test_each_stage_records_its_choice_and_a_resume_keeps_it(tmp_path, monkeypatch, bf16_cpu):
+    ds = import_tiny(tmp_path)
+    stages = [{"epochs": 1, "train": "all"}, {"epochs": 2, "train": "all", "lr": 0.01}]
+    recipe = load_recipe(tiny_recipe(stages=stages))
+    picks = iter(["bf16", "fp32"])
+    monkeypatch.setattr(precision, "choose", lambda net, x, hw: (next(picks), "stub"))
+    out = tmp_path / "run"
+    trainer = Trainer(recipe, ds, out, threads=1, progress=False)
+    interrupt_at(trainer, 3, 1)  # in stage 2's second epoch
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert load_checkpoint(out / "last.pt")["progress"]["stage_precision"] == {
+        "0": "bf16",
+        "1": "fp32",
+    }
+
+    def must_not_time(net, x, hw):
+        raise AssertionError("a resumed stage re-timed its precision")
+
+    monkeypatch.setattr(precision, "choose", must_not_time)
+    train(None, resume=out, threads=1, progress=False)
+    final = load_checkpoint(out / "last.pt")["progress"]["stage_precision"]
+    assert final == {"0": "bf16", "1": "fp32"}
+
+
+def test_a_cached_stage_times_its_suffix_on_the_cached_activations(tmp_path, bf16_cpu, capsys):
+    ds = import_tiny(tmp_path)
+    recipe = tiny_recipe(
+        model="complex",
+        augment={"crop_padding": 0, "flip": True},
+        stages=[{"epochs": 1, "train": ["block3", "head"]}, {"epochs": 1, "train": "all"}],
+    )
+    run = train(recipe, ds, out=tmp_path / "run", threads=1, progress=True)
+    said = "".join(capsys.readouterr())
+    assert "feature cache:" in said and said.count("precision: ") == 2
+    chosen = load_checkpoint(run.last)["progress"]["stage_precision"]
+    assert set(chosen) == {"0", "1"} and set(chosen.values()) <= {"fp32", "bf16"}
