@@ -11,6 +11,7 @@ import torch
 from helpers_train import import_tiny, tiny_recipe
 from imgclf.runtime.checkpoint import load_checkpoint
 from imgclf.train import train
+from imgclf.train.recipe import validate as validate_recipe
 from imgclf.train.rundir import read_metrics
 
 
@@ -186,8 +187,25 @@ def test_onnx_runtime_prefix_equals_eager_and_falls_back(tmp_path, monkeypatch):
     chosen = prefix_pass.choose(prefix, x, 10_000, None)
     assert chosen.engine.startswith("ONNX Runtime") and chosen.batch_size == prefix_pass.ORT_BATCH
     with torch.inference_mode():
+        assert prefix_pass.same_activations(chosen.run(x), prefix(x))
         assert torch.allclose(chosen.run(x), prefix(x), atol=1e-4, rtol=1e-3)
+    # Within 1e-4 of the activations' scale, however small some of them are.
+    want = torch.tensor([50.0, 0.001, -3.0])
+    assert prefix_pass.same_activations(want + torch.tensor([0.0, 4e-3, 0.0]), want)
+    assert not prefix_pass.same_activations(want + torch.tensor([0.0, 6e-3, 0.0]), want)
+    small = torch.tensor([0.5, 0.0])
+    assert prefix_pass.same_activations(small + 9e-5, small)
+    assert not prefix_pass.same_activations(small + 2e-4, small)
+    assert not prefix_pass.same_activations(small * 2, small)
+    # Activations that differ fall back to PyTorch, and say so.
     said: list[str] = []
+    monkeypatch.setattr(prefix_pass, "same_activations", lambda got, want: False)
+    assert prefix_pass.choose(prefix, x, 10_000, None, said.append).engine == "PyTorch"
+    assert said == ["feature cache: PyTorch (ONNX Runtime's activations differ from PyTorch's)"]
+    monkeypatch.undo()
+    monkeypatch.setattr(prefix_pass, "WORTH_SECONDS", 0.0)
+    monkeypatch.setattr(prefix_pass, "_seconds", seconds)
+    said = []
 
     def broken(*args):
         raise RuntimeError("Unsupported: aten::weird_op\nmore")
@@ -199,3 +217,122 @@ def test_onnx_runtime_prefix_equals_eager_and_falls_back(tmp_path, monkeypatch):
     ]
     monkeypatch.setenv(prefix_pass.ENGINE_ENV, "torch")
     assert prefix_pass.choose(prefix, x, 10_000, None).engine == "PyTorch"
+
+
+def test_a_stage_trains_at_its_own_size_and_validates_at_the_models(tmp_path: Path) -> None:
+    """FixRes (a stage's input_size): training batches at 12 px, validation at the
+    model's 16, with and without the cache, and the two paths agree."""
+    from imgclf.train.trainer import Trainer
+
+    ds = import_tiny(tmp_path)
+    stages = [
+        {"epochs": 2, "train": ["block3", "head"], "input_size": 12},
+        {"epochs": 1, "train": "all", "input_size": 12},
+    ]
+    runs = {}
+    for cached in (True, False):
+        recipe = validate_recipe(_staged(stages=stages, feature_cache=cached))
+        out = tmp_path / f"fixres-{cached}"
+        trainer = Trainer(recipe, ds, out, threads=1, progress=False)
+        sizes: set[tuple[bool, int]] = set()
+        for module in (trainer.model, trainer.model.block1):  # cached stages start later
+            module.register_forward_pre_hook(
+                lambda m, args, seen=sizes: seen.add((m.training, args[0].shape[-1]))
+            )
+        trainer.run()
+        # block1 sees images: 12 px while training, 16 px in validation and evaluation.
+        assert (True, 12) in sizes and (False, 16) in sizes and (True, 16) not in sizes
+        runs[cached] = out
+    rows = [read_metrics(runs[c] / "metrics.csv") for c in (True, False)]
+    for ra, rb in zip(*rows, strict=True):
+        for col in ("train_loss", "val_loss", "val_acc"):
+            assert ra[col] == pytest.approx(rb[col], abs=1e-4), (ra["epoch"], col)
+
+
+def test_fp16_storage_halves_the_cache_and_trains_like_fp32(tmp_path: Path) -> None:
+    from imgclf.data.loader import BatchLoader
+    from imgclf.models import create
+    from imgclf.train.feature_cache import FP16_ABOVE_GB, FeatureCache, storage_dtype
+
+    assert storage_dtype("auto", FP16_ABOVE_GB * 2**30) == torch.float32
+    assert storage_dtype("auto", FP16_ABOVE_GB * 2**30 + 1) == torch.float16
+    assert storage_dtype("fp32", 1e12) == torch.float32
+    assert storage_dtype("fp16", 1) == torch.float16
+    ds = import_tiny(tmp_path)
+    idx = ds.indices("train")
+    model = create("complex", num_classes=3, input_size=16)
+    caches, said = {}, []
+    for dtype in ("fp16", "fp32"):
+        recipe = validate_recipe(_staged(feature_cache_dtype=dtype))
+        loader = BatchLoader(ds.images[idx], ds.labels[idx], batch_size=8, size=16)
+        caches[dtype] = FeatureCache.build(
+            model, recipe, recipe.stages[0], loader, loader, None, said.append
+        )
+    half, full = caches["fp16"], caches["fp32"]
+    assert half.features[0].dtype == torch.float16 and full.features[0].dtype == torch.float32
+    assert half.features[0].nbytes * 2 == full.features[0].nbytes
+    assert "in float16" in said[0] and "in float32" in said[1]
+    x16, y16 = next(half.iter_from(0))
+    x32, y32 = next(full.iter_from(0))
+    assert x16.dtype == torch.float32 and torch.equal(y16, y32)  # the suffix trains in fp32
+    torch.testing.assert_close(x16, x32, atol=1e-2, rtol=1e-3)
+    cached_stage = [{"epochs": 2, "train": ["block3", "head"]}]
+    runs = [
+        train(
+            _staged(feature_cache_dtype=d, stages=cached_stage),
+            ds,
+            out=tmp_path / d,
+            threads=1,
+            progress=False,
+        )
+        for d in ("fp16", "fp32")
+    ]
+    a, b = (read_metrics(r.path / "metrics.csv") for r in runs)
+    for ra, rb in zip(a, b, strict=True):  # fp16's rounding of the inputs changes little
+        for col in ("train_loss", "val_loss"):
+            assert ra[col] == pytest.approx(rb[col], rel=2e-2, abs=2e-3), (ra["epoch"], col)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "batch"), [(2, 1), (3, 2)], ids=["in-cached-stage", "in-uncached-stage"]
+)
+def test_ctrl_c_in_fixres_fp16_cached_stages_then_resume_is_exact(
+    tmp_path: Path, monkeypatch, epoch: int, batch: int
+) -> None:
+    """A cached stage trained at its own size on fp16 activations, then an uncached one
+    at that size: stopped anywhere, the resumed run equals the uninterrupted one."""
+    from helpers_train import assert_same_run, interrupt_at
+    from imgclf.train.feature_cache import FeatureCache
+    from imgclf.train.trainer import Trainer
+
+    ds = import_tiny(tmp_path)
+    stages = [
+        {"epochs": 2, "train": ["block3", "head"], "input_size": 12},
+        {"epochs": 2, "train": "all", "input_size": 12, "lr": 0.01},
+    ]
+    recipe = validate_recipe(
+        _staged(
+            stages=stages,
+            feature_cache_dtype="fp16",
+            augment={"crop_padding": 2, "flip": True, "cache_views": 3},
+        )
+    )
+    reference = train(recipe, ds, out=tmp_path / "reference", threads=1, progress=False)
+    out = tmp_path / "run"
+    trainer = Trainer(recipe, ds, out, threads=1, progress=False)
+    interrupt_at(trainer, epoch, batch)  # the image loader: the uncached stage
+    original = FeatureCache.iter_from
+
+    def iter_from(self, start):  # the cache: the cached stage
+        for i, item in enumerate(original(self, start), start):
+            if self.epoch == epoch and i == batch:
+                trainer.ctrl_c.requested = True
+            yield item
+
+    monkeypatch.setattr(FeatureCache, "iter_from", iter_from)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    stopped = load_checkpoint(out / "last.pt")["position"]
+    assert stopped == {"stage": (epoch - 1) // 2, "epoch": (epoch - 1) % 2, "batch": batch + 1}
+    train(None, resume=out, threads=1, progress=False)
+    assert_same_run(out, reference.path)

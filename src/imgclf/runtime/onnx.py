@@ -136,14 +136,23 @@ class _Named(nn.Module):
         return self.module(x)
 
 
-def ort_session(model: bytes | str | os.PathLike[str], threads: int | None = None):
-    """An ONNX Runtime CPU session (import deferred: the CLI's --help stays instant)."""
+def ort_session(
+    model: bytes | str | os.PathLike[str], threads: int | None = None, spin: bool = True
+):
+    """An ONNX Runtime CPU session (import deferred: the CLI's --help stays instant);
+    ``spin=False`` for a caller that runs PyTorch between its calls."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers
+    if not spin:
+        # Its threads sleep between calls instead of spinning: where PyTorch works between
+        # two calls (the feature cache's pass resizes each batch) spinning threads take the
+        # cores from it, and its OpenMP threads from ONNX Runtime. Lite0's prefix pass over
+        # photos ran at 185 images/s spinning and 300-360 without (docs/benchmarks.md §11).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
@@ -211,6 +220,7 @@ def onnx_net(
     *,
     wrapper: str = "plain",
     threads: int | None = None,
+    spin: bool = True,
 ) -> OnnxNet:
     """``module`` exported to ONNX (dynamic batch), cached by ``checkpoint``'s bytes."""
     cached: Path | None = None
@@ -218,7 +228,7 @@ def onnx_net(
         cached = imgclf_home() / "onnx" / f"{_cache_key(checkpoint, wrapper)}.onnx"
         if cached.is_file():
             try:
-                return OnnxNet(ort_session(cached, threads))
+                return OnnxNet(ort_session(cached, threads, spin))
             except Exception:  # a damaged cache file: export again and replace it
                 pass
     example = torch.zeros(2, 3, input_size, input_size)
@@ -226,4 +236,4 @@ def onnx_net(
     if cached is not None:
         with atomic_path(cached) as tmp:
             tmp.write_bytes(data)
-    return OnnxNet(ort_session(data, threads))
+    return OnnxNet(ort_session(data, threads, spin))

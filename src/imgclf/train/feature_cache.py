@@ -34,18 +34,40 @@ from imgclf.data.loader import (
     num_batches,
     shifted,
 )
+from imgclf.errors import RecipeError
 from imgclf.runtime.distributed import SINGLE, Dist
 from imgclf.train import prefix_pass
 from imgclf.train.prefix_pass import PrefixPass
 from imgclf.train.recipe import Recipe, StageConfig
 from imgclf.train.stages import split_at_first_trained
 
-# Largest cache, by default: activations are fp32 and live in RAM (or GPU memory).
+# Largest cache, by default: activations live in RAM (or GPU memory), and never more than
+# half of the memory free when the cache is planned.
 DEFAULT_LIMIT_GB = 4.0
+# feature_cache_dtype auto: fp16 from this fp32 size on (a few thousand photos cached
+# after Lite0's blocks3, 4 views: 1.6 GB in fp32).
+FP16_ABOVE_GB = 1.0
+# Largest magnitude stored in fp16 (its maximum is 65,504); beyond it the cache stays fp32.
+FP16_SAFE = 60000.0
 
 
 def cache_limit_bytes() -> float:
-    return float(os.environ.get("IMGCLF_FEATURE_CACHE_GB", DEFAULT_LIMIT_GB)) * 2**30
+    limit = float(os.environ.get("IMGCLF_FEATURE_CACHE_GB", DEFAULT_LIMIT_GB)) * 2**30
+    return min(limit, _free_memory() / 2)
+
+
+def _free_memory() -> float:
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not on this OS: the limit alone
+        return float("inf")
+
+
+def storage_dtype(setting: str, fp32_bytes: float) -> torch.dtype:
+    """The dtype cached activations are kept in (the recipe's ``feature_cache_dtype``)."""
+    if setting == "fp16" or (setting == "auto" and fp32_bytes > FP16_ABOVE_GB * 2**30):
+        return torch.float16
+    return torch.float32
 
 
 def views_for(recipe: Recipe, stage: StageConfig) -> int | None:
@@ -111,6 +133,8 @@ class FeatureCache:
         views: list[View],
         engine: PrefixPass,
         dist: Dist = SINGLE,
+        val_engine: PrefixPass | None = None,
+        storage: torch.dtype = torch.float32,
     ) -> None:
         self.suffix = suffix
         self.views = len(views)
@@ -124,12 +148,14 @@ class FeatureCache:
         self.rank, self.world_size = train.rank, train.world_size
         self.features = [
             dist.all_gather_rows(
-                _features(engine, train, view, dist.rank, dist.world_size), train.num_samples
+                _features(engine, train, view, dist.rank, dist.world_size, storage),
+                train.num_samples,
             )
             for view in views
         ]
         plain = View(0, False, 0, train.seed)
-        self.val_features = _features(engine, val, plain) if val else None
+        val_engine = val_engine or engine
+        self.val_features = _features(val_engine, val, plain, storage=storage) if val else None
         self.val_labels = val.labels if val else None
         self.epoch = 0
 
@@ -160,11 +186,14 @@ class FeatureCache:
             probe = prefix(train.batch(torch.arange(1)))
         n = train.num_samples + (val.num_samples if val else 0)
         # Stored: every view of the training images, the validation images once.
-        need = probe[0].numel() * 4 * (train.num_samples * views + n - train.num_samples)
+        fp32 = probe[0].numel() * 4 * (train.num_samples * views + n - train.num_samples)
+        storage = storage_dtype(recipe.feature_cache_dtype, fp32)
+        need = fp32 * storage.itemsize / 4
         if need > cache_limit_bytes():
             say(
-                f"feature cache skipped: it would take {need / 2**30:.1f} GB "
-                "(raise IMGCLF_FEATURE_CACHE_GB to allow it)"
+                f"feature cache skipped: it needs {need / 2**30:.1f} GB, over the limit of "
+                f"{cache_limit_bytes() / 2**30:.1f} GB (half the free memory at most; "
+                "IMGCLF_FEATURE_CACHE_GB sets it); the stage runs the whole network instead"
             )
             return None
         sample = train.batch(torch.arange(min(train.batch_size, train.num_samples)))
@@ -175,11 +204,19 @@ class FeatureCache:
         engine = prefix_pass.choose(prefix, sample, passes, autocast_dtype, say)
         say(
             f"feature cache: {views} view(s) of {n} images after the frozen prefix "
-            f"({need / 2**20:.0f} MB; {engine.engine})"
+            f"({need / 2**20:.0f} MB in {str(storage).removeprefix('torch.')}; {engine.engine})"
         )
         aug = Augment(**stage.augment_for(recipe).model_dump())
         fixed = View.all(views, aug, train.seed)
-        return cls(prefix, suffix, train, val if with_val else None, fixed, engine, dist)
+        # A stage trained smaller than the test size (FixRes) validates at the test size:
+        # eager PyTorch, as the engine chosen may be fixed to the training size.
+        val_engine = None
+        if val is not None and val.size != train.size:
+            val_engine = PrefixPass(
+                prefix_pass.eager(prefix, autocast_dtype, sample.device), val.batch_size, "PyTorch"
+            )
+        val = val if with_val else None
+        return cls(prefix, suffix, train, val, fixed, engine, dist, val_engine, storage)
 
     # The trainer iterates this like a BatchLoader.
     def __len__(self) -> int:
@@ -221,21 +258,26 @@ class FeatureCache:
                 mask = view[idx] == v
                 if mask.any():
                     x[mask.to(x.device)] = self.features[v][idx[mask].to(x.device)]
-            yield x, self.labels[idx.to(self.labels.device)]
+            yield x.float(), self.labels[idx.to(self.labels.device)]
 
     def val_batches(self, batch_size: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         assert self.val_features is not None and self.val_labels is not None
         for begin in range(0, len(self.val_labels), batch_size):
             sl = slice(begin, begin + batch_size)
-            yield self.val_features[sl], self.val_labels[sl]
+            yield self.val_features[sl].float(), self.val_labels[sl]
 
 
 @torch.inference_mode()
 def _features(
-    engine: PrefixPass, loader: BatchLoader, view: View, rank: int = 0, world_size: int = 1
+    engine: PrefixPass,
+    loader: BatchLoader,
+    view: View,
+    rank: int = 0,
+    world_size: int = 1,
+    storage: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Prefix activations of samples ``rank::world_size`` (all of them in one process),
-    seen through ``view``."""
+    seen through ``view``, stored as ``storage`` (fp16: values beyond its range fail)."""
     n, h, w = loader.images.shape[:3]
     parts = []
     mine = torch.arange(rank, loader.num_samples, world_size)
@@ -245,5 +287,11 @@ def _features(
         x = loader.batch(idx, view=View.indices(draws, idx, h, w))
         if view.flip:
             x = x.flip(-1)
-        parts.append(engine.run(x))
+        out = engine.run(x)
+        if storage == torch.float16 and not bool(out.abs().max() <= FP16_SAFE):
+            raise RecipeError(
+                "feature cache: activations beyond fp16's range; "
+                "set feature_cache_dtype: fp32 in the recipe"
+            )
+        parts.append(out.to(storage))
     return torch.cat(parts)

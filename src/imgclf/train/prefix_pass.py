@@ -25,8 +25,11 @@ from imgclf.errors import one_line
 # the head on a 2-core CPU, level with 16 up to blocks6 (docs/benchmarks.md §3); eager
 # keeps the loader's batch.
 ORT_BATCH = 8
-ATOL = 1e-4  # as imgclf export's verification (issue #13)
-RTOL = 1e-3
+# Largest difference from eager fp32, relative to the activations' own scale (their largest
+# magnitude, at least 1): export's verification (issue #13) holds logits to 1e-4, and
+# Lite0's activations after blocks3 reach magnitudes of 50, where ONNX Runtime's fp32
+# rounding differs from PyTorch's by up to 4.5e-4 (9e-6 of the scale) on clothing photos.
+ATOL = 1e-4
 # IMGCLF_CACHE_ENGINE=torch forces eager PyTorch (to compare, or where ONNX Runtime misbehaves).
 ENGINE_ENV = "IMGCLF_CACHE_ENGINE"
 # A pass that eager PyTorch finishes sooner than this stays eager: exporting the prefix
@@ -79,7 +82,7 @@ def choose(
     try:
         ort = _onnx_runner(prefix, h)
         with torch.inference_mode():
-            same = torch.allclose(ort(sample), prefix(sample), atol=ATOL, rtol=RTOL)
+            same = same_activations(ort(sample), prefix(sample))
             ort_s = _seconds(ort, sample[:ORT_BATCH]) / len(sample[:ORT_BATCH])
     except Exception as exc:  # an op the exporter or ONNX Runtime lacks: stay eager
         say(f"feature cache: PyTorch (ONNX Runtime failed: {one_line(str(exc))[:120]})")
@@ -93,10 +96,18 @@ def choose(
     return torch_pass
 
 
+def same_activations(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """``got`` equals ``want`` within :data:`ATOL` of ``want``'s scale (max |want|, at
+    least 1): an elementwise relative test fails on the activations near zero that every
+    conv layer has, where fp32 rounding alone differs."""
+    scale = max(1.0, float(want.abs().max()))
+    return bool((got - want).abs().max() <= ATOL * scale)
+
+
 def _onnx_runner(prefix: nn.Module, size: int) -> Runner:
     from imgclf.runtime.onnx import onnx_net
 
-    return onnx_net(prefix, size, None, threads=torch.get_num_threads())
+    return onnx_net(prefix, size, None, threads=torch.get_num_threads(), spin=False)
 
 
 def _seconds(run: Runner, x: torch.Tensor) -> float:
