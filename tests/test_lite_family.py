@@ -273,13 +273,15 @@ def test_checkpoint_round_trip_rebuilds_without_reading_weights(
 @pytest.mark.parametrize(
     ("recipe_name", "name"), [("lite1-photo", NAMES[0]), ("lite2-photo", NAMES[1])]
 )
-def test_photo_recipes_are_lite0_photo_at_the_variants_size(recipe_name: str, name: str) -> None:
+def test_photo_recipes_are_lite0_photo_full_at_the_variants_size(
+    recipe_name: str, name: str
+) -> None:
     from imgclf.train.recipe import load_recipe
 
-    recipe, base = load_recipe(recipe_name), load_recipe("lite0-photo")
+    recipe, base = load_recipe(recipe_name), load_recipe("lite0-photo-full")
     size = LITES[name][1]
     assert (recipe.model, recipe.input_size, recipe.pretrained) == (name, size, True)
-    # Translation stays at lite0-photo's share of the side (16 px at 224).
+    # Translation stays at lite0-photo-full's share of the side (16 px at 224).
     assert recipe.augment.crop_padding == round(base.augment.crop_padding * size / 224)
     assert f"--image-size {size}" in recipe.description
     same = {"name", "description", "model", "input_size", "augment"}

@@ -3,8 +3,8 @@
 Small images (CIFAR's 32 px, digits, up to SMALL_IMAGE_SIDE) train best and fastest with
 the ``fast`` net from scratch at 32 px; a pretrained backbone would have to upscale them
 several times over to reach the size its features were learnt at. Anything larger is
-a photo: ``lite0-photo`` fine-tunes ImageNet weights at 224 px, which on a few hundred to
-a few thousand photos beats any net trained from scratch.
+a photo: ``lite0-photo`` fine-tunes ImageNet weights (its last blocks, at 192 px; tested at
+224), which on a few hundred to a few thousand photos beats any net trained from scratch.
 """
 
 from __future__ import annotations
@@ -29,6 +29,6 @@ def choose_recipe(ds: Dataset) -> tuple[str, str]:
         return SMALL_IMAGES, why
     why = (
         f"{ds.name!r} holds photos ({h}×{w}, {n:,} for training): EfficientNet-Lite0 "
-        "with ImageNet weights, fine-tuned at 224 px"
+        "with ImageNet weights, its last blocks fine-tuned at 192 px, tested at 224"
     )
     return PHOTOS, why
