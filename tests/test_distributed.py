@@ -262,7 +262,7 @@ def test_stages_and_feature_cache_under_two_processes(tiny, tmp_path):
     one = train(recipe, ds.root, out=tmp_path / "one", threads=1, progress=False)
     done = run_job(torchrun("train", str(recipe), "--data", str(ds.root), "--out",
                             str(tmp_path / "two")))  # fmt: skip
-    assert "feature cache" in done.stderr
+    assert "feature cache: 1 view(s)" in done.stderr  # built: 1 view, 2 epochs
     assert_close_runs(tmp_path / "two", one.path)
 
 

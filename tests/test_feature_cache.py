@@ -100,7 +100,7 @@ def test_stage_augment_override_enables_cache(tmp_path: Path) -> None:
     recipe = _staged(
         augment={"crop_padding": 2, "flip": True},
         stages=[
-            {"epochs": 1, "train": ["head"], "augment": {"crop_padding": 0, "flip": True}},
+            {"epochs": 3, "train": ["head"], "augment": {"crop_padding": 0, "flip": True}},
             {"epochs": 1, "train": "all"},
         ],
     )
@@ -294,7 +294,7 @@ def test_fp16_storage_halves_the_cache_and_trains_like_fp32(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(
-    ("epoch", "batch"), [(2, 1), (3, 2)], ids=["in-cached-stage", "in-uncached-stage"]
+    ("epoch", "batch"), [(2, 1), (5, 2)], ids=["in-cached-stage", "in-uncached-stage"]
 )
 def test_ctrl_c_in_fixres_fp16_cached_stages_then_resume_is_exact(
     tmp_path: Path, monkeypatch, epoch: int, batch: int
@@ -307,7 +307,7 @@ def test_ctrl_c_in_fixres_fp16_cached_stages_then_resume_is_exact(
 
     ds = import_tiny(tmp_path)
     stages = [
-        {"epochs": 2, "train": ["block3", "head"], "input_size": 12},
+        {"epochs": 4, "train": ["block3", "head"], "input_size": 12},
         {"epochs": 2, "train": "all", "input_size": 12, "lr": 0.01},
     ]
     recipe = validate_recipe(
@@ -332,7 +332,34 @@ def test_ctrl_c_in_fixres_fp16_cached_stages_then_resume_is_exact(
     monkeypatch.setattr(FeatureCache, "iter_from", iter_from)
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
-    stopped = load_checkpoint(out / "last.pt")["position"]
-    assert stopped == {"stage": (epoch - 1) // 2, "epoch": (epoch - 1) % 2, "batch": batch + 1}
+    stopped = load_checkpoint(out / "last.pt")
+    stage = 0 if epoch <= 4 else 1
+    want = {"stage": stage, "epoch": epoch - 1 - 4 * stage, "batch": batch + 1}
+    assert stopped["position"] == want
+    assert stopped["progress"]["stage_cached"]["0"] is True  # 3 views, 4 epochs: it pays
     train(None, resume=out, threads=1, progress=False)
     assert_same_run(out, reference.path)
+
+
+def test_a_cache_is_built_only_where_it_pays(tmp_path: Path, capsys) -> None:
+    """4 views for a 1-epoch stage cost 4 passes where training without the cache runs
+    the prefix once: not built, and said; 5 epochs on the same views: built. The
+    decision is saved, so a resumed stage takes the same path."""
+    from imgclf.train.feature_cache import pays
+    from imgclf.train.prefix_pass import PrefixPass
+
+    eager = PrefixPass(lambda x: x, 8, "PyTorch", 1.0, 1.0)
+    assert not pays(eager, 4 * 100 + 20, 1 * 120)
+    assert pays(eager, 4 * 100 + 20, 5 * 120)
+    ort = PrefixPass(lambda x: x, 8, "ONNX Runtime", 0.2, 1.0)  # 5x eager's speed
+    assert pays(ort, 4 * 100 + 20, 1 * 120)
+    ds = import_tiny(tmp_path)
+    crops = {"crop_padding": 2, "flip": True, "cache_views": 4}
+    for epochs, built in ((1, False), (5, True)):
+        stages = [{"epochs": epochs, "train": ["block3", "head"]}]
+        out = tmp_path / f"e{epochs}"
+        train(_staged(augment=crops, stages=stages), ds, out=out, threads=1, progress=True)
+        said = "".join(capsys.readouterr())
+        assert ("feature cache: 4 view(s)" in said) == built
+        assert ("feature cache: not built (4 view(s) cost more" in said) == (not built)
+        assert load_checkpoint(out / "last.pt")["progress"]["stage_cached"] == {"0": built}

@@ -307,9 +307,10 @@ def test_train_with_weights_file_then_predict_from_the_run(tmp_path, capsys) -> 
     cached features and then everything; the run rebuilds on its own for predict."""
     import_tiny(tmp_path, size=32)
     torch.save({"state_dict": _timm_state()}, tmp_path / "start.pth")
-    stages = [{"epochs": 1, "train": ["head"]}, {"epochs": 1, "train": "all"}]
+    stages = [{"epochs": 3, "train": ["head"]}, {"epochs": 1, "train": "all"}]
     recipe = tiny_recipe(model="timm/test_resnet", input_size=SIZE, stages=stages)
-    recipe["augment"] = {"crop_padding": 0, "flip": True}  # fixed views: cacheable
+    # Fixed views: cacheable; 2 views for 3 epochs: the cache pays.
+    recipe["augment"] = {"crop_padding": 0, "flip": True}
     path = write_recipe(tmp_path / "timm.yaml", recipe)
     out = tmp_path / "run"
     argv = ["train", path, "--data", "tiny", "--out", out, "--weights", tmp_path / "start.pth"]

@@ -171,14 +171,17 @@ class FeatureCache:
         say=print,
         dist: Dist = SINGLE,
         with_val: bool = True,
+        epochs: float | None = None,
+        saved: bool | None = None,
     ) -> FeatureCache | None:
-        """The stage's cache, or None when it cannot or should not have one. Under
-        data parallelism every rank takes the same decision (it depends on the sizes
-        only) and ``with_val=False`` skips the validation features of ranks that do
-        not validate; the size counted stays that of every split, so decisions agree."""
+        """The stage's cache, or None when it cannot or should not have one: too large,
+        or (for a stage of ``epochs``) slower than running the prefix in every step
+        (:func:`pays`; ``saved``: a resumed stage's decision, kept). Under data
+        parallelism every rank takes rank 0's decision and ``with_val=False`` skips the
+        validation features of ranks that do not validate."""
         views = views_for(recipe, stage)
         split = split_at_first_trained(model, stage.groups())
-        if views is None or split is None or stage.bn_update:
+        if views is None or split is None or stage.bn_update or saved is False:
             return None
         prefix, suffix = split
         prefix.eval()
@@ -202,6 +205,15 @@ class FeatureCache:
         n_val = val.num_samples if val is not None and with_val else 0
         passes = train.num_samples * views // dist.world_size + n_val
         engine = prefix_pass.choose(prefix, sample, passes, autocast_dtype, say)
+        if saved is None and epochs is not None:
+            n_all = train.num_samples + (val.num_samples if val is not None else 0)
+            saved = dist.broadcast(pays(engine, passes, epochs * n_all // dist.world_size))
+        if not saved and saved is not None:
+            say(
+                f"feature cache: not built ({views} view(s) cost more than the stage's "
+                f"{epochs:g} epoch(s) running the frozen part in every step)"
+            )
+            return None
         say(
             f"feature cache: {views} view(s) of {n} images after the frozen prefix "
             f"({need / 2**20:.0f} MB in {str(storage).removeprefix('torch.')}; {engine.engine})"
@@ -265,6 +277,15 @@ class FeatureCache:
         for begin in range(0, len(self.val_labels), batch_size):
             sl = slice(begin, begin + batch_size)
             yield self.val_features[sl].float(), self.val_labels[sl]
+
+
+def pays(engine: PrefixPass, passes: int, uncached: float) -> bool:
+    """Whether the cache's ``passes`` on ``engine`` cost less than the ``uncached``
+    forward passes of the prefix that training without it runs (eager PyTorch: each epoch
+    over the training and validation images). A 1-epoch stage with 4 views on a small set
+    is faster without; the default photo stage's 3 epochs with 4 views on ONNX Runtime
+    (5x eager's speed) are faster with."""
+    return engine.seconds_per_image * passes < engine.eager_seconds_per_image * uncached
 
 
 @torch.inference_mode()

@@ -49,6 +49,7 @@ class PrefixPass:
     batch_size: int
     engine: str
     seconds_per_image: float = 0.0
+    eager_seconds_per_image: float = 0.0  # eager PyTorch's, measured either way
 
 
 def eager(prefix: nn.Module, dtype: torch.dtype | None, device: torch.device) -> Runner:
@@ -73,7 +74,7 @@ def choose(
     run = eager(prefix, dtype, sample.device)
     with torch.inference_mode():
         eager_s = _seconds(run, sample) / len(sample)
-    torch_pass = PrefixPass(run, len(sample), "PyTorch", eager_s)
+    torch_pass = PrefixPass(run, len(sample), "PyTorch", eager_s, eager_s)
     h, w = sample.shape[-2:]
     if sample.device.type != "cpu" or h != w or os.environ.get(ENGINE_ENV) == "torch":
         return torch_pass
@@ -92,7 +93,7 @@ def choose(
         return torch_pass
     if ort_s < eager_s:
         speed = f"ONNX Runtime, {eager_s / ort_s:.1f}× PyTorch's speed"
-        return PrefixPass(ort, ORT_BATCH, speed, ort_s)
+        return PrefixPass(ort, ORT_BATCH, speed, ort_s, eager_s)
     return torch_pass
 
 

@@ -68,6 +68,8 @@ class Progress:
     best_weights: str = "trained"
     # Stage index (as text) → the precision it trains in, once chosen (imgclf.train.precision).
     stage_precision: dict[str, str] = field(default_factory=dict)
+    # Stage index (as text) → whether it trains on a feature cache (imgclf.train.feature_cache).
+    stage_cached: dict[str, bool] = field(default_factory=dict)
 
     def record_epoch(
         self, epoch: int, val_acc: float, min_delta: float, weights: str = "trained"

@@ -197,7 +197,7 @@ class Trainer:
         """Set up stage ``si``: its trainable groups, augmentation and feature cache, then
         its optimizer, schedule and Lookahead (a resumed stage's from the checkpoint)."""
         r = self.recipe
-        n_train, cache = self._stage_network(stage)
+        n_train, cache = self._stage_network(si, stage)
         # Rank 0 alone keeps the average: it alone validates and saves (imgclf.train.ema).
         on = r.ema_for(stage) if self.dist.is_main else None
         self.ema = stage_ema(
@@ -264,7 +264,7 @@ class Trainer:
         self.progress.stage_precision[str(si)] = precision.name_of(dtype)
         return dtype
 
-    def _stage_network(self, stage: StageConfig) -> tuple[int, FeatureCache | None]:
+    def _stage_network(self, si: int, stage: StageConfig) -> tuple[int, FeatureCache | None]:
         """Make the stage's groups trainable and its augmentation current, and build its
         feature cache when the recipe wants one and the stage allows it; returns the
         number of trained parameters and the cache."""
@@ -286,7 +286,10 @@ class Trainer:
             say=self._say,
             dist=self.dist,
             with_val=self.dist.is_main,  # rank 0 alone validates
+            epochs=self._stage_steps(si) / len(self.train_loader),
+            saved=self.progress.stage_cached.get(str(si)),
         )
+        self.progress.stage_cached[str(si)] = cache is not None
         return n_train, cache
 
     def _clock(self, si: int, per_epoch: int) -> Replanner:
