@@ -91,6 +91,18 @@ def test_cache_respects_memory_limit(tmp_path: Path, monkeypatch) -> None:
         FeatureCache.build(model, recipe, recipe.stages[0], loader, None, None, msgs.append) is None
     )
     assert "IMGCLF_FEATURE_CACHE_GB" in msgs[0]
+    assert msgs[0].startswith("feature cache skipped: it needs 0.0 GB, over the limit of 0.0 GB")
+    # Never more than half the memory free, whatever the setting.
+    from imgclf.train import feature_cache
+
+    monkeypatch.setenv("IMGCLF_FEATURE_CACHE_GB", "1000")
+    monkeypatch.setattr(feature_cache, "_free_memory", lambda: 2.0 * 2**30)
+    assert feature_cache.cache_limit_bytes() == 2**30
+    monkeypatch.setattr(feature_cache, "_free_memory", lambda: 1000.0)
+    assert (
+        FeatureCache.build(model, recipe, recipe.stages[0], loader, None, None, msgs.append) is None
+    )
+    assert "half the free memory at most" in msgs[1]
 
 
 def test_stage_augment_override_enables_cache(tmp_path: Path) -> None:

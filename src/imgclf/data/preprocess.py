@@ -134,7 +134,7 @@ def batch_to_input(
         # 224 → 96 bilinear shrink samples 1 pixel in 5 and aliases fine texture.
         shrink = out_size[0] < x.shape[2] or out_size[1] < x.shape[3]
         # On NCHW memory: the CPU's antialiased bilinear kernel ran 2.3× faster there than
-        # on channels_last (224 → 192, 2 cores; benchmarks/bench_data.py), same values.
+        # on channels_last (224 → 192, 2 cores; docs/benchmarks.md §11), same values.
         x = F.interpolate(x.contiguous(), size=out_size, mode="bilinear", antialias=shrink)
     if channels_last:
         return x.contiguous(memory_format=torch.channels_last)

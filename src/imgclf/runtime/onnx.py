@@ -151,7 +151,7 @@ def ort_session(
         # Its threads sleep between calls instead of spinning: where PyTorch works between
         # two calls (the feature cache's pass resizes each batch) spinning threads take the
         # cores from it, and its OpenMP threads from ONNX Runtime. Lite0's prefix pass over
-        # photos ran at 185 images/s spinning and 300-360 without (docs/benchmarks.md §11).
+        # photos ran at 176-191 images/s spinning and 291-393 without (docs/benchmarks.md §11).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

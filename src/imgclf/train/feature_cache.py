@@ -185,20 +185,11 @@ class FeatureCache:
             return None
         prefix, suffix = split
         prefix.eval()
-        with torch.inference_mode():
-            probe = prefix(train.batch(torch.arange(1)))
         n = train.num_samples + (val.num_samples if val else 0)
-        # Stored: every view of the training images, the validation images once.
-        fp32 = probe[0].numel() * 4 * (train.num_samples * views + n - train.num_samples)
-        storage = storage_dtype(recipe.feature_cache_dtype, fp32)
-        need = fp32 * storage.itemsize / 4
-        if need > cache_limit_bytes():
-            say(
-                f"feature cache skipped: it needs {need / 2**30:.1f} GB, over the limit of "
-                f"{cache_limit_bytes() / 2**30:.1f} GB (half the free memory at most; "
-                "IMGCLF_FEATURE_CACHE_GB sets it); the stage runs the whole network instead"
-            )
+        sized = _storage(recipe, prefix, train, n, views, say)
+        if sized is None:
             return None
+        storage, need = sized
         sample = train.batch(torch.arange(min(train.batch_size, train.num_samples)))
         # This rank's share of the pass: every view of the training images, the validation
         # images once.
@@ -208,7 +199,7 @@ class FeatureCache:
         if saved is None and epochs is not None:
             n_all = train.num_samples + (val.num_samples if val is not None else 0)
             saved = dist.broadcast(pays(engine, passes, epochs * n_all // dist.world_size))
-        if not saved and saved is not None:
+        if saved is False:
             say(
                 f"feature cache: not built ({views} view(s) cost more than the stage's "
                 f"{epochs:g} epoch(s) running the frozen part in every step)"
@@ -224,9 +215,8 @@ class FeatureCache:
         # eager PyTorch, as the engine chosen may be fixed to the training size.
         val_engine = None
         if val is not None and val.size != train.size:
-            val_engine = PrefixPass(
-                prefix_pass.eager(prefix, autocast_dtype, sample.device), val.batch_size, "PyTorch"
-            )
+            run = prefix_pass.eager(prefix, autocast_dtype, sample.device)
+            val_engine = PrefixPass(run, val.batch_size, "PyTorch")
         val = val if with_val else None
         return cls(prefix, suffix, train, val, fixed, engine, dist, val_engine, storage)
 
@@ -277,6 +267,26 @@ class FeatureCache:
         for begin in range(0, len(self.val_labels), batch_size):
             sl = slice(begin, begin + batch_size)
             yield self.val_features[sl].float(), self.val_labels[sl]
+
+
+def _storage(
+    recipe: Recipe, prefix: nn.Module, train: BatchLoader, n: int, views: int, say
+) -> tuple[torch.dtype, float] | None:
+    """(storage dtype, bytes) of a cache of ``views`` of the training images and the
+    validation ones once (``n`` images in all), or None, said, when over the limit."""
+    with torch.inference_mode():
+        probe = prefix(train.batch(torch.arange(1)))
+    fp32 = probe[0].numel() * 4 * (train.num_samples * views + n - train.num_samples)
+    storage = storage_dtype(recipe.feature_cache_dtype, fp32)
+    need = fp32 * storage.itemsize / 4
+    if need > cache_limit_bytes():
+        say(
+            f"feature cache skipped: it needs {need / 2**30:.1f} GB, over the limit of "
+            f"{cache_limit_bytes() / 2**30:.1f} GB (half the free memory at most; "
+            "IMGCLF_FEATURE_CACHE_GB sets it); the stage runs the whole network instead"
+        )
+        return None
+    return storage, need
 
 
 def pays(engine: PrefixPass, passes: int, uncached: float) -> bool:

@@ -2,13 +2,13 @@
 
 ``precision: auto`` picks bf16 autocast on CPUs that report native bf16 (AVX512-BF16 or
 AMX; imgclf.runtime.device). Whether bf16 is actually faster depends on the CPU *and*
-the network: on a 2-core Xeon with AVX512-BF16 and no AMX (family 6 model 207), a
-Lite0 fine-tuning step ran at 13.2 images/s in bf16 and 17.6 in fp32 (batch 32), and
-Lite0's layers after ``blocks3`` on cached activations at 29 against 52 images/s
-(docs/benchmarks.md §9), while the Zen 5 EPYCs train the ``fast`` net twice as fast in
-bf16. So each trained stage times a few of its own forward-backward passes both ways and
-keeps the faster; the choice is saved in the checkpoint (a resumed stage keeps it, so a
-resume is bit for bit the run it continues) and rank 0's choice is every rank's.
+the network: on a 2-core Xeon with AVX512-BF16 and no AMX (family 6 model 207), Lite0
+trained at 14.6 images/s in bf16 and 19.5 in fp32, and its layers after ``blocks3`` on
+cached activations at 30.8 against 64.6 (docs/benchmarks.md §11), while the ``fast`` net
+trains faster in bf16 on the AVX512-BF16 EPYCs (§2). So each trained stage times a few
+of its own forward-backward passes both ways and keeps the faster; the choice is saved
+in the checkpoint (a resumed stage keeps it, so a resume is bit for bit the run it
+continues) and rank 0's choice is every rank's.
 
 Only ``auto`` on a CPU with native bf16 is measured: a precision named in the recipe is
 kept, GPUs keep their bf16/fp16, and a CPU without native bf16 runs fp32.
