@@ -129,3 +129,29 @@ def test_a_cached_stage_times_its_suffix_on_the_cached_activations(tmp_path, bf1
     assert "feature cache: 2 view(s)" in said and said.count("precision: ") == 2
     chosen = load_checkpoint(run.last)["progress"]["stage_precision"]
     assert set(chosen) == {"0", "1"} and set(chosen.values()) <= {"fp32", "bf16"}
+
+
+def test_a_time_budget_prices_each_stage_in_the_precision_it_will_train_in(
+    tmp_path, bf16_cpu, monkeypatch
+):
+    """The budget's probe times cached and uncached stages both ways too (on activations
+    made in inference mode for the cached one), and the run then trains."""
+    ds = import_tiny(tmp_path)
+    recipe = tiny_recipe(
+        model="complex",
+        augment={"crop_padding": 0, "flip": True},
+        stages=[{"epochs": 3, "train": ["block3", "head"]}, {"epochs": 1, "train": "all"}],
+    )
+    timed = []
+    choose = precision.choose
+
+    def counting(net, x, hw):
+        timed.append(tuple(x.shape[1:]))
+        return choose(net, x, hw)
+
+    monkeypatch.setattr(precision, "choose", counting)
+    run = train(recipe, ds, out=tmp_path / "run", threads=1, progress=False, time_budget=8)
+    assert run.summary["budget_seconds"] == 8
+    # Probe: the cached stage's suffix on activations, then the whole net on images; the
+    # trainer: the same two again.
+    assert len(timed) == 4 and timed[1] == timed[3] == (3, 16, 16) and timed[0] != timed[1]

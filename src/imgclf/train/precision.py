@@ -67,7 +67,9 @@ def choose(net: nn.Module, sample: torch.Tensor, hw: Hardware) -> tuple[str, str
     rng = torch.get_rng_state()
     try:
         probe = copy.deepcopy(net)
-        x = sample[:PROBE_IMAGES]
+        # A copy made here is an ordinary tensor even when ``sample`` was made in inference
+        # mode (cached activations), which autograd refuses to save for backward.
+        x = sample[:PROBE_IMAGES].clone()
         speed = {name: len(x) / pass_seconds(probe, x, NAMES[name]) for name in ("bf16", "fp32")}
     finally:
         torch.set_rng_state(rng)
