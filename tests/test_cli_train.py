@@ -316,3 +316,23 @@ def test_bad_eval_input_is_one_error_line(trained_run, capsys, tmp_path, argv, e
     assert code == 2
     (line,) = stderr.splitlines()
     assert line.startswith("error: ") and expected in line, line
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["train", "fast", "--epochs", "99999999999999999999"], "must be at most 100,000"),
+        (["train", "fast", "--threads", "99999999999999999999"], "must be at most 2,147,483,647"),
+        (["serve", "runs/x", "--port", "70000"], "--port: 70000 must be at most 65,535"),
+        (["serve", "runs/x", "--port", "-1"], "--port: -1 must be at least 0"),
+    ],
+)
+def test_out_of_range_numbers_are_one_usage_line(capsys, argv, says):
+    """Issue #31: a port past 65535 ended in an OverflowError traceback, and any count
+    was accepted however large."""
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if "error:" in ln] == [err.splitlines()[-1]]

@@ -13,6 +13,7 @@ from imgclf.cli.options import (
     add_weights_option,
     command,
     pick,
+    port_number,
     positive_int,
 )
 
@@ -65,7 +66,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "serve", _serve)
     add_runs_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (8000; 0 picks a free one)")
     add_vote_options(p)
     add_backend_option(p)
     largest = "largest accepted upload, per image (20 MiB)"

@@ -30,14 +30,36 @@ def add_runs_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) or .pt checkpoint(s)")
 
 
-def positive_int(text: str) -> int:
+# Largest count any option takes: past it a number is a typo, and past 2**63 it ended in
+# an OverflowError traceback far from the option (issue #31).
+MOST = 2**31 - 1
+# Epochs: a 100,000-epoch run is a year of a GPU on CIFAR; more is a typo.
+MOST_EPOCHS = 100_000
+
+
+def whole_number(text: str, least: int, most: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text} must be at least {least}")
+    if value > most:
+        raise argparse.ArgumentTypeError(f"{text} must be at most {most:,}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return whole_number(text, 1, MOST)
+
+
+def epochs_count(text: str) -> int:
+    return whole_number(text, 1, MOST_EPOCHS)
+
+
+def port_number(text: str) -> int:
+    """A TCP port: 0 (any free one) to 65535."""
+    return whole_number(text, 0, 65535)
 
 
 def fraction(text: str) -> float:
@@ -71,7 +93,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `train` and `demo`: both end in imgclf.train.train."""
     p.add_argument("--out", help="run folder (default runs/<recipe>-<n>)")
     p.add_argument(
-        "--epochs", type=positive_int, metavar="N", help="total epochs, shared among stages"
+        "--epochs", type=epochs_count, metavar="N", help="total epochs, shared among stages"
     )
     p.add_argument(
         "--time",
