@@ -509,3 +509,18 @@ def test_retired_compile_key_off_is_dropped_and_on_is_an_error() -> None:
     with pytest.raises(RecipeError, match="'compile' is not supported"):
         load_recipe("fast", ["compile=true"])
     assert "compile" not in load_recipe("fast").model_dump()
+
+
+def test_a_binary_file_as_the_recipe_is_one_line(tmp_path, capsys) -> None:
+    """Issue #31: a PNG given as the recipe ended in a UnicodeDecodeError traceback."""
+    from imgclf.cli import main
+
+    png = tmp_path / "photo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" * 4)
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe(png)
+    message = one_line_error(excinfo)
+    assert "not a text file" in message and str(png) in message
+    assert main(["train", str(png), "--data", "nothing"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {png}: not a text file") and "Traceback" not in err

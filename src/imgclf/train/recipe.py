@@ -360,7 +360,11 @@ def load_recipe(
         path = _recipe_path(name_or_path)
         where = str(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise RecipeError(
+                f"{path}: not a text file (a recipe is YAML text; name a .yaml file)"
+            ) from None
         except yaml.YAMLError as exc:
             raise RecipeError(f"{path}: not valid YAML ({one_line(str(exc))})") from exc
         if not isinstance(data, dict):
