@@ -524,3 +524,16 @@ def test_a_binary_file_as_the_recipe_is_one_line(tmp_path, capsys) -> None:
     assert main(["train", str(png), "--data", "nothing"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {png}: not a text file") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("seed", "says"),
+    [("99999999999999999999999", "less than or equal to 4294967295"), ("-1", "greater than")],
+)
+def test_a_seed_out_of_range_is_one_line(seed, says) -> None:
+    """Issue #31: --set seed=99999999999999999999999 ended in torch's ValueError traceback."""
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe("fast", overrides=[f"seed={seed}"])
+    message = one_line_error(excinfo)
+    assert "seed: " in message and says in message
+    assert load_recipe("fast", overrides=["seed=4294967295"]).seed == 2**32 - 1

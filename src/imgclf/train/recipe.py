@@ -236,7 +236,9 @@ class Recipe(_Strict):
     ema: EmaConfig | None = None
     early_stopping: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
-    seed: int = 0
+    # torch, numpy and the loaders seed their generators from it (and from it plus small
+    # offsets): 0 to 2**32 - 1, numpy's range; past 2**63 torch.manual_seed overflowed.
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     # Frozen-prefix feature cache for stages that freeze a prefix with fixed views
