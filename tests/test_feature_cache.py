@@ -74,13 +74,15 @@ def test_cache_used_only_for_frozen_prefix(tmp_path: Path, capsys) -> None:
     assert not torch.allclose(cache.features[0], cache.features[1])
 
 
-def test_cache_respects_memory_limit(tmp_path: Path, monkeypatch) -> None:
+def test_cache_over_both_limits_is_skipped_with_its_size(tmp_path: Path, monkeypatch) -> None:
     from imgclf.data.loader import BatchLoader
     from imgclf.models import create
     from imgclf.train.feature_cache import FeatureCache
     from imgclf.train.recipe import validate
 
     monkeypatch.setenv("IMGCLF_FEATURE_CACHE_GB", "0.000001")
+    monkeypatch.setenv("IMGCLF_FEATURE_CACHE_DISK_GB", "0.000001")
+    monkeypatch.setenv("IMGCLF_FEATURE_CACHE_DIR", str(tmp_path / "spill"))
     ds = import_tiny(tmp_path)
     idx = ds.indices("train")
     loader = BatchLoader(ds.images[idx], ds.labels[idx], batch_size=8, size=16)
@@ -90,19 +92,62 @@ def test_cache_respects_memory_limit(tmp_path: Path, monkeypatch) -> None:
     assert (
         FeatureCache.build(model, recipe, recipe.stages[0], loader, None, None, msgs.append) is None
     )
-    assert "IMGCLF_FEATURE_CACHE_GB" in msgs[0]
-    assert msgs[0].startswith("feature cache skipped: it needs 0.0 GB, over the limit of 0.0 GB")
-    # Never more than half the memory free, whatever the setting.
-    from imgclf.train import feature_cache
+    assert msgs[0].startswith(
+        "feature cache skipped: it needs 0.0 GB, over the limit of 0.0 GB in memory"
+    )
+    for setting in ("IMGCLF_FEATURE_CACHE_GB", "IMGCLF_FEATURE_CACHE_DISK_GB", "spill"):
+        assert setting in msgs[0]
+    assert not (tmp_path / "spill").exists()
+
+
+def test_limits_are_half_the_free_memory_and_disk_at_most(tmp_path: Path, monkeypatch) -> None:
+    from imgclf.train import cache_store
 
     monkeypatch.setenv("IMGCLF_FEATURE_CACHE_GB", "1000")
-    monkeypatch.setattr(feature_cache, "_free_memory", lambda: 2.0 * 2**30)
-    assert feature_cache.cache_limit_bytes() == 2**30
-    monkeypatch.setattr(feature_cache, "_free_memory", lambda: 1000.0)
-    assert (
-        FeatureCache.build(model, recipe, recipe.stages[0], loader, None, None, msgs.append) is None
-    )
-    assert "half the free memory at most" in msgs[1]
+    monkeypatch.setattr(cache_store, "free_memory", lambda: 2.0 * 2**30)
+    assert cache_store.memory_limit_bytes() == 2**30
+    monkeypatch.setenv("IMGCLF_FEATURE_CACHE_DISK_GB", "1000")
+    monkeypatch.setenv("IMGCLF_FEATURE_CACHE_DIR", str(tmp_path / "not" / "yet"))
+    monkeypatch.setattr(cache_store.shutil, "disk_usage", lambda p: type("U", (), {"free": 8.0}))
+    assert cache_store.disk_limit_bytes() == 4.0
+    # Over memory, under disk: memory-mapped, unless it cannot be.
+    placed = cache_store.place(torch.float16, 3.0 * 2**30)
+    assert isinstance(placed, str) and "over the limit of 0.0 GB on disk" in placed
+    monkeypatch.setattr(cache_store.shutil, "disk_usage", lambda p: type("U", (), {"free": 1e12}))
+    placed = cache_store.place(torch.float16, 3.0 * 2**30)
+    assert isinstance(placed, cache_store.Placement)
+    assert placed.directory == tmp_path / "not" / "yet"
+    said = cache_store.place(torch.float16, 3.0 * 2**30, "data-parallel caches are not mapped")
+    assert isinstance(said, str) and said.endswith("data-parallel caches are not mapped")
+
+
+def test_memory_mapped_cache_trains_as_the_cache_in_memory(tmp_path: Path, monkeypatch) -> None:
+    """Over the memory limit, the activations go to an unlinked file on disk: the run is
+    the in-memory run, and nothing is left in the folder."""
+    ds = import_tiny(tmp_path)
+    in_memory = _run(tmp_path, "memory", ds)
+    spill = tmp_path / "spill"
+    monkeypatch.setenv("IMGCLF_FEATURE_CACHE_GB", "0.000001")
+    monkeypatch.setenv("IMGCLF_FEATURE_CACHE_DIR", str(spill))
+    said: list[str] = []
+    import imgclf.train.cache_store as cache_store
+
+    real = cache_store.Placement.empty
+
+    def watched(self, shape):
+        out = real(self, shape)
+        said.append(str(self.directory))
+        assert list(spill.iterdir()) == []  # unlinked as soon as mapped
+        return out
+
+    monkeypatch.setattr(cache_store.Placement, "empty", watched)
+    mapped = _run(tmp_path, "mapped", ds)
+    assert said and all(d == str(spill) for d in said)
+    a = load_checkpoint(in_memory.last)["model_state"]
+    b = load_checkpoint(mapped.last)["model_state"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    assert list(spill.iterdir()) == []
 
 
 def test_stage_augment_override_enables_cache(tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ reshuffles which rank trains on which sample, exactly as the uncached loader doe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -37,30 +36,16 @@ from imgclf.data.loader import (
 from imgclf.errors import RecipeError
 from imgclf.runtime.distributed import SINGLE, Dist
 from imgclf.train import prefix_pass
+from imgclf.train.cache_store import Placement, place
 from imgclf.train.prefix_pass import PrefixPass
 from imgclf.train.recipe import Recipe, StageConfig
 from imgclf.train.stages import split_at_first_trained
 
-# Largest cache, by default: activations live in RAM (or GPU memory), and never more than
-# half of the memory free when the cache is planned.
-DEFAULT_LIMIT_GB = 4.0
 # feature_cache_dtype auto: fp16 from this fp32 size on (a few thousand photos cached
 # after Lite0's blocks3, 4 views: 1.6 GB in fp32).
 FP16_ABOVE_GB = 1.0
 # Largest magnitude stored in fp16 (its maximum is 65,504); beyond it the cache stays fp32.
 FP16_SAFE = 60000.0
-
-
-def cache_limit_bytes() -> float:
-    limit = float(os.environ.get("IMGCLF_FEATURE_CACHE_GB", DEFAULT_LIMIT_GB)) * 2**30
-    return min(limit, _free_memory() / 2)
-
-
-def _free_memory() -> float:
-    try:
-        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # not on this OS: the limit alone
-        return float("inf")
 
 
 def storage_dtype(setting: str, fp32_bytes: float) -> torch.dtype:
@@ -134,7 +119,7 @@ class FeatureCache:
         engine: PrefixPass,
         dist: Dist = SINGLE,
         val_engine: PrefixPass | None = None,
-        storage: torch.dtype = torch.float32,
+        storage: Placement | None = None,
     ) -> None:
         self.suffix = suffix
         self.views = len(views)
@@ -186,10 +171,9 @@ class FeatureCache:
         prefix, suffix = split
         prefix.eval()
         n = train.num_samples + (val.num_samples if val else 0)
-        sized = _storage(recipe, prefix, train, n, views, say)
-        if sized is None:
+        storage = _storage(recipe, prefix, train, n, views, say, dist.enabled)
+        if storage is None:
             return None
-        storage, need = sized
         sample = train.batch(torch.arange(min(train.batch_size, train.num_samples)))
         # This rank's share of the pass: every view of the training images, the validation
         # images once.
@@ -207,7 +191,8 @@ class FeatureCache:
             return None
         say(
             f"feature cache: {views} view(s) of {n} images after the frozen prefix "
-            f"({need / 2**20:.0f} MB in {str(storage).removeprefix('torch.')}; {engine.engine})"
+            f"({storage.nbytes / 2**20:.0f} MB in {str(storage.dtype).removeprefix('torch.')}, "
+            f"{storage.where}; {engine.engine})"
         )
         aug = Augment(**stage.augment_for(recipe).model_dump())
         fixed = View.all(views, aug, train.seed)
@@ -270,23 +255,31 @@ class FeatureCache:
 
 
 def _storage(
-    recipe: Recipe, prefix: nn.Module, train: BatchLoader, n: int, views: int, say
-) -> tuple[torch.dtype, float] | None:
-    """(storage dtype, bytes) of a cache of ``views`` of the training images and the
-    validation ones once (``n`` images in all), or None, said, when over the limit."""
+    recipe: Recipe,
+    prefix: nn.Module,
+    train: BatchLoader,
+    n: int,
+    views: int,
+    say,
+    distributed: bool = False,
+) -> Placement | None:
+    """Where a cache of ``views`` of the training images and the validation ones once
+    (``n`` images in all) goes: in memory, memory-mapped on disk when over the memory
+    limit, or None, said, when over both."""
     with torch.inference_mode():
         probe = prefix(train.batch(torch.arange(1)))
     fp32 = probe[0].numel() * 4 * (train.num_samples * views + n - train.num_samples)
-    storage = storage_dtype(recipe.feature_cache_dtype, fp32)
-    need = fp32 * storage.itemsize / 4
-    if need > cache_limit_bytes():
-        say(
-            f"feature cache skipped: it needs {need / 2**30:.1f} GB, over the limit of "
-            f"{cache_limit_bytes() / 2**30:.1f} GB (half the free memory at most; "
-            "IMGCLF_FEATURE_CACHE_GB sets it); the stage runs the whole network instead"
-        )
+    dtype = storage_dtype(recipe.feature_cache_dtype, fp32)
+    unmappable = None
+    if distributed:  # every rank gathers all rows in memory (Dist.all_gather_rows)
+        unmappable = "data-parallel caches are not memory-mapped"
+    elif probe.is_cuda:
+        unmappable = "a cache on the GPU is not memory-mapped"
+    placed = place(dtype, fp32 * dtype.itemsize / 4, unmappable)
+    if isinstance(placed, str):
+        say(f"feature cache skipped: {placed}; the stage runs the whole network instead")
         return None
-    return storage, need
+    return placed
 
 
 def pays(engine: PrefixPass, passes: int, uncached: float) -> bool:
@@ -305,12 +298,15 @@ def _features(
     view: View,
     rank: int = 0,
     world_size: int = 1,
-    storage: torch.dtype = torch.float32,
+    storage: Placement | None = None,
 ) -> torch.Tensor:
     """Prefix activations of samples ``rank::world_size`` (all of them in one process),
-    seen through ``view``, stored as ``storage`` (fp16: values beyond its range fail)."""
+    seen through ``view``, stored as ``storage`` says (fp16: values beyond its range fail;
+    memory-mapped: written into the mapped file batch by batch)."""
+    storage = storage or Placement(torch.float32, 0.0)
     n, h, w = loader.images.shape[:3]
-    parts = []
+    parts: list[torch.Tensor] = []
+    mapped: torch.Tensor | None = None
     mine = torch.arange(rank, loader.num_samples, world_size)
     draws = view.draws(n)  # once: per batch it was O(n) draws, O(n²/batch) in all
     for begin in range(0, len(mine), engine.batch_size):
@@ -319,10 +315,15 @@ def _features(
         if view.flip:
             x = x.flip(-1)
         out = engine.run(x)
-        if storage == torch.float16 and not bool(out.abs().max() <= FP16_SAFE):
+        if storage.dtype == torch.float16 and not bool(out.abs().max() <= FP16_SAFE):
             raise RecipeError(
                 "feature cache: activations beyond fp16's range; "
                 "set feature_cache_dtype: fp32 in the recipe"
             )
-        parts.append(out.to(storage))
-    return torch.cat(parts)
+        if storage.directory is None:
+            parts.append(out.to(storage.dtype))
+            continue
+        if mapped is None:
+            mapped = storage.empty((len(mine), *out.shape[1:]))
+        mapped[begin : begin + len(idx)] = out.to(mapped.device, storage.dtype)
+    return mapped if mapped is not None else torch.cat(parts)
