@@ -18,6 +18,7 @@ simplejpeg rejects, goes through Pillow, whose error is the reason reported.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -232,6 +233,21 @@ def probe(data: bytes | None, path: str | None) -> Size | None:
         w, h = im.size
         if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90°
             w, h = h, w
+        return (h, w)
+    except Exception:  # decoding will report the reason
+        return None
+
+
+def stored_size(data: bytes) -> Size | None:
+    """(height, width) as stored, from the header alone (None when unreadable). Unlike
+    :func:`probe` it ignores EXIF rotation: Pillow finds a PNG's EXIF by decoding the whole
+    image (the chunk may follow the pixels), which is what a size check must not do."""
+    try:
+        if _fast_jpeg_ok(data):
+            with contextlib.suppress(ValueError):  # Pillow may still read it
+                h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+                return (h, w)
+        w, h = _open(data).size
         return (h, w)
     except Exception:  # decoding will report the reason
         return None
