@@ -1,5 +1,5 @@
 """What a run leaves behind, checked before anything is built from it: a checkpoint's
-fields (:func:`check_checkpoint_fields`).
+fields (:func:`check_checkpoint_fields`) and ``summary.json`` (:func:`read_summary`).
 
 Both are files a person can edit, copy between versions or damage. Read unchecked, a
 missing ``class_names``, five class names for three outputs, a NaN mean or a summary that
@@ -15,6 +15,7 @@ shapes of its tensors against the model are checked where the model is built
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,7 +30,7 @@ from pydantic import (
     field_validator,
 )
 
-from imgclf.errors import CheckpointError, one_line
+from imgclf.errors import CheckpointError, UserError, one_line
 
 # Sizes up to 8192 px: the largest input any registered model or recipe uses is 600 px;
 # a bound keeps an edited size from allocating a tensor of the machine's memory.
@@ -39,6 +40,7 @@ _Size = Annotated[int, Field(strict=True, ge=1, le=MAX_SIZE)]
 _Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 _Positive = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
 _Count = Annotated[int, Field(strict=True, ge=0)]
+_Fraction = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1)]
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -128,6 +130,61 @@ def check_checkpoint_fields(state: dict[str, Any], path: str | Path) -> None:
             f"{path}: {describe(exc)}; the checkpoint was edited or damaged: use an "
             "unchanged copy, or train again"
         ) from None
+
+
+# ---------------------------------------------------------------------------- summary.json
+
+
+class SummaryError(UserError):
+    """A run's summary.json that is not what training wrote."""
+
+
+class SummaryFields(BaseModel):
+    """The fields of a run's ``summary.json`` that ``predict``/``serve``/``export``
+    (``val_accuracy``: the weighted vote's weight) and ``report`` read; training writes
+    more (:mod:`imgclf.train.finish`), kept as they are. Each is optional: a run without
+    a validation split has no scores."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, strict=True)
+    recipe: str | None = Field(None, strict=True)
+    dataset: str | None = Field(None, strict=True)
+    device: str | None = Field(None, strict=True)
+    precision: str | None = Field(None, strict=True)
+    input_size: _Size | None = None
+    epochs: _Count | None = None
+    parameters: _Count | None = None
+    train_seconds: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] | None = None
+    val_accuracy: _Fraction | None = None
+    val_balanced_accuracy: _Fraction | None = None
+    val_macro_f1: _Fraction | None = None
+    val_loss: float | None = Field(None, strict=True)  # inf where a class had probability 0
+    val_count: _Count | None = None
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """A run's ``summary.json`` as a dict, checked (:class:`SummaryFields`); None where
+    there is none (a run stopped before its end has only metrics.csv). Unreadable, not
+    JSON, not an object, or a field of the wrong kind: one :class:`SummaryError` line
+    naming the file and the field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SummaryError(f"{path}: unreadable ({one_line(str(exc))})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise SummaryError(f"{path}: not valid JSON ({one_line(str(exc))})") from None
+    if not isinstance(data, dict):
+        raise SummaryError(f"{path}: not a JSON object but a {type(data).__name__}")
+    try:
+        SummaryFields.model_validate(data)
+    except ValidationError as exc:
+        raise SummaryError(f"{path}: {describe(exc)}") from None
+    return data
 
 
 def describe(exc: ValidationError) -> str:
