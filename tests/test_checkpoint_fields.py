@@ -96,6 +96,10 @@ CASES = {
 }
 
 
+# A resume names what it needs first (imgclf.runtime.checkpoint.RESUME_KEYS).
+RESUME_SAYS = {"no class_names": "cannot resume from this checkpoint (no class_names)"}
+
+
 def commands(finished: SimpleNamespace, run: Path, tmp_path: Path) -> dict[str, list]:
     best = run / "best.pt"
     return {
@@ -128,6 +132,7 @@ def test_a_bad_field_is_one_line_naming_the_file_and_field(
     assert code == 2, err
     (line,) = err.splitlines()
     read = "last.pt" if command == "resume" else "best.pt"
+    says = RESUME_SAYS.get(case, says) if command == "resume" else says
     assert line.startswith(f"error: {run / read}: {says}"), line
     assert "nosuchnet" in line or case != "unknown model_name"
     assert not {"m.onnx", "p.csv", "r.html"} & {p.name for p in tmp_path.iterdir()}
