@@ -251,8 +251,12 @@ def test_checkpoint_round_trip_rebuilds_without_reading_weights(
 ) -> None:
     model = _model(name).eval()
     path = tmp_path / "best.pt"
+    classes = [f"c{i}" for i in range(model.num_classes)]
+    fields = {"class_names": classes, "input_size": model.input_size}
+    fields |= {"mean": list(model.mean), "std": list(model.std)}
     save_checkpoint(
-        {"model_name": name, "model_args": model.model_args, "model_state": model.state_dict()},
+        {"model_name": name, "model_args": model.model_args, "model_state": model.state_dict()}
+        | fields,
         path,
     )
 

@@ -34,6 +34,12 @@ from serve_load import load_test  # noqa: E402
 CLASSES = ["bird", "cat", "dog"]
 
 
+def _client(app) -> TestClient:
+    # The app serves the Host names of its bound address (127.0.0.1 by default), not the
+    # test client's default "testserver".
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     return session_runs(tmp_path_factory)
@@ -41,14 +47,14 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(trained):
-    with TestClient(create_app(Predictor([trained.run32], max_bytes=200_000))) as client:
+    with _client(create_app(Predictor([trained.run32], max_bytes=200_000))) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def ensemble(trained):
     runs = [trained.run32, trained.run16, trained.swapped]
-    with TestClient(create_app(Predictor(runs, vote="hard"))) as client:
+    with _client(create_app(Predictor(runs, vote="hard"))) as client:
         yield client
 
 
@@ -133,7 +139,7 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(single, monk
 def test_onnx_backend_serves_the_same_labels(trained, single):
     files = _files(trained)
     payload = [("file", (f.name, f.read_bytes())) for f in files]
-    with TestClient(create_app(Predictor([trained.run32], backend="onnx"))) as onnx:
+    with _client(create_app(Predictor([trained.run32], backend="onnx"))) as onnx:
         assert onnx.get("/info").json()["backend"] == "onnx"
         got = onnx.post("/predict", files=payload).json()["predictions"]
     want = single.post("/predict", files=payload).json()["predictions"]
@@ -293,7 +299,7 @@ def test_page_in_headless_chromium_shows_the_apis_label(trained, tmp_path):
     finally:
         browser.close()
         running.stop()
-    with TestClient(app) as client:
+    with _client(app) as client:
         answer = client.post("/predict", files={"file": ("upload.png", image.read_bytes())})
     assert shown == answer.json()["predictions"][0]["label"]
     assert bars == 3 and all(name in votes for name in ("run32", "run16", "swapped"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from imgclf.cli.options import (
     add_backend_option,
@@ -48,17 +49,33 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     add_weights_option(p)
 
 
+def seconds(text: str) -> float:
+    """A timeout: a positive number of seconds, at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and 0 < value <= 86400):
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds above 0, at most 86400")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     """HTTP server: POST /predict, GET /health, /info, and a web page at /
 
     Serve RUN (or the vote of several runs) over HTTP: POST /predict with images as
     multipart field `file` (repeatable) or a raw body; GET / is a page to drop images on.
-    Same preprocessing as `imgclf predict`.
+    Same preprocessing as `imgclf predict`. Only requests whose Host names this server
+    are answered (DNS rebinding), cross-origin POSTs only with --cors.
     """
     from imgclf.serve import serve
 
     names = ("host", "port", "vote", "prefer", "weights", "backend", "max_bytes", "top_k")
-    serve(args.runs, **pick(args, *names))
+    limits = ("max_pixels", "decode_pixels", "header_timeout", "body_timeout", "max_connections")
+    options = pick(args, *names, *limits, "docs")
+    options["allowed_hosts"] = tuple(args.allowed_hosts)
+    options["cors"] = tuple(args.cors)
+    serve(args.runs, **options)
     return 0
 
 
@@ -72,4 +89,24 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     largest = "largest accepted upload, per image (20 MiB)"
     p.add_argument("--max-bytes", type=positive_int, default=20 << 20, metavar="N", help=largest)
     p.add_argument("--top-k", type=positive_int, default=5, metavar="K", help="classes (5)")
+    _add_limits(p)
     add_hardware_options(p, device=False)
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    n = "N"
+    most = "largest accepted image in pixels, width × height (40,000,000); larger: 413"
+    p.add_argument("--max-pixels", type=positive_int, default=40_000_000, metavar=n, help=most)
+    budget = "pixels decoded at once over all requests (--max-pixels + 8,000,000); waits, 503"
+    p.add_argument("--decode-pixels", type=positive_int, metavar=n, help=budget)
+    hosts = "another name clients may use for this server (Host header); repeatable"
+    p.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME", help=hosts)
+    cors = "a web origin allowed to POST from its pages, e.g. https://app.example; repeatable"
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help=cors)
+    p.add_argument("--docs", action="store_true", help="serve /docs (loads scripts from a CDN)")
+    header = "seconds a connection has to send its request headers (10)"
+    p.add_argument("--header-timeout", type=seconds, default=10.0, metavar="S", help=header)
+    body = "seconds a request has to send its body (60); then 408"
+    p.add_argument("--body-timeout", type=seconds, default=60.0, metavar="S", help=body)
+    conns = "open connections at most (64); more get a 503"
+    p.add_argument("--max-connections", type=positive_int, default=64, metavar=n, help=conns)

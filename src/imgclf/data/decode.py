@@ -18,6 +18,7 @@ simplejpeg rejects, goes through Pillow, whose error is the reason reported.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -142,7 +143,9 @@ def _decode_fast(data: bytes, size: Size | None) -> tuple[np.ndarray, Size] | No
         return None  # Pillow decides, and names the problem
 
 
-def _decode_pil(data: bytes, size: Size | None) -> tuple[np.ndarray, Size]:
+def _decode_pil(data: bytes, size: Size | None) -> tuple[Image.Image, Size]:
+    """The RGB image, kept as Pillow's (no full-size numpy copy: ``cover_crop`` resizes it
+    where it is), and its native size."""
     im = _open(data)
     w, h = im.size
     rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF rotation by 90°
@@ -151,9 +154,10 @@ def _decode_pil(data: bytes, size: Size | None) -> tuple[np.ndarray, Size]:
     if size is not None and im.format == "JPEG":
         # DCT scaling, as above; draft() sees the stored image, before any rotation.
         im.draft("RGB", (size[0], size[1]) if rotated else (size[1], size[0]))
-    im = ImageOps.exif_transpose(im)  # loads the pixels: truncation raises here
-    im.load()
-    return np.asarray(_to_rgb(im), dtype=np.uint8), (h, w)
+    im.load()  # truncation raises here
+    # In place: the default returns a copy of every unrotated image (twice the memory).
+    ImageOps.exif_transpose(im, in_place=True)
+    return _to_rgb(im), (h, w)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -179,14 +183,17 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 _COVER_WASTE = 4
 
 
-def cover_crop(arr: np.ndarray, size: Size) -> np.ndarray:
-    """Scale to cover ``size`` keeping aspect ratio (bicubic, antialiased), centre-crop."""
+def cover_crop(arr: np.ndarray | Image.Image, size: Size) -> np.ndarray:
+    """Scale to cover ``size`` keeping aspect ratio (bicubic, antialiased), centre-crop.
+
+    ``arr`` may be an RGB Pillow image: the same pixels, resized without a full-size copy
+    (a 36-megapixel PNG peaked at 10 bytes a pixel through numpy and back, 4 without)."""
     th, tw = size
-    h, w = arr.shape[:2]
+    im = arr if isinstance(arr, Image.Image) else Image.fromarray(arr)
+    w, h = im.size
     scale = max(tw / w, th / h)
     nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
     left, top = (nw - tw) // 2, (nh - th) // 2
-    im = Image.fromarray(arr)
     if nw * nh > _COVER_WASTE * tw * th:
         # The same centre box in source coordinates: Pillow resamples only that region.
         sx, sy = nw / w, nh / h
@@ -203,10 +210,14 @@ def decode(
     try:
         data = _read(data, path)
         got = _decode_fast(data, size) if _fast_jpeg_ok(data) else None
-        arr, native = got if got is not None else _decode_pil(data, size)
-        if size is not None and arr.shape[:2] != size:
-            arr = cover_crop(arr, size)
-        return arr, native, None
+        pixels, native = got if got is not None else _decode_pil(data, size)
+        if isinstance(pixels, Image.Image):
+            here = (pixels.height, pixels.width)
+        else:
+            here = pixels.shape[:2]
+        if size is not None and here != size:
+            return cover_crop(pixels, size), native, None
+        return np.asarray(pixels, dtype=np.uint8), native, None
     except Exception as exc:  # every failure becomes a report row, never a crash
         return None, None, _reason(exc)
 
@@ -222,6 +233,21 @@ def probe(data: bytes | None, path: str | None) -> Size | None:
         w, h = im.size
         if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90°
             w, h = h, w
+        return (h, w)
+    except Exception:  # decoding will report the reason
+        return None
+
+
+def stored_size(data: bytes) -> Size | None:
+    """(height, width) as stored, from the header alone (None when unreadable). Unlike
+    :func:`probe` it ignores EXIF rotation: Pillow finds a PNG's EXIF by decoding the whole
+    image (the chunk may follow the pixels), which is what a size check must not do."""
+    try:
+        if _fast_jpeg_ok(data):
+            with contextlib.suppress(ValueError):  # Pillow may still read it
+                h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+                return (h, w)
+        w, h = _open(data).size
         return (h, w)
     except Exception:  # decoding will report the reason
         return None

@@ -63,7 +63,8 @@ def make_members(
         runs_on = backend_for(backend, lr.state["model_name"], device)
         if runs_on == "onnx":
             wrapper = "tta" if tta else "plain"
-            net = onnx_net(net, pre.input_size, lr.state.get("path"), wrapper=wrapper)
+            path, classes = lr.state.get("path"), len(lr.classes)
+            net = onnx_net(net, pre.input_size, path, wrapper=wrapper, classes=classes)
         out.append(Member(lr.name, net, pre, torch.from_numpy(order).to(device), runs_on))
     return out
 

@@ -7,7 +7,6 @@ them here, so all of them name, order and weigh runs the same way.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from imgclf.ensemble import VOTE_METHODS, EnsembleError
 from imgclf.errors import CheckpointError, UserError
 from imgclf.models import build_model_from_checkpoint
 from imgclf.runtime.checkpoint import load_checkpoint
+from imgclf.runtime.schema import SummaryError, read_summary
 
 RunLike = str | os.PathLike[str]
 Weights = Mapping[str, float] | Sequence[float] | Sequence[str] | None
@@ -60,12 +60,18 @@ def load_run(run: str | Path | Any, device: torch.device | str = "cpu") -> Loade
 
 
 def validation_accuracy(lr: LoadedRun) -> float | None:
-    """The run's validation accuracy: summary.json, else the checkpoint's best so far."""
+    """The run's validation accuracy: summary.json, else (no such file, or no accuracy in
+    it) the checkpoint's best so far. A summary.json that is not what training wrote is
+    one :class:`SummaryError` line: a weight read from it would silently change the vote."""
     folder = lr.path if lr.path.is_dir() else lr.path.parent
     try:
-        acc = json.loads((folder / "summary.json").read_text()).get("val_accuracy")
-    except (OSError, ValueError):
-        acc = None
+        summary = read_summary(folder / "summary.json") or {}
+    except SummaryError as exc:
+        raise SummaryError(
+            f"{exc}; the weighted vote weighs each run by its val_accuracy: repair or delete "
+            "the file (the checkpoint's best accuracy is used then), or give --weights RUN:W"
+        ) from None
+    acc = summary.get("val_accuracy")
     if acc is None:
         best = (lr.state.get("progress") or {}).get("best_val_acc", -1.0)
         acc = best if best is not None and best >= 0 else None

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imgclf.errors import UnknownModel
+from imgclf.errors import CheckpointError, UnknownModel, WeightsMissing, one_line
 from imgclf.models.base import Classifier
+from imgclf.models.restore import load_weights
 
 KINDS = ("scratch", "pretrained")
 
@@ -159,8 +160,28 @@ def create(name: str, num_classes: int, **kwargs: Any) -> Classifier:
 
 def build_model_from_checkpoint(state: dict[str, Any]) -> Classifier:
     """The model a checkpoint (:func:`imgclf.runtime.checkpoint.load_checkpoint`)
-    describes, its weights loaded, in eval mode: no recipe is needed."""
-    model = create(state["model_name"], **state["model_args"])
-    model.load_state_dict(state["model_state"])
+    describes, its weights loaded, in eval mode: no recipe is needed. Its fields were
+    checked when it was read (:mod:`imgclf.runtime.schema`); a name or arguments that
+    build no model, or weights that do not fit it, are one :class:`CheckpointError` line."""
+    where = state.get("path", "checkpoint")
+    model = _create_saved(state["model_name"], state["model_args"], where)
+    load_weights(model, state["model_state"], where)
     model.eval()
     return model
+
+
+def _create_saved(name: str, args: dict[str, Any], where: str) -> Classifier:
+    """``create(name, **args)`` for a checkpoint's fields: an unknown name, or arguments
+    the model does not take, name ``where`` and the field."""
+    try:
+        return create(name, **args)
+    except WeightsMissing:
+        raise
+    except UnknownModel as exc:
+        raise CheckpointError(f"{where}: model_name: {exc}") from None
+    except (TypeError, ValueError, CheckpointError) as exc:
+        # A constructor's own complaint (an unexpected keyword, a bad value): the saved
+        # arguments are not this model's.
+        raise CheckpointError(
+            f"{where}: model_args {args} do not build model {name!r} ({one_line(str(exc))})"
+        ) from None

@@ -7,9 +7,9 @@ the latter); every other file is optional, and what is missing is left out of th
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import yaml
 from imgclf.data.sources import natural_key
 from imgclf.errors import DataError
 from imgclf.inference.runs import unique_names
+from imgclf.runtime.schema import SummaryError, read_summary
 from imgclf.train.rundir import read_metrics
 
 # The run folder's images, in the order a run section shows them.
@@ -174,7 +175,7 @@ class RunInfo:
 
 def read_run(path: Path, name: str) -> RunInfo:
     info = RunInfo(path, name)
-    info.summary = _read_json(path / "summary.json")
+    info.summary = _summary(path / "summary.json")
     info.config = _read_yaml(path / "config.yaml")
     info.metrics = read_metrics(path / "metrics.csv")
     info.per_class = _read_csv(path / "per_class.csv")
@@ -273,12 +274,17 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _summary(path: Path) -> dict[str, Any]:
+    """The run's summary.json (:func:`imgclf.runtime.schema.read_summary`); ``{}`` where
+    there is none, or where it is not what training wrote. A report shows every run it is
+    given: one whose summary was edited or damaged is shown as a run stopped before its
+    summary is (from metrics.csv and config.yaml), with a warning line naming the file and
+    field, rather than failing the report of all the others."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_summary(path) or {}
+    except SummaryError as exc:
+        print(f"warning: {exc}; the report shows this run without it", file=sys.stderr)
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import torch
 
 from imgclf.errors import CheckpointError
 from imgclf.io_utils import atomic_path
+from imgclf.runtime.schema import check_checkpoint_fields
 
 FORMAT = "imgclf-checkpoint-1"
 
@@ -57,10 +58,11 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, needs: tuple[str, ...] = ()) -> dict[str, Any]:
     """An imgclf checkpoint, read safely (:func:`safe_load`): ``path`` is a ``.pt`` file
-    or a run folder (its ``best.pt``, else ``last.pt``). Anything else, or a damaged file, is
-    one :class:`CheckpointError` line naming the file."""
+    or a run folder (its ``best.pt``, else ``last.pt``). Anything else, a damaged file,
+    a field that is missing or wrong (:mod:`imgclf.runtime.schema`), or one of the
+    ``needs`` (a resume's keys) missing, is one :class:`CheckpointError` line naming the file."""
     path = Path(path)
     if path.is_dir():
         for name in ("best.pt", "last.pt"):
@@ -74,6 +76,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     state = safe_load(path, "checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an imgclf checkpoint")
+    missing = [key for key in needs if key not in state]
+    if missing:  # said before its fields: a resume reads the recipe first
+        raise CheckpointError(
+            f"{path}: cannot resume from this checkpoint (no {', '.join(missing)})"
+        )
+    check_checkpoint_fields(state, path)
     state["path"] = str(path)
     return state
 
@@ -94,13 +102,7 @@ def safe_load(path: Path, what: str, *, mmap: bool = False, allow: tuple[type, .
 
 def load_resumable(path: str | Path) -> dict[str, Any]:
     """:func:`load_checkpoint`, and everything a resume reads is there (one line if not)."""
-    state = load_checkpoint(path)
-    missing = [key for key in RESUME_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(
-            f"{state['path']}: cannot resume from this checkpoint (no {', '.join(missing)})"
-        )
-    return state
+    return load_checkpoint(path, RESUME_KEYS)
 
 
 def check_same_dataset(state: dict[str, Any], root: Path) -> None:

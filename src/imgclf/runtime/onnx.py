@@ -13,7 +13,9 @@ on both backends) and returns its logits as a tensor. The graph is the one ``img
 export`` writes, with a dynamic batch, exported once per checkpoint and kept in
 ``$IMGCLF_HOME/onnx/`` under a hash of the checkpoint's bytes, the exporter's versions and
 the wrapper (TTA or not), so later runs load it in milliseconds instead of re-exporting
-(2–8 s here).
+(2–8 s here). A cached graph is checked before use (input shape, class count, its logits
+on a probe image against those saved beside it at export) and exported again where it is
+not this checkpoint's (a file there may have been replaced, copied or damaged).
 
 Default backend: per model, the one measured faster on this project's CPU
 (:data:`ONNX_FASTER`, benchmarks/bench_onnx.py, docs/benchmarks.md).
@@ -24,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,7 +41,7 @@ from torch import nn
 
 from imgclf import __version__
 from imgclf.errors import ExportError, UserError
-from imgclf.io_utils import atomic_path
+from imgclf.io_utils import atomic_path, atomic_write_text
 from imgclf.paths import imgclf_home
 
 # Opset 18: the first whose Resize has the ``antialias`` attribute, needed to shrink an
@@ -201,6 +205,8 @@ class OnnxNet(nn.Module):
 
 
 def _cache_key(checkpoint: str | os.PathLike[str], wrapper: str) -> str:
+    """The checkpoint's content (its bytes: 21-27 ms for Lite0's 13.8 MB here, about what
+    hashing its state dict costs), the wrapper and the versions that made the graph."""
     import onnx
     import onnxruntime
 
@@ -221,19 +227,93 @@ def onnx_net(
     wrapper: str = "plain",
     threads: int | None = None,
     spin: bool = True,
+    classes: int | None = None,
 ) -> OnnxNet:
-    """``module`` exported to ONNX (dynamic batch), cached by ``checkpoint``'s bytes."""
+    """``module`` exported to ONNX (dynamic batch), cached by ``checkpoint``'s bytes.
+
+    The cached graph is used only once it takes ``input_size``, gives ``classes`` outputs
+    (where given) and answers a probe image as it did when exported (:func:`_cache_problem`):
+    a file in the cache replaced by another model's would otherwise answer wrongly without a
+    word (issue #31, item 11). Otherwise it is exported again, with one warning line."""
     cached: Path | None = None
     if checkpoint is not None:
         cached = imgclf_home() / "onnx" / f"{_cache_key(checkpoint, wrapper)}.onnx"
-        if cached.is_file():
-            try:
-                return OnnxNet(ort_session(cached, threads, spin))
-            except Exception:  # a damaged cache file: export again and replace it
-                pass
+        net = _cached_net(cached, input_size, classes, threads, spin)
+        if net is not None:
+            return net
     example = torch.zeros(2, 3, input_size, input_size)
     data = onnx_bytes(module.eval(), example, dynamic_batch=True, output_name="logits")
+    session = ort_session(data, threads, spin)
     if cached is not None:
         with atomic_path(cached) as tmp:
             tmp.write_bytes(data)
-    return OnnxNet(ort_session(data, threads, spin))
+        probe = _run_probe(session, input_size).tolist()
+        atomic_write_text(_sidecar(cached), json.dumps({"probe": probe}))
+    return OnnxNet(session)
+
+
+# ---------------------------------------------------------------------------- cache checks
+
+# The probe: one fixed image of normal noise (a normalized input's scale). ONNX Runtime
+# answers it with the same logits run after run on one machine; the tolerance leaves room
+# for another CPU's kernels (float32 sums in another order: ~1e-6 relative) and is far
+# below how much another model's logits differ (order 1).
+PROBE_SEED = 0
+PROBE_TOLERANCE = 1e-3
+
+
+def _sidecar(cached: Path) -> Path:
+    """Beside each cached graph: its logits on the probe when it was exported."""
+    return cached.with_suffix(".json")
+
+
+def _run_probe(session: Any, input_size: int) -> np.ndarray:
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    probe = torch.randn(1, 3, input_size, input_size, generator=generator).numpy()
+    return session.run(None, {session.get_inputs()[0].name: probe})[0]
+
+
+def _cached_net(
+    cached: Path, input_size: int, classes: int | None, threads: int | None, spin: bool
+) -> OnnxNet | None:
+    """The cached graph where it is the one exported for this checkpoint; None (said in
+    one warning line where there was a file) where it must be exported again."""
+    if not cached.is_file():
+        return None
+    try:
+        session = ort_session(cached, threads, spin)
+    except Exception as exc:  # ONNX Runtime raises its own types for a damaged file
+        why = f"unreadable by ONNX Runtime ({unsupported_reason(exc)})"
+    else:
+        why = _cache_problem(session, _sidecar(cached), input_size, classes)
+        if why is None:
+            return OnnxNet(session)
+    print(f"warning: ONNX cache {cached}: {why}; exporting the model again", file=sys.stderr)
+    return None
+
+
+def _cache_problem(session: Any, sidecar: Path, input_size: int, classes: int | None) -> str | None:
+    """Why ``session`` is not the graph exported for this checkpoint (None: it is): its
+    input shape, its outputs, or its logits on the probe against those saved at export."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    shape = list(inputs[0].shape) if len(inputs) == 1 else None
+    if shape is None or shape[1:] != [3, input_size, input_size]:
+        dims = ", ".join(str(d) if isinstance(d, int) else "N" for d in shape or ())
+        given = f"[{dims}]" if shape else f"{len(inputs)} inputs"
+        return f"it takes {given}, not [N, 3, {input_size}, {input_size}]"
+    width = outputs[0].shape[-1] if len(outputs) == 1 and outputs[0].shape else None
+    if classes is not None and width != classes:
+        return f"it has {width} outputs, the checkpoint {classes} classes"
+    try:
+        saved = json.loads(sidecar.read_text(encoding="utf-8"))
+        expected = np.asarray(saved["probe"], dtype=np.float32)
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its probe file {sidecar.name} is missing or unreadable"
+    try:
+        got = _run_probe(session, input_size)
+    except Exception as exc:  # ONNX Runtime's own types
+        return f"it fails on a probe image ({unsupported_reason(exc)})"
+    tol = PROBE_TOLERANCE
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=tol, atol=tol):
+        return "its output on a probe image is not the exported model's"
+    return None

@@ -14,13 +14,16 @@ forward pass, and a lone request waits for nothing.
 Endpoints: ``POST /predict`` (multipart field ``file``, repeatable, or the raw image as the
 body), ``GET /health``, ``GET /info``, ``GET /`` (the page in ``static/index.html``).
 Bad input is a 4xx JSON ``{"error": ...}`` naming the file and the problem; the server
-keeps serving.
+keeps serving. Its limits against hostile clients live beside it: uploads.py (bytes, as
+they stream), pixels.py (pixels per image and decoded at once), guard.py (Host, Origin,
+CORS), connections.py (header deadline, connection cap); options.py holds their values.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import queue
 import socket
@@ -38,8 +41,9 @@ import torch
 # Module level, not inside create_app: FastAPI reads the handlers' annotations (postponed by
 # ``from __future__ import annotations``) from this module's globals.
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from imgclf import __version__
 from imgclf.data.preprocess import Preprocess
@@ -50,18 +54,20 @@ from imgclf.inference.rows import Plan
 from imgclf.inference.runs import check_vote, load_runs
 from imgclf.runtime.device import resolve_hardware
 from imgclf.runtime.onnx import resolve_backend
+from imgclf.serve.connections import guarded_protocol
+from imgclf.serve.guard import HostPolicy, protect
+from imgclf.serve.options import ServeOptions
+from imgclf.serve.pixels import PixelBudget, check_pixels
+from imgclf.serve.uploads import (
+    DEFAULT_MAX_BYTES,
+    MAX_FILES,
+    BadImage,
+    ByteBudget,
+    receive_uploads,
+)
 
-DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # per image: a 12-megapixel phone JPEG is 3-8 MiB
-MAX_FILES = 64  # per request
 MAX_BATCH = 256  # images per forward pass of the batching thread
-
-
-class BadImage(Exception):
-    """An upload that is not a usable image: becomes a 4xx answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+log = logging.getLogger("uvicorn.error")  # uvicorn's log: the same format and level
 
 
 def _status(reason: str) -> int:
@@ -237,53 +243,33 @@ class Batcher:
 # ---------------------------------------------------------------------------- HTTP side
 
 
-@dataclass
-class Upload:
-    name: str
-    data: bytes
+def _answer_errors(app: FastAPI) -> None:
+    """Refusals as JSON; a client gone mid-request as one log line."""
+
+    @app.exception_handler(BadImage)
+    async def bad_image(request: Request, exc: BadImage) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status in (408, 411, 413, 503):  # the body may be unread: end the connection
+            headers["Connection"] = "close"
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, exc: ClientDisconnect) -> Response:
+        # One line, not starlette's traceback: a client going away is not a server error.
+        client = request.client
+        who = f"{client.host}:{client.port}" if client else "a client"
+        log.warning("%s disconnected before its request was read; request dropped", who)
+        return Response(status_code=400)  # sent to no one: uvicorn drops it
 
 
-def _too_large(name: str, limit: int) -> BadImage:
-    return BadImage(413, f"{name}: larger than the {limit}-byte limit (--max-bytes)")
-
-
-async def read_uploads(request: Request, max_bytes: int) -> list[Upload]:
-    """The images of a request: multipart field ``file`` (repeatable), or the raw body."""
-    kind = request.headers.get("content-type", "")
-    length = request.headers.get("content-length")
-    if kind.startswith("multipart/form-data"):
-        if length is None:
-            raise BadImage(411, "multipart upload without Content-Length")
-        if int(length) > MAX_FILES * (max_bytes + 4096):
-            raise BadImage(413, f"request of {length} bytes is over the limit (--max-bytes)")
-        form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
-        parts = form.getlist("file")
-        if not parts:
-            raise BadImage(400, "no images: send multipart field 'file' (repeatable)")
-        uploads = []
-        for i, part in enumerate(parts):
-            if isinstance(part, str):
-                raise BadImage(400, f"field 'file' #{i + 1} is text, not a file")
-            name = part.filename or f"file{i + 1}"
-            data = await part.read(max_bytes + 1)
-            if len(data) > max_bytes:
-                raise _too_large(name, max_bytes)
-            uploads.append(Upload(name, data))
-        return uploads
-    if length is not None and int(length) > max_bytes:
-        raise _too_large("body", max_bytes)
-    body = bytearray()
-    async for chunk in request.stream():  # chunked bodies: count as they arrive
-        body += chunk
-        if len(body) > max_bytes:
-            raise _too_large("body", max_bytes)
-    if not body:
-        raise BadImage(400, "empty request: send an image as the body or as field 'file'")
-    return [Upload("body", bytes(body))]
-
-
-def create_app(predictor: Predictor) -> FastAPI:
+def create_app(predictor: Predictor, options: ServeOptions | None = None) -> FastAPI:
+    """The app; ``options`` are the limits and the Host/Origin/CORS policy (defaults: a
+    server on 127.0.0.1, ``imgclf serve``'s defaults)."""
+    options = options or ServeOptions()
+    options.check(predictor.max_bytes)
     batcher = Batcher(predictor)
+    pixels = PixelBudget(options.decode_budget, options.decode_wait)
+    upload_bytes = ByteBudget(options.upload_budget(predictor.max_bytes))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -291,12 +277,12 @@ def create_app(predictor: Predictor) -> FastAPI:
         yield
         await run_in_threadpool(batcher.close)
 
-    app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan)
+    docs = {} if options.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan, **docs)
+    protect(app, HostPolicy(options.host, options.allowed_hosts), options.cors)
     page = resources.files("imgclf.serve").joinpath("static/index.html").read_text("utf-8")
 
-    @app.exception_handler(BadImage)
-    async def bad_image(request: Request, exc: BadImage) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+    _answer_errors(app)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -304,7 +290,7 @@ def create_app(predictor: Predictor) -> FastAPI:
 
     @app.get("/info")
     def info() -> dict[str, Any]:
-        return predictor.info()
+        return {**predictor.info(), "max_pixels": options.max_pixels}
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
@@ -313,9 +299,12 @@ def create_app(predictor: Predictor) -> FastAPI:
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
         started = time.perf_counter()
-        uploads = await read_uploads(request, predictor.max_bytes)
-        files = [(u.name, u.data) for u in uploads]
-        decoded = await run_in_threadpool(predictor.decode, files)
+        received = receive_uploads(request, predictor.max_bytes, upload_bytes, options.body_timeout)
+        async with received as uploads:
+            files = [(u.name, u.data) for u in uploads]
+            most = await run_in_threadpool(check_pixels, uploads, options.max_pixels)
+            async with pixels.hold(most):
+                decoded = await run_in_threadpool(predictor.decode, files)
         probs = await asyncio.wrap_future(batcher.submit(decoded, len(files)))
         return {
             "predictions": predictor.answer([u.name for u in uploads], probs),
@@ -324,6 +313,9 @@ def create_app(predictor: Predictor) -> FastAPI:
 
     app.state.predictor = predictor
     app.state.batcher = batcher
+    app.state.options = options
+    app.state.pixels = pixels
+    app.state.upload_bytes = upload_bytes
     return app
 
 
@@ -338,18 +330,38 @@ def serve(
     log_level: str = "info",
     **options: Any,
 ) -> None:
-    """Load the runs and serve them until Ctrl-C."""
+    """Load the runs and serve them until Ctrl-C. ``options``: :class:`Predictor`'s and
+    :class:`ServeOptions`' keyword arguments."""
     import uvicorn
 
+    limits = {k: options.pop(k) for k in list(options) if k in ServeOptions.__dataclass_fields__}
+    serve_options = ServeOptions(host=host, **limits)
+    serve_options.check(options.get("max_bytes", DEFAULT_MAX_BYTES))  # before loading models
     predictor = Predictor(runs, **options)
-    app = create_app(predictor)
+    app = create_app(predictor, serve_options)
     sock = _bind(host, port)
     where = f"http://{host}:{sock.getsockname()[1]}/"
     what = ", ".join(predictor.rs.names)
     vote = f", {predictor.vote} vote" if len(predictor.rs.runs) > 1 else ""
     print(f"serving {what} ({predictor.backend}{vote}) at {where}  (Ctrl-C stops)", flush=True)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, log_level)).run(sockets=[sock])
+
+
+def uvicorn_config(app: FastAPI, log_level: str = "info") -> Any:
+    """uvicorn's settings for ``app``: its connection limits (``app.state.options``)."""
+    import uvicorn
+
+    options: ServeOptions = app.state.options
+    return uvicorn.Config(
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        http=guarded_protocol(options.header_timeout, options.max_connections),
+        timeout_keep_alive=5,  # uvicorn's default, said: idle keep-alive connections close
+        # Requests in progress, counting those whose client has gone (their task runs on):
+        # past this uvicorn answers 503. The protocol caps open connections at one less.
+        limit_concurrency=options.max_connections + 1,
+    )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -383,7 +395,7 @@ def start_in_thread(app: FastAPI, host: str = "127.0.0.1") -> Running:
     import uvicorn
 
     sock = _bind(host, 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

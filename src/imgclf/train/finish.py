@@ -17,6 +17,7 @@ from imgclf.data.loader import BatchLoader
 from imgclf.evaluate.metrics import compute_metrics, infer, write_confusion_csv, write_per_class_csv
 from imgclf.evaluate.mistakes import GRID_MAX, plot_mistakes, top_mistakes, write_mistakes_csv
 from imgclf.evaluate.tta import TTA
+from imgclf.models.restore import load_weights
 from imgclf.runtime.checkpoint import load_checkpoint
 from imgclf.runtime.device import Hardware
 from imgclf.train.adapt import Adapted
@@ -55,7 +56,7 @@ def finish_run(run: FinishInputs) -> dict[str, Any]:
     out, model = run.out, run.model
     best = out / "best.pt"
     if best.is_file():
-        model.load_state_dict(load_checkpoint(best)["model_state"])
+        load_weights(model, load_checkpoint(best)["model_state"], str(best))
     summary: dict[str, Any] = {
         "recipe": run.recipe.name,
         "model": model.name,

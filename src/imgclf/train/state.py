@@ -17,6 +17,8 @@ import torch.nn as nn
 
 from imgclf import __version__
 from imgclf.data.cache import Dataset
+from imgclf.errors import CheckpointError
+from imgclf.models.restore import load_weights
 from imgclf.train.budget import Plan
 from imgclf.train.lookahead import Lookahead
 from imgclf.train.recipe import Recipe
@@ -145,11 +147,36 @@ def from_checkpoint(
     state: dict[str, Any], model: nn.Module
 ) -> tuple[Position, Progress, Plan | None]:
     """Load a checkpoint's weights into ``model``; return where it stood, its progress and
-    its budget's plan (None: no budget). A resumed run keeps the plan of its budget."""
-    model.load_state_dict(state["model_state"])
+    its budget's plan (None: no budget). A resumed run keeps the plan of its budget.
+    Weights that do not fit ``model``, or a ``progress`` this version does not know, are one
+    :class:`CheckpointError` line (its other fields: :mod:`imgclf.runtime.schema`)."""
+    where = state.get("path", "checkpoint")
+    _same_model(state, model, where)
+    load_weights(model, state["model_state"], where)
     plan = Plan.from_dict(state["plan"]) if state.get("plan") else None
     pos = state["position"]
-    return Position(pos["stage"], pos["epoch"], pos["batch"]), Progress(**state["progress"]), plan
+    try:
+        progress = Progress(**state["progress"])
+    except TypeError as exc:  # a key Progress does not have
+        raise CheckpointError(f"{where}: progress: {exc}") from None
+    return Position(pos["stage"], pos["epoch"], pos["batch"]), progress, plan
+
+
+def _same_model(state: dict[str, Any], model: nn.Module, where: str) -> None:
+    """A resume trains the model its saved recipe builds: a checkpoint that describes
+    another one (name, or an argument of another value or that the model has not) was
+    edited. Arguments it lacks are accepted: written before the model had them."""
+    name, args = getattr(model, "name", None), getattr(model, "model_args", {})
+    if state["model_name"] != name:
+        raise CheckpointError(
+            f"{where}: model_name: {state['model_name']!r}, but its recipe builds {name!r}"
+        )
+    for key, value in state["model_args"].items():
+        if key not in args or args[key] != value:
+            raise CheckpointError(
+                f"{where}: model_args {{{key!r}: {value!r}}} are not those of the model its "
+                f"recipe builds ({args})"
+            )
 
 
 def restore_stage(
