@@ -33,7 +33,9 @@ RUN_INFO_KEYS = ("dataset", "adapted", "hardware", "imgclf_version")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `--set optimizer.lr=inf` (or .nan) is a bad value, not a run
+    # whose first step fills the weights with NaN (issue #31, item 6).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentConfig(_Strict):
