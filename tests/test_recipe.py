@@ -537,3 +537,63 @@ def test_a_seed_out_of_range_is_one_line(seed, says) -> None:
     message = one_line_error(excinfo)
     assert "seed: " in message and says in message
     assert load_recipe("fast", overrides=["seed=4294967295"]).seed == 2**32 - 1
+
+
+def _laughs(levels: int) -> str:
+    """A recipe whose ``head`` holds the "billion laughs": each level is nine aliases of
+    the one before, 9**levels values from a few hundred bytes."""
+    lines = ["model: simple", "head:", "  l0: &l0 [ha, ha, ha, ha, ha, ha, ha, ha, ha]"]
+    for i in range(1, levels):
+        lines.append(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_load(tmp_path) -> None:
+    """Issue #31, item 7: the bomb under ``head:`` validated (a dict of anything) and then
+    hung while config.yaml was written (9**9 values). Aliases are refused where read."""
+    path = tmp_path / "laughs.yaml"
+    path.write_text(_laughs(9))
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe(path)
+    message = one_line_error(excinfo)
+    assert message.startswith(f"{path}: not valid YAML (alias *l0 is not allowed in a recipe")
+
+
+def test_a_small_alias_bomb_through_the_cli_is_one_line(tmp_path, capsys) -> None:
+    """Three levels (729 values) trained before, and wrote them all to config.yaml."""
+    from helpers_train import import_tiny
+    from imgclf.cli import main
+
+    import_tiny(tmp_path)
+    path = tmp_path / "laughs.yaml"
+    path.write_text(_laughs(3))
+    out = tmp_path / "run"
+    argv = ["train", str(path), "--data", "tiny", "--out", str(out), "--epochs", "1", "--quiet"]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {path}: not valid YAML (alias *l0 is not allowed")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        # 2 MiB in one string: read in full before, and written to every run's config.yaml.
+        ("model: simple\ndescription: '" + "x" * (2 << 20) + "'\n", "larger than 1024 KiB"),
+        # 50,000 nested lists: PyYAML's recursive composer ended in a RecursionError.
+        ("model: simple\nmodel_args: {x: " + "[" * 50_000 + "]" * 50_000 + "}\n", "nested"),
+    ],
+)
+def test_an_oversized_or_overnested_recipe_is_one_line(tmp_path, text, says) -> None:
+    path = tmp_path / "huge.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe(path)
+    message = one_line_error(excinfo)
+    assert message.startswith(f"{path}: ") and says in message
+
+
+def test_anchors_and_aliases_in_a_set_value_are_not_expanded() -> None:
+    """A --set value is YAML too: an alias there is not expanded but kept as the text."""
+    recipe = load_recipe("scratch-simple", ["description=[&a [1, 2], *a, *a]"])
+    assert recipe.description == "[&a [1, 2], *a, *a]"

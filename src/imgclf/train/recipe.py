@@ -27,6 +27,38 @@ from pydantic import (
 
 from imgclf.errors import RecipeError, one_line
 
+# A recipe file is a few KB (the bundled ones are under 4); past this it is not a recipe,
+# and reading it would only cost memory.
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML without aliases (``*name``): each one repeats a whole subtree, so nine lines
+    of them (the "billion laughs") expand to 10⁹ values when the recipe is validated or
+    written out as config.yaml, which hung (issue #31, item 7). A recipe has no use for
+    them, and without them the file's size bounds its values."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"alias *{event.anchor} is not allowed in a recipe: write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def _yaml(text: str) -> Any:
+    """``text`` read as a recipe's YAML: safe, without aliases; a structure nested too deep
+    for the parser's recursion is a YAMLError like any other."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: no Python objects
+    except RecursionError:
+        raise yaml.YAMLError("nested too deep") from None
+
+
 # A run's config.yaml is the resolved recipe plus these facts about the run; reading it
 # back as a recipe (to repeat the run) skips them.
 RUN_INFO_KEYS = ("dataset", "adapted", "hardware", "imgclf_version")
@@ -364,7 +396,7 @@ def load_recipe(
         path = _recipe_path(name_or_path)
         where = str(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = _yaml(_read_recipe_text(path))
         except UnicodeDecodeError:
             raise RecipeError(
                 f"{path}: not a text file (a recipe is YAML text; name a .yaml file)"
@@ -382,6 +414,18 @@ def load_recipe(
     if epochs is not None:
         recipe = recipe.with_epochs(epochs)
     return recipe
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe file's text, refused past MAX_RECIPE_BYTES before more is read."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"{path}: larger than {MAX_RECIPE_BYTES // 1024} KiB, too large for a recipe "
+            "(a recipe is a short YAML file; name a .yaml file)"
+        )
+    return raw.decode("utf-8")
 
 
 # Keys that recipes once had and no longer do: the value that meant "off" is dropped, so a
@@ -448,7 +492,7 @@ def apply_override(data: dict, item: str) -> None:
         raise RecipeError(f"--set {item!r}: expected key=value, e.g. optimizer.lr=0.05")
     key, _, raw = item.partition("=")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")
