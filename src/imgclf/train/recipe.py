@@ -188,6 +188,29 @@ class EarlyStopConfig(_Strict):
     min_delta: float = Field(0.0, ge=0)
 
 
+class HeadConfig(_Strict):
+    """A pretrained backbone's new classification head (imgclf.models.backbones.build_head):
+    ``linear`` (Dropout, then one Linear layer) or ``mlp`` (Linear, ReLU, Dropout, Linear).
+    Unset values take the type's defaults there (dropout 0.0 linear, 0.3 mlp; hidden 512)."""
+
+    type: Literal["linear", "mlp"] = "linear"
+    dropout: float | None = Field(None, ge=0, lt=1)
+    hidden: int | None = Field(None, ge=1, le=65536, strict=True)
+
+    @field_validator("dropout", mode="before")
+    @classmethod
+    def _dropout_not_a_switch(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # `dropout: false` would otherwise be a silent 0.0
+            raise ValueError(f"a probability from 0 up to (not including) 1, not {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _hidden_is_mlp(self) -> HeadConfig:
+        if self.hidden is not None and self.type != "mlp":
+            raise ValueError(f"hidden is the mlp head's width; type {self.type} has none")
+        return self
+
+
 class StageConfig(_Strict):
     epochs: int = Field(1, ge=1)
     train: str | list[str] = "all"  # parameter groups: "all", "head", [layer4, head]
@@ -255,6 +278,8 @@ class Recipe(_Strict):
     name: str = "custom"
     description: str = ""
     model: str
+    # The model's own keyword arguments (its builder refuses unknown ones): numbers,
+    # strings, true/false or lists of them, never nested deeper.
     model_args: dict[str, Any] = Field(default_factory=dict)
     input_size: int | None = Field(None, ge=8, le=1024)  # default: the model's own
     batch_size: int = Field(256, ge=1)
@@ -301,7 +326,8 @@ class Recipe(_Strict):
     # Transfer learning (pretrained backbones): weights file and head.
     pretrained: bool = True
     weights: str | None = None
-    head: dict[str, Any] = Field(default_factory=dict)
+    # A pretrained model's new head (HeadConfig); None (or {}): the linear default.
+    head: HeadConfig | None = None
 
     @field_validator("channels_last", mode="before")
     @classmethod
@@ -310,6 +336,24 @@ class Recipe(_Strict):
         if isinstance(v, bool):
             return "on" if v else "off"
         return v
+
+    @field_validator("model_args")
+    @classmethod
+    def _plain_values(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, value in v.items():
+            items = value if isinstance(value, list | tuple) else [value]
+            if not all(x is None or isinstance(x, bool | int | float | str) for x in items):
+                nested = isinstance(value, list | tuple)
+                what = "a list of lists or mappings" if nested else type(value).__name__
+                raise ValueError(
+                    f"{key}: a number, string, true/false or a list of them, not {what}"
+                )
+        return v
+
+    @field_validator("head", mode="before")
+    @classmethod
+    def _empty_head(cls, v: Any) -> Any:
+        return None if v == {} else v  # recipes and checkpoints before HeadConfig had {}
 
     @field_validator("ema", mode="before")
     @classmethod
@@ -514,7 +558,9 @@ def apply_override(data: dict, item: str) -> None:
         else:
             if part == "stages" and part not in node:
                 node[part] = [{}]
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or null: `lookahead: null`, a dumped `head`
+                node[part] = {}
+            node = node[part]
 
 
 def recipe_yaml(recipe: Recipe) -> str:
