@@ -4,7 +4,8 @@
 nanoGPT's: forward, loss, backward, clip, step, schedule (and Lookahead's blend and the
 weight EMA's update), then one call to :class:`AfterStep` for everything that is not
 training: the epoch's running totals, the progress bar, one agreement of all ranks on a
-diverged loss, Ctrl-C and a mid-epoch checkpoint, and the time budget's re-plans.
+diverged loss or non-finite weights (checked every WEIGHT_CHECK_EVERY steps and at the
+epoch's last), Ctrl-C and a mid-epoch checkpoint, and the time budget's re-plans.
 
 Ctrl-C is acted on between two steps, never inside one: a checkpoint taken half-way
 through ``optimizer.step()`` would hold weights that its position says are not updated
