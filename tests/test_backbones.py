@@ -564,7 +564,7 @@ def test_study_recipes_keep_the_studys_settings() -> None:
 
     mobilenet = load_recipe("mobilenet_v2-64")
     assert (mobilenet.input_size, mobilenet.batch_size) == (64, 256)
-    assert mobilenet.head == {"type": "mlp", "hidden": 512, "dropout": 0.3}
+    assert mobilenet.head.model_dump() == {"type": "mlp", "dropout": 0.3, "hidden": 512}
     assert (mobilenet.optimizer.lr, mobilenet.optimizer.momentum) == (0.002, 0.9)
     assert (mobilenet.scheduler.name, mobilenet.scheduler.step_size) == ("step", 7)
     assert [(s.epochs, s.groups()) for s in mobilenet.stages] == [(30, ["head"]), (30, None)]

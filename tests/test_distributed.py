@@ -452,3 +452,29 @@ def test_a_torchrun_worker_ends_without_the_interpreter_shutdown(world_size):
     assert done.returncode == 3, done.stderr
     shutdown = "" if world_size == "2" else "interpreter shutdown\n"
     assert done.stdout == "trained\n" + shutdown
+
+
+def test_two_processes_stop_together_on_nan_and_keep_the_finite_checkpoint(tiny, tmp_path):
+    """Issue #31, item 6, data-parallel: stage 2's one step at a learning rate of 1e30
+    leaves weights that score NaN on rank 0's validation (before: exit 0, those weights in
+    last.pt); every rank stops, none is left waiting in a collective, and last.pt stays
+    stage 1's finite weights."""
+    _, ds, _, _ = tiny
+    stages = [{"epochs": 1}, {"epochs": 1, "lr": 1e30}]
+    two = tiny_recipe(stages=stages, batch_size=64, **NO_AUGMENT)
+    two["scheduler"] = {"name": "constant"}
+    recipe = write_recipe(tmp_path / "two.yaml", two)
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "imgclf", "train", str(recipe), "--data", str(ds.root),
+         "--nproc-per-node", "2", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, env=job_env(), timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    expected = "error: validation loss became nan after stage 2, epoch 2; lower the learning rate"
+    assert errors and all(line.startswith(expected) for line in errors), errors
+    assert all(f"(last good checkpoint: {out / 'last.pt'})" in line for line in errors)
+    state = load_pt(out / "last.pt")
+    assert state["position"] == {"stage": 0, "epoch": 1, "batch": 0}
+    assert all(torch.isfinite(t).all() for t in state["model_state"].values())

@@ -102,7 +102,9 @@ def test_diverged_message_names_the_step_and_the_checkpoint():
 def test_diverged_message_from_another_process():
     """A rank whose own loss is finite reports that another one's was not."""
     text = diverged_message(0.7, 0, 2, 9, None)
-    assert text.startswith("loss became non-finite on another process at stage 1, epoch 2")
+    assert text.startswith(
+        "loss or weights became non-finite on another process at stage 1, epoch 2"
+    )
     assert "step 10;" in text
 
 

@@ -537,3 +537,126 @@ def test_a_seed_out_of_range_is_one_line(seed, says) -> None:
     message = one_line_error(excinfo)
     assert "seed: " in message and says in message
     assert load_recipe("fast", overrides=["seed=4294967295"]).seed == 2**32 - 1
+
+
+def _laughs(levels: int) -> str:
+    """A recipe whose ``head`` holds the "billion laughs": each level is nine aliases of
+    the one before, 9**levels values from a few hundred bytes."""
+    lines = ["model: simple", "head:", "  l0: &l0 [ha, ha, ha, ha, ha, ha, ha, ha, ha]"]
+    for i in range(1, levels):
+        lines.append(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_load(tmp_path) -> None:
+    """Issue #31, item 7: the bomb under ``head:`` validated (a dict of anything) and then
+    hung while config.yaml was written (9**9 values). Aliases are refused where read."""
+    path = tmp_path / "laughs.yaml"
+    path.write_text(_laughs(9))
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe(path)
+    message = one_line_error(excinfo)
+    assert message.startswith(f"{path}: not valid YAML (alias *l0 is not allowed in a recipe")
+
+
+def test_a_small_alias_bomb_through_the_cli_is_one_line(tmp_path, capsys) -> None:
+    """Three levels (729 values) trained before, and wrote them all to config.yaml."""
+    from helpers_train import import_tiny
+    from imgclf.cli import main
+
+    import_tiny(tmp_path)
+    path = tmp_path / "laughs.yaml"
+    path.write_text(_laughs(3))
+    out = tmp_path / "run"
+    argv = ["train", str(path), "--data", "tiny", "--out", str(out), "--epochs", "1", "--quiet"]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {path}: not valid YAML (alias *l0 is not allowed")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        # 2 MiB in one string: read in full before, and written to every run's config.yaml.
+        ("model: simple\ndescription: '" + "x" * (2 << 20) + "'\n", "larger than 1024 KiB"),
+        # 50,000 nested lists: PyYAML's recursive composer ended in a RecursionError.
+        ("model: simple\nmodel_args: {x: " + "[" * 50_000 + "]" * 50_000 + "}\n", "nested"),
+    ],
+)
+def test_an_oversized_or_overnested_recipe_is_one_line(tmp_path, text, says) -> None:
+    path = tmp_path / "huge.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe(path)
+    message = one_line_error(excinfo)
+    assert message.startswith(f"{path}: ") and says in message
+
+
+def test_anchors_and_aliases_in_a_set_value_are_not_expanded() -> None:
+    """A --set value is YAML too: an alias there is not expanded but kept as the text."""
+    recipe = load_recipe("scratch-simple", ["description=[&a [1, 2], *a, *a]"])
+    assert recipe.description == "[&a [1, 2], *a, *a]"
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("head.foo=1", "unknown key 'head.foo'; valid keys here: type, dropout, hidden"),
+        ("head.type=transformer", "head.type: Input should be 'linear' or 'mlp'"),
+        ("head.hidden=8", "head: hidden is the mlp head's width; type linear has none"),
+        ("head.hidden=0", "head.hidden: Input should be greater than or equal to 1"),
+        (
+            "head.dropout=true",
+            "head.dropout: a probability from 0 up to (not including) 1, not True",
+        ),
+        ("head.dropout=1.0", "head.dropout: Input should be less than 1"),
+        ("head=[mlp]", "head: Input should be a valid dictionary or instance of HeadConfig"),
+        (
+            "model_args.widths={a: 1}",
+            "model_args: widths: a number, string, true/false or a list of them, not dict",
+        ),
+        (
+            "model_args.widths=[[1]]",
+            "model_args: widths: a number, string, true/false or a list of them, not a list "
+            "of lists or mappings",
+        ),
+    ],
+)
+def test_head_and_model_args_are_typed(override, says) -> None:
+    """Issue #31, item 8: ``head`` was a dict of anything, so a misspelt key, or any key on
+    a model trained from scratch, was silently ignored; model_args held any nesting."""
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe("scratch-simple", [override])
+    assert one_line_error(excinfo).endswith(says)
+
+
+def test_a_head_reads_back_and_old_empty_heads_still_validate() -> None:
+    mlp = load_recipe("mobilenet_v2-64")
+    assert mlp.head.model_dump() == {"type": "mlp", "dropout": 0.3, "hidden": 512}
+    assert validate(yaml.safe_load(recipe_yaml(mlp))) == mlp
+    plain = load_recipe("scratch-simple")
+    assert plain.head is None and validate(yaml.safe_load(recipe_yaml(plain))) == plain
+    # Checkpoints and config.yaml files from before held `head: {}`.
+    assert validate(plain.model_dump(mode="json") | {"head": {}}).head is None
+    # A dumped recipe's `head: null` takes --set head.* like an absent one.
+    assert load_recipe(plain, ["head.type=mlp"]).head.type == "mlp"
+    assert load_recipe("fast", ["model_args.widths=[8, 16, 16]"]).model_args == {
+        "widths": [8, 16, 16]
+    }
+
+
+def test_a_head_for_a_model_trained_from_scratch_is_one_line(tmp_path, capsys) -> None:
+    """It built the model's own head and trained, the setting unused."""
+    from helpers_train import import_tiny
+    from imgclf.cli import main
+
+    import_tiny(tmp_path)
+    out = tmp_path / "run"
+    argv = ["train", "scratch-simple", "--data", "tiny", "--out", str(out), "--quiet"]
+    assert main([*argv, "--epochs", "1", "--set", "head.type=mlp"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: head: model 'simple' is trained from scratch and takes no new head; a "
+        "pretrained one does (imgclf models)"
+    ]
+    assert not out.exists()

@@ -73,7 +73,8 @@ _HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def head_config(head: Mapping[str, Any] | None) -> dict[str, Any]:
     """The recipe's ``head`` mapping validated, with defaults filled in (what model_args keeps)."""
-    cfg = dict(head or {})
+    # None: the type's default (a recipe's HeadConfig leaves unset values None).
+    cfg = {k: v for k, v in dict(head or {}).items() if v is not None}
     kind = cfg.pop("type", "linear")
     if kind not in _HEAD_DEFAULTS:
         raise RecipeError(f"head.type must be one of {', '.join(_HEAD_DEFAULTS)}; got {kind!r}")

@@ -24,6 +24,7 @@ from torch import nn
 
 from imgclf.errors import CheckpointError, WeightsMissing, one_line
 from imgclf.runtime.checkpoint import safe_load
+from imgclf.runtime.finite import describe, nonfinite
 
 # Seconds a download may wait on the network: offline, name resolution fails at once, but
 # a silently dropped connection would otherwise hang until the OS gives up (minutes).
@@ -172,6 +173,12 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = _strip(obj[key] if key else obj, ("net.",) if key == "model_state" else ())
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict (parameter names → tensors)")
+    bad = nonfinite(obj)
+    if bad:
+        raise CheckpointError(
+            f"{path}: its weights hold NaN or infinite values ({describe(bad)}); use "
+            "another weights file"
+        )
     return obj
 
 

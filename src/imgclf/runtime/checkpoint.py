@@ -19,6 +19,7 @@ import torch
 
 from imgclf.errors import CheckpointError
 from imgclf.io_utils import atomic_path
+from imgclf.runtime.finite import checkpoint_tensors, describe, nonfinite
 from imgclf.runtime.schema import check_checkpoint_fields
 
 FORMAT = "imgclf-checkpoint-1"
@@ -82,8 +83,21 @@ def load_checkpoint(path: str | Path, needs: tuple[str, ...] = ()) -> dict[str, 
             f"{path}: cannot resume from this checkpoint (no {', '.join(missing)})"
         )
     check_checkpoint_fields(state, path)
+    check_finite(state, path)
     state["path"] = str(path)
     return state
+
+
+def check_finite(state: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose weights (or their EMA) hold a NaN or an infinity: it would
+    predict ``nan`` for every file, or resume into a run that cannot recover."""
+    bad = nonfinite(checkpoint_tensors(state))
+    if bad:
+        raise CheckpointError(
+            f"{path}: its weights hold NaN or infinite values ({describe(bad)}): the "
+            "training that wrote it diverged; use an earlier checkpoint, or train again "
+            "with a lower learning rate"
+        )
 
 
 def safe_load(path: Path, what: str, *, mmap: bool = False, allow: tuple[type, ...] = ()) -> Any:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from imgclf.runtime.finite import describe
+
 # Validation accuracy this close to the majority-class rate counts as "learned nothing".
 CHANCE_MARGIN = 0.02
 # A stage ending below the previous one by more than this (or two standard errors of the
@@ -85,17 +87,30 @@ def stage_drop_warning(stage: int, val_acc: float, previous: float, n_val: int) 
 
 
 def diverged_message(
-    loss: float, stage: int, epoch: int, step: int, checkpoint: Path | None
+    loss: float,
+    stage: int,
+    epoch: int,
+    step: int | None,
+    checkpoint: Path | None,
+    weights: Sequence[str] = (),
 ) -> str:
     """The TrainingDiverged message for a non-finite ``loss`` at step index ``step`` of
     global ``epoch`` in stage index ``stage``; ``loss`` is finite when another process
-    diverged, ``checkpoint`` the last good one (None: none yet)."""
+    diverged; ``step`` None: the validation loss after the epoch; ``weights``: the names of
+    the tensors found non-finite (the loss may still be finite: a step with an infinite
+    learning rate leaves NaN weights behind a finite loss). ``checkpoint``: the last one
+    saved (None: none yet), good because a save refuses non-finite weights."""
+    where = f"stage {stage + 1}, epoch {epoch}" + (f", step {step + 1}" if step is not None else "")
+    if weights:
+        what = f"weights became NaN or infinite ({describe(weights)}) by {where}"
+    elif step is None:
+        what = f"validation loss became {loss} after {where}"
+    elif math.isfinite(loss):
+        what = f"loss or weights became non-finite on another process at {where}"
+    else:
+        what = f"loss became {loss} at {where}"
     kept = f"last good checkpoint: {checkpoint}" if checkpoint is not None else "no checkpoint"
-    where = "" if math.isfinite(loss) else f" {loss}"
-    return (
-        f"loss became{where or ' non-finite on another process'} at stage {stage + 1}, "
-        f"epoch {epoch}, step {step + 1}; lower the learning rate ({kept})"
-    )
+    return f"{what}; lower the learning rate ({kept})"
 
 
 class CtrlC:

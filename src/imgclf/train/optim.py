@@ -194,3 +194,10 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, [factor_until(g.get("until", 1.0)) for g in optimizer.param_groups]
     )
+
+
+def lr_of_last_step(optimizer: torch.optim.Optimizer, scheduler: Any) -> float:
+    """The learning rate the epoch's last step used (the first group's); the optimizer
+    already holds the next step's, which for StepLR(7) would log epoch 7 at the decayed lr."""
+    group = optimizer.param_groups[0]
+    return group["initial_lr"] * scheduler.lr_lambdas[0](max(scheduler.last_epoch - 1, 0))

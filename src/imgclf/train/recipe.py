@@ -27,13 +27,47 @@ from pydantic import (
 
 from imgclf.errors import RecipeError, one_line
 
+# A recipe file is a few KB (the bundled ones are under 4); past this it is not a recipe,
+# and reading it would only cost memory.
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML without aliases (``*name``): each one repeats a whole subtree, so nine lines
+    of them (the "billion laughs") expand to 10⁹ values when the recipe is validated or
+    written out as config.yaml, which hung (issue #31, item 7). A recipe has no use for
+    them, and without them the file's size bounds its values."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"alias *{event.anchor} is not allowed in a recipe: write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def _yaml(text: str) -> Any:
+    """``text`` read as a recipe's YAML: safe, without aliases; a structure nested too deep
+    for the parser's recursion is a YAMLError like any other."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: no Python objects
+    except RecursionError:
+        raise yaml.YAMLError("nested too deep") from None
+
+
 # A run's config.yaml is the resolved recipe plus these facts about the run; reading it
 # back as a recipe (to repeat the run) skips them.
 RUN_INFO_KEYS = ("dataset", "adapted", "hardware", "imgclf_version")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `--set optimizer.lr=inf` (or .nan) is a bad value, not a run
+    # whose first step fills the weights with NaN (issue #31, item 6).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentConfig(_Strict):
@@ -154,6 +188,29 @@ class EarlyStopConfig(_Strict):
     min_delta: float = Field(0.0, ge=0)
 
 
+class HeadConfig(_Strict):
+    """A pretrained backbone's new classification head (imgclf.models.backbones.build_head):
+    ``linear`` (Dropout, then one Linear layer) or ``mlp`` (Linear, ReLU, Dropout, Linear).
+    Unset values take the type's defaults there (dropout 0.0 linear, 0.3 mlp; hidden 512)."""
+
+    type: Literal["linear", "mlp"] = "linear"
+    dropout: float | None = Field(None, ge=0, lt=1)
+    hidden: int | None = Field(None, ge=1, le=65536, strict=True)
+
+    @field_validator("dropout", mode="before")
+    @classmethod
+    def _dropout_not_a_switch(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # `dropout: false` would otherwise be a silent 0.0
+            raise ValueError(f"a probability from 0 up to (not including) 1, not {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _hidden_is_mlp(self) -> HeadConfig:
+        if self.hidden is not None and self.type != "mlp":
+            raise ValueError(f"hidden is the mlp head's width; type {self.type} has none")
+        return self
+
+
 class StageConfig(_Strict):
     epochs: int = Field(1, ge=1)
     train: str | list[str] = "all"  # parameter groups: "all", "head", [layer4, head]
@@ -221,6 +278,8 @@ class Recipe(_Strict):
     name: str = "custom"
     description: str = ""
     model: str
+    # The model's own keyword arguments (its builder refuses unknown ones): numbers,
+    # strings, true/false or lists of them, never nested deeper.
     model_args: dict[str, Any] = Field(default_factory=dict)
     input_size: int | None = Field(None, ge=8, le=1024)  # default: the model's own
     batch_size: int = Field(256, ge=1)
@@ -267,7 +326,8 @@ class Recipe(_Strict):
     # Transfer learning (pretrained backbones): weights file and head.
     pretrained: bool = True
     weights: str | None = None
-    head: dict[str, Any] = Field(default_factory=dict)
+    # A pretrained model's new head (HeadConfig); None (or {}): the linear default.
+    head: HeadConfig | None = None
 
     @field_validator("channels_last", mode="before")
     @classmethod
@@ -276,6 +336,24 @@ class Recipe(_Strict):
         if isinstance(v, bool):
             return "on" if v else "off"
         return v
+
+    @field_validator("model_args")
+    @classmethod
+    def _plain_values(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, value in v.items():
+            items = value if isinstance(value, list | tuple) else [value]
+            if not all(x is None or isinstance(x, bool | int | float | str) for x in items):
+                nested = isinstance(value, list | tuple)
+                what = "a list of lists or mappings" if nested else type(value).__name__
+                raise ValueError(
+                    f"{key}: a number, string, true/false or a list of them, not {what}"
+                )
+        return v
+
+    @field_validator("head", mode="before")
+    @classmethod
+    def _empty_head(cls, v: Any) -> Any:
+        return None if v == {} else v  # recipes and checkpoints before HeadConfig had {}
 
     @field_validator("ema", mode="before")
     @classmethod
@@ -362,7 +440,7 @@ def load_recipe(
         path = _recipe_path(name_or_path)
         where = str(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = _yaml(_read_recipe_text(path))
         except UnicodeDecodeError:
             raise RecipeError(
                 f"{path}: not a text file (a recipe is YAML text; name a .yaml file)"
@@ -380,6 +458,18 @@ def load_recipe(
     if epochs is not None:
         recipe = recipe.with_epochs(epochs)
     return recipe
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe file's text, refused past MAX_RECIPE_BYTES before more is read."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"{path}: larger than {MAX_RECIPE_BYTES // 1024} KiB, too large for a recipe "
+            "(a recipe is a short YAML file; name a .yaml file)"
+        )
+    return raw.decode("utf-8")
 
 
 # Keys that recipes once had and no longer do: the value that meant "off" is dropped, so a
@@ -446,7 +536,7 @@ def apply_override(data: dict, item: str) -> None:
         raise RecipeError(f"--set {item!r}: expected key=value, e.g. optimizer.lr=0.05")
     key, _, raw = item.partition("=")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")
@@ -468,7 +558,9 @@ def apply_override(data: dict, item: str) -> None:
         else:
             if part == "stages" and part not in node:
                 node[part] = [{}]
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or null: `lookahead: null`, a dumped `head`
+                node[part] = {}
+            node = node[part]
 
 
 def recipe_yaml(recipe: Recipe) -> str:

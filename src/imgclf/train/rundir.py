@@ -17,6 +17,7 @@ import csv
 import errno
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -310,6 +311,21 @@ def _fmt(v: Any) -> Any:
     if isinstance(v, float):
         return "" if v != v else f"{v:.6g}"
     return v
+
+
+def summary_line(row: dict, total_epochs: int, ema: bool = False) -> str:
+    """The epoch's line in the trainer's printout, from its metrics.csv ``row``; ``ema``:
+    the EMA's weights were validated, and it says so."""
+    val = (
+        ""
+        if math.isnan(row["val_acc"])
+        else f"  val{' (ema)' if ema else ''} loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+    )
+    return (
+        f"epoch {row['epoch']:>3}/{total_epochs} stage {row['stage']}  lr {row['lr']:.4g}  "
+        f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}{val}  "
+        f"{row['seconds']:.1f}s {row['images_per_second']:.0f} img/s"
+    )
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -37,12 +37,17 @@ def build_model(recipe: Recipe, num_classes: int, hw: Hardware, *, fresh: bool) 
         kwargs.update(
             pretrained=r.pretrained and fresh,
             weights=r.weights if fresh else None,
-            head=r.head or None,
+            head=r.head.model_dump(exclude_none=True) if r.head else None,
         )
-    elif r.weights is not None:  # else the file would be silently left unread
+    elif r.weights is not None or r.head is not None:  # else silently left unused
+        key, noun = (
+            (f"weights: {r.weights}", "weights file")
+            if r.weights is not None
+            else ("head", "new head")
+        )
         raise RecipeError(
-            f"weights: {r.weights}: model {r.model!r} is trained from scratch and takes no "
-            "weights file; a pretrained one does (imgclf models)"
+            f"{key}: model {r.model!r} is trained from scratch and takes no {noun}; a "
+            "pretrained one does (imgclf models)"
         )
     try:
         model = create(r.model, num_classes=num_classes, **kwargs)

@@ -4,7 +4,8 @@
 nanoGPT's: forward, loss, backward, clip, step, schedule (and Lookahead's blend and the
 weight EMA's update), then one call to :class:`AfterStep` for everything that is not
 training: the epoch's running totals, the progress bar, one agreement of all ranks on a
-diverged loss, Ctrl-C and a mid-epoch checkpoint, and the time budget's re-plans.
+diverged loss or non-finite weights (checked every WEIGHT_CHECK_EVERY steps and at the
+epoch's last), Ctrl-C and a mid-epoch checkpoint, and the time budget's re-plans.
 
 Ctrl-C is acted on between two steps, never inside one: a checkpoint taken half-way
 through ``optimizer.step()`` would hold weights that its position says are not updated
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from imgclf.data.loader import BatchLoader
 from imgclf.runtime.distributed import Dist
+from imgclf.runtime.finite import model_tensors, nonfinite
 from imgclf.train.budget import Replanner
 from imgclf.train.ema import WeightEma
 from imgclf.train.feature_cache import FeatureCache
@@ -38,6 +40,12 @@ from imgclf.train.state import Position, Progress
 
 # Mid-epoch checkpoints at most this often: cheap insurance for hour-long CPU epochs.
 CHECKPOINT_MINUTES = 10.0
+# The weights are checked for NaN and infinity this often (in a stage's steps), and at each
+# epoch's last step: a step can leave NaN weights behind a finite loss (an infinite
+# learning rate did, issue #31 item 6), and the loss of the next step, checked at every
+# step, catches most of the rest. One check reads every weight once, about what one
+# optimizer step writes; at 50 steps it costs under 1% of a step's time (docs/benchmarks.md).
+WEIGHT_CHECK_EVERY = 50
 
 
 @dataclass(eq=False)
@@ -125,7 +133,10 @@ def train_steps(st: StageRun, after: AfterStep) -> None:
         st.optimizer.step()
         st.scheduler.step()
         st.stepped(after.first + step + 1)
-        after(step, loss, logits, y, diverged)
+        bad = nonfinite(model_tensors(st.model)) if after.weights_due(step) else []
+        if bad and not after.dist.enabled:
+            raise after.diverged(loss.item(), step, bad)
+        after(step, loss, logits, y, diverged, bad)
 
 
 class AfterStep:
@@ -133,11 +144,13 @@ class AfterStep:
     (``totals``: loss, correct, count, seconds before this process), the progress bar,
     then one agreement of all ranks (any rank's diverged loss, Ctrl-C or due mid-epoch
     checkpoint holds for all, so no rank waits in a collective another has left), and a
-    re-plan of the time budget when one is due.
+    re-plan of the time budget when one is due. :meth:`weights_due` says after which steps
+    the loop checks the weights.
 
     ``first``: the stage's steps before this epoch; ``limit``: the epoch's last step
     (moved by re-plans); ``save(totals, started)`` writes a mid-epoch checkpoint;
-    ``diverged(loss, step)`` makes the error to raise."""
+    ``diverged(loss, step, weights)`` makes the error to raise (``weights``: the names of
+    non-finite tensors)."""
 
     def __init__(
         self,
@@ -152,7 +165,7 @@ class AfterStep:
         per_epoch: int,
         limit: int,
         save: Callable[[dict[str, float], float], None],
-        diverged: Callable[[float, int], Exception],
+        diverged: Callable[..., Exception],
         bar: tqdm,
     ) -> None:
         self.totals, self.position, self.progress = totals, position, progress
@@ -162,8 +175,22 @@ class AfterStep:
         self.started = time.perf_counter()
         self.last_save = self.started
 
+    def weights_due(self, step: int) -> bool:
+        """Whether the weights are checked after step index ``step`` of this epoch: every
+        WEIGHT_CHECK_EVERY steps of the stage, and at the epoch's last step, so that
+        validation and the checkpoint never see weights that were not checked. The same
+        answer on every rank."""
+        done = self.first + step + 1
+        return done % WEIGHT_CHECK_EVERY == 0 or step + 1 >= min(self.per_epoch, self.limit)
+
     def __call__(
-        self, step: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, diverged: bool
+        self,
+        step: int,
+        loss: torch.Tensor,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        diverged: bool,
+        weights: Sequence[str] = (),
     ) -> None:
         acc, n = self.totals, len(y)
         acc["loss"] += loss.item() * n
@@ -173,7 +200,7 @@ class AfterStep:
         self.position.batch = step + 1
         now = time.perf_counter()
         self._show(now)
-        self._agree(now, diverged, loss, step)
+        self._agree(now, diverged, loss, step, list(weights))
         done = self.first + self.position.batch
         if self.clock.due(done, self.first + min(self.per_epoch, self.limit)):
             self.clock.replan(done, epoch_ends=0)
@@ -190,13 +217,16 @@ class AfterStep:
             refresh=False,
         )
 
-    def _agree(self, now: float, diverged: bool, loss: torch.Tensor, step: int) -> None:
+    def _agree(
+        self, now: float, diverged: bool, loss: torch.Tensor, step: int, weights: list[str]
+    ) -> None:
         interrupt = self.ctrl_c.requested
         save_due = now - self.last_save > CHECKPOINT_MINUTES * 60
         if self.dist.enabled:  # any rank's reason holds for all of them
-            diverged, interrupt, save_due = self.dist.any(diverged, interrupt, save_due)
+            agreed = self.dist.any(diverged or bool(weights), interrupt, save_due)
+            diverged, interrupt, save_due = agreed
             if diverged:
-                raise self.diverged(loss.item(), step)
+                raise self.diverged(loss.item(), step, weights)
         if interrupt:
             self.save(self.totals, self.started)
             raise KeyboardInterrupt

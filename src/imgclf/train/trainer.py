@@ -42,6 +42,7 @@ from imgclf.runtime import distributed
 from imgclf.runtime.checkpoint import save_checkpoint
 from imgclf.runtime.device import Hardware, resolve_hardware, set_threads
 from imgclf.runtime.distributed import SINGLE, Dist
+from imgclf.runtime.finite import checkpoint_tensors, nonfinite
 from imgclf.train import precision
 from imgclf.train.adapt import adapt
 from imgclf.train.budget import Plan, PlanInputs, Replanner, agreed_plan
@@ -56,9 +57,16 @@ from imgclf.train.guards import (
     stage_drop_warning,
 )
 from imgclf.train.lookahead import Lookahead
-from imgclf.train.optim import build_optimizer, build_scheduler, muon_step
+from imgclf.train.optim import build_optimizer, build_scheduler, lr_of_last_step, muon_step
 from imgclf.train.recipe import Recipe, StageConfig
-from imgclf.train.rundir import LAUNCH_MARKER, Discard, MetricsLog, TensorBoard, write_json
+from imgclf.train.rundir import (
+    LAUNCH_MARKER,
+    Discard,
+    MetricsLog,
+    TensorBoard,
+    summary_line,
+    write_json,
+)
 from imgclf.train.setup import (
     build_model,
     check_groups,
@@ -321,6 +329,8 @@ class Trainer:
         train_mode(self.model, st.config.groups(), st.config.bn_update, self.adapted.freeze_bn)
         stats = self._train_epoch(si, global_epoch)
         val_loss, val_acc = self._validate_agreed()
+        if val_acc == val_acc and not math.isfinite(val_loss):  # NaN scores: stop, unsaved
+            raise self._diverged(si, global_epoch, val_loss, None)
         self._log_epoch(si, global_epoch, stats, val_loss, val_acc)
         self._check_chance(si, global_epoch, val_acc)
         if pos.epoch + 1 >= self._stage_epochs(si):
@@ -403,7 +413,7 @@ class Trainer:
             "stage": si + 1,
             "epoch": epoch,
             "stage_epoch": pos.epoch + 1,
-            "lr": _lr_of_last_step(st.optimizer, st.scheduler),
+            "lr": lr_of_last_step(st.optimizer, st.scheduler),
             "train_loss": stats["loss"],
             "train_acc": stats["acc"],
             "val_loss": val_loss,
@@ -413,7 +423,7 @@ class Trainer:
         }
         self.log.append(row)
         self.tb.log(row)
-        self._say(_summary_line(row, self.total_epochs, self.ema is not None))
+        self._say(summary_line(row, self.total_epochs, self.ema is not None))
 
     def _agreed(self, flag: bool) -> bool:
         """True on every rank when it is true on any (one rank's Ctrl-C stops them all)."""
@@ -427,10 +437,12 @@ class Trainer:
         (seconds,) = self.dist.max([acc["seconds"]])
         return {"loss": loss, "correct": correct, "count": count, "seconds": seconds}
 
-    def _diverged(self, si: int, global_epoch: int, loss: float, step: int) -> TrainingDiverged:
+    def _diverged(
+        self, si: int, global_epoch: int, loss: float, step: int | None, weights=()
+    ) -> TrainingDiverged:
         last = self.out / "last.pt"
-        kept = last if last.is_file() else None
-        return TrainingDiverged(diverged_message(loss, si, global_epoch, step, kept))
+        kept = last if last.is_file() else None  # finite: _save writes no other
+        return TrainingDiverged(diverged_message(loss, si, global_epoch, step, kept, weights))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -442,24 +454,25 @@ class Trainer:
         """``last.pt`` (and ``best.pt``), on rank 0; ``optimizer``/``scheduler`` None at a
         stage's end."""
         self.progress.wall_seconds = self._elapsed()
-        if not self.dist.is_main:
+        state = self._checkpoint(optimizer, scheduler) if self.dist.is_main else None
+        # Never a non-finite checkpoint over a good one (the weights were checked at the
+        # epoch's last step, an EMA was not); every rank agrees, as all of them save.
+        bad = nonfinite(checkpoint_tensors(state)) if state is not None else []
+        if self.dist.any(bool(bad))[0]:
+            pos = self.position
+            epoch = self._global_epoch(pos.stage, pos.epoch) + (pos.batch > 0)
+            raise self._diverged(pos.stage, epoch, float("nan"), None, bad or ["on rank 0"])
+        if state is None:
             return  # the weights are the same on every rank: rank 0 keeps them
-        lookahead = self.stage.lookahead if self.stage is not None else None
-        state = to_checkpoint(
-            self.model,
-            self.ds,
-            self.recipe,
-            self.position,
-            self.progress,
-            self.plan,
-            optimizer,
-            scheduler,
-            lookahead,
-            self.ema.state_dict() if self.ema is not None else None,
-        )
         if best:
             save_checkpoint(best_checkpoint(state), self.out / "best.pt")
         save_checkpoint(state, self.out / "last.pt")
+
+    def _checkpoint(self, optimizer, scheduler) -> dict:
+        lookahead = self.stage.lookahead if self.stage is not None else None
+        ema = self.ema.state_dict() if self.ema is not None else None
+        run = (self.model, self.ds, self.recipe, self.position, self.progress, self.plan)
+        return to_checkpoint(*run, optimizer, scheduler, lookahead, ema)
 
     def _checkpoint_mid_epoch(self, acc: dict, started: float, optimizer, scheduler) -> None:
         elapsed = time.perf_counter() - started
@@ -577,24 +590,3 @@ class Trainer:
         run = (self.out, self.model, self.recipe, self.ds, self.val_loader, self.log.rows)
         trained = (self.progress, self.plan, len(self.train_loader), self.adapted)
         return FinishInputs(*run, *trained, self.hw, self.threads, self.started)
-
-
-def _lr_of_last_step(optimizer, scheduler) -> float:
-    """The learning rate the epoch's last step used (the first group's); the optimizer
-    already holds the next step's, which for StepLR(7) would log epoch 7 at the decayed lr."""
-    group = optimizer.param_groups[0]
-    return group["initial_lr"] * scheduler.lr_lambdas[0](max(scheduler.last_epoch - 1, 0))
-
-
-def _summary_line(row: dict, total_epochs: int, ema: bool = False) -> str:
-    """The epoch's line; ``ema``: the EMA's weights were validated, and it says so."""
-    val = (
-        ""
-        if math.isnan(row["val_acc"])
-        else f"  val{' (ema)' if ema else ''} loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
-    )
-    return (
-        f"epoch {row['epoch']:>3}/{total_epochs} stage {row['stage']}  lr {row['lr']:.4g}  "
-        f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}{val}  "
-        f"{row['seconds']:.1f}s {row['images_per_second']:.0f} img/s"
-    )
