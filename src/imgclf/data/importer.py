@@ -7,7 +7,6 @@ renamed into place only when everything succeeded.
 
 from __future__ import annotations
 
-import csv
 import errno
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.csv_safe import write_rows
 from imgclf.data.cache import FORMAT_VERSION, Dataset, load_dataset, publish
 from imgclf.data.decode import Size, cover_crop, decode_chunk, default_workers, probe
 from imgclf.data.scan import ScannedSource, scan_source
@@ -397,20 +397,22 @@ def _check_classes(scanned: ScannedSource, labels: np.ndarray) -> None:
             )
 
 
+# Source paths come from the files' names: neutralised for spreadsheets (imgclf.csv_safe),
+# restored where imgclf.data.cache reads them back. \r\n as csv.writer's default wrote.
 def _write_files_csv(path: Path, samples, labels, codes, split_names) -> None:
+    rows = (
+        [i, split_names[code], int(lab), s.source]
+        for i, (s, lab, code) in enumerate(zip(samples, labels, codes, strict=True))
+    )
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "split", "label", "source"])
-        for i, (s, lab, code) in enumerate(zip(samples, labels, codes, strict=True)):
-            w.writerow([i, split_names[code], int(lab), s.source])
+        write_rows(f, [["index", "split", "label", "source"]], end="\r\n")
+        write_rows(f, rows, end="\r\n")
 
 
 def _write_report(path: Path, skipped: list[Skipped]) -> None:
+    rows = [["path", "reason"], *([s.path, s.reason] for s in skipped)]
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "reason"])
-        for s in skipped:
-            w.writerow([s.path, s.reason])
+        write_rows(f, rows, end="\r\n")
 
 
 def import_arrays(

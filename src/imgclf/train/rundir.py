@@ -13,9 +13,7 @@ folder that already holds another run unless told to replace it.
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
-import io
 import json
 import os
 import re
@@ -27,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgclf.csv_safe import csv_text, read_dicts
 from imgclf.errors import UserError
 from imgclf.io_utils import atomic_write_text
 from imgclf.runtime.checkpoint import checkpoint_position
@@ -246,8 +245,8 @@ def _remove_run_files(folder: Path) -> list[str]:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = read_dicts(f)
     out = []
     for row in rows:
         conv: dict[str, Any] = {}
@@ -295,12 +294,9 @@ class MetricsLog:
         self._write()  # not a prefix of what is there (never expected): rewrite it
 
     def _text(self) -> str:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in self.rows:
-            w.writerow({k: _fmt(r.get(k)) for k in METRIC_COLUMNS})
-        return buf.getvalue()
+        rows = [[_fmt(r.get(k)) for k in METRIC_COLUMNS] for r in self.rows]
+        # Numbers only, which imgclf.csv_safe leaves as they are; \r\n as csv.DictWriter wrote.
+        return csv_text([METRIC_COLUMNS, *rows], end="\r\n")
 
     def _write(self) -> None:
         atomic_write_text(self.path, self._text())
