@@ -43,10 +43,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _eval_ensemble(args: argparse.Namespace) -> int:
     from imgclf.evaluate.compare import compare_runs
+    from imgclf.io_utils import check_output_file
 
+    image = Path(args.out_dir) / "ensemble_confusion.png"
+    check_output_file(image, "--out-dir")  # before the runs are scored
     options = pick(args, "split", *VOTING, "tta", "batch_size", "device")
     comparison = compare_runs(args.runs, args.data, **options)
-    image = comparison.plot(Path(args.out_dir) / "ensemble_confusion.png")
+    comparison.plot(image)
     if args.json:
         print(json.dumps({**comparison.to_dict(), "confusion_image": str(image)}))
     else:

@@ -27,7 +27,7 @@ from typing import Any
 
 from imgclf.csv_safe import csv_text, read_dicts
 from imgclf.errors import UserError
-from imgclf.io_utils import atomic_write_text
+from imgclf.io_utils import atomic_write_text, check_output_dir, make_folder
 from imgclf.runtime.checkpoint import checkpoint_position
 
 LOCK_NAME = ".imgclf-train.lock"
@@ -72,7 +72,7 @@ METRIC_COLUMNS = [
 
 def new_run_dir(recipe_name: str, base: Path = Path("runs")) -> Path:
     """``runs/<recipe>-<n>`` with the next free n, created now (so two runs never share)."""
-    base.mkdir(parents=True, exist_ok=True)
+    make_folder(base, instead="give --out")
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", recipe_name) or "run"
     taken = [
         int(m.group(1))
@@ -96,6 +96,7 @@ def holds_run(folder: Path) -> bool:
 def check_run_dir(folder: Path, *, exist_ok: bool = False) -> None:
     """Refuse now, before a model is built, a folder that is busy or holds a run (nothing
     is created). :func:`claim_run_dir` checks again under the lock: this is only early."""
+    check_output_dir(folder)
     if (folder / LOCK_NAME).is_file():
         with _locked(folder, create=False):
             pass
@@ -158,7 +159,7 @@ def _locked(folder: Path, *, create: bool) -> Iterator[None]:
         yield
         return
     if create:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder, "--out")
     try:
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
     except OSError as exc:

@@ -36,7 +36,7 @@ from imgclf.data.cache import Dataset
 from imgclf.data.loader import Augment
 from imgclf.errors import TrainingDiverged
 from imgclf.evaluate.metrics import infer
-from imgclf.io_utils import atomic_write_text
+from imgclf.io_utils import atomic_write_text, make_folder
 from imgclf.models import model_spec
 from imgclf.runtime import distributed
 from imgclf.runtime.checkpoint import save_checkpoint
@@ -560,7 +560,7 @@ class Trainer:
     def _open_run_dir(self) -> None:
         """Rank 0's run folder: the launch marker (torchrun), metrics.csv, config.yaml and
         TensorBoard."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_folder(self.out, "--out")
         if self.dist.enabled:
             atomic_write_text(self.out / LAUNCH_MARKER, distributed.launch_id() + "\n")
         self.log = MetricsLog(self.out / "metrics.csv")
