@@ -28,11 +28,13 @@ from typing import Any
 from imgclf.csv_safe import csv_text, read_dicts
 from imgclf.errors import UserError
 from imgclf.io_utils import atomic_write_text, check_output_dir, make_folder
+from imgclf.runtime import distributed
 from imgclf.runtime.checkpoint import checkpoint_position
 
 LOCK_NAME = ".imgclf-train.lock"
-# Rank 0 of a torchrun job names the job here, so that a restarted job recognises the
-# folder its killed first attempt made before any checkpoint (imgclf.runtime.distributed).
+# Rank 0 of a torchrun job names the job's agents here (every node's), so that a restarted
+# job recognises its own folder (launched_here): the run to resume, or the folder its killed
+# first attempt made before any checkpoint (imgclf.runtime.distributed.launch_id).
 LAUNCH_MARKER = ".imgclf-launch"
 LOCK_PATIENCE = 1.0  # seconds a claim waits for a lock held by someone's early check
 # Any one of these says a folder holds a run (a finished one, or one to --resume).
@@ -87,6 +89,27 @@ def new_run_dir(recipe_name: str, base: Path = Path("runs")) -> Path:
             return path
         except FileExistsError:
             n += 1
+
+
+def write_launch_marker(folder: Path, launch_ids: list[str] | None) -> None:
+    """Name, in ``folder``, the torchrun agents that launched its run (one
+    :func:`~imgclf.runtime.distributed.launch_id` per process, gathered by rank 0); None:
+    not under torchrun, nothing written."""
+    if launch_ids:
+        names = "".join(f"{name}\n" for name in sorted(set(launch_ids)))
+        atomic_write_text(folder / LAUNCH_MARKER, names)
+
+
+def launched_here(folder: Path) -> bool:
+    """Whether this worker's torchrun agent launched the run in ``folder``: a worker of a
+    restarted job, whatever its TORCHELASTIC_RESTART_COUNT says. Every node's agent is
+    named: with several nodes, an agent whose own workers did not fail restarts them
+    with the count unchanged (a new rendezvous round, not a failure of its own), and a
+    killed worker's node may no longer hold rank 0 after the restart."""
+    try:
+        return distributed.launch_id() in (folder / LAUNCH_MARKER).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def holds_run(folder: Path) -> bool:

@@ -58,7 +58,7 @@ from imgclf.train.guards import (
 from imgclf.train.lookahead import Lookahead
 from imgclf.train.optim import build_optimizer, build_scheduler, muon_step
 from imgclf.train.recipe import Recipe, StageConfig
-from imgclf.train.rundir import LAUNCH_MARKER, Discard, MetricsLog, TensorBoard, write_json
+from imgclf.train.rundir import Discard, MetricsLog, TensorBoard, write_json, write_launch_marker
 from imgclf.train.setup import (
     build_model,
     check_groups,
@@ -523,8 +523,9 @@ class Trainer:
         """Train in the run folder (``out``), evaluate the best weights and write the rest
         of the run's files; returns the :class:`Run` (other ranks than 0: no summary)."""
         main = self.dist.is_main
+        launch_ids = self.dist.gather(distributed.launch_id()) if self.dist.enabled else None
         if main:
-            self._open_run_dir()
+            self._open_run_dir(launch_ids)
         self._say(f"run folder: {self.out}")  # known before a kill: what --resume needs
         for note in self.adapted.notes:
             self._say(note)
@@ -557,12 +558,11 @@ class Trainer:
         write_json(self.out / "summary.json", summary)
         return Run(self.out, summary)
 
-    def _open_run_dir(self) -> None:
+    def _open_run_dir(self, launch_ids: list[str] | None) -> None:
         """Rank 0's run folder: the launch marker (torchrun), metrics.csv, config.yaml and
         TensorBoard."""
         make_folder(self.out, "--out")
-        if self.dist.enabled:
-            atomic_write_text(self.out / LAUNCH_MARKER, distributed.launch_id() + "\n")
+        write_launch_marker(self.out, launch_ids)  # torchrun: every node's agent
         self.log = MetricsLog(self.out / "metrics.csv")
         # A resume drops rows logged after its checkpoint (a kill between two writes).
         self.log.truncate(self._global_epoch(self.position.stage, self.position.epoch))
