@@ -15,15 +15,18 @@ one batch's).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +220,44 @@ def test_restarted_job_resumes_its_own_run_only(tmp_path, monkeypatch, capsys):
     assert _after_restart(out, False, env) == (out, False)  # ours: resume it
     assert _after_restart(None, False, env) is None
     assert "give --out to resume" in capsys.readouterr().err
+
+
+def test_a_restart_with_this_node_s_count_at_0_is_known_by_the_launch_marker(tmp_path, capsys):
+    """With several nodes, an agent whose own worker did not fail restarts it with
+    TORCHELASTIC_RESTART_COUNT still 0: the run folder's marker, naming every node's
+    agent, says the folder is this job's, and the process resumes like the others."""
+    env = Dist(rank=0, world_size=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"")
+    (out / LAUNCH_MARKER).write_text(f"other-host:1:job\n{distributed.launch_id()}\n")
+    assert distributed.restart_count() == 0
+    assert _after_restart(out, False, env) == (out, False)
+    assert "torchrun restart (another node's): resuming from" in capsys.readouterr().err
+    (out / LAUNCH_MARKER).write_text("other-host:1:job\n")  # another job's folder
+    assert _after_restart(out, False, env) is None
+
+
+def test_each_attempt_s_processes_share_a_prefix_no_dead_one_had():
+    """attempt_prefix on one store by rank 0 and rank 1 (threads), after a dead attempt
+    left its hello token and Gloo keys behind: both get the same fresh prefix."""
+    import threading
+
+    store = torch.distributed.HashStore()
+    store.set("imgclf/hello/1", "dead-token")  # a killed attempt's rank 1
+    got: dict[int, str] = {}
+
+    def join(rank: int) -> None:
+        got[rank] = distributed.attempt_prefix(store, rank, 2)
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert got[0] == got[1] and got[0].startswith("imgclf/attempt/")
+    assert store.get("imgclf/go/dead-token").decode() == got[0]  # answered, and unused
+    assert distributed.attempt_prefix(store, 0, 1) != got[0]  # every attempt its own
 
 
 # ---------------------------------------------------------------- torchrun jobs
@@ -478,3 +519,146 @@ def test_two_processes_stop_together_on_nan_and_keep_the_finite_checkpoint(tiny,
     state = load_pt(out / "last.pt")
     assert state["position"] == {"stage": 0, "epoch": 1, "batch": 0}
     assert all(torch.isfinite(t).all() for t in state["model_state"].values())
+
+
+# ---------------------------------------------------------------- two nodes (slow)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*args: str, restarts: int = 0) -> list[list[str]]:
+    """The README's multi-node command as two machines would run it, one process each:
+    two torchrun agents meeting at a c10d rendezvous on 127.0.0.1. Node 0 hosts the
+    rendezvous store (``is_host``; both would match 127.0.0.1 and race for it), and
+    ``join_timeout`` bounds the wait for the other node (torchrun's default is 600 s).
+    ``--node-rank`` is what a user types; c10d hands out the ranks itself and says so."""
+    port, job = free_port(), uuid.uuid4().hex
+    return [
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+         "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+         f"--rdzv-id={job}", f"--rdzv-conf=is_host={int(node == 0)},join_timeout={TIMEOUT}",
+         "--local-addr=127.0.0.1", f"--max-restarts={restarts}", "-m", "imgclf", *args]
+        for node in (0, 1)
+    ]  # fmt: skip
+
+
+def workers_of(agent: int) -> set[int]:
+    """The imgclf processes a torchrun agent started (its children, from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == agent and b"imgclf" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+class Nodes:
+    """Two nodes' torchrun agents, started together and watched: every worker each agent
+    ran (so a restart shows as a second one), and on any failure everything stopped.
+    Their output goes to files: nothing reads a pipe while they run, and a full one would
+    block them."""
+
+    def __init__(self, commands: list[list[str]], logs: Path) -> None:
+        self.logs = [logs / f"node{i}.log" for i in range(len(commands))]
+        self.jobs = []
+        for command, log in zip(commands, self.logs, strict=True):
+            with open(log, "w") as f:
+                self.jobs.append(
+                    subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=job_env())
+                )
+        self.workers: dict[int, set[int]] = {job.pid: set() for job in self.jobs}
+
+    def watch(self, until, what: str) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while not until():
+            for job in self.jobs:
+                self.workers[job.pid] |= workers_of(job.pid)
+            if time.monotonic() > deadline:
+                output = "".join(log.read_text() for log in self.logs)
+                pytest.fail(f"two nodes: no {what} in {TIMEOUT} s: {worker_errors(output)}")
+            time.sleep(0.1)
+
+    def ended(self) -> bool:
+        return all(job.poll() is not None for job in self.jobs)
+
+    def finish(self) -> str:
+        """Both agents' output (their workers' included), once both ended with 0."""
+        self.watch(self.ended, "end")
+        output = "".join(log.read_text() for log in self.logs)
+        assert [job.returncode for job in self.jobs] == [0, 0], worker_errors(output)
+        return output
+
+    def stop(self) -> None:
+        """SIGTERM (an agent stops its workers), then SIGKILL for all; workers are in their
+        own sessions (torchrun starts them so), so each is killed by pid."""
+        for job in self.jobs:
+            if job.poll() is None:
+                job.terminate()
+        for job in self.jobs:
+            try:
+                job.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                for pid in workers_of(job.pid):
+                    os.kill(pid, signal.SIGKILL)
+                job.kill()
+                job.wait()
+
+
+@contextlib.contextmanager
+def nodes(commands: list[list[str]], logs: Path) -> Iterator[Nodes]:
+    started = Nodes(commands, logs)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.mark.slow  # two jobs of ~15-40 s each on 2 busy cores
+def test_two_nodes_train_like_one_node_of_two_processes(tiny, tmp_path):
+    """Two torchrun agents of one process each, meeting at a c10d rendezvous as two
+    machines would, end with exactly the weights and metrics of one agent with two
+    processes (the same global batch; augmentation on, drawn per rank)."""
+    _, ds, _, _ = tiny
+    recipe = write_recipe(tmp_path / "augment.yaml", tiny_recipe(epochs=2))
+    args = ("train", str(recipe), "--data", str(ds.root), "--quiet")
+    one, two = tmp_path / "one-node", tmp_path / "two-nodes"
+    run_job(torchrun(*args, "--out", str(one)))
+    with nodes(two_nodes(*args, "--out", str(two)), tmp_path) as job:
+        err = job.finish()
+    assert "node_rank is only used for static rdzv_backend" in err  # c10d ranks the nodes
+    assert load_json(two / "summary.json")["world_size"] == 2
+    assert_close_runs(two, one, atol=0.0)
+    assert metric_values(two) == metric_values(one)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_both_nodes_which_resume(long_epochs, tmp_path):
+    """`--max-restarts 1` on both nodes: the worker of the node that does not hold rank 0
+    is SIGKILLed mid-run. Its agent restarts it (a failure: its restart count becomes 1);
+    the other agent sees the new rendezvous round and restarts its healthy worker with
+    its count still 0. Each agent runs exactly two workers, every process resumes from
+    last.pt, and the run ends with the epochs and weights of an uninterrupted run."""
+    ds, recipe, reference = long_epochs
+    out = tmp_path / "run"
+    args = ("train", str(recipe), "--data", str(ds.root), "--out", str(out))
+    with nodes(two_nodes(*args, restarts=1), tmp_path) as job:
+        job.watch(lambda: (out / "last.pt").is_file() or job.ended(), "first checkpoint")
+        assert not job.ended(), worker_errors(job.finish())
+        rank0 = int((out / ".imgclf-train.lock").read_text())  # the lock names its holder
+        (victim,) = set().union(*job.workers.values()) - {rank0}
+        os.kill(victim, signal.SIGKILL)
+        err = job.finish()
+    assert [len(pids) for pids in job.workers.values()] == [2, 2], worker_errors(err)
+    assert err.count("resuming from") == 1  # rank 0 says it, wherever it now runs
+    assert "already holds a run" not in err
+    assert [int(r["epoch"]) for r in metric_values(out)] == list(range(1, EPOCHS + 1))
+    assert load_json(out / "summary.json")["epochs"] == EPOCHS
+    assert_close_runs(out, reference.path)

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "imgclf.errors": 0,
     "imgclf.paths": 0,
     "imgclf.io_utils": 0,
+    "imgclf.csv_safe": 0,  # above io_utils, whose atomic writes it uses
     "imgclf.runtime": 1,  # checkpoints, device, torchrun, ONNX Runtime
     "imgclf.data": 2,
     "imgclf.models": 3,

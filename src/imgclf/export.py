@@ -47,7 +47,7 @@ from imgclf import __version__
 from imgclf.data.preprocess import Preprocess, batch_to_input
 from imgclf.errors import ExportError, UserError
 from imgclf.inference.runs import RunSet, load_runs, resolve_weights
-from imgclf.io_utils import atomic_path
+from imgclf.io_utils import atomic_path, check_output_file
 from imgclf.runtime.onnx import DEFAULT_OPSET, onnx_bytes, ort_session, run_onnx, unsupported_reason
 
 FORMATS = ("onnx", "torchscript")
@@ -344,6 +344,8 @@ def export(
         raise ExportError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
     if format == "onnx" and not 7 <= opset <= 23:
         raise ExportError(f"--opset {opset}: choose an ONNX opset between 7 and 23")
+    path = Path(out) if out is not None else default_out(runs, format, vote)
+    check_output_file(path)  # before the runs load and the graph is traced and verified
     rs = load_runs(runs)
     graph = build_graph(rs, vote, weights if vote == "weighted" else None)
     pixels, described = sample_pixels(rs, graph, verify_images)
@@ -360,7 +362,6 @@ def export(
             f"the {format} model differs from PyTorch by {diff:.2e} (> {ATOL:g}) on "
             f"{described}; nothing written"
         )
-    path = Path(out) if out is not None else default_out(runs, format, vote)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return ExportResult(

@@ -39,8 +39,8 @@ the same content as one process would.
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
+import itertools
 import os
 import time
 from collections import Counter
@@ -50,6 +50,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from imgclf.csv_safe import write_csv
 from imgclf.data.decode import default_workers
 from imgclf.data.sources import (
     HIDDEN_REASON,
@@ -65,7 +66,7 @@ from imgclf.inference.decode import Item, decode_ahead
 from imgclf.inference.engine import Autocast, Member, autocast_for, chunk_probs, make_members
 from imgclf.inference.rows import Plan
 from imgclf.inference.runs import check_vote, load_runs
-from imgclf.io_utils import atomic_path, check_output_file
+from imgclf.io_utils import check_output_file
 from imgclf.runtime import distributed
 from imgclf.runtime.device import resolve_hardware
 from imgclf.runtime.distributed import Dist
@@ -234,6 +235,7 @@ def predict(
     device: str | None = None,
     workers: int | None = None,
     backend: str | None = None,
+    csv_raw: bool = False,
 ) -> PredictResult:
     """Label every image in ``input`` with the runs' vote; write a CSV to ``out`` atomically.
 
@@ -248,7 +250,7 @@ def predict(
     not be read. ``workers``: decoding threads (default: this process's share of the
     cores). ``backend``: ``"torch"``, ``"onnx"`` (:mod:`imgclf.runtime.onnx`) or None (per
     model, the one measured faster), on the same preprocessing. Under torchrun the
-    processes share the files and rank 0 writes the CSV.
+    processes share the files and rank 0 writes the CSV. ``csv_raw``: see imgclf.csv_safe.
     """
     started = time.perf_counter()
     check_output_file(out)  # before any model loads or file decodes: fail in a second
@@ -259,11 +261,10 @@ def predict(
     rs = load_runs(runs)
     plan = Plan.for_runs(rs, vote, prefer, weights, format)
     inputs = _inputs(input, format)
-    # The machine's cores are shared among the processes on it.
-    threads = workers or max(1, default_workers() // env.local_world_size)
+    threads = workers or max(1, default_workers() // env.local_world_size)  # cores shared
     members = make_members(rs, hw.device, tta, backend)
     pipeline = _Pipeline(members, plan, hw.device, autocast_for(hw, backend), batch_size, threads)
-    write = functools.partial(_write_csv, out, plan.header())  # rank 0's, under torchrun
+    write = functools.partial(_write_csv, out, plan.header(), csv_raw)  # rank 0's (torchrun)
     failed = _label(inputs.items, pipeline.labelled, write, hw.device, env)
     result = PredictResult(
         out=Path(out),
@@ -357,16 +358,12 @@ def _collect(labelled: Labelled, failed: list[tuple[str, str]]) -> Iterator[list
         yield rows
 
 
-def _write_csv(out: str | os.PathLike[str], header: list[str], parts: Iterable[list]) -> None:
-    """The header, then every part's rows, written atomically (nothing on an error)."""
-    with (
-        atomic_path(out) as tmp,
-        open(tmp, "w", newline="", encoding="utf-8") as f,
-    ):
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        for rows in parts:
-            writer.writerows(rows)
+def _write_csv(
+    out: str | os.PathLike[str], header: list[str], raw: bool, parts: Iterable[list]
+) -> None:
+    """The header, then every part's rows, written atomically (nothing on an error); file,
+    class and run names neutralised for spreadsheets unless ``raw`` (imgclf.csv_safe)."""
+    write_csv(out, itertools.chain([header], itertools.chain.from_iterable(parts)), raw=raw)
 
 
 def _failures(result: PredictResult, out: str | os.PathLike[str]) -> PredictFailures:

@@ -43,10 +43,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _eval_ensemble(args: argparse.Namespace) -> int:
     from imgclf.evaluate.compare import compare_runs
+    from imgclf.io_utils import check_output_file
 
+    image = Path(args.out_dir) / "ensemble_confusion.png"
+    check_output_file(image, "--out-dir")  # before the runs are scored
     options = pick(args, "split", *VOTING, "tta", "batch_size", "device")
     comparison = compare_runs(args.runs, args.data, **options)
-    image = comparison.plot(Path(args.out_dir) / "ensemble_confusion.png")
+    comparison.plot(image)
     if args.json:
         print(json.dumps({**comparison.to_dict(), "confusion_image": str(image)}))
     else:
@@ -101,12 +104,14 @@ def _predict(args: argparse.Namespace) -> int:
     .tar/.tar.gz/.tgz/.zip archive; or a text file listing image paths relative to it), in
     natural filename order. Columns: file,label,confidence (+ label_<run> per run when
     several) and error (why a file could not be read; empty otherwise). --format kaggle
-    writes id,label with the file stem as id.
+    writes id,label with the file stem as id. A name a spreadsheet would run as a formula
+    (one beginning with =, +, -, @, tab or CR) is written with a ' in front; --csv-raw
+    writes names as they are, for programs that read the CSV.
     """
     from imgclf.predict import predict
     from imgclf.runtime.distributed import from_env
 
-    options = pick(args, *VOTING, "tta", "format", "batch_size", "backend", "device")
+    options = pick(args, *VOTING, "tta", "format", "batch_size", "backend", "device", "csv_raw")
     result = predict(args.runs, args.input, args.out, **options)
     if not from_env().is_main:  # under torchrun, rank 0 wrote the CSV and reports it
         return 0
@@ -127,6 +132,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["default", "kaggle"], default="default")
     p.add_argument("--batch-size", type=positive_int, default=256, metavar="N")
     p.add_argument("--strict", action="store_true", help="exit 1 when any file could not be read")
+    raw = "write names as they are: no ' before a name a spreadsheet would run as a formula"
+    p.add_argument("--csv-raw", action="store_true", help=raw)
     add_backend_option(p)
     add_hardware_options(p)
 

@@ -22,7 +22,6 @@ succeed, the later one wins.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import secrets
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.csv_safe import read_dicts
 from imgclf.errors import DataError
 from imgclf.paths import dataset_dir, datasets_dir
 
@@ -79,7 +79,7 @@ class Dataset:
     def files(self) -> list[str]:
         """Source path of every sample, in index order."""
         with self._open("files.csv") as f:
-            return [row["source"] for row in csv.DictReader(f)]
+            return [row["source"] for row in read_dicts(f)]
 
     def _open(self, name: str):
         """A text file of the same version as the arrays (never of a later import)."""
@@ -101,7 +101,7 @@ class Dataset:
 
     def skipped(self) -> list[dict[str, str]]:
         with self._open("import-report.csv") as f:
-            return list(csv.DictReader(f))
+            return read_dicts(f)
 
 
 def resolve_dataset_dir(name_or_path: str | Path) -> Path:

@@ -7,7 +7,6 @@ renamed into place only when everything succeeded.
 
 from __future__ import annotations
 
-import csv
 import errno
 import json
 import os
@@ -23,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.csv_safe import write_rows
 from imgclf.data.cache import FORMAT_VERSION, Dataset, load_dataset, publish
 from imgclf.data.decode import Size, cover_crop, decode_chunk, default_workers, probe
 from imgclf.data.scan import ScannedSource, scan_source
 from imgclf.data.sources import IMAGE_EXTENSIONS, Sample, Skipped
 from imgclf.data.splits import stratified_split
 from imgclf.errors import DataError
+from imgclf.io_utils import make_folder
 from imgclf.paths import dataset_dir, datasets_dir
 
 CHUNK = 256
@@ -168,8 +169,8 @@ def _default_name(src: Path) -> str:
 def _make_tmp(final: Path) -> Path:
     """``.NAME.tmp-PID-XXXX`` beside ``final``; the pid lets a later import see it is stale."""
     parent = final.parent
+    make_folder(parent, "IMGCLF_HOME")  # a broken link or a file in the way: one line
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_tmp(parent)
         return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
     except OSError as exc:
@@ -397,20 +398,22 @@ def _check_classes(scanned: ScannedSource, labels: np.ndarray) -> None:
             )
 
 
+# Source paths come from the files' names: neutralised for spreadsheets (imgclf.csv_safe),
+# restored where imgclf.data.cache reads them back. \r\n as csv.writer's default wrote.
 def _write_files_csv(path: Path, samples, labels, codes, split_names) -> None:
+    rows = (
+        [i, split_names[code], int(lab), s.source]
+        for i, (s, lab, code) in enumerate(zip(samples, labels, codes, strict=True))
+    )
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "split", "label", "source"])
-        for i, (s, lab, code) in enumerate(zip(samples, labels, codes, strict=True)):
-            w.writerow([i, split_names[code], int(lab), s.source])
+        write_rows(f, [["index", "split", "label", "source"]], end="\r\n")
+        write_rows(f, rows, end="\r\n")
 
 
 def _write_report(path: Path, skipped: list[Skipped]) -> None:
+    rows = [["path", "reason"], *([s.path, s.reason] for s in skipped)]
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "reason"])
-        for s in skipped:
-            w.writerow([s.path, s.reason])
+        write_rows(f, rows, end="\r\n")
 
 
 def import_arrays(

@@ -5,8 +5,6 @@ everything else (metrics, ensembles, prediction files) is a function of those lo
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -17,7 +15,7 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from imgclf.io_utils import atomic_write_text
+from imgclf.csv_safe import write_csv
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[Any]
 
@@ -215,12 +213,6 @@ def compute_metrics(
 # ---------------------------------------------------------------------------- writers
 
 
-def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
-
-
 def _fmt(value: float) -> str:
     return f"{value:.6f}"
 
@@ -232,7 +224,7 @@ def write_confusion_csv(metrics: Metrics, path: str | os.PathLike[str]) -> None:
         [name, *(int(n) for n in counts)]
         for name, counts in zip(metrics.class_names, metrics.confusion, strict=True)
     ]
-    atomic_write_text(path, _csv_text([header, *rows]))
+    write_csv(path, [header, *rows])  # class names neutralised (imgclf.csv_safe)
 
 
 def write_per_class_csv(metrics: Metrics, path: str | os.PathLike[str]) -> None:
@@ -259,4 +251,4 @@ def write_per_class_csv(metrics: Metrics, path: str | os.PathLike[str]) -> None:
         ]
     )
     rows.append(["accuracy", "", "", _fmt(metrics.accuracy), metrics.count])
-    atomic_write_text(path, _csv_text(rows))
+    write_csv(path, rows)

@@ -7,8 +7,6 @@ images of the rows it is given, so it never touches a dataset or a model.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -17,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.io_utils import atomic_write_text
+from imgclf.csv_safe import write_csv
 
 GRID_MAX = 16  # thumbnails in mistakes.png: a 4×4 grid still reads at report width
 _GRID_COLUMNS = 4
@@ -65,13 +63,11 @@ def write_mistakes_csv(
     """Columns :data:`CSV_COLUMNS`. ``val_index`` is the position in the scored split,
     ``dataset_index`` the sample's index in the dataset (``dataset_indices[val_index]``) and
     ``file`` its source path (``files[dataset_index]``); both are left empty when unknown."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    rows: list[Sequence[Any]] = [CSV_COLUMNS]
     for rank, m in enumerate(mistakes, start=1):
         ds_index = int(dataset_indices[m.index]) if dataset_indices is not None else None
         file = files[ds_index] if files is not None and ds_index is not None else ""
-        writer.writerow(
+        rows.append(
             [
                 rank,
                 m.index,
@@ -82,7 +78,7 @@ def write_mistakes_csv(
                 f"{m.confidence:.6f}",
             ]
         )
-    atomic_write_text(path, buffer.getvalue())
+    write_csv(path, rows)  # file and class names neutralised (imgclf.csv_safe)
 
 
 def caption(m: Mistake, class_names: Sequence[str]) -> str:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from imgclf.errors import CheckpointError, WeightsMissing, one_line
+from imgclf.io_utils import make_folder
 from imgclf.runtime.checkpoint import safe_load
 from imgclf.runtime.finite import describe, nonfinite
 
@@ -131,7 +132,7 @@ def download_timeout() -> Iterator[None]:
 
 
 def _download(url: str, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(dest.parent)
     # torchvision file names end in the first hex digits of the file's SHA-256.
     match = re.search(r"-([a-f0-9]{6,})\.", dest.name)
     with download_timeout():

@@ -14,7 +14,7 @@ from typing import Any
 
 from imgclf.errors import UserError
 from imgclf.evaluate.compare import Comparison, compare_runs
-from imgclf.io_utils import atomic_write_text, check_output_file
+from imgclf.io_utils import atomic_write_text, check_output_file, make_folder
 from imgclf.report.collect import Page, RunInfo, read_runs
 from imgclf.report.to_html import render_html
 from imgclf.report.to_markdown import render_markdown
@@ -100,7 +100,7 @@ def _write_files(
     runs: list[RunInfo], ens: dict | None, files_dir: Path
 ) -> tuple[dict[str, dict[str, str]], list[Path]]:
     """Copy the PNGs into a fresh ``files_dir``, swapped in whole (never half-written)."""
-    files_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(files_dir.parent, "--out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{files_dir.name}.tmp-", dir=files_dir.parent))
     links: dict[str, dict[str, str]] = {}
     names: list[str] = []

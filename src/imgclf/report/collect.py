@@ -6,7 +6,6 @@ the latter); every other file is optional, and what is missing is left out of th
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from imgclf.csv_safe import read_dicts
 from imgclf.data.sources import natural_key
 from imgclf.errors import DataError
 from imgclf.inference.runs import unique_names
@@ -298,7 +298,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _read_csv(path: Path) -> list[dict[str, str]]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+            return read_dicts(f)  # names as they were, not as neutralised for spreadsheets
     except OSError:
         return []
 

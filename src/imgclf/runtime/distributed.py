@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -224,13 +227,67 @@ def init(device: torch.device, *, backend: str | None = None) -> Dist:
         # after a restart it still holds the Gloo addresses the killed attempt's ranks
         # published, and a new rank could read a dead peer's address before its successor
         # overwrites it (we saw restarted jobs hang in Gloo's connect). Each attempt gets
-        # its own keys.
+        # its own keys (attempt_prefix).
         store, rank, world_size = next(dist.rendezvous("env://"))
-        store = dist.PrefixStore(f"imgclf/attempt-{restart_count()}", store)
+        store = dist.PrefixStore(attempt_prefix(store, rank, world_size), store)
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     # Gloo's tensors live on the CPU, NCCL's on this process's GPU.
     where = device if backend == "nccl" else torch.device("cpu")
     return Dist(env.rank, env.world_size, env.local_rank, env.local_world_size, backend, where)
+
+
+HANDSHAKE_SECONDS = 600.0  # for every process of an attempt to start: imports, data
+_POLL_SECONDS = 0.05
+_HELLO, _GO = "imgclf/hello/", "imgclf/go/"  # + rank: a token; + token: the prefix
+
+
+def attempt_prefix(store: dist.Store, rank: int, world_size: int) -> str:
+    """A store key prefix that this attempt's processes, and no earlier ones, share.
+
+    It cannot be made from TORCHELASTIC_RESTART_COUNT: with several nodes, the agents of
+    the nodes that did not fail restart their workers with their count unchanged (a new
+    rendezvous round, not a failure of theirs), so the nodes of one attempt disagree on
+    it (and Gloo waited forever for keys under the other node's prefix). Rank 0 makes one
+    up and hands it over: each other rank posts a fresh token under its rank, rank 0
+    answers every token it finds there (a dead predecessor's too, harmlessly) under that
+    token, and counts the acknowledgements, which only this attempt's ranks can send.
+    """
+    if rank != 0:
+        return _receive_prefix(store, rank)
+    prefix = f"imgclf/attempt/{uuid.uuid4().hex}"
+    answered: dict[int, bytes] = {}
+    waiting = set(range(1, world_size))
+    deadline = time.monotonic() + HANDSHAKE_SECONDS
+    while waiting:
+        for r in sorted(waiting):
+            key = f"{_HELLO}{r}"
+            token = store.get(key) if store.check([key]) else None
+            if token is not None and answered.get(r) != token:
+                store.set(f"{_GO}{token.decode()}", prefix)
+                answered[r] = token
+            if store.check([f"{prefix}/ack/{r}"]):
+                waiting.discard(r)
+        if not waiting:
+            break
+        if time.monotonic() > deadline:
+            raise UserError(f"ranks {sorted(waiting)} did not start in {HANDSHAKE_SECONDS:.0f} s")
+        time.sleep(_POLL_SECONDS)
+    return prefix
+
+
+def _receive_prefix(store: dist.Store, rank: int) -> str:
+    """Rank ``rank``'s side of :func:`attempt_prefix`."""
+    token = uuid.uuid4().hex
+    store.set(f"{_HELLO}{rank}", token)
+    try:
+        store.wait([f"{_GO}{token}"], timedelta(seconds=HANDSHAKE_SECONDS))
+    except RuntimeError:  # c10d's DistStoreError: the wait timed out
+        raise UserError(
+            f"rank {rank}: rank 0 did not answer in {HANDSHAKE_SECONDS:.0f} s"
+        ) from None
+    prefix = store.get(f"{_GO}{token}").decode()
+    store.set(f"{prefix}/ack/{rank}", "1")
+    return prefix
 
 
 def per_rank_batch(global_batch: int, d: Dist) -> int:

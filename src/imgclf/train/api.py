@@ -26,10 +26,10 @@ from imgclf.train.budget import parse_duration
 from imgclf.train.choose import choose_recipe
 from imgclf.train.recipe import Recipe, load_recipe, validate
 from imgclf.train.rundir import (
-    LAUNCH_MARKER,
     check_run_dir,
     claim_run_dir,
     disk_full_is_an_error,
+    launched_here,
     new_run_dir,
 )
 from imgclf.train.state import Run
@@ -251,14 +251,19 @@ def _train_in_folder(trainer: Trainer, job: _Job, runs_dir: Path) -> Run:
 
 def _after_restart(out: Path | None, exist_ok: bool, env: Dist) -> tuple[Path | None, bool] | None:
     """After torchrun restarted the job's workers (``--max-restarts``): what to resume,
-    as ``(resume, exist_ok)``, or None to start as the command line says.
+    as ``(resume, exist_ok)``, or None to start as the command line says. A restart is
+    this node's restart count above 0, or ``out``'s launch marker naming this node's agent
+    (:func:`~imgclf.train.rundir.launched_here`): with several nodes, the agents of the
+    nodes that did not fail restart their workers with the count unchanged, and every
+    process must resume alike.
 
     The run folder must be known (``--out``): with ``last.pt`` there the run resumes from
     it; without one, a folder whose launch marker names this same torchrun job is the
     first attempt's, killed before its first checkpoint, and is started afresh. A folder
     of anything else is left to the usual checks (a run there is never removed)."""
     count = distributed.restart_count()
-    if count == 0:
+    ours = out is not None and launched_here(out)
+    if count == 0 and not ours:
         return None
     if out is None:
         if env.is_main:
@@ -270,10 +275,7 @@ def _after_restart(out: Path | None, exist_ok: bool, env: Dist) -> tuple[Path | 
         return None
     if (out / "last.pt").is_file():
         if env.is_main:
-            print(f"torchrun restart {count}: resuming from {out / 'last.pt'}", file=sys.stderr)
+            why = f"torchrun restart {count}" if count else "torchrun restart (another node's)"
+            print(f"{why}: resuming from {out / 'last.pt'}", file=sys.stderr)
         return out, False
-    marker = out / LAUNCH_MARKER
-    with contextlib.suppress(OSError):
-        if marker.read_text().strip() == distributed.launch_id():
-            return None, True  # our own first attempt: replace it
-    return None
+    return (None, True) if ours else None  # ours: the first attempt's folder, replaced

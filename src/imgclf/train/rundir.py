@@ -13,9 +13,7 @@ folder that already holds another run unless told to replace it.
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
-import io
 import json
 import math
 import os
@@ -28,13 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgclf.csv_safe import csv_text, read_dicts
 from imgclf.errors import UserError
-from imgclf.io_utils import atomic_write_text
+from imgclf.io_utils import atomic_write_text, check_output_dir, make_folder
+from imgclf.runtime import distributed
 from imgclf.runtime.checkpoint import checkpoint_position
 
 LOCK_NAME = ".imgclf-train.lock"
-# Rank 0 of a torchrun job names the job here, so that a restarted job recognises the
-# folder its killed first attempt made before any checkpoint (imgclf.runtime.distributed).
+# Rank 0 of a torchrun job names the job's agents here (every node's), so that a restarted
+# job recognises its own folder (launched_here): the run to resume, or the folder its killed
+# first attempt made before any checkpoint (imgclf.runtime.distributed.launch_id).
 LAUNCH_MARKER = ".imgclf-launch"
 LOCK_PATIENCE = 1.0  # seconds a claim waits for a lock held by someone's early check
 # Any one of these says a folder holds a run (a finished one, or one to --resume).
@@ -74,7 +75,7 @@ METRIC_COLUMNS = [
 
 def new_run_dir(recipe_name: str, base: Path = Path("runs")) -> Path:
     """``runs/<recipe>-<n>`` with the next free n, created now (so two runs never share)."""
-    base.mkdir(parents=True, exist_ok=True)
+    make_folder(base, instead="give --out")
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", recipe_name) or "run"
     taken = [
         int(m.group(1))
@@ -91,6 +92,27 @@ def new_run_dir(recipe_name: str, base: Path = Path("runs")) -> Path:
             n += 1
 
 
+def write_launch_marker(folder: Path, launch_ids: list[str] | None) -> None:
+    """Name, in ``folder``, the torchrun agents that launched its run (one
+    :func:`~imgclf.runtime.distributed.launch_id` per process, gathered by rank 0); None:
+    not under torchrun, nothing written."""
+    if launch_ids:
+        names = "".join(f"{name}\n" for name in sorted(set(launch_ids)))
+        atomic_write_text(folder / LAUNCH_MARKER, names)
+
+
+def launched_here(folder: Path) -> bool:
+    """Whether this worker's torchrun agent launched the run in ``folder``: a worker of a
+    restarted job, whatever its TORCHELASTIC_RESTART_COUNT says. Every node's agent is
+    named: with several nodes, an agent whose own workers did not fail restarts them
+    with the count unchanged (a new rendezvous round, not a failure of its own), and a
+    killed worker's node may no longer hold rank 0 after the restart."""
+    try:
+        return distributed.launch_id() in (folder / LAUNCH_MARKER).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_MARKERS)
 
@@ -98,6 +120,7 @@ def holds_run(folder: Path) -> bool:
 def check_run_dir(folder: Path, *, exist_ok: bool = False) -> None:
     """Refuse now, before a model is built, a folder that is busy or holds a run (nothing
     is created). :func:`claim_run_dir` checks again under the lock: this is only early."""
+    check_output_dir(folder)
     if (folder / LOCK_NAME).is_file():
         with _locked(folder, create=False):
             pass
@@ -160,7 +183,7 @@ def _locked(folder: Path, *, create: bool) -> Iterator[None]:
         yield
         return
     if create:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder, "--out")
     try:
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
     except OSError as exc:
@@ -247,8 +270,8 @@ def _remove_run_files(folder: Path) -> list[str]:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = read_dicts(f)
     out = []
     for row in rows:
         conv: dict[str, Any] = {}
@@ -296,12 +319,9 @@ class MetricsLog:
         self._write()  # not a prefix of what is there (never expected): rewrite it
 
     def _text(self) -> str:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in self.rows:
-            w.writerow({k: _fmt(r.get(k)) for k in METRIC_COLUMNS})
-        return buf.getvalue()
+        rows = [[_fmt(r.get(k)) for k in METRIC_COLUMNS] for r in self.rows]
+        # Numbers only, which imgclf.csv_safe leaves as they are; \r\n as csv.DictWriter wrote.
+        return csv_text([METRIC_COLUMNS, *rows], end="\r\n")
 
     def _write(self) -> None:
         atomic_write_text(self.path, self._text())

@@ -36,7 +36,7 @@ from imgclf.data.cache import Dataset
 from imgclf.data.loader import Augment
 from imgclf.errors import TrainingDiverged
 from imgclf.evaluate.metrics import infer
-from imgclf.io_utils import atomic_write_text
+from imgclf.io_utils import atomic_write_text, make_folder
 from imgclf.models import model_spec
 from imgclf.runtime import distributed
 from imgclf.runtime.checkpoint import save_checkpoint
@@ -60,12 +60,12 @@ from imgclf.train.lookahead import Lookahead
 from imgclf.train.optim import build_optimizer, build_scheduler, lr_of_last_step, muon_step
 from imgclf.train.recipe import Recipe, StageConfig
 from imgclf.train.rundir import (
-    LAUNCH_MARKER,
     Discard,
     MetricsLog,
     TensorBoard,
     summary_line,
     write_json,
+    write_launch_marker,
 )
 from imgclf.train.setup import (
     build_model,
@@ -536,8 +536,9 @@ class Trainer:
         """Train in the run folder (``out``), evaluate the best weights and write the rest
         of the run's files; returns the :class:`Run` (other ranks than 0: no summary)."""
         main = self.dist.is_main
+        launch_ids = self.dist.gather(distributed.launch_id()) if self.dist.enabled else None
         if main:
-            self._open_run_dir()
+            self._open_run_dir(launch_ids)
         self._say(f"run folder: {self.out}")  # known before a kill: what --resume needs
         for note in self.adapted.notes:
             self._say(note)
@@ -570,12 +571,11 @@ class Trainer:
         write_json(self.out / "summary.json", summary)
         return Run(self.out, summary)
 
-    def _open_run_dir(self) -> None:
+    def _open_run_dir(self, launch_ids: list[str] | None) -> None:
         """Rank 0's run folder: the launch marker (torchrun), metrics.csv, config.yaml and
         TensorBoard."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.dist.enabled:
-            atomic_write_text(self.out / LAUNCH_MARKER, distributed.launch_id() + "\n")
+        make_folder(self.out, "--out")
+        write_launch_marker(self.out, launch_ids)  # torchrun: every node's agent
         self.log = MetricsLog(self.out / "metrics.csv")
         # A resume drops rows logged after its checkpoint (a kill between two writes).
         self.log.truncate(self._global_epoch(self.position.stage, self.position.epoch))
