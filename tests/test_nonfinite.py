@@ -82,6 +82,20 @@ def test_a_non_finite_learning_rate_is_a_recipe_error(tmp_path, capsys, value):
     assert not out.exists()
 
 
+def test_a_learning_rate_past_float32_is_a_recipe_error(tmp_path, capsys):
+    """AdamW's step ended in torch's float-overflow traceback at lr 1e38."""
+    import_tiny(tmp_path)
+    out = tmp_path / "run"
+    argv = ["train", "scratch-simple", "--data", "tiny", "--out", str(out), "--quiet"]
+    code, lines = _cli(capsys, *argv, "--set", "optimizer.name=adamw", "--set", "optimizer.lr=1e38")
+    assert code == 2
+    (line,) = lines
+    assert line.startswith("error: ") and line.endswith(
+        "optimizer.lr: 1e+38 is past any useful learning rate (at most 1e+30)"
+    )
+    assert not out.exists()
+
+
 def test_a_last_epoch_that_predicts_nan_is_not_saved(tmp_path, capsys):
     """lr 1e30 in a one-step second stage: its step's loss is finite, the weights it leaves
     score NaN on validation. Before: exit 0 with those weights in last.pt."""

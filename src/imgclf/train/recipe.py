@@ -13,10 +13,11 @@ import difflib
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -89,10 +90,26 @@ class AugmentConfig(_Strict):
     cache_views: int = Field(0, ge=0, le=16, strict=True)
 
 
+# Largest learning rate accepted: far past any useful one (the bundled recipes' largest is
+# 1.3), below float32's largest (3.4e38), where AdamW's step stops on torch's "cannot be
+# converted to type float without overflow" instead of an error line. Rates that diverge
+# below it are stopped by the weight check (imgclf.runtime.finite).
+MAX_LR = 1e30
+
+
+def _rate(value: float) -> float:
+    if value > MAX_LR:
+        raise ValueError(f"{value:g} is past any useful learning rate (at most {MAX_LR:g})")
+    return value
+
+
+Rate = Annotated[float, Field(gt=0), AfterValidator(_rate)]
+
+
 class OptimizerConfig(_Strict):
     # muon: Muon (imgclf.train.muon) for dense convolution filters, this SGD for the rest.
     name: Literal["sgd", "adamw", "muon"] = "sgd"
-    lr: float = Field(0.1, gt=0)
+    lr: Rate = 0.1
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
@@ -110,7 +127,7 @@ class OptimizerConfig(_Strict):
     no_decay_1d: bool = False  # no weight decay on biases and norm parameters
     # name: muon — the filters' rate (an angular step per update, not scaled with the
     # batch), momentum and Newton–Schulz iterations (airbench94_muon: 0.24, 0.6, 3).
-    muon_lr: float = Field(0.24, gt=0)
+    muon_lr: Rate = 0.24
     muon_momentum: float = Field(0.6, ge=0, lt=1)
     muon_ns_steps: int = Field(3, ge=1, le=10)
     # A stage shorter than muon_lr_steps optimizer steps takes a larger step, × sqrt(
@@ -214,7 +231,7 @@ class HeadConfig(_Strict):
 class StageConfig(_Strict):
     epochs: int = Field(1, ge=1)
     train: str | list[str] = "all"  # parameter groups: "all", "head", [layer4, head]
-    lr: float | None = Field(None, gt=0)  # default: optimizer.lr
+    lr: Rate | None = None  # default: optimizer.lr
     # Multiplier for groups outside the last trained one, e.g. 0.1 (discriminative lr).
     lower_lr_mult: float = Field(1.0, gt=0)
     bn_update: bool = False  # frozen BatchNorm layers keep updating running statistics
