@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -660,3 +661,18 @@ def test_a_head_for_a_model_trained_from_scratch_is_one_line(tmp_path, capsys) -
         "pretrained one does (imgclf models)"
     ]
     assert not out.exists()
+
+
+def test_a_data_parallel_runs_config_reads_back_as_its_recipe(tmp_path: Path) -> None:
+    """config.yaml of a torchrun run holds a `distributed:` block beside the other facts
+    about the run; read back as a recipe it was an unknown key."""
+    recipe = load_recipe("scratch-simple")
+    facts = {
+        "dataset": {"name": "tiny"},
+        "distributed": {"world_size": 2, "backend": "gloo", "batch_per_process": 32},
+        "imgclf_version": "0.1.0",
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(recipe_yaml(recipe) + yaml.safe_dump(facts, sort_keys=False))
+    again = load_recipe(str(path))
+    assert again.model_dump(exclude={"name"}) == recipe.model_dump(exclude={"name"})

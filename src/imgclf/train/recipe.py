@@ -62,7 +62,7 @@ def _yaml(text: str) -> Any:
 
 # A run's config.yaml is the resolved recipe plus these facts about the run; reading it
 # back as a recipe (to repeat the run) skips them.
-RUN_INFO_KEYS = ("dataset", "adapted", "hardware", "imgclf_version")
+RUN_INFO_KEYS = ("dataset", "adapted", "hardware", "distributed", "imgclf_version")
 
 
 class _Strict(BaseModel):
