@@ -478,8 +478,12 @@ def test_unwritable_cache(tmp_path, monkeypatch, where):
     with pytest.raises(DataError) as err:
         import_dataset(tmp_path / "src", "pets")
     msg = str(err.value)
-    assert "cannot write the dataset cache" in msg
-    assert f"set IMGCLF_HOME to a writable folder (now {home})" in msg
+    if where == "read-only":
+        assert "cannot write the dataset cache" in msg
+        assert f"set IMGCLF_HOME to a writable folder (now {home})" in msg
+    else:  # a file in the way: named, with the setting to change
+        assert msg.startswith(f"IMGCLF_HOME {home / 'datasets'}: {blocker} is a file, not a folder")
+        assert msg.endswith("IMGCLF_HOME")
 
 
 @pytest.mark.parametrize(

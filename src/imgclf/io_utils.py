@@ -91,7 +91,7 @@ def _in_the_way(folder: Path, instead: str) -> str | None:
         if not part.exists():
             return None  # the rest is made by make_folder
         if not part.is_dir():
-            return f"{part} is a file, not a folder"
+            return f"{part} is a file, not a folder; move it, or {instead}"
     return None
 
 

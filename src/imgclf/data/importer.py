@@ -28,7 +28,7 @@ from imgclf.data.decode import Size, cover_crop, decode_chunk, default_workers, 
 from imgclf.data.scan import ScannedSource, scan_source
 from imgclf.data.sources import IMAGE_EXTENSIONS, Sample, Skipped
 from imgclf.data.splits import stratified_split
-from imgclf.errors import DataError
+from imgclf.errors import DataError, UserError
 from imgclf.io_utils import make_folder
 from imgclf.paths import dataset_dir, datasets_dir
 
@@ -169,7 +169,10 @@ def _default_name(src: Path) -> str:
 def _make_tmp(final: Path) -> Path:
     """``.NAME.tmp-PID-XXXX`` beside ``final``; the pid lets a later import see it is stale."""
     parent = final.parent
-    make_folder(parent, "IMGCLF_HOME")  # a broken link or a file in the way: one line
+    try:  # a broken link or a file in the way: one line naming it
+        make_folder(parent, "IMGCLF_HOME")
+    except UserError as exc:
+        raise DataError(str(exc)) from None
     try:
         _remove_stale_tmp(parent)
         return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
