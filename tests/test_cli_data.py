@@ -172,7 +172,9 @@ def test_unwritable_cache_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("IMGCLF_HOME", str(tmp_path / "file" / "home"))
     code, _, err = run(capsys, "data", "import", str(tmp_path / "src"))
     assert code == 2
-    assert err.startswith(f"error: {tmp_path / 'file' / 'home' / 'datasets'}: cannot write")
+    home = tmp_path / "file" / "home"
+    assert err.startswith(f"error: IMGCLF_HOME {home / 'datasets'}: {tmp_path / 'file'} is a file")
+    assert err.rstrip().endswith("move it, or choose another IMGCLF_HOME")
     assert err.count("\n") == 1
 
 

@@ -465,10 +465,12 @@ def test_budgeted_run_of_two_processes_replans_within_epochs_in_step(tmp_path):
     steps_per_epoch = len(ds.indices("train")) // 4  # 4 images a step
     every = Plan.from_dict(load_pt(out / "last.pt")["plan"]).replan_every(0)
     assert every < steps_per_epoch - every // 2, f"no re-plan within an epoch: every {every}"
-    # Past the first re-plans, counted in re-plan windows rather than in epochs: the
-    # steps a 10-s budget buys depend on the CPU (half an epoch, the bound this had, was
-    # reached on a Zen 5 and missed in 2 of 3 runs on an AVX512-BF16 Xeon at 54ef7d9).
-    assert summary["images_seen"] // 4 >= 2 * every
+    # Past the first re-plan, counted in re-plan windows rather than in epochs: the steps
+    # a 10-s budget buys depend on the CPU and on what else runs (half an epoch, the bound
+    # this had, was missed in 2 of 3 runs on an AVX512-BF16 Xeon at 54ef7d9; two windows,
+    # the next bound, in a clean-clone run on a 2-core AVX2 EPYC: 202 steps against 2 ×
+    # 142, start-up and evaluation taking most of the 10 s there).
+    assert summary["images_seen"] // 4 >= every
     assert summary["wall_seconds"] <= 10.0 * 1.5
 
 
