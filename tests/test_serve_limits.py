@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -346,3 +347,36 @@ def test_cli_defaults_are_the_librarys():
         assert getattr(args, name) == getattr(default, name), name
     assert args.max_connections == default.max_connections and not args.docs
     assert args.max_bytes == DEFAULT_MAX_BYTES
+
+
+# ---------------------------------------------------------------- large decodes' priority
+
+
+def test_large_images_decode_on_one_thread_of_lower_priority(run32):
+    """A 3000×3000 PNG (9 MP, over LARGE_PIXELS) decodes on the one low-priority thread,
+    a small image in the request pool at normal priority; both are answered."""
+    import threading
+
+    from imgclf.serve.priority import LARGE_PIXELS, NICE
+
+    app = create_app(Predictor([run32]))
+    seen: dict[str, tuple[str, int]] = {}
+    decode = app.state.predictor.decode
+
+    def watched(files):
+        tid = threading.get_native_id()
+        seen[files[0][0]] = (threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, tid))
+        return decode(files)
+
+    app.state.predictor.decode = watched
+    big, small = _png((3000, 3000)), _png((32, 32))
+    assert LARGE_PIXELS < 3000 * 3000
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with _client(app, "127.0.0.1:8000") as client:
+        for name, data in (("big.png", big), ("small.png", small)):
+            r = client.post("/predict", files={"file": (name, data, "image/png")})
+            assert r.status_code == 200, r.text
+    name, nice = seen["big.png"]
+    assert name.startswith("imgclf-large-decode") and nice == min(base + NICE, 19)
+    name, nice = seen["small.png"]
+    assert not name.startswith("imgclf-large-decode") and nice == base

@@ -15,8 +15,9 @@ Endpoints: ``POST /predict`` (multipart field ``file``, repeatable, or the raw i
 body), ``GET /health``, ``GET /info``, ``GET /`` (the page in ``static/index.html``).
 Bad input is a 4xx JSON ``{"error": ...}`` naming the file and the problem; the server
 keeps serving. Its limits against hostile clients live beside it: uploads.py (bytes, as
-they stream), pixels.py (pixels per image and decoded at once), guard.py (Host, Origin,
-CORS), connections.py (header deadline, connection cap); options.py holds their values.
+they stream), pixels.py (pixels per image and decoded at once), priority.py (large images
+decoded on a thread of lower priority), guard.py (Host, Origin, CORS), connections.py
+(header deadline, connection cap); options.py holds their values.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from imgclf.serve.connections import guarded_protocol
 from imgclf.serve.guard import HostPolicy, protect
 from imgclf.serve.options import ServeOptions
 from imgclf.serve.pixels import PixelBudget, check_pixels
+from imgclf.serve.priority import LARGE_PIXELS, LargeDecodes
 from imgclf.serve.uploads import (
     DEFAULT_MAX_BYTES,
     MAX_FILES,
@@ -269,6 +271,7 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None) -> Fas
     options.check(predictor.max_bytes)
     batcher = Batcher(predictor)
     pixels = PixelBudget(options.decode_budget, options.decode_wait)
+    large = LargeDecodes()
     upload_bytes = ByteBudget(options.upload_budget(predictor.max_bytes))
 
     @contextlib.asynccontextmanager
@@ -276,6 +279,7 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None) -> Fas
         batcher.start()
         yield
         await run_in_threadpool(batcher.close)
+        await run_in_threadpool(large.close)
 
     docs = {} if options.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan, **docs)
@@ -304,7 +308,10 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None) -> Fas
             files = [(u.name, u.data) for u in uploads]
             most = await run_in_threadpool(check_pixels, uploads, options.max_pixels)
             async with pixels.hold(most):
-                decoded = await run_in_threadpool(predictor.decode, files)
+                if most > LARGE_PIXELS:  # on a thread of lower priority (serve/priority.py)
+                    decoded = await large.run(predictor.decode, files)
+                else:
+                    decoded = await run_in_threadpool(predictor.decode, files)
         probs = await asyncio.wrap_future(batcher.submit(decoded, len(files)))
         return {
             "predictions": predictor.answer([u.name for u in uploads], probs),
@@ -315,6 +322,7 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None) -> Fas
     app.state.batcher = batcher
     app.state.options = options
     app.state.pixels = pixels
+    app.state.large_decodes = large
     app.state.upload_bytes = upload_bytes
     return app
 
