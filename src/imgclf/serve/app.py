@@ -318,12 +318,9 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None) -> Fas
             "milliseconds": round(1000 * (time.perf_counter() - started), 2),
         }
 
-    app.state.predictor = predictor
-    app.state.batcher = batcher
-    app.state.options = options
-    app.state.pixels = pixels
-    app.state.large_decodes = large
-    app.state.upload_bytes = upload_bytes
+    for name, value in (("predictor", predictor), ("batcher", batcher), ("options", options)):
+        setattr(app.state, name, value)
+    app.state.pixels, app.state.large_decodes, app.state.upload_bytes = pixels, large, upload_bytes
     return app
 
 
