@@ -55,6 +55,19 @@ def import_tiny(tmp_path: Path, name: str = "tiny", **kwargs: Any):
     return import_dataset(folder, name, warn=lambda msg: None)
 
 
+def finished_tiny_run(root: Path):
+    """A finished one-epoch run of the tiny recipe under ``root``: its folder, its data
+    set's folder and one class's image folder (as attributes ``run``, ``data``, ``images``)."""
+    from types import SimpleNamespace
+
+    import imgclf
+
+    src = make_image_folder(root / "src", per_class=8)
+    ds = imgclf.import_dataset(src, "tiny", dest=root / "tiny", warn=lambda msg: None)
+    run = imgclf.train(tiny_recipe(epochs=1), ds, out=root / "run", threads=1, progress=False)
+    return SimpleNamespace(run=run.path, data=ds.root, images=src / "a")
+
+
 def tiny_recipe(epochs: int = 2, **changes: Any) -> dict[str, Any]:
     """A small `simple` recipe with augmentation on (so resumes must replay its random
     numbers) and a per-step schedule (so resumes must restore the scheduler)."""

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import imgclf
-from helpers_train import make_image_folder, tiny_recipe
+from helpers_train import finished_tiny_run
 from imgclf.cli import main
 from imgclf.errors import CheckpointError
 from imgclf.models import build_model_from_checkpoint
@@ -30,11 +30,7 @@ from imgclf.runtime.checkpoint import load_checkpoint, save_checkpoint
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> SimpleNamespace:
     """A finished one-epoch run of the tiny recipe, its data set and image folder."""
-    root = tmp_path_factory.mktemp("fields")
-    src = make_image_folder(root / "src", per_class=8)
-    ds = imgclf.import_dataset(src, "tiny", dest=root / "tiny", warn=lambda msg: None)
-    run = imgclf.train(tiny_recipe(epochs=1), ds, out=root / "run", threads=1, progress=False)
-    return SimpleNamespace(run=run.path, data=ds.root, images=src / "a")
+    return finished_tiny_run(tmp_path_factory.mktemp("fields"))
 
 
 def edited_run(finished: SimpleNamespace, tmp_path: Path, edit: Callable[[dict], Any]) -> Path:

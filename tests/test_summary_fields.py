@@ -17,18 +17,14 @@ from types import SimpleNamespace
 
 import pytest
 
-import imgclf
-from helpers_train import make_image_folder, tiny_recipe
+from helpers_train import finished_tiny_run
 from imgclf.cli import main
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("summary")
-    src = make_image_folder(root / "src", per_class=8)
-    ds = imgclf.import_dataset(src, "tiny", dest=root / "tiny", warn=lambda msg: None)
-    run = imgclf.train(tiny_recipe(epochs=1), ds, out=root / "run", threads=1, progress=False)
-    return SimpleNamespace(run=run.path, data=ds.root, images=src / "a")
+    """A finished one-epoch run of the tiny recipe, its data set and image folder."""
+    return finished_tiny_run(tmp_path_factory.mktemp("summary"))
 
 
 def two_runs(finished: SimpleNamespace, tmp_path: Path, summary: str | None) -> list[Path]:
