@@ -19,6 +19,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -63,6 +64,18 @@ def _yaml(text: str) -> Any:
 # A run's config.yaml is the resolved recipe plus these facts about the run; reading it
 # back as a recipe (to repeat the run) skips them.
 RUN_INFO_KEYS = ("dataset", "adapted", "hardware", "distributed", "imgclf_version")
+
+
+def _not_a_switch(wanted: str) -> BeforeValidator:
+    """Refuse YAML's true/false for a number: `decay: false` would otherwise be a silent
+    0.0 (bool is an int to pydantic's lax mode); ``wanted`` says what to give instead."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"{wanted}, not {v}")
+        return v
+
+    return BeforeValidator(check)
 
 
 class _Strict(BaseModel):
@@ -169,15 +182,10 @@ class EmaConfig(_Strict):
     gamma 1, power 2/3: 0.9 at t ≈ 31, 0.99 at 1,000, 0.999 at 31,600), so a short stage
     is not held near its starting weights."""
 
-    decay: float = Field(0.999, ge=0, lt=1)
+    decay: Annotated[
+        float, _not_a_switch("a number from 0 up to (not including) 1, e.g. 0.999")
+    ] = Field(0.999, ge=0, lt=1)
     warmup: bool = True
-
-    @field_validator("decay", mode="before")
-    @classmethod
-    def _not_a_switch(cls, v: Any) -> Any:
-        if isinstance(v, bool):  # `decay: false` would otherwise be a silent 0.0
-            raise ValueError(f"a number from 0 up to (not including) 1, e.g. 0.999, not {v}")
-        return v
 
 
 def _ema_switch(v: Any, expected: str) -> Any:
@@ -211,15 +219,10 @@ class HeadConfig(_Strict):
     Unset values take the type's defaults there (dropout 0.0 linear, 0.3 mlp; hidden 512)."""
 
     type: Literal["linear", "mlp"] = "linear"
-    dropout: float | None = Field(None, ge=0, lt=1)
+    dropout: Annotated[
+        float | None, _not_a_switch("a probability from 0 up to (not including) 1")
+    ] = Field(None, ge=0, lt=1)
     hidden: int | None = Field(None, ge=1, le=65536, strict=True)
-
-    @field_validator("dropout", mode="before")
-    @classmethod
-    def _dropout_not_a_switch(cls, v: Any) -> Any:
-        if isinstance(v, bool):  # `dropout: false` would otherwise be a silent 0.0
-            raise ValueError(f"a probability from 0 up to (not including) 1, not {v}")
-        return v
 
     @model_validator(mode="after")
     def _hidden_is_mlp(self) -> HeadConfig:
