@@ -39,7 +39,7 @@ from imgclf.data.loader import BatchLoader
 from imgclf.errors import RecipeError
 from imgclf.runtime.device import Hardware
 from imgclf.runtime.distributed import Dist
-from imgclf.train import precision, prefix_pass
+from imgclf.train import precision, prefix_pass, shared_cache
 from imgclf.train.feature_cache import views_for
 from imgclf.train.recipe import Recipe
 from imgclf.train.stages import set_trainable, split_at_first_trained, stage_size
@@ -361,6 +361,7 @@ class PlanInputs:
     val_loader: BatchLoader | None
     hw: Hardware
     freeze_bn: bool
+    distributed: bool = False  # no cache shared between stages (imgclf.train.shared_cache)
 
 
 def make_plan(job: PlanInputs, budget_seconds: float, started: float) -> Plan:
@@ -368,7 +369,8 @@ def make_plan(job: PlanInputs, budget_seconds: float, started: float) -> Plan:
     from ``started`` (a ``time.perf_counter()`` value: setup before the plan counts too)."""
     r = job.recipe
     per_image = _forward_per_image(job)  # the same network in every stage: timed once
-    costs = [_probe_stage(job, stage, per_image) for stage in r.stages]
+    # A head stage's cache derived from the next stage's costs its middle blocks' pass.
+    costs = shared_cache.priced(job, [_probe_stage(job, s, per_image) for s in r.stages])
     spe = len(job.train_loader)
     # The final evaluation runs the whole network on the validation split, once per
     # test-time view (imgclf.evaluate.tta: 2, or 6 for inputs up to 64 px).
@@ -494,9 +496,10 @@ def _probe_stage(job: PlanInputs, stage, forward: float) -> StageCost:
                 features = prefix.eval()(batch)
             step = _time_steps(suffix, features.clone(), job, _step_dtype(suffix, features, job))
             passes = (views_for(job.recipe, stage) or 1) * n_train + n_val
-            # Priced on the engine the cache will choose (prefix_pass: ONNX Runtime ran
-            # Lite0's prefix several times faster than eager PyTorch on 2-core CPUs).
-            engine = prefix_pass.choose(prefix, batch, passes, job.hw.autocast_dtype, _quiet)
+            # Priced on the engine the cache will choose (prefix_pass: eager or ORT).
+            engine = prefix_pass.choose(
+                prefix, batch, passes, job.hw.autocast_dtype, prefix_pass.silent
+            )
             setup = engine.seconds_per_image * passes
             validation = 0.0  # on cached features: negligible
         else:
@@ -513,10 +516,6 @@ def _probe_stage(job: PlanInputs, stage, forward: float) -> StageCost:
     finally:
         loader.size = size
         torch.set_rng_state(rng)
-
-
-def _quiet(text: str) -> None:
-    """The probe's engine choice says nothing: the cache says it when it is built."""
 
 
 def _autocast(hw: Hardware):

@@ -111,18 +111,16 @@ class FeatureCache:
 
     def __init__(
         self,
-        prefix: nn.Module,
         suffix: nn.Module,
         train: BatchLoader,
-        val: BatchLoader | None,
-        views: list[View],
-        engine: PrefixPass,
-        dist: Dist = SINGLE,
-        val_engine: PrefixPass | None = None,
-        storage: Placement | None = None,
+        features: list[torch.Tensor],
+        val_features: torch.Tensor | None,
+        val_labels: torch.Tensor | None,
     ) -> None:
+        """``features[v]``: every training image's activations in view ``v`` (all rows, on
+        every rank); ``val_features``: the validation images' at the test size, or None."""
         self.suffix = suffix
-        self.views = len(views)
+        self.views = len(features)
         self.alternate = train.augment.flip == "alternate"
         self.train_loader = train
         self.batch_size = train.batch_size
@@ -131,7 +129,26 @@ class FeatureCache:
         self.labels = train.labels
         self.sample_weights = train.sample_weights
         self.rank, self.world_size = train.rank, train.world_size
-        self.features = [
+        self.features = features
+        self.val_features = val_features
+        self.val_labels = val_labels
+        self.epoch = 0
+
+    @classmethod
+    def compute(
+        cls,
+        suffix: nn.Module,
+        train: BatchLoader,
+        val: BatchLoader | None,
+        views: list[View],
+        engine: PrefixPass,
+        dist: Dist = SINGLE,
+        val_engine: PrefixPass | None = None,
+        storage: Placement | None = None,
+    ) -> FeatureCache:
+        """The cache of ``views`` of the training images (and the validation images once)
+        through ``engine``'s prefix."""
+        features = [
             dist.all_gather_rows(
                 _features(engine, train, view, dist.rank, dist.world_size, storage),
                 train.num_samples,
@@ -140,9 +157,8 @@ class FeatureCache:
         ]
         plain = View(0, False, 0, train.seed)
         val_engine = val_engine or engine
-        self.val_features = _features(val_engine, val, plain, storage=storage) if val else None
-        self.val_labels = val.labels if val else None
-        self.epoch = 0
+        val_features = _features(val_engine, val, plain, storage=storage) if val else None
+        return cls(suffix, train, features, val_features, val.labels if val else None)
 
     @classmethod
     def build(
@@ -203,7 +219,7 @@ class FeatureCache:
             run = prefix_pass.eager(prefix, autocast_dtype, sample.device)
             val_engine = PrefixPass(run, val.batch_size, "PyTorch")
         val = val if with_val else None
-        return cls(prefix, suffix, train, val, fixed, engine, dist, val_engine, storage)
+        return cls.compute(suffix, train, val, fixed, engine, dist, val_engine, storage)
 
     # The trainer iterates this like a BatchLoader.
     def __len__(self) -> int:

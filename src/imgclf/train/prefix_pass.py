@@ -81,7 +81,7 @@ def choose(
     if eager_s * passes < WORTH_SECONDS:
         return torch_pass  # an export and a check would cost more than they save
     try:
-        ort = _onnx_runner(prefix, h)
+        ort = _onnx_runner(prefix, sample)
         with torch.inference_mode():
             same = same_activations(ort(sample), prefix(sample))
             ort_s = _seconds(ort, sample[:ORT_BATCH]) / len(sample[:ORT_BATCH])
@@ -105,10 +105,14 @@ def same_activations(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool((got - want).abs().max() <= ATOL * scale)
 
 
-def _onnx_runner(prefix: nn.Module, size: int) -> Runner:
-    from imgclf.runtime.onnx import onnx_net
+def _onnx_runner(prefix: nn.Module, sample: torch.Tensor) -> Runner:
+    """``prefix`` on ONNX Runtime for inputs shaped as ``sample`` (any batch): images, or
+    an earlier part's activations (imgclf.train.shared_cache)."""
+    from imgclf.runtime.onnx import OnnxNet, onnx_bytes, ort_session
 
-    return onnx_net(prefix, size, None, threads=torch.get_num_threads(), spin=False)
+    example = torch.zeros_like(sample[:2], device="cpu", dtype=torch.float32)
+    data = onnx_bytes(prefix.eval(), example, dynamic_batch=True, output_name="logits")
+    return OnnxNet(ort_session(data, torch.get_num_threads(), spin=False))
 
 
 def _seconds(run: Runner, x: torch.Tensor) -> float:
@@ -124,3 +128,8 @@ def _seconds(run: Runner, x: torch.Tensor) -> float:
 def _sync(x: torch.Tensor) -> None:
     if x.is_cuda:  # CUDA kernels run asynchronously: the clock must wait for them
         torch.cuda.synchronize(x.device)
+
+
+def silent(text: str) -> None:
+    """A time budget's probe says nothing of the engines it tries: each cache says its
+    own when it is built."""

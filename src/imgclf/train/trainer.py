@@ -76,6 +76,7 @@ from imgclf.train.setup import (
     make_loaders,
     share_batch,
 )
+from imgclf.train.shared_cache import StageCaches
 from imgclf.train.stages import set_trainable, stage_size, train_mode
 from imgclf.train.state import (
     Position,
@@ -134,6 +135,15 @@ class Trainer:
         self.wall_base = 0.0  # wall time of the processes before a resume
         self.stage: StageRun | None = None  # the stage training now
         self.ema: WeightEma | None = None  # the weight EMA, kept across the stages with one
+        self.caches = StageCaches(
+            recipe,
+            self.model,
+            self.train_loader,
+            self.val_loader,
+            self.hw,
+            dist,
+            lambda t: self._say(t),
+        )
         # Rank 0's metrics.csv and TensorBoard once run() opens the folder; others write nothing.
         self.log: MetricsLog | Discard = Discard()
         self.tb: TensorBoard | Discard = Discard()
@@ -175,7 +185,9 @@ class Trainer:
         if self.budget_seconds is None or self.plan is not None:
             return
         loaders = (self.train_loader, self.val_loader)
-        job = PlanInputs(self.model, self.recipe, *loaders, self.hw, self.adapted.freeze_bn)
+        job = PlanInputs(
+            self.model, self.recipe, *loaders, self.hw, self.adapted.freeze_bn, self.dist.enabled
+        )
         self.plan = agreed_plan(job, self.budget_seconds, self.started, self.dist)
 
     # ------------------------------------------------------------------ stages
@@ -284,20 +296,9 @@ class Trainer:
         self.train_loader.size = stage_size(stage, self.model)
         if not r.feature_cache:
             return n_train, None
-        cache = FeatureCache.build(
-            self.model,
-            r,
-            stage,
-            self.train_loader,
-            self.val_loader,
-            self.hw.autocast_dtype,
-            say=self._say,
-            dist=self.dist,
-            with_val=self.dist.is_main,  # rank 0 alone validates
-            epochs=self._stage_steps(si) / len(self.train_loader),
-            saved=self.progress.stage_cached.get(str(si)),
-        )
-        self.progress.stage_cached[str(si)] = cache is not None
+        steps = self._stage_steps
+        epochs = lambda sj: steps(sj) / len(self.train_loader)  # noqa: E731
+        cache = self.caches.get(si, epochs, self.progress.stage_cached)
         return n_train, cache
 
     def _clock(self, si: int, per_epoch: int) -> Replanner:
