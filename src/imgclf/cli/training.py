@@ -87,6 +87,16 @@ def _weights_override(args: argparse.Namespace) -> list[str]:
     return [f"weights={json.dumps(str(path.resolve()))}"]
 
 
+def _trackers(names: list[str] | None) -> list:
+    """``--log`` as the tracker callbacks it names (imgclf.train.trackers, imported only
+    when asked: MLflow is an optional extra)."""
+    if not names:
+        return []
+    from imgclf.train.trackers import tracker
+
+    return [tracker(name) for name in dict.fromkeys(names)]
+
+
 def _train(args: argparse.Namespace) -> int:
     """train a recipe on a dataset
 
@@ -96,6 +106,8 @@ def _train(args: argparse.Namespace) -> int:
     """
     from imgclf.train import train
 
+    # Before torchrun or any training: a tracker not installed is one line now.
+    callbacks = _trackers(args.log)
     _launch_torchrun(args)
     if args.recipe is None and args.resume is None and args.data is None:
         raise UserError(
@@ -105,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
     options = pick(args, "resume", "exist_ok", "new_data")
     training = _training(args)
     training["overrides"] = (*training["overrides"], *_weights_override(args))
-    run = train(args.recipe, args.data, **options, **training)
+    run = train(args.recipe, args.data, **options, **training, callbacks=callbacks)
     if run.summary:  # empty on torchrun's ranks other than 0: rank 0 reports the run
         print_run(run)
     return 0
@@ -141,6 +153,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="train data-parallel in N processes on this machine: shorthand for `torchrun "
         "--standalone --nproc-per-node N -m imgclf train ...` (the recipe's batch_size is "
         "the global batch)",
+    )
+    p.add_argument(
+        "--log",
+        action="append",
+        choices=["mlflow"],
+        help="also log the run to an experiment tracker: mlflow (params, metrics each epoch, "
+        "the run folder at the end; MLFLOW_TRACKING_URI, else ./mlruns; needs "
+        "pip install 'imgclf[mlflow]'); metrics.csv and TensorBoard are always written",
     )
     add_training_options(p)
 

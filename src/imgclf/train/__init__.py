@@ -13,6 +13,8 @@ from typing import Any
 
 _EXPORTS = {
     "Run": "imgclf.train.state",
+    "Callback": "imgclf.train.callbacks",
+    "TrainState": "imgclf.train.callbacks",
     "train": "imgclf.train.api",
     "Recipe": "imgclf.train.recipe",
     "list_recipes": "imgclf.train.recipe",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from imgclf.runtime.checkpoint import check_same_dataset, load_resumable
 from imgclf.runtime.device import resolve_device
 from imgclf.runtime.distributed import Dist
 from imgclf.train.budget import parse_duration
+from imgclf.train.callbacks import Callback
 from imgclf.train.choose import choose_recipe
 from imgclf.train.recipe import Recipe, load_recipe, validate
 from imgclf.train.rundir import (
@@ -51,6 +53,7 @@ def train(
     runs_dir: str | Path = "runs",
     exist_ok: bool = False,
     new_data: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> Run:
     """Train a recipe on a dataset; returns the :class:`Run` (its folder and summary).
     Without a recipe, one is chosen from the data (:func:`imgclf.train.choose.choose_recipe`).
@@ -68,6 +71,10 @@ def train(
     ``out`` is what lets the restarted processes find the run and resume it from its
     ``last.pt``.
 
+    ``callbacks``: :class:`~imgclf.train.callbacks.Callback` instances, whose hooks the
+    trainer calls during the run, as it writes metrics.csv and TensorBoard (``--log
+    mlflow`` adds :class:`~imgclf.train.trackers.MlflowLogger`).
+
     >>> run = imgclf.train("fast", data="c10", epochs=2)
     >>> run = imgclf.train("fast", data="c10", time_budget="10m")
     """
@@ -80,18 +87,8 @@ def train(
     device, threads = _per_process(job.recipe, env, device, threads)
     dist = distributed.init(resolve_device(device))
     try:
-        trainer = Trainer(
-            job.recipe,
-            job.ds,
-            job.out,
-            device=device,
-            threads=threads,
-            progress=progress,
-            state=job.state,
-            budget_seconds=job.budget,
-            started=started,
-            dist=dist,
-        )
+        options = {"device": device, "threads": threads, "progress": progress}
+        trainer = _trainer(job, dist, started, callbacks=callbacks, **options)
         return _train_in_folder(trainer, job, Path(runs_dir))
     finally:
         dist.shutdown()
@@ -122,6 +119,21 @@ class _Job:
     state: dict | None  # the checkpoint resumed from
     budget: float | None  # seconds
     exist_ok: bool
+
+
+def _trainer(job: _Job, dist: Dist, started: float, **options: Any) -> Trainer:
+    """The trainer of ``job``; ``options``: train()'s device, threads, progress and
+    callbacks."""
+    return Trainer(
+        job.recipe,
+        job.ds,
+        job.out,
+        state=job.state,
+        budget_seconds=job.budget,
+        started=started,
+        dist=dist,
+        **options,
+    )
 
 
 def _resolve(args: _Args, env: Dist) -> _Job:

@@ -3,7 +3,8 @@
 ``runs/<recipe>-<n>/`` holds everything needed to judge and reuse a run:
 ``config.yaml``, ``metrics.csv``, ``last.pt``/``best.pt``, ``curves.png``,
 ``confusion_matrix.png``/``confusion.csv``, ``per_class.csv``, ``summary.json`` and
-TensorBoard event files (``tb/``).
+TensorBoard event files (``tb/``). The metrics CSV and TensorBoard are written each epoch
+by callbacks (imgclf.train.callbacks), with :class:`MetricsLog`'s rows.
 
 One process trains in a run folder at a time: :func:`claim_run_dir` holds an exclusive
 ``flock`` on ``.imgclf-train.lock`` inside it for as long as the run lasts, and refuses a
@@ -350,49 +351,3 @@ def summary_line(row: dict, total_epochs: int, ema: bool = False) -> str:
 
 def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-class TensorBoard:
-    """TensorBoard scalars; a no-op where tensorboard is not installed."""
-
-    def __init__(self, folder: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # optional at run time: the CSV holds the same numbers
-            self.writer = None
-        else:
-            self.writer = SummaryWriter(log_dir=str(folder))
-
-    def log(self, row: dict[str, Any]) -> None:
-        if self.writer is None:
-            return
-        step = row["epoch"]
-        for key in ("train_loss", "val_loss"):
-            if row.get(key) == row.get(key):  # skip NaN
-                self.writer.add_scalar(f"loss/{key[:-5]}", row[key], step)
-        for key in ("train_acc", "val_acc"):
-            if row.get(key) == row.get(key):
-                self.writer.add_scalar(f"accuracy/{key[:-4]}", row[key], step)
-        self.writer.add_scalar("lr", row["lr"], step)
-        self.writer.add_scalar("images_per_second", row["images_per_second"], step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-class Discard:
-    """The metrics log and TensorBoard writer of ranks other than 0: they write nothing."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def append(self, row: dict[str, Any]) -> None:
-        pass
-
-    def log(self, row: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -2,10 +2,11 @@
 
 :class:`Trainer` builds the model and loaders (imgclf.train.setup), runs every stage of
 the recipe (freezing and unfreezing groups itself), and ends each epoch here: validation,
-a row in ``metrics.csv`` and TensorBoard, the guard rails (imgclf.train.guards), early
-stopping, a budget's re-plan, and ``last.pt``/``best.pt`` (imgclf.train.state). An
-epoch's steps are imgclf.train.steps; the end of the run is imgclf.train.finish. With a
-weight EMA (imgclf.train.ema) validation and best.pt use the average.
+the callbacks (imgclf.train.callbacks: metrics.csv, TensorBoard, the caller's), the guard
+rails (imgclf.train.guards), early stopping, a budget's re-plan, and ``last.pt``/``best.pt``
+(imgclf.train.state). An epoch's steps are imgclf.train.steps; the end of the run is
+imgclf.train.finish. With a weight EMA (imgclf.train.ema) validation and best.pt use the
+average.
 
 Resume is exact on CPU: batches are a function of (seed, epoch), the global RNG state is
 saved, and a checkpoint taken mid-epoch (Ctrl-C, or every ``CHECKPOINT_MINUTES``) records
@@ -26,6 +27,7 @@ import functools
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +48,7 @@ from imgclf.runtime.finite import checkpoint_tensors, nonfinite
 from imgclf.train import precision
 from imgclf.train.adapt import adapt
 from imgclf.train.budget import Plan, PlanInputs, Replanner, agreed_plan
+from imgclf.train.callbacks import Callback, Hooks
 from imgclf.train.ema import WeightEma, ema_summary, stage_ema, validated
 from imgclf.train.feature_cache import FeatureCache
 from imgclf.train.finish import FinishInputs, finish_run
@@ -59,14 +62,7 @@ from imgclf.train.guards import (
 from imgclf.train.lookahead import Lookahead
 from imgclf.train.optim import build_optimizer, build_scheduler, lr_of_last_step, muon_step
 from imgclf.train.recipe import Recipe, StageConfig
-from imgclf.train.rundir import (
-    Discard,
-    MetricsLog,
-    TensorBoard,
-    summary_line,
-    write_json,
-    write_launch_marker,
-)
+from imgclf.train.rundir import summary_line, write_json, write_launch_marker
 from imgclf.train.setup import (
     build_model,
     check_groups,
@@ -109,6 +105,7 @@ class Trainer:
         budget_seconds: float | None = None,
         started: float | None = None,
         dist: Dist = SINGLE,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.started = started if started is not None else time.perf_counter()
         self.dist = dist
@@ -144,9 +141,8 @@ class Trainer:
             dist,
             lambda t: self._say(t),
         )
-        # Rank 0's metrics.csv and TensorBoard once run() opens the folder; others write nothing.
-        self.log: MetricsLog | Discard = Discard()
-        self.tb: TensorBoard | Discard = Discard()
+        # Rank 0 alone calls them, and writes metrics.csv and TensorBoard (Hooks.open).
+        self.hooks = Hooks(self, callbacks if dist.is_main else ())
         check_groups(self.model, recipe)
         if state is None:
             init_from_data(self.model, self.train_loader, recipe.seed)
@@ -205,6 +201,7 @@ class Trainer:
             if self.position.epoch >= self._stage_epochs(si):
                 continue
             self.stage = self._start_stage(si, stage)
+            self.hooks("on_stage_start")
             while self.position.epoch < self._stage_epochs(si):
                 stop = self._epoch(si)
                 if self._agreed(self.ctrl_c.requested):  # during validation or the save
@@ -422,8 +419,7 @@ class Trainer:
             "seconds": stats["seconds"],
             "images_per_second": stats["images_per_second"],
         }
-        self.log.append(row)
-        self.tb.log(row)
+        self.hooks("on_epoch_end", epoch=epoch, metrics=row)
         self._say(summary_line(row, self.total_epochs, self.ema is not None))
 
     def _agreed(self, flag: bool) -> bool:
@@ -465,9 +461,10 @@ class Trainer:
             raise self._diverged(pos.stage, epoch, float("nan"), None, bad or ["on rank 0"])
         if state is None:
             return  # the weights are the same on every rank: rank 0 keeps them
-        if best:
-            save_checkpoint(best_checkpoint(state), self.out / "best.pt")
-        save_checkpoint(state, self.out / "last.pt")
+        saves = [("best.pt", best_checkpoint(state))] if best else []
+        for name, saved in [*saves, ("last.pt", state)]:
+            save_checkpoint(saved, self.out / name)
+            self.hooks("on_checkpoint", self.out / name)
 
     def _checkpoint(self, optimizer, scheduler) -> dict:
         lookahead = self.stage.lookahead if self.stage is not None else None
@@ -558,9 +555,11 @@ class Trainer:
                     f"interrupted ({saved}); continue with `imgclf train --resume {self.out}`",
                     file=sys.stderr,
                 )
+            self.hooks("on_train_end", status="interrupted")
             raise
-        finally:
-            self.tb.close()
+        except BaseException:
+            self.hooks("on_train_end", status="failed")
+            raise
         if not main:
             # Rank 0 evaluates and writes the rest alone; the others are done (no
             # collective follows, so a long evaluation cannot time one out).
@@ -570,24 +569,23 @@ class Trainer:
         summary["backend"] = self.dist.backend  # None: one process, no process group
         summary["ema"] = ema_summary(self.recipe, self.progress)  # None: no weight EMA
         write_json(self.out / "summary.json", summary)
+        self.hooks("on_train_end", status="finished", summary=summary)
         return Run(self.out, summary)
 
     def _open_run_dir(self, launch_ids: list[str] | None) -> None:
-        """Rank 0's run folder: the launch marker (torchrun), metrics.csv, config.yaml and
-        TensorBoard."""
+        """Rank 0's run folder: the launch marker (torchrun), config.yaml, then the
+        callbacks' start (metrics.csv and TensorBoard first)."""
         make_folder(self.out, "--out")
         write_launch_marker(self.out, launch_ids)  # torchrun: every node's agent
-        self.log = MetricsLog(self.out / "metrics.csv")
-        # A resume drops rows logged after its checkpoint (a kill between two writes).
-        self.log.truncate(self._global_epoch(self.position.stage, self.position.epoch))
         config = config_yaml(
             self.recipe, self.ds, self.adapted, self.hw, self.threads, self.dist, self.train_loader
         )
         atomic_write_text(self.out / "config.yaml", config)
-        self.tb = TensorBoard(self.out / "tb")
+        self.hooks.open()
+        self.hooks("on_train_start")
 
     def _finish_inputs(self) -> FinishInputs:
         # In FinishInputs' field order.
-        run = (self.out, self.model, self.recipe, self.ds, self.val_loader, self.log.rows)
+        run = (self.out, self.model, self.recipe, self.ds, self.val_loader, self.hooks.rows)
         trained = (self.progress, self.plan, len(self.train_loader), self.adapted)
         return FinishInputs(*run, *trained, self.hw, self.threads, self.started)
