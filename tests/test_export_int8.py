@@ -127,6 +127,21 @@ def test_predict_with_the_int8_file_labels_every_file_like_the_float_one(
         )
 
 
+def test_weighted_vote_weighs_an_int8_file_by_its_measured_accuracy(
+    exported, trained, tmp_path, capsys
+):
+    int8, float_ = exported
+    out = tmp_path / "w.csv"
+    args = ["--input", str(trained.src), "--out", str(out), "--vote", "weighted"]
+    assert main(["predict", str(int8), str(trained.run16), *args]) == 0
+    assert len(_rows(out)) == 36
+    # a float file has no accuracy of its own (a summary.json beside it may be another's)
+    out.unlink()
+    assert main(["predict", str(float_), str(trained.run16), *args]) == 2
+    assert "no validation accuracy for run32" in _one_line_error(capsys)
+    assert not out.exists()
+
+
 def test_serve_with_the_int8_file(exported, trained, tmp_path):
     from fastapi.testclient import TestClient
 

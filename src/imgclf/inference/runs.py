@@ -73,7 +73,15 @@ def load_run(run: str | Path | Any, device: torch.device | str = "cpu") -> Loade
 def validation_accuracy(lr: LoadedRun) -> float | None:
     """The run's validation accuracy: summary.json, else (no such file, or no accuracy in
     it) the checkpoint's best so far. A summary.json that is not what training wrote is
-    one :class:`SummaryError` line: a weight read from it would silently change the vote."""
+    one :class:`SummaryError` line: a weight read from it would silently change the vote.
+    An exported file: the int8 accuracy its export measured, else none (the summary.json
+    beside a copied file need not be its run's)."""
+    if lr.exported:
+        quantization = lr.state["exported"].get("quantization")
+        try:
+            return float(quantization["int8_accuracy"])
+        except (TypeError, KeyError, ValueError):
+            return None
     folder = lr.path if lr.path.is_dir() else lr.path.parent
     try:
         summary = read_summary(folder / "summary.json") or {}
