@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "imgclf.serve": 6,
     "imgclf.report": 6,
     "imgclf.export": 6,
+    "imgclf.export_int8": 6,  # export --int8: above export, whose graph it quantizes
     "imgclf.demo": 6,
     "imgclf.cli": 7,
     "imgclf.__main__": 7,

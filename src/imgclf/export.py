@@ -347,6 +347,9 @@ def export(
     path = Path(out) if out is not None else default_out(runs, format, vote)
     check_output_file(path)  # before the runs load and the graph is traced and verified
     rs = load_runs(runs)
+    for lr in rs.runs:
+        if lr.exported:  # an ONNX graph has no PyTorch module to export again
+            raise ExportError(f"{lr.path} is already an exported model; give its run folder")
     graph = build_graph(rs, vote, weights if vote == "weighted" else None)
     pixels, described = sample_pixels(rs, graph, verify_images)
     pre = graph.preprocess

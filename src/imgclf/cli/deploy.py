@@ -26,13 +26,42 @@ def _export(args: argparse.Namespace) -> int:
     (N×3×H×W float32, normalized); class names, sizes, mean/std and the preprocessing go
     into its metadata. Several runs: one graph averaging their probabilities (--vote soft
     or weighted). The file is written only after its outputs equal PyTorch's within 1e-4
-    on the run's validation images.
+    on the run's validation images. --int8: a statically quantized ONNX model
+    (RUN/model.int8.onnx), calibrated on the run's training images and written only where
+    its labels agree with the float model's on --min-agreement of the validation images.
     """
+    if args.int8:
+        return _export_int8(args)
     from imgclf.export import export
 
     options = pick(args, "format", "opset", "dynamic_batch", "vote", "weights")
     print(export(args.runs, args.out, **options).summary())
     return 0
+
+
+def _export_int8(args: argparse.Namespace) -> int:
+    from imgclf.errors import ExportError
+    from imgclf.export_int8 import export_int8
+
+    if args.format != "onnx":
+        raise ExportError(f"--int8 writes an ONNX model; drop --format {args.format}")
+    if len(args.runs) > 1:
+        raise ExportError("--int8 quantizes one run; export each run of a vote separately")
+    options = pick(args, "opset", "dynamic_batch", "calibration_images")
+    options["min_agreement"] = args.min_agreement / 100
+    print(export_int8(args.runs[0], args.out, **options).summary())
+    return 0
+
+
+def percentage(text: str) -> float:
+    """A percentage, 0 to 100."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and 0 <= value <= 100):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a percentage, 0 to 100")
+    return value
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +76,15 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     combine = "how runs combine: soft or weighted (one graph averages probabilities)"
     add_vote_option(p, "soft", combine)
     add_weights_option(p)
+    int8 = "a statically quantized int8 ONNX model (default file RUN/model.int8.onnx)"
+    p.add_argument("--int8", action="store_true", help=int8)
+    calib = "--int8: training images to calibrate on (256)"
+    p.add_argument("--calibration-images", type=positive_int, default=256, metavar="N", help=calib)
+    agree = (
+        "--int8: least share of validation images, in percent, whose top-1 label the int8 "
+        "model must share with the float one, else nothing is written (90; 0 writes it anyway)"
+    )
+    p.add_argument("--min-agreement", type=percentage, default=90.0, metavar="PCT", help=agree)
 
 
 def seconds(text: str) -> float:

@@ -26,8 +26,11 @@ def pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
+RUNS_HELP = "run folder(s), .pt checkpoint(s), or .onnx file(s) written by imgclf export"
+
+
 def add_runs_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) or .pt checkpoint(s)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help=RUNS_HELP)
 
 
 # Largest count any option takes: past it a number is a typo, and past 2**63 it ended in

@@ -20,7 +20,7 @@ import torch
 from imgclf.data.cache import Dataset
 from imgclf.data.loader import BatchLoader
 from imgclf.data.preprocess import Preprocess
-from imgclf.errors import CheckpointError, DataError
+from imgclf.errors import CheckpointError, DataError, UserError
 from imgclf.evaluate.metrics import infer
 from imgclf.evaluate.tta import TTA
 from imgclf.inference.decode import Decoded
@@ -60,13 +60,27 @@ def make_members(
         net = TTA(lr.model) if tta else lr.model
         pre = Preprocess.from_state(lr.state)
         # The same module, run by ONNX Runtime where asked or measured faster
-        runs_on = backend_for(backend, lr.state["model_name"], device)
-        if runs_on == "onnx":
+        runs_on = _exported_backend(lr, backend) or backend_for(
+            backend, lr.state["model_name"], device
+        )
+        if runs_on == "onnx" and not lr.exported:
             wrapper = "tta" if tta else "plain"
             path, classes = lr.state.get("path"), len(lr.classes)
             net = onnx_net(net, pre.input_size, path, wrapper=wrapper, classes=classes)
         out.append(Member(lr.name, net, pre, torch.from_numpy(order).to(device), runs_on))
     return out
+
+
+def _exported_backend(lr: LoadedRun, backend: str) -> str | None:
+    """``onnx`` for an exported file (already an ONNX graph), None for a checkpoint."""
+    if not lr.exported:
+        return None
+    if backend == "torch":
+        raise UserError(
+            f"{lr.path}: an exported ONNX model runs on ONNX Runtime; drop --backend torch "
+            "(or give the run folder)"
+        )
+    return "onnx"
 
 
 def autocast_for(hw: Hardware, backend: str) -> Autocast:

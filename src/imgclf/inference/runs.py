@@ -18,6 +18,7 @@ import torch
 
 from imgclf.ensemble import VOTE_METHODS, EnsembleError
 from imgclf.errors import CheckpointError, UserError
+from imgclf.inference.exported import is_exported, load_exported
 from imgclf.models import build_model_from_checkpoint
 from imgclf.runtime.checkpoint import load_checkpoint
 from imgclf.runtime.schema import SummaryError, read_summary
@@ -44,15 +45,25 @@ class LoadedRun:
         """The model's output classes, in its output column order."""
         return list(self.state["class_names"])
 
+    @property
+    def exported(self) -> bool:
+        """Whether this is an exported ONNX file (no PyTorch model: it runs on ONNX Runtime)."""
+        return "exported" in self.state
+
 
 def load_run(run: str | Path | Any, device: torch.device | str = "cpu") -> LoadedRun:
     """Load a run for inference and rebuild its model on ``device``.
 
-    ``run``: a run folder (its ``best.pt``, else ``last.pt``), a checkpoint file, or any
-    object with a ``path`` (a ``Run`` from ``imgclf.train``). The name is the run folder's.
-    Raises :class:`~imgclf.errors.CheckpointError` for a missing or unreadable checkpoint.
+    ``run``: a run folder (its ``best.pt``, else ``last.pt``), a checkpoint file, an ONNX
+    file written by ``imgclf export`` (:mod:`imgclf.inference.exported`: it runs on ONNX
+    Runtime), or any object with a ``path`` (a ``Run`` from ``imgclf.train``). The name is
+    the run folder's. Raises :class:`~imgclf.errors.CheckpointError` for a missing or
+    unreadable checkpoint.
     """
     path = Path(getattr(run, "path", run))
+    if is_exported(path):
+        net, state = load_exported(path)
+        return LoadedRun(path, path.parent.name, net, state)
     state = load_checkpoint(path)
     model = build_model_from_checkpoint(state).to(device)
     folder = path if path.is_dir() else path.parent
@@ -62,7 +73,15 @@ def load_run(run: str | Path | Any, device: torch.device | str = "cpu") -> Loade
 def validation_accuracy(lr: LoadedRun) -> float | None:
     """The run's validation accuracy: summary.json, else (no such file, or no accuracy in
     it) the checkpoint's best so far. A summary.json that is not what training wrote is
-    one :class:`SummaryError` line: a weight read from it would silently change the vote."""
+    one :class:`SummaryError` line: a weight read from it would silently change the vote.
+    An exported file: the int8 accuracy its export measured, else none (the summary.json
+    beside a copied file need not be its run's)."""
+    if lr.exported:
+        quantization = lr.state["exported"].get("quantization")
+        try:
+            return float(quantization["int8_accuracy"])
+        except (TypeError, KeyError, ValueError):
+            return None
     folder = lr.path if lr.path.is_dir() else lr.path.parent
     try:
         summary = read_summary(folder / "summary.json") or {}

@@ -88,8 +88,6 @@ def onnx_bytes(
 ) -> bytes:
     """``module`` as an ONNX model (bytes), input ``input``, batch dynamic or fixed at
     ``example``'s. Raises :class:`ExportError` naming the operator that cannot be exported."""
-    import onnx
-
     module.eval()
     dynamic = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
     # torch.export specializes a batch of 1 to a constant: trace a dynamic batch with 2.
@@ -120,8 +118,17 @@ def onnx_bytes(
         raise
     except Exception as exc:  # the exporter raises many types; all mean "cannot export"
         raise ExportError(f"cannot export to ONNX: {unsupported_reason(exc)}") from exc
-    model = onnx.load_from_string(buffer.getvalue())
-    for key, value in (metadata or {}).items():
+    return set_metadata(buffer.getvalue(), metadata or {})
+
+
+def set_metadata(model_bytes: bytes, metadata: Mapping[str, str]) -> bytes:
+    """The ONNX model with ``metadata`` as its ``metadata_props`` (any it had replaced)
+    and imgclf as its producer."""
+    import onnx
+
+    model = onnx.load_from_string(model_bytes)
+    del model.metadata_props[:]
+    for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.producer_name = "imgclf"
