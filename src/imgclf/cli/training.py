@@ -115,7 +115,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "train", _train)
     p.add_argument("recipe", nargs="?", help="recipe name (imgclf recipes) or YAML path")
     p.add_argument("--data", help="dataset name or cache folder (imgclf data list)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run from its last.pt; with --epochs N, train a finished run N "
+        "epochs more (at its last learning rate, or a cosine decay from --set optimizer.lr=X)",
+    )
     p.add_argument(
         "--exist-ok",
         action="store_true",

@@ -1,10 +1,10 @@
 """``train(recipe, data)``: the public entry to training.
 
-It reads the call's arguments (a recipe and a data set, or a run to resume, or the run
-folder of a torchrun job that was restarted), joins the process group under torchrun,
-claims the run folder and runs the :class:`~imgclf.train.trainer.Trainer` in it: every
-stage of the recipe, ``metrics.csv`` and TensorBoard each epoch, ``last.pt``/``best.pt``,
-and finally the best weights evaluated on the validation split.
+It reads the call's arguments (a recipe and a data set, or a run to resume or to train
+more, or the run folder of a torchrun job that was restarted), joins the process group
+under torchrun, claims the run folder and runs the :class:`~imgclf.train.trainer.Trainer`
+in it: every stage of the recipe, ``metrics.csv`` and TensorBoard each epoch,
+``last.pt``/``best.pt``, and finally the best weights evaluated on the validation split.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from imgclf.runtime import distributed
 from imgclf.runtime.checkpoint import check_same_dataset, load_resumable
 from imgclf.runtime.device import resolve_device
 from imgclf.runtime.distributed import Dist
+from imgclf.train import more
 from imgclf.train.budget import parse_duration
 from imgclf.train.choose import choose_recipe
 from imgclf.train.recipe import Recipe, load_recipe, validate
@@ -58,6 +59,9 @@ def train(
     ``time_budget`` (``"10m"``, ``"1h30m"``, or seconds): scale every stage to finish,
     evaluation included, within that wall time (:mod:`imgclf.train.budget`).
 
+    ``resume`` and ``epochs`` on a finished run: that many epochs more
+    (:mod:`imgclf.train.more`).
+
     One process trains in a run folder at a time (:func:`~imgclf.train.rundir.claim_run_dir`).
     ``out`` may not hold a run already unless ``exist_ok`` (its run files are removed
     first); a resume continues on its checkpoint's data set unless ``new_data``.
@@ -70,6 +74,7 @@ def train(
 
     >>> run = imgclf.train("fast", data="c10", epochs=2)
     >>> run = imgclf.train("fast", data="c10", time_budget="10m")
+    >>> run = imgclf.train(resume=run.path, epochs=5)
     """
     started = time.perf_counter()
     env = distributed.from_env()
@@ -80,18 +85,7 @@ def train(
     device, threads = _per_process(job.recipe, env, device, threads)
     dist = distributed.init(resolve_device(device))
     try:
-        trainer = Trainer(
-            job.recipe,
-            job.ds,
-            job.out,
-            device=device,
-            threads=threads,
-            progress=progress,
-            state=job.state,
-            budget_seconds=job.budget,
-            started=started,
-            dist=dist,
-        )
+        trainer = _trainer(job, device, threads, progress, started, dist)
         return _train_in_folder(trainer, job, Path(runs_dir))
     finally:
         dist.shutdown()
@@ -122,6 +116,7 @@ class _Job:
     state: dict | None  # the checkpoint resumed from
     budget: float | None  # seconds
     exist_ok: bool
+    more: more.More | None = None  # epochs added to a finished run
 
 
 def _resolve(args: _Args, env: Dist) -> _Job:
@@ -130,8 +125,47 @@ def _resolve(args: _Args, env: Dist) -> _Job:
     if env.enabled and args.resume is None:
         _follow_restart(args, env)
     budget = _budget_seconds(args)
-    rec, state, out_dir = _resumed(args) if args.resume is not None else _fresh(args, env)
-    return _Job(rec, _dataset(args, state), out_dir, state, budget, args.exist_ok)
+    if args.resume is not None:
+        rec, state, out_dir, added = _resumed(args)
+        return _Job(rec, _dataset(args, state), out_dir, state, budget, args.exist_ok, added)
+    rec, out_dir = _fresh(args, env)
+    return _Job(rec, _dataset(args, None), out_dir, None, budget, args.exist_ok)
+
+
+def _trainer(
+    job: _Job,
+    device: str | None,
+    threads: int | None,
+    progress: bool,
+    started: float,
+    dist: Dist,
+) -> Trainer:
+    """The job's trainer, before any run folder is claimed: with a finished run's added
+    stage (--epochs), and a line that says so."""
+    trainer = Trainer(
+        job.recipe,
+        job.ds,
+        job.out,
+        device=device,
+        threads=threads,
+        progress=progress,
+        state=job.state,
+        budget_seconds=job.budget,
+        started=started,
+        dist=dist,
+    )
+    _start(trainer, job)
+    return trainer
+
+
+def _start(trainer: Trainer, job: _Job) -> None:
+    """What _trainer adds to a trainer that --epochs asks for."""
+    if job.more is None:
+        return
+    line = more.extend(trainer, job.more)
+    # Printed even with --quiet: it says what is being trained, as the chosen recipe's line.
+    if trainer.dist.is_main:
+        print(line, file=sys.stderr)
 
 
 def _per_process(
@@ -171,20 +205,37 @@ def _budget_seconds(args: _Args) -> float | None:
     return budget
 
 
-def _resumed(args: _Args) -> tuple[Recipe, dict, Path]:
-    """A resume: the checkpoint, its recipe and its run folder."""
+def _resumed(args: _Args) -> tuple[Recipe, dict, Path, more.More | None]:
+    """A resume: the checkpoint, its recipe, its run folder and, with ``epochs`` on a
+    finished run, the epochs to add (imgclf.train.more)."""
     resume = Path(args.resume)
     last = resume / "last.pt" if resume.is_dir() else resume
     state = load_resumable(last)
     rec = validate(state["recipe"], str(last))
-    if args.overrides or args.epochs:
-        raise CheckpointError("--resume continues the saved recipe; drop --set/--epochs")
+    added = _added(args, state, rec) if args.epochs or args.overrides else None
     if args.exist_ok:
         raise CheckpointError("--exist-ok starts a fresh run; --resume continues one")
-    return rec, state, last.parent
+    return rec, state, last.parent, added
 
 
-def _fresh(args: _Args, env: Dist) -> tuple[Recipe, None, Path | None]:
+def _added(args: _Args, state: dict, rec: Recipe) -> more.More | None:
+    """What ``--epochs`` (and ``--set optimizer.lr``) add to a finished run; None where
+    the run stopped inside that same continuation (the command again after a kill), which
+    is then resumed as it is. Anything else changes a saved recipe: an error."""
+    finished = more.is_finished(state, rec)
+    if args.epochs and finished:
+        return more.request(args.epochs, args.overrides)
+    if args.epochs:
+        with contextlib.suppress(RecipeError):
+            if more.is_this_continuation(state, rec, more.request(args.epochs, args.overrides)):
+                return None
+    why = " (--epochs adds epochs to a finished run; this one has not finished)"
+    raise CheckpointError(
+        "--resume continues the saved recipe; drop --set/--epochs" + (why if args.epochs else "")
+    )
+
+
+def _fresh(args: _Args, env: Dist) -> tuple[Recipe, Path | None]:
     """A fresh run: its recipe (the one named, or one chosen for the data) and its run
     folder (None: numbered once the trainer is built)."""
     recipe = args.recipe
@@ -206,7 +257,7 @@ def _fresh(args: _Args, env: Dist) -> tuple[Recipe, None, Path | None]:
     # holds the lock, and may hold it already when another rank gets here.
     if out_dir is not None and env.is_main:
         check_run_dir(out_dir, exist_ok=args.exist_ok)
-    return rec, None, out_dir
+    return rec, out_dir
 
 
 def _load_data(data: str | Path | Dataset | None, state: dict | None) -> Dataset:
