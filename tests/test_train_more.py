@@ -1,5 +1,5 @@
 """Train more (issue #32, item 3): ``imgclf train --resume RUN --epochs N`` on a finished
-run adds a stage.
+run adds a stage; ``imgclf train RECIPE --data D --init RUN`` starts from RUN's weights.
 
 Each case trains a tiny run (the `simple` net on 16-px colour squares, seconds) and drives
 the CLI or imgclf.train. The kill test is a real child process killed with SIGKILL at a
@@ -30,6 +30,7 @@ from helpers_train import (
     make_image_folder,
     metric_rows,
     tiny_recipe,
+    write_recipe,
 )
 from imgclf.cli import main
 from imgclf.train import api
@@ -254,6 +255,7 @@ BAD_MORE = [
     (["--set", "batch_size=4"], "takes only --set optimizer.lr=X"),
     (["--set", "optimizer.lr=-1"], "--set optimizer.lr=-1: Input should be greater than 0"),
     (["--exist-ok"], "--exist-ok starts a fresh run"),
+    (["--init", "RUN"], "--init starts a new run from another run's weights"),
 ]
 
 
@@ -278,3 +280,102 @@ def test_epochs_on_an_unfinished_run_is_refused(finished, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--resume", out, "--epochs", "2")
     assert code == 2
     assert "drop --set/--epochs (--epochs adds epochs to a finished run" in err
+
+
+# ---------------------------------------------------------------- --init RUN
+
+
+def start_weights(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """Record the model's weights as training starts (after --init loaded them)."""
+    seen: list[dict[str, torch.Tensor]] = []
+    fit = Trainer.fit
+
+    def recorded(self) -> None:
+        seen.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", recorded)
+    return seen
+
+
+def new_data(root: Path, classes: tuple[str, ...]) -> Path:
+    src = make_image_folder(root / "src", per_class=8, classes=classes, seed=1)
+    return imgclf.import_dataset(src, "new", dest=root / "new", warn=lambda m: None).root
+
+
+def test_init_with_the_same_classes_starts_from_the_same_weights(
+    finished, tmp_path, monkeypatch, capsys
+):
+    seen = start_weights(monkeypatch)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(epochs=1))
+    data, out = new_data(tmp_path, ("a", "b", "c")), tmp_path / "run"
+    argv = ["train", recipe, "--data", data, "--init", finished.run, "--out", out, "--quiet"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    best = finished.run / "best.pt"
+    assert f"init: weights of {best}: 3 classes matched, 0 new, 0 dropped" in err
+    source = load_pt(best)["model_state"]
+    assert all(torch.equal(seen[0][k], source[k]) for k in source)
+    assert json.loads((out / "summary.json").read_text())["init_from"] == str(best)
+    assert yaml.safe_load((out / "config.yaml").read_text())["init"] == str(best)
+
+
+def test_init_matches_classes_by_name_adds_and_drops(finished, tmp_path, monkeypatch, capsys):
+    seen = start_weights(monkeypatch)
+    # Classes b, c kept (now rows 0, 1), e new (row 2), a dropped; a larger input size.
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(epochs=1, input_size=24))
+    data = new_data(tmp_path, ("b", "c", "e"))
+    fresh = imgclf.train(recipe, data, out=tmp_path / "fresh", threads=1, progress=False)
+    run = imgclf.train(
+        recipe, data, out=tmp_path / "run", init=finished.run, threads=1, progress=False
+    )
+    err = capsys.readouterr().err
+    assert "2 classes matched, 1 new (e), 1 dropped (a)" in err
+    source = load_pt(finished.run / "best.pt")["model_state"]
+    start, fresh_start = seen[1], seen[0]
+    for key in ("head.weight", "head.bias"):
+        assert torch.equal(start[key][:2], source[key][1:])  # b, c: their old rows
+        assert torch.equal(start[key][2], fresh_start[key][2])  # e: the fresh model's row
+    for key in source:
+        if not key.startswith("head."):
+            assert torch.equal(start[key], source[key]), key
+    assert run.summary["classes"] == ["b", "c", "e"] and fresh.summary["init_from"] is None
+
+
+BAD_INIT = [
+    (["--set", "model=complex"], "that run's model is 'simple', this recipe's is 'complex'"),
+    (["--init-file", "nothing"], "no such checkpoint"),
+    (["--init-file", "text.pt"], "text.pt: unreadable checkpoint (not a PyTorch file"),
+    (["--weights", "RECIPE"], "init and weights both give the starting weights"),
+]
+
+
+@pytest.mark.parametrize("args, expected", BAD_INIT)
+def test_bad_init_is_one_error_line_and_no_run(finished, tmp_path, capsys, args, expected):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(epochs=1, model="simple"))
+    (tmp_path / "text.pt").write_text("hello")
+    init = finished.run
+    if args[0] == "--init-file":
+        init, args = tmp_path / args[1], []
+    argv = [str(recipe) if a == "RECIPE" else a for a in args]
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys, "train", recipe, "--data", finished.data, "--init", init, "--out", out, *argv
+    )
+    assert code == 2
+    (line,) = err.splitlines()
+    assert line.startswith("error: ") and expected in line, line
+    assert not out.exists()
+
+
+def test_init_of_another_architecture_names_both_models(finished, tmp_path):
+    from imgclf.errors import CheckpointError
+    from imgclf.models import create
+    from imgclf.runtime.checkpoint import load_checkpoint
+    from imgclf.train.init_from import start_from
+
+    state = load_checkpoint(finished.run / "best.pt")
+    state["model_args"] = {**state["model_args"], "depth": 3}
+    model = create("simple", num_classes=3, input_size=16)
+    with pytest.raises(CheckpointError, match=r"'simple' \{'depth': 3\}, this recipe builds"):
+        start_from(model, state, ["a", "b", "c"])

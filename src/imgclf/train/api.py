@@ -22,7 +22,7 @@ from imgclf.runtime import distributed
 from imgclf.runtime.checkpoint import check_same_dataset, load_resumable
 from imgclf.runtime.device import resolve_device
 from imgclf.runtime.distributed import Dist
-from imgclf.train import more
+from imgclf.train import init_from, more
 from imgclf.train.budget import parse_duration
 from imgclf.train.choose import choose_recipe
 from imgclf.train.recipe import Recipe, load_recipe, validate
@@ -52,6 +52,7 @@ def train(
     runs_dir: str | Path = "runs",
     exist_ok: bool = False,
     new_data: bool = False,
+    init: str | Path | None = None,
 ) -> Run:
     """Train a recipe on a dataset; returns the :class:`Run` (its folder and summary).
     Without a recipe, one is chosen from the data (:func:`imgclf.train.choose.choose_recipe`).
@@ -60,7 +61,8 @@ def train(
     evaluation included, within that wall time (:mod:`imgclf.train.budget`).
 
     ``resume`` and ``epochs`` on a finished run: that many epochs more
-    (:mod:`imgclf.train.more`).
+    (:mod:`imgclf.train.more`). ``init`` (a run or checkpoint): start from its weights,
+    classes matched by name (:mod:`imgclf.train.init_from`).
 
     One process trains in a run folder at a time (:func:`~imgclf.train.rundir.claim_run_dir`).
     ``out`` may not hold a run already unless ``exist_ok`` (its run files are removed
@@ -75,11 +77,12 @@ def train(
     >>> run = imgclf.train("fast", data="c10", epochs=2)
     >>> run = imgclf.train("fast", data="c10", time_budget="10m")
     >>> run = imgclf.train(resume=run.path, epochs=5)
+    >>> run = imgclf.train("fast", data="photos", init="runs/fast-1")
     """
     started = time.perf_counter()
     env = distributed.from_env()
     args = _Args(
-        recipe, data, out, epochs, tuple(overrides), resume, time_budget, exist_ok, new_data
+        recipe, data, out, epochs, tuple(overrides), resume, time_budget, exist_ok, new_data, init
     )
     job = _resolve(args, env)
     device, threads = _per_process(job.recipe, env, device, threads)
@@ -104,6 +107,7 @@ class _Args:
     time_budget: str | float | None
     exist_ok: bool
     new_data: bool
+    init: str | Path | None = None
 
 
 @dataclass
@@ -117,6 +121,7 @@ class _Job:
     budget: float | None  # seconds
     exist_ok: bool
     more: more.More | None = None  # epochs added to a finished run
+    init: dict | None = None  # the checkpoint a fresh run starts from (--init)
 
 
 def _resolve(args: _Args, env: Dist) -> _Job:
@@ -129,7 +134,8 @@ def _resolve(args: _Args, env: Dist) -> _Job:
         rec, state, out_dir, added = _resumed(args)
         return _Job(rec, _dataset(args, state), out_dir, state, budget, args.exist_ok, added)
     rec, out_dir = _fresh(args, env)
-    return _Job(rec, _dataset(args, None), out_dir, None, budget, args.exist_ok)
+    source = init_from.load_source(rec) if rec.init is not None else None
+    return _Job(rec, _dataset(args, None), out_dir, None, budget, args.exist_ok, init=source)
 
 
 def _trainer(
@@ -141,7 +147,7 @@ def _trainer(
     dist: Dist,
 ) -> Trainer:
     """The job's trainer, before any run folder is claimed: with a finished run's added
-    stage (--epochs), and a line that says so."""
+    stage (--epochs) or another run's weights (--init), and a line that says which."""
     trainer = Trainer(
         job.recipe,
         job.ds,
@@ -159,10 +165,13 @@ def _trainer(
 
 
 def _start(trainer: Trainer, job: _Job) -> None:
-    """What _trainer adds to a trainer that --epochs asks for."""
-    if job.more is None:
+    """What _trainer adds to a trainer that --epochs or --init asks for."""
+    if job.more is not None:
+        line = more.extend(trainer, job.more)
+    elif job.init is not None:
+        line = init_from.start_from(trainer.model, job.init, trainer.ds.classes)
+    else:
         return
-    line = more.extend(trainer, job.more)
     # Printed even with --quiet: it says what is being trained, as the chosen recipe's line.
     if trainer.dist.is_main:
         print(line, file=sys.stderr)
@@ -188,6 +197,7 @@ def _follow_restart(args: _Args, env: Dist) -> None:
         args.resume, args.exist_ok = restarted
     if args.resume is not None:  # the checkpoint holds the recipe, its length and plan
         args.overrides, args.epochs, args.time_budget, args.new_data = (), None, None, False
+        args.init = None
 
 
 def _budget_seconds(args: _Args) -> float | None:
@@ -208,6 +218,10 @@ def _budget_seconds(args: _Args) -> float | None:
 def _resumed(args: _Args) -> tuple[Recipe, dict, Path, more.More | None]:
     """A resume: the checkpoint, its recipe, its run folder and, with ``epochs`` on a
     finished run, the epochs to add (imgclf.train.more)."""
+    if args.init is not None:
+        raise CheckpointError(
+            "--init starts a new run from another run's weights; --resume continues a run: drop one"
+        )
     resume = Path(args.resume)
     last = resume / "last.pt" if resume.is_dir() else resume
     state = load_resumable(last)
@@ -249,7 +263,8 @@ def _fresh(args: _Args, env: Dist) -> tuple[Recipe, Path | None]:
                 f"recipe: {recipe}, chosen because {why} (name a RECIPE to override)",
                 file=sys.stderr,
             )
-    rec = load_recipe(recipe, args.overrides, args.epochs)
+    overrides = (*args.overrides, *([init_from.as_override(args.init)] if args.init else []))
+    rec = load_recipe(recipe, overrides, args.epochs)
     out_dir = Path(args.out) if args.out else None
     if args.new_data:
         raise CheckpointError("--new-data goes with --resume: a fresh run takes any --data")

@@ -349,6 +349,9 @@ class Recipe(_Strict):
     # Transfer learning (pretrained backbones): weights file and head.
     pretrained: bool = True
     weights: str | None = None
+    # A run (or checkpoint) whose weights this run starts from, classes matched by name
+    # (`--init RUN`, imgclf.train.init_from); nothing is downloaded then.
+    init: str | None = None
     # A pretrained model's new head (HeadConfig); None (or {}): the linear default.
     head: HeadConfig | None = None
 
