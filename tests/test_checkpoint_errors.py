@@ -38,6 +38,12 @@ def _truncated(tmp_path, marker):
     (tmp_path / "a.pt").write_bytes(data[: len(data) // 2])
 
 
+def _text(tmp_path, marker):
+    # Read by torch's legacy (non-zip) reader, whose weights-only unpickler raised a bare
+    # KeyError on these bytes: a traceback from `train --init notes.txt`.
+    (tmp_path / "a.pt").write_text("hello")
+
+
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
@@ -45,6 +51,7 @@ def _truncated(tmp_path, marker):
         (_raw_pickle, "Unsupported operand"),
         (_empty, "empty or truncated"),
         (_truncated, "zip archive"),
+        (_text, "not a PyTorch file"),
     ],
 )
 def test_unreadable_checkpoint_is_one_line_without_the_unsafe_hint(tmp_path, make, needle):

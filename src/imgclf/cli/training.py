@@ -114,7 +114,7 @@ def _train(args: argparse.Namespace) -> int:
             "give --data DATASET (a recipe is chosen for it), a RECIPE (see `imgclf "
             "recipes`) or --resume RUN_DIR"
         )
-    options = pick(args, "resume", "exist_ok", "new_data")
+    options = pick(args, "resume", "exist_ok", "new_data", "init")
     training = _training(args)
     training["overrides"] = (*training["overrides"], *_weights_override(args))
     run = train(args.recipe, args.data, **options, **training, callbacks=callbacks)
@@ -127,7 +127,18 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "train", _train)
     p.add_argument("recipe", nargs="?", help="recipe name (imgclf recipes) or YAML path")
     p.add_argument("--data", help="dataset name or cache folder (imgclf data list)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run from its last.pt; with --epochs N, train a finished run N "
+        "epochs more (at its last learning rate, or a cosine decay from --set optimizer.lr=X)",
+    )
+    p.add_argument(
+        "--init",
+        metavar="RUN",
+        help="start from the weights of another run (its folder or a .pt file) with the "
+        "same model: classes matched by name, a fresh head row for each new class",
+    )
     p.add_argument(
         "--exist-ok",
         action="store_true",

@@ -112,6 +112,11 @@ def safe_load(path: Path, what: str, *, mmap: bool = False, allow: tuple[type, .
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable {what} ({why_unreadable(exc)})") from exc
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
+        # Bytes that are no torch file reach the legacy pickle reader, whose weights-only
+        # unpickler fails on them in other ways (a text file "hello": KeyError 101).
+        why = f"not a PyTorch file: {type(exc).__name__}"
+        raise CheckpointError(f"{path}: unreadable {what} ({why})") from exc
 
 
 def load_resumable(path: str | Path) -> dict[str, Any]:

@@ -1,10 +1,10 @@
 """``train(recipe, data)``: the public entry to training.
 
-It reads the call's arguments (a recipe and a data set, or a run to resume, or the run
-folder of a torchrun job that was restarted), joins the process group under torchrun,
-claims the run folder and runs the :class:`~imgclf.train.trainer.Trainer` in it: every
-stage of the recipe, ``metrics.csv`` and TensorBoard each epoch, ``last.pt``/``best.pt``,
-and finally the best weights evaluated on the validation split.
+It reads the call's arguments (a recipe and a data set, or a run to resume or to train
+more, or the run folder of a torchrun job that was restarted), joins the process group
+under torchrun, claims the run folder and runs the :class:`~imgclf.train.trainer.Trainer`
+in it: every stage of the recipe, ``metrics.csv`` and TensorBoard each epoch,
+``last.pt``/``best.pt``, and finally the best weights evaluated on the validation split.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from imgclf.runtime import distributed
 from imgclf.runtime.checkpoint import check_same_dataset, load_resumable
 from imgclf.runtime.device import resolve_device
 from imgclf.runtime.distributed import Dist
+from imgclf.train import init_from, more
 from imgclf.train.budget import parse_duration
 from imgclf.train.callbacks import Callback
 from imgclf.train.choose import choose_recipe
@@ -53,6 +54,7 @@ def train(
     runs_dir: str | Path = "runs",
     exist_ok: bool = False,
     new_data: bool = False,
+    init: str | Path | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> Run:
     """Train a recipe on a dataset; returns the :class:`Run` (its folder and summary).
@@ -60,6 +62,10 @@ def train(
 
     ``time_budget`` (``"10m"``, ``"1h30m"``, or seconds): scale every stage to finish,
     evaluation included, within that wall time (:mod:`imgclf.train.budget`).
+
+    ``resume`` and ``epochs`` on a finished run: that many epochs more
+    (:mod:`imgclf.train.more`). ``init`` (a run or checkpoint): start from its weights,
+    classes matched by name (:mod:`imgclf.train.init_from`).
 
     One process trains in a run folder at a time (:func:`~imgclf.train.rundir.claim_run_dir`).
     ``out`` may not hold a run already unless ``exist_ok`` (its run files are removed
@@ -77,11 +83,13 @@ def train(
 
     >>> run = imgclf.train("fast", data="c10", epochs=2)
     >>> run = imgclf.train("fast", data="c10", time_budget="10m")
+    >>> run = imgclf.train(resume=run.path, epochs=5)
+    >>> run = imgclf.train("fast", data="photos", init="runs/fast-1")
     """
     started = time.perf_counter()
     env = distributed.from_env()
     args = _Args(
-        recipe, data, out, epochs, tuple(overrides), resume, time_budget, exist_ok, new_data
+        recipe, data, out, epochs, tuple(overrides), resume, time_budget, exist_ok, new_data, init
     )
     job = _resolve(args, env)
     device, threads = _per_process(job.recipe, env, device, threads)
@@ -107,6 +115,7 @@ class _Args:
     time_budget: str | float | None
     exist_ok: bool
     new_data: bool
+    init: str | Path | None = None
 
 
 @dataclass
@@ -119,12 +128,29 @@ class _Job:
     state: dict | None  # the checkpoint resumed from
     budget: float | None  # seconds
     exist_ok: bool
+    more: more.More | None = None  # epochs added to a finished run
+    init: dict | None = None  # the checkpoint a fresh run starts from (--init)
+
+
+def _resolve(args: _Args, env: Dist) -> _Job:
+    """The recipe, data set, run folder, checkpoint and budget that ``args`` ask for,
+    each checked (in this order) against what it cannot go with."""
+    if env.enabled and args.resume is None:
+        _follow_restart(args, env)
+    budget = _budget_seconds(args)
+    if args.resume is not None:
+        rec, state, out_dir, added = _resumed(args)
+        return _Job(rec, _dataset(args, state), out_dir, state, budget, args.exist_ok, added)
+    rec, out_dir = _fresh(args, env)
+    source = init_from.load_source(rec) if rec.init is not None else None
+    return _Job(rec, _dataset(args, None), out_dir, None, budget, args.exist_ok, init=source)
 
 
 def _trainer(job: _Job, dist: Dist, started: float, **options: Any) -> Trainer:
-    """The trainer of ``job``; ``options``: train()'s device, threads, progress and
-    callbacks."""
-    return Trainer(
+    """The job's trainer, before any run folder is claimed: with a finished run's added
+    stage (--epochs) or another run's weights (--init), and a line that says which.
+    ``options``: train()'s device, threads, progress and callbacks."""
+    trainer = Trainer(
         job.recipe,
         job.ds,
         job.out,
@@ -134,16 +160,21 @@ def _trainer(job: _Job, dist: Dist, started: float, **options: Any) -> Trainer:
         dist=dist,
         **options,
     )
+    _start(trainer, job)
+    return trainer
 
 
-def _resolve(args: _Args, env: Dist) -> _Job:
-    """The recipe, data set, run folder, checkpoint and budget that ``args`` ask for,
-    each checked (in this order) against what it cannot go with."""
-    if env.enabled and args.resume is None:
-        _follow_restart(args, env)
-    budget = _budget_seconds(args)
-    rec, state, out_dir = _resumed(args) if args.resume is not None else _fresh(args, env)
-    return _Job(rec, _dataset(args, state), out_dir, state, budget, args.exist_ok)
+def _start(trainer: Trainer, job: _Job) -> None:
+    """What _trainer adds to a trainer that --epochs or --init asks for."""
+    if job.more is not None:
+        line = more.extend(trainer, job.more)
+    elif job.init is not None:
+        line = init_from.start_from(trainer.model, job.init, trainer.ds.classes)
+    else:
+        return
+    # Printed even with --quiet: it says what is being trained, as the chosen recipe's line.
+    if trainer.dist.is_main:
+        print(line, file=sys.stderr)
 
 
 def _per_process(
@@ -166,6 +197,7 @@ def _follow_restart(args: _Args, env: Dist) -> None:
         args.resume, args.exist_ok = restarted
     if args.resume is not None:  # the checkpoint holds the recipe, its length and plan
         args.overrides, args.epochs, args.time_budget, args.new_data = (), None, None, False
+        args.init = None
 
 
 def _budget_seconds(args: _Args) -> float | None:
@@ -183,20 +215,41 @@ def _budget_seconds(args: _Args) -> float | None:
     return budget
 
 
-def _resumed(args: _Args) -> tuple[Recipe, dict, Path]:
-    """A resume: the checkpoint, its recipe and its run folder."""
+def _resumed(args: _Args) -> tuple[Recipe, dict, Path, more.More | None]:
+    """A resume: the checkpoint, its recipe, its run folder and, with ``epochs`` on a
+    finished run, the epochs to add (imgclf.train.more)."""
+    if args.init is not None:
+        raise CheckpointError(
+            "--init starts a new run from another run's weights; --resume continues a run: drop one"
+        )
     resume = Path(args.resume)
     last = resume / "last.pt" if resume.is_dir() else resume
     state = load_resumable(last)
     rec = validate(state["recipe"], str(last))
-    if args.overrides or args.epochs:
-        raise CheckpointError("--resume continues the saved recipe; drop --set/--epochs")
+    added = _added(args, state, rec) if args.epochs or args.overrides else None
     if args.exist_ok:
         raise CheckpointError("--exist-ok starts a fresh run; --resume continues one")
-    return rec, state, last.parent
+    return rec, state, last.parent, added
 
 
-def _fresh(args: _Args, env: Dist) -> tuple[Recipe, None, Path | None]:
+def _added(args: _Args, state: dict, rec: Recipe) -> more.More | None:
+    """What ``--epochs`` (and ``--set optimizer.lr``) add to a finished run; None where
+    the run stopped inside that same continuation (the command again after a kill), which
+    is then resumed as it is. Anything else changes a saved recipe: an error."""
+    finished = more.is_finished(state, rec)
+    if args.epochs and finished:
+        return more.request(args.epochs, args.overrides)
+    if args.epochs:
+        with contextlib.suppress(RecipeError):
+            if more.is_this_continuation(state, rec, more.request(args.epochs, args.overrides)):
+                return None
+    why = " (--epochs adds epochs to a finished run; this one has not finished)"
+    raise CheckpointError(
+        "--resume continues the saved recipe; drop --set/--epochs" + (why if args.epochs else "")
+    )
+
+
+def _fresh(args: _Args, env: Dist) -> tuple[Recipe, Path | None]:
     """A fresh run: its recipe (the one named, or one chosen for the data) and its run
     folder (None: numbered once the trainer is built)."""
     recipe = args.recipe
@@ -210,7 +263,8 @@ def _fresh(args: _Args, env: Dist) -> tuple[Recipe, None, Path | None]:
                 f"recipe: {recipe}, chosen because {why} (name a RECIPE to override)",
                 file=sys.stderr,
             )
-    rec = load_recipe(recipe, args.overrides, args.epochs)
+    overrides = (*args.overrides, *([init_from.as_override(args.init)] if args.init else []))
+    rec = load_recipe(recipe, overrides, args.epochs)
     out_dir = Path(args.out) if args.out else None
     if args.new_data:
         raise CheckpointError("--new-data goes with --resume: a fresh run takes any --data")
@@ -218,7 +272,7 @@ def _fresh(args: _Args, env: Dist) -> tuple[Recipe, None, Path | None]:
     # holds the lock, and may hold it already when another rank gets here.
     if out_dir is not None and env.is_main:
         check_run_dir(out_dir, exist_ok=args.exist_ok)
-    return rec, None, out_dir
+    return rec, out_dir
 
 
 def _load_data(data: str | Path | Dataset | None, state: dict | None) -> Dataset:

@@ -77,6 +77,7 @@ def finish_run(run: FinishInputs) -> dict[str, Any]:
     if run.val_loader is not None:
         summary.update(_evaluate(run))
     summary["images_seen"] = run.progress.images_seen
+    summary["init_from"] = run.recipe.init  # the weights it started from (--init), or None
     if run.plan is not None:  # what a time budget bought on this machine
         summary.update(_budget_summary(run.plan, run.steps_per_epoch))
     summary["batchnorm"] = "frozen" if run.adapted.freeze_bn else "train"

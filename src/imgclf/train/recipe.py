@@ -257,6 +257,9 @@ class StageConfig(_Strict):
     # true/false: this stage updates (and validates) the recipe's weight EMA or not, e.g.
     # only the fine-tuning stage; unset: it does when the recipe has an `ema` block.
     ema: bool | None = None
+    # This stage's schedule when it is not the recipe's: the stage `--resume RUN --epochs N`
+    # adds (imgclf.train.more) runs constant at the last rate, or a cosine decay.
+    scheduler: SchedulerConfig | None = None
     name: str = ""
 
     @field_validator("ema", mode="before")
@@ -346,6 +349,9 @@ class Recipe(_Strict):
     # Transfer learning (pretrained backbones): weights file and head.
     pretrained: bool = True
     weights: str | None = None
+    # A run (or checkpoint) whose weights this run starts from, classes matched by name
+    # (`--init RUN`, imgclf.train.init_from); nothing is downloaded then.
+    init: str | None = None
     # A pretrained model's new head (HeadConfig); None (or {}): the linear default.
     head: HeadConfig | None = None
 

@@ -29,13 +29,13 @@ WHITENING_IMAGES = 5000
 def build_model(recipe: Recipe, num_classes: int, hw: Hardware, *, fresh: bool) -> nn.Module:
     """The recipe's model on ``hw``'s device and memory format. A resumed run (not
     ``fresh``) gets its weights from the checkpoint: pretrained ones are never fetched or
-    read again."""
+    read again; nor are they for a run that starts from another run's (``init``)."""
     r = recipe
     size = r.input_size or model_spec(r.model).input_size
     kwargs = {**r.model_args, "input_size": size}
     if model_spec(r.model).kind == "pretrained":
         kwargs.update(
-            pretrained=r.pretrained and fresh,
+            pretrained=r.pretrained and fresh and r.init is None,
             weights=r.weights if fresh else None,
             head=r.head.model_dump(exclude_none=True) if r.head else None,
         )

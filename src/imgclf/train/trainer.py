@@ -230,7 +230,7 @@ class Trainer:
         planned = functools.partial(self._stage_steps, si)
         scheduler = build_scheduler(
             optimizer,
-            r.scheduler,
+            stage.scheduler or r.scheduler,
             len(self.train_loader),
             stage.epochs,
             total_steps=planned if self.plan else None,
