@@ -1,6 +1,8 @@
 """The forward passes: a run set's members over decoded chunks of files
-(:func:`chunk_probs`, what ``predict`` and ``serve`` compute), and one run over a cached
-data set's split (:func:`run_logits`, what ``imgclf eval`` scores).
+(:func:`chunk_probs`, what ``predict``, ``serve`` and the Python predictor compute;
+:func:`scored_chunks`, the files of ``predict`` and the predictor decoded ahead and scored
+chunk by chunk), and one run over a cached data set's split (:func:`run_logits`, what
+``imgclf eval`` scores).
 
 Both feed a model what its training and validation images were fed
 (:mod:`imgclf.data.preprocess`), on the device and at the precision
@@ -11,22 +13,26 @@ faster, ONNX Runtime (:mod:`imgclf.runtime.onnx`); the preprocessing is the same
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from imgclf.data.cache import Dataset
+from imgclf.data.decode import Size
 from imgclf.data.loader import BatchLoader
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import CheckpointError, DataError
 from imgclf.evaluate.metrics import infer
 from imgclf.evaluate.tta import TTA
-from imgclf.inference.decode import Decoded
+from imgclf.inference.decode import Decoded, Item, decode_ahead
 from imgclf.inference.runs import LoadedRun, RunSet
 from imgclf.runtime.device import Hardware, resolve_hardware
-from imgclf.runtime.onnx import backend_for, onnx_net
+from imgclf.runtime.onnx import OnnxNet, backend_for, onnx_net, ort_session, unsupported_reason
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -42,6 +48,9 @@ class Member:
     preprocess: Preprocess
     order: torch.Tensor  # output columns in the first run's class order
     backend: str = "torch"  # what runs ``net``: "torch" or "onnx"
+    # What ``net`` returns: "logits", or "probabilities" (an exported ensemble's graph
+    # averages its members' probabilities itself: a softmax on top would flatten them)
+    outputs: str = "logits"
 
 
 def make_members(
@@ -67,6 +76,29 @@ def make_members(
             net = onnx_net(net, pre.input_size, path, wrapper=wrapper, classes=classes)
         out.append(Member(lr.name, net, pre, torch.from_numpy(order).to(device), runs_on))
     return out
+
+
+def exported_member(path: str | os.PathLike[str], info: Mapping[str, Any]) -> Member:
+    """A file ``imgclf export`` wrote, as a :class:`Member` run by ONNX Runtime on the CPU.
+
+    ``info``: its metadata (:func:`imgclf.export.read_metadata`), which holds what
+    preprocessing its input follows and what it outputs: one run's logits, or an exported
+    vote's probabilities, in its own class order. A graph of a fixed batch of 1 (the
+    export's default) runs image by image (:class:`~imgclf.runtime.onnx.OnnxNet`)."""
+    try:
+        session = ort_session(path)
+    except Exception as exc:  # ONNX Runtime raises its own types for a damaged file
+        why = unsupported_reason(exc)
+        raise CheckpointError(f"{path}: ONNX Runtime cannot open it ({why})") from None
+    classes = len(info["classes"])
+    return Member(
+        name=Path(path).name.removesuffix(".onnx"),
+        net=OnnxNet(session),
+        preprocess=Preprocess.from_state(info),
+        order=torch.arange(classes),
+        backend="onnx",
+        outputs=str(info.get("output", "logits")),
+    )
 
 
 def autocast_for(hw: Hardware, backend: str) -> Autocast:
@@ -101,10 +133,37 @@ def chunk_probs(
         # The loader's own preprocessing, so predict and eval feed models identically.
         x = member.preprocess.batch_to_input(pixels)
         with autocast():
-            logits = member.net(x)
-        scores = torch.softmax(logits.float(), dim=1)[:, member.order]
-        probs[m, positions] = scores.cpu().numpy()
+            out = member.net(x).float()
+        scores = out if member.outputs == "probabilities" else torch.softmax(out, dim=1)
+        probs[m, positions] = scores[:, member.order].cpu().numpy()
     return probs
+
+
+def source_sizes(members: Sequence[Member]) -> list[Size]:
+    """The distinct sizes files are decoded at for ``members`` (usually one)."""
+    return list(dict.fromkeys(m.preprocess.source_size for m in members))
+
+
+def scored_chunks(
+    members: list[Member],
+    items: list[Item],
+    num_classes: int,
+    device: torch.device,
+    autocast: Autocast,
+    batch_size: int,
+    threads: int,
+) -> Iterator[tuple[list[Item], Decoded, np.ndarray]]:
+    """``items`` in chunks of ``batch_size``, in order: each chunk, its decoding (the reason
+    each file failed) and its probabilities (:func:`chunk_probs`). Chunks are decoded ahead
+    in ``threads`` threads (:func:`~imgclf.inference.decode.decode_ahead`) while the models
+    run on earlier ones; closing the iterator stops the threads."""
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    decoding = decode_ahead(chunks, source_sizes(members), threads)
+    # closing: on an error, or a caller that stops early, stop the decoding threads now
+    with torch.inference_mode(), contextlib.closing(decoding):
+        for chunk, decoded in decoding:
+            probs = chunk_probs(members, decoded, len(chunk), num_classes, device, autocast)
+            yield chunk, decoded, probs
 
 
 # ---------------------------------------------------------------------------- data sets
