@@ -91,8 +91,8 @@ class Classifier:
     Made by :func:`load`. ``classes``: the class names, in the column order of
     :meth:`predict_proba`. ``input_size``: the model's square input (a tuple, one per run,
     when runs of different sizes vote). ``runs``: the models' names. ``backend``: what
-    runs them (``torch``, ``onnx`` or ``auto``: per model, as ``imgclf predict`` chooses).
-    ``device``: where.
+    runs them, ``torch``, ``onnx`` or ``mixed`` (chosen per model as ``imgclf predict``
+    chooses, unless :func:`load` was given one). ``device``: where.
     """
 
     def __init__(
@@ -108,6 +108,9 @@ class Classifier:
         self._members, self._plan, self._autocast = members, plan, autocast
         self.classes: list[str] = list(plan.classes)
         self.runs: list[str] = list(plan.names)
+        backends = {m.backend for m in members}
+        if backend == "auto":  # say what "auto" chose: one name, or "mixed"
+            backend = backends.pop() if len(backends) == 1 else "mixed"
         self.backend = backend
         self.device = hw.device
         self.batch_size = batch_size
