@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "imgclf.inference": 5,
     "imgclf.evaluate": 6,  # the package's callable imgclf.evaluate(...), runs, compare
     "imgclf.predict": 6,
+    "imgclf.predictor": 6,
     "imgclf.serve": 6,
     "imgclf.report": 6,
     "imgclf.export": 6,

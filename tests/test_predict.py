@@ -15,13 +15,14 @@ from PIL import Image
 
 from conftest import make_archive, save_image
 from helpers_runs import COLOURS, noisy_image, session_runs
-from imgclf import predict as predict_module
 from imgclf.cli import main
 from imgclf.data.scan import scan_source
+from imgclf.data.sources import natural_key
 from imgclf.errors import CheckpointError, DataError, UserError
+from imgclf.inference import engine
 from imgclf.inference.engine import run_logits
 from imgclf.inference.runs import load_run
-from imgclf.predict import PredictFailures, list_inputs, natural_key, predict
+from imgclf.predict import PredictFailures, list_inputs, predict
 
 # Relative path → class colour. Nested folders, numbers that sort wrongly as text, mixed
 # formats and sizes (a non-square photo, a tiny image, grey and RGBA modes).
@@ -385,7 +386,7 @@ def test_output_is_atomic_when_prediction_fails_midway(trained, tmp_path, monkey
     root = make_inputs(tmp_path / "in")
     out = tmp_path / "pred.csv"
     out.write_text("old predictions\n")
-    real = predict_module.chunk_probs
+    real = engine.chunk_probs
     calls = []
 
     def fail_on_third_chunk(*args, **kwargs):
@@ -394,7 +395,7 @@ def test_output_is_atomic_when_prediction_fails_midway(trained, tmp_path, monkey
             raise RuntimeError("device lost")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "chunk_probs", fail_on_third_chunk)
+    monkeypatch.setattr(engine, "chunk_probs", fail_on_third_chunk)
     with pytest.raises(RuntimeError, match="device lost"):
         predict([trained.run32], root, out, batch_size=2)
     assert out.read_text() == "old predictions\n"

@@ -6,6 +6,8 @@ Library use mirrors the CLI::
     imgclf.import_dataset("photos/", name="photos")
     run = imgclf.train("fast", data="photos")
     print(imgclf.evaluate(run, data="photos").accuracy)
+    clf = imgclf.load(run)
+    print(clf.predict("holiday/", top_k=3))
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ _EXPORTS = {
     "import_dataset": "imgclf.data.importer",
     "load_dataset": "imgclf.data.cache",
     "load_recipe": "imgclf.train.recipe",
+    "load": "imgclf.predictor",
+    "Classifier": "imgclf.predictor",
+    "Prediction": "imgclf.predictor",
 }
 
 __all__ = ["__version__", *_EXPORTS]

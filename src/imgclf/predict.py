@@ -21,8 +21,8 @@ models voting for it (hard), the mean (soft) or weighted mean (weighted) probabi
 
 Decoding overlaps with compute: chunks of files are read and decoded in a thread pool
 (file reads, simplejpeg and Pillow release the GIL) while the main thread runs the models
-on earlier chunks (:mod:`imgclf.inference`: decoding ahead, the members' forward passes,
-the vote; this module lists the inputs and writes the rows). Every file goes through
+on earlier chunks (:mod:`imgclf.inference`: the listing of the inputs, decoding ahead, the
+members' forward passes, the vote; this module writes the rows). Every file goes through
 :mod:`imgclf.data.preprocess`, the transform the runs' training and validation images went
 through: cropped to cover the run's ``source_size`` (the size of the cache it was trained
 on, from its checkpoint), then normalized and resized to its input size on the batch. A
@@ -52,18 +52,10 @@ import torch
 
 from imgclf.csv_safe import write_csv
 from imgclf.data.decode import default_workers
-from imgclf.data.sources import (
-    HIDDEN_REASON,
-    IMAGE_EXTENSIONS,
-    is_archive,
-    is_hidden,
-    is_image_name,
-    natural_key,
-    open_tree,
-)
 from imgclf.errors import DataError, UserError
-from imgclf.inference.decode import Item, decode_ahead
-from imgclf.inference.engine import Autocast, Member, autocast_for, chunk_probs, make_members
+from imgclf.inference.decode import Item
+from imgclf.inference.engine import Autocast, Member, autocast_for, make_members, scored_chunks
+from imgclf.inference.inputs import Inputs, list_inputs
 from imgclf.inference.rows import Plan
 from imgclf.inference.runs import check_vote, load_runs
 from imgclf.io_utils import check_output_file
@@ -80,89 +72,6 @@ class PredictFailures(UserError):
 
     exit_code = 1
     result: PredictResult
-
-
-# ---------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class Inputs:
-    items: list[Item]
-    ignored: Counter = field(default_factory=Counter)  # reason → files
-
-
-def list_inputs(src: str | os.PathLike[str]) -> Inputs:
-    """Every image under a folder or in an archive, or every file a list names, sorted."""
-    src = Path(src).expanduser()
-    if not src.exists():
-        raise DataError(f"{src}: no such file or folder")
-    if src.is_dir() or is_archive(src):
-        inputs = _tree_inputs(src)
-    elif is_image_name(src.name):
-        inputs = Inputs([Item(src.name, path=str(src))])
-    else:
-        inputs = _list_file_inputs(src)
-    if not inputs.items:
-        ignored = sum(inputs.ignored.values())
-        exts = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise DataError(f"{src}: no image files ({exts}); {ignored} other files ignored")
-    inputs.items.sort(key=lambda item: natural_key(item.file))
-    return inputs
-
-
-def _tree_inputs(src: Path) -> Inputs:
-    tree = open_tree(src)  # a folder walk, or an archive read once into memory
-    folder = src.is_dir()
-    inputs = Inputs([])
-    for rel in tree.files:
-        if is_hidden(rel):  # what `data import` leaves out as not data, predict leaves too
-            inputs.ignored[HIDDEN_REASON] += 1
-        elif not is_image_name(rel):
-            inputs.ignored["not an image file"] += 1
-        elif folder:
-            inputs.items.append(Item(rel, path=str(src / rel)))
-        else:
-            inputs.items.append(Item(rel, data=tree.read(rel)))
-    # Entries the walk could not turn into files (a broken link, an archive member over
-    # the size cap, an unsafe or duplicate member): an image among them keeps its row,
-    # with the reason, so no input is ever left out; anything else is counted. A hidden
-    # one is left out as its readable twin would be.
-    for skipped in tree.skipped:
-        rel = _relative(skipped.path, src)
-        if is_hidden(rel):
-            inputs.ignored[HIDDEN_REASON] += 1
-        elif is_image_name(rel):
-            inputs.items.append(Item(rel, error=skipped.reason))
-        else:
-            inputs.ignored[skipped.reason] += 1
-    return inputs
-
-
-def _relative(described: str, src: Path) -> str:
-    root = str(src).rstrip("/") + "/"
-    return described[len(root) :] if described.startswith(root) else described
-
-
-def _list_file_inputs(src: Path) -> Inputs:
-    try:
-        lines = src.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{src}: not a folder, an archive or a text list of image paths") from None
-    inputs, seen = Inputs([]), set()
-    for line in lines:
-        name = line.strip()
-        if not name:
-            continue
-        full = os.path.normpath(src.parent / name)
-        if full in seen:
-            inputs.ignored["listed twice"] += 1
-            continue
-        seen.add(full)
-        inputs.items.append(Item(name, path=full))
-    return inputs
-
-
-# ---------------------------------------------------------------------------- decoding
 
 
 # ---------------------------------------------------------------------------- output
@@ -304,7 +213,7 @@ Labelling = Callable[[list[Item]], Labelled]  # items → (rows, failures) per c
 @dataclass
 class _Pipeline:
     """Files → rows: chunks decoded ahead in threads, each scored by every member in one
-    forward pass and voted into rows."""
+    forward pass (:func:`~imgclf.inference.engine.scored_chunks`) and voted into rows."""
 
     members: list[Member]
     plan: Plan
@@ -315,17 +224,12 @@ class _Pipeline:
 
     def labelled(self, items: list[Item]) -> Labelled:
         """(rows, failures) of each chunk of ``items``, in order."""
-        size = self.batch_size
-        chunks = [items[i : i + size] for i in range(0, len(items), size)]
-        sizes = list(dict.fromkeys(m.preprocess.source_size for m in self.members))
-        decoding = decode_ahead(chunks, sizes, self.threads)
         classes = len(self.plan.classes)
-        # closing: on an error, stop the decoding threads now
-        with torch.inference_mode(), contextlib.closing(decoding):
-            for chunk, decoded in decoding:
-                probs = chunk_probs(
-                    self.members, decoded, len(chunk), classes, self.device, self.autocast
-                )
+        scored = scored_chunks(
+            self.members, items, classes, self.device, self.autocast, self.batch_size, self.threads
+        )
+        with contextlib.closing(scored):  # on an error here, stop the decoding threads now
+            for chunk, decoded, probs in scored:
                 yield (
                     self.plan.rows(chunk, decoded.reasons, probs),
                     [(it.file, r) for it, r in zip(chunk, decoded.reasons, strict=True) if r],

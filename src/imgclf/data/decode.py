@@ -49,7 +49,7 @@ def _reason(exc: BaseException) -> str:
         return "unreadable: permission denied"
     if isinstance(exc, OSError) and "truncated" in str(exc).lower():  # "Truncated File Read"
         return "truncated image"
-    if isinstance(exc, ValueError) and "empty file" in str(exc):
+    if isinstance(exc, ValueError) and str(exc).startswith(("empty file", "not an H×W×3")):
         return str(exc)
     return f"corrupt image ({type(exc).__name__}: {exc})"
 
@@ -220,6 +220,43 @@ def decode(
         return np.asarray(pixels, dtype=np.uint8), native, None
     except Exception as exc:  # every failure becomes a report row, never a crash
         return None, None, _reason(exc)
+
+
+def decode_pixels(
+    image: np.ndarray | Image.Image, size: Size | None
+) -> tuple[np.ndarray | None, Size | None, str | None]:
+    """Pixels already decoded (a Pillow image, or an H×W×3 uint8 array) → what :func:`decode`
+    gives for a file of them: EXIF orientation applied (a Pillow image's), any colour mode
+    to RGB, scaled to cover ``size`` and centre-cropped. The same pixels as a file's where
+    the file's decoder saw them whole: a PNG, or a JPEG no larger than ``size`` (a larger
+    JPEG file is decoded at a reduced DCT scale first, which pixels given whole skip)."""
+    try:
+        if isinstance(image, Image.Image):
+            if image.getexif().get(0x0112, 1) != 1:
+                image = ImageOps.exif_transpose(image)  # a copy: the caller's stays as it is
+            image.load()  # a lazily opened file that is truncated raises here
+            pixels: np.ndarray | Image.Image = _to_rgb(image)
+            native = (pixels.height, pixels.width)
+        else:
+            pixels = _rgb_array(image)
+            native = pixels.shape[:2]
+        here = (pixels.height, pixels.width) if isinstance(pixels, Image.Image) else native
+        if size is not None and here != size:
+            return cover_crop(pixels, size), native, None
+        return np.asarray(pixels, dtype=np.uint8), native, None
+    except Exception as exc:  # every failure becomes a reason, never a crash
+        return None, None, _reason(exc)
+
+
+def _rgb_array(arr: np.ndarray) -> np.ndarray:
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim != 3:
+        raise ValueError(
+            f"not an H×W×3 uint8 array (got {getattr(arr, 'shape', '?')} "
+            f"{getattr(arr, 'dtype', type(arr).__name__)})"
+        )
+    if arr.shape[2] != 3 or 0 in arr.shape:
+        raise ValueError(f"not an H×W×3 uint8 array (got {arr.shape} uint8)")
+    return np.ascontiguousarray(arr)
 
 
 def probe(data: bytes | None, path: str | None) -> Size | None:

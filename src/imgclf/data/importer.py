@@ -94,7 +94,28 @@ def import_dataset(
     warn: Warn = _stderr_warn,
     dest: Path | None = None,
 ) -> Dataset:
-    """Import ``src`` into the cache as ``name`` (default: the source's file name)."""
+    """Decode an image source once into the cache (``imgclf data import``).
+
+    Args:
+        src: a folder of class folders (``photos/<class>/*.jpg``) or of ``train``/``val``/
+            ``test`` splits of them, a flat folder with ``labels_csv`` (``id,label``),
+            CIFAR-10/100 batches, or a ``.tar``/``.tar.gz``/``.tgz``/``.zip`` of these.
+        name: the dataset's name in the cache (default: the source's file name).
+        image_size: the cache's square side, each image scaled to cover it and
+            centre-cropped (default: the images' common shorter side, at most 224 px).
+        val_fraction: the share of each class held out as ``val`` when the source has no
+            validation split (by ``seed``). ``workers``: decoding threads.
+        warn: called with each warning line (default: stderr). ``dest``: the dataset's
+            folder (default: ``$IMGCLF_HOME/datasets/<name>``).
+
+    Returns:
+        The ``Dataset``: classes, memory-mapped uint8 images, labels, splits. Files that
+        cannot be read are skipped, with the reason; a bad source is one ``DataError`` line.
+
+    Example::
+
+        ds = imgclf.import_dataset("photos/", name="photos", val_fraction=0.2)
+    """
     src = Path(src).expanduser()
     if image_size is not None and not 1 <= image_size <= 4096:
         raise DataError(f"--image-size {image_size}: must be between 1 and 4096 pixels")

@@ -7,7 +7,9 @@ Every path that feeds a model goes through the two steps here, with the same par
    (:func:`imgclf.data.decode.decode`: libjpeg's DCT scaling for large JPEGs, then Pillow
    bicubic, which is antialiased when shrinking). ``imgclf data import`` stores exactly
    this array in the cache; ``predict``, ``eval`` on a folder and the server call it on
-   raw files.
+   raw files. Pixels already in memory (a Pillow image, an H×W×3 uint8 array: the Python
+   predictor's inputs) take the same path from the decoded image on
+   (:func:`image_to_uint8`).
 2. :func:`batch_to_input` — a uint8 NHWC batch → normalized float NCHW at the model's
    ``input_size``: bilinear interpolation, antialiased when shrinking (as Pillow and
    torchvision's ``antialias=True``), none when the sizes agree. The batch loader (training,
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgclf.data.decode import Size, decode
+from imgclf.data.decode import Size, decode, decode_pixels
 
 FILE_RESIZE = "scale to cover, bicubic antialiased, centre crop"
 BATCH_RESIZE = "bilinear, antialiased when shrinking"
@@ -108,6 +110,14 @@ def file_to_uint8(
 ) -> tuple[np.ndarray | None, str | None]:
     """Step 1 for one file: (H×W×3 uint8 at ``source_size``, None) or (None, why)."""
     arr, _, why = decode(data, path, source_size)
+    return arr, why
+
+
+def image_to_uint8(image: Any, source_size: Size) -> tuple[np.ndarray | None, str | None]:
+    """Step 1 for decoded pixels (a Pillow image or an H×W×3 uint8 array):
+    (H×W×3 uint8 at ``source_size``, None) or (None, why)
+    (:func:`imgclf.data.decode.decode_pixels`)."""
+    arr, _, why = decode_pixels(image, source_size)
     return arr, why
 
 

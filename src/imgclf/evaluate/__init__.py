@@ -1,5 +1,10 @@
 """Metrics, confusion matrices and curves.
 
+Called as a function, ``imgclf.evaluate(run, data, ...)`` scores a run on a dataset
+(:func:`imgclf.evaluate.runs.evaluate`: its arguments, ``help(imgclf.evaluate.runs.evaluate)``)::
+
+    print(imgclf.evaluate("runs/fast-1", "photos", split="val").accuracy)
+
 Plots live in :mod:`imgclf.evaluate.plots` and are not imported here, so scoring does not
 pay for importing matplotlib.
 """

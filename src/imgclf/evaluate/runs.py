@@ -85,15 +85,31 @@ def evaluate(
     batch_size: int = 512,
     device: str | None = None,
 ) -> Metrics:
-    """Accuracy, loss, per-class scores and confusion matrix of a run on a dataset.
+    """Accuracy, loss, per-class scores and confusion matrix of a run on a dataset
+    (``imgclf eval``). Also callable as ``imgclf.evaluate(run, data)``.
 
-        ``run``: a run folder, a checkpoint file or a ``Run``. ``data``: a cached dataset's
-        name or folder, a :class:`~imgclf.data.cache.Dataset`, or any importable source (a
-        folder of class folders, an archive…), imported for the occasion at the run's
-        training-cache size and removed after. ``split``: default ``test``, else ``val``, else
-        ``all``. ``tta``: average over the image and its mirror (and one-pixel shifts for images
-    of 64 px or less, :mod:`imgclf.evaluate.tta`). Also callable as
-        ``imgclf.evaluate(run, data)``.
+    Args:
+        run: a run folder, a checkpoint file or a ``Run`` (from :func:`imgclf.train`).
+        data: a cached dataset's name or folder, a :class:`~imgclf.data.cache.Dataset`,
+            or any importable source (a folder of class folders, an archive…), imported
+            for the occasion at the run's training-cache size and removed after.
+            Classes are matched by name.
+        split: ``test``, ``val``, ``train`` or ``all`` (default: ``test``, else ``val``,
+            else ``all``).
+        tta: average over the image and its mirror (and one-pixel shifts for images of
+            64 px or less, :mod:`imgclf.evaluate.tta`).
+        batch_size: images per forward pass.
+        device: ``"cpu"``, ``"cuda"``…; None: a GPU when there is one.
+
+    Returns:
+        :class:`~imgclf.evaluate.metrics.Metrics`: ``accuracy``, ``balanced_accuracy``,
+        ``loss``, per-class ``precision``/``recall``/``f1``, ``confusion`` and
+        ``to_dict()``.
+
+    Example::
+
+        m = imgclf.evaluate("runs/fast-1", "photos", split="val")
+        print(f"{m.accuracy:.2%}", m.confusion)
     """
     lr = load_run(run)
     ds = open_data_for(data, [lr])[0]

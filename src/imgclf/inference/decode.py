@@ -4,7 +4,9 @@ Chunks of files are read and decoded in a thread pool (file reads, simplejpeg an
 release the GIL) while the caller runs the models on earlier chunks. Every file goes
 through :func:`imgclf.data.preprocess.file_to_uint8`, the transform the runs' training and
 validation images went through, once per distinct source size among the runs (usually
-once). A file that cannot be read keeps its place, with the reason.
+once); pixels given in memory (the Python predictor's Pillow images and arrays) through
+:func:`imgclf.data.preprocess.image_to_uint8`, the same transform from the decoded image
+on. A file that cannot be read keeps its place, with the reason.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from imgclf.data.decode import Size
-from imgclf.data.preprocess import file_to_uint8
+from imgclf.data.preprocess import file_to_uint8, image_to_uint8
 
 # Chunks decoded ahead of the model, per decoding thread: enough to hide a slow chunk.
 PREFETCH_PER_WORKER = 2
@@ -31,6 +34,7 @@ class Item:
     path: str | None = None  # read by a decoding thread
     data: bytes | None = None  # archive members, already in memory
     error: str | None = None  # known unreadable before decoding (e.g. a broken link)
+    image: Any = None  # pixels in memory: a Pillow image or an H×W×3 uint8 array
 
 
 @dataclass
@@ -54,17 +58,26 @@ def _read(item: Item) -> tuple[bytes | None, str | None]:
         return None, f"cannot read file ({exc.strerror or exc})"
 
 
+def _decode(item: Item, sizes: Sequence[Size]) -> tuple[dict[Size, np.ndarray], str | None]:
+    """One item at every source size, or why it could not be read."""
+    arrays: dict[Size, np.ndarray] = {}
+    data, why = (None, None) if item.image is not None else _read(item)
+    for size in sizes:
+        if why is not None:
+            break
+        if item.image is not None:
+            arrays[size], why = image_to_uint8(item.image, size)
+        else:
+            arrays[size], why = file_to_uint8(data, None, size)
+    return arrays, why
+
+
 def decode_items(items: Sequence[Item], sizes: Sequence[Size]) -> Decoded:
     """Decode a chunk at every source size (runs in a worker thread)."""
     reasons: list[str | None] = []
     good: dict[Size, list[tuple[int, np.ndarray]]] = {size: [] for size in sizes}
     for pos, item in enumerate(items):
-        data, why = _read(item)
-        arrays = {}
-        for size in sizes:
-            if why is not None:
-                break
-            arrays[size], why = file_to_uint8(data, None, size)
+        arrays, why = _decode(item, sizes)
         reasons.append(why)
         if why is None:
             for size, arr in arrays.items():

@@ -1,6 +1,8 @@
 """The forward passes: a run set's members over decoded chunks of files
-(:func:`chunk_probs`, what ``predict`` and ``serve`` compute), and one run over a cached
-data set's split (:func:`run_logits`, what ``imgclf eval`` scores).
+(:func:`chunk_probs`, what ``predict``, ``serve`` and the Python predictor compute;
+:func:`scored_chunks`, the files of ``predict`` and the predictor decoded ahead and scored
+chunk by chunk), and one run over a cached data set's split (:func:`run_logits`, what
+``imgclf eval`` scores).
 
 Both feed a model what its training and validation images were fed
 (:mod:`imgclf.data.preprocess`), on the device and at the precision
@@ -11,19 +13,20 @@ faster, ONNX Runtime (:mod:`imgclf.runtime.onnx`); the preprocessing is the same
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from imgclf.data.cache import Dataset
+from imgclf.data.decode import Size
 from imgclf.data.loader import BatchLoader
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import CheckpointError, DataError, UserError
 from imgclf.evaluate.metrics import infer
 from imgclf.evaluate.tta import TTA
-from imgclf.inference.decode import Decoded
+from imgclf.inference.decode import Decoded, Item, decode_ahead
 from imgclf.inference.runs import LoadedRun, RunSet
 from imgclf.runtime.device import Hardware, resolve_hardware
 from imgclf.runtime.onnx import backend_for, onnx_net
@@ -115,10 +118,37 @@ def chunk_probs(
         # The loader's own preprocessing, so predict and eval feed models identically.
         x = member.preprocess.batch_to_input(pixels)
         with autocast():
-            logits = member.net(x)
-        scores = torch.softmax(logits.float(), dim=1)[:, member.order]
-        probs[m, positions] = scores.cpu().numpy()
+            out = member.net(x).float()
+        scores = torch.softmax(out, dim=1)
+        probs[m, positions] = scores[:, member.order].cpu().numpy()
     return probs
+
+
+def source_sizes(members: Sequence[Member]) -> list[Size]:
+    """The distinct sizes files are decoded at for ``members`` (usually one)."""
+    return list(dict.fromkeys(m.preprocess.source_size for m in members))
+
+
+def scored_chunks(
+    members: list[Member],
+    items: list[Item],
+    num_classes: int,
+    device: torch.device,
+    autocast: Autocast,
+    batch_size: int,
+    threads: int,
+) -> Iterator[tuple[list[Item], Decoded, np.ndarray]]:
+    """``items`` in chunks of ``batch_size``, in order: each chunk, its decoding (the reason
+    each file failed) and its probabilities (:func:`chunk_probs`). Chunks are decoded ahead
+    in ``threads`` threads (:func:`~imgclf.inference.decode.decode_ahead`) while the models
+    run on earlier ones; closing the iterator stops the threads."""
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    decoding = decode_ahead(chunks, source_sizes(members), threads)
+    # closing: on an error, or a caller that stops early, stop the decoding threads now
+    with torch.inference_mode(), contextlib.closing(decoding):
+        for chunk, decoded in decoding:
+            probs = chunk_probs(members, decoded, len(chunk), num_classes, device, autocast)
+            yield chunk, decoded, probs
 
 
 # ---------------------------------------------------------------------------- data sets

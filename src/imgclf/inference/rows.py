@@ -105,3 +105,10 @@ class Plan:
         per_model = [self.classes[m] if m >= 0 else "" for m in models]
         conf = f"{confidence:.6f}" if label >= 0 else ""
         return [item.file, name, conf, *(per_model if len(self.names) > 1 else []), reason or ""]
+
+
+def top_k_pairs(probs: np.ndarray, classes: Sequence[str], k: int) -> list[tuple[str, float]]:
+    """The ``k`` best (class, score) pairs of one row of scores, by descending score; equal
+    scores in class order (a stable sort, as the vote's own tie-break by class index)."""
+    order = np.argsort(-np.asarray(probs), kind="stable")[:k]
+    return [(classes[int(c)], float(probs[c])) for c in order]

@@ -204,11 +204,18 @@ class OnnxNet(nn.Module):
         super().__init__()
         self.session = session
         self.input_name = session.get_inputs()[0].name
+        # `imgclf export` writes a batch of 1 unless asked for a dynamic batch: such a
+        # graph is run image by image, any batch size for the caller
+        self.dynamic_batch = session.get_inputs()[0].shape[0] != 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ORT wants a C-contiguous float32 array; the loader hands channels_last views.
         array = np.ascontiguousarray(x.detach().cpu().float().numpy())
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        if self.dynamic_batch:
+            return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        name = self.input_name
+        one = [self.session.run(None, {name: array[i : i + 1]})[0] for i in range(len(array))]
+        return torch.from_numpy(np.concatenate(one))
 
 
 def _cache_key(checkpoint: str | os.PathLike[str], wrapper: str) -> str:

@@ -50,8 +50,8 @@ from imgclf import __version__
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import UserError
 from imgclf.inference.decode import Decoded, Item, decode_items, merge
-from imgclf.inference.engine import autocast_for, chunk_probs, make_members
-from imgclf.inference.rows import Plan
+from imgclf.inference.engine import autocast_for, chunk_probs, make_members, source_sizes
+from imgclf.inference.rows import Plan, top_k_pairs
 from imgclf.inference.runs import check_vote, load_runs
 from imgclf.runtime.device import resolve_hardware
 from imgclf.runtime.onnx import resolve_backend
@@ -112,7 +112,7 @@ class Predictor:
         if self.backend == "auto":  # say what "auto" chose: one name, or "mixed"
             self.backend = self.backends[0] if len(set(self.backends)) == 1 else "mixed"
         self.autocast = autocast_for(self.hw, self.backend)
-        self.sizes = list(dict.fromkeys(m.preprocess.source_size for m in self.members))
+        self.sizes = source_sizes(self.members)
 
     # -- the steps of one request: decode (any thread), score (one thread), answer
 
@@ -136,14 +136,12 @@ class Predictor:
         classes = self.rs.classes
         out = []
         for i, name in enumerate(names):
-            order = np.argsort(-scores[i], kind="stable")[: self.top_k]
+            top = top_k_pairs(scores[i], classes, self.top_k)
             item: dict[str, Any] = {
                 "file": name,
                 "label": classes[int(labels[i])],
                 "confidence": float(scores[i, labels[i]]),
-                "top": [
-                    {"label": classes[int(c)], "probability": float(scores[i, c])} for c in order
-                ],
+                "top": [{"label": label, "probability": p} for label, p in top],
             }
             if len(self.rs.runs) > 1:
                 item["models"] = [

@@ -1,5 +1,10 @@
 """Training: recipes (YAML), stages (freeze/unfreeze by group name), the loop, run folders.
 
+Called as a function, ``imgclf.train(recipe, data, ...)`` trains and returns the run
+(:func:`imgclf.train.api.train`: its arguments, ``help(imgclf.train.train)``)::
+
+    run = imgclf.train("fast", data="cifar10", epochs=2)
+
 Exports are imported lazily (as in :mod:`imgclf`), so a module that needs one piece of
 training (``imgclf.train.recipe``, ``imgclf.train.rundir``) does not load the trainer.
 """

@@ -5,6 +5,12 @@ more, or the run folder of a torchrun job that was restarted), joins the process
 under torchrun, claims the run folder and runs the :class:`~imgclf.train.trainer.Trainer`
 in it: every stage of the recipe, ``metrics.csv`` and TensorBoard each epoch,
 ``last.pt``/``best.pt``, and finally the best weights evaluated on the validation split.
+
+One process trains in a run folder at a time (:func:`~imgclf.train.rundir.claim_run_dir`).
+Under torchrun (``torchrun --nproc-per-node N -m imgclf train ...``) it trains
+data-parallel (:mod:`imgclf.train.trainer`); the returned summary is rank 0's, other ranks
+get an empty one. After torchrun restarts a failed job (``--max-restarts``), ``out`` is
+what lets the restarted processes find the run and resume it from its ``last.pt``.
 """
 
 from __future__ import annotations
@@ -57,34 +63,32 @@ def train(
     init: str | Path | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> Run:
-    """Train a recipe on a dataset; returns the :class:`Run` (its folder and summary).
-    Without a recipe, one is chosen from the data (:func:`imgclf.train.choose.choose_recipe`).
+    """Train a recipe on a dataset (``imgclf train``).
 
-    ``time_budget`` (``"10m"``, ``"1h30m"``, or seconds): scale every stage to finish,
-    evaluation included, within that wall time (:mod:`imgclf.train.budget`).
+    Args:
+        recipe: a bundled recipe's name (``imgclf recipes``), a YAML path, a ``Recipe`` or
+            a dict; None: one chosen from the data. ``data``: a cached dataset's name or
+            folder, or a ``Dataset`` (:func:`imgclf.import_dataset`).
+        out: the run folder (default: ``runs_dir/<recipe>-<n>``); one holding a run only
+            with ``exist_ok`` (replaced). ``epochs``: the total, shared among the stages.
+        overrides: ``"key.path=value"`` changes (``--set``). ``resume``: a run folder to
+            continue from its ``last.pt`` (on its data set unless ``new_data``).
+        time_budget: ``"10m"``, ``"1h30m"`` or seconds: stages scaled to fit, evaluation
+            included. ``device``, ``threads``, ``progress``: as ``imgclf train``'s options.
 
-    ``resume`` and ``epochs`` on a finished run: that many epochs more
-    (:mod:`imgclf.train.more`). ``init`` (a run or checkpoint): start from its weights,
-    classes matched by name (:mod:`imgclf.train.init_from`).
+        init: a run or checkpoint to start from (classes matched by name:
+            :mod:`imgclf.train.init_from`); ``resume`` and ``epochs`` on a finished run:
+            that many epochs more (:mod:`imgclf.train.more`).
+        callbacks: :class:`~imgclf.train.callbacks.Callback` instances, whose hooks the
+            trainer calls as it writes metrics.csv and TensorBoard.
 
-    One process trains in a run folder at a time (:func:`~imgclf.train.rundir.claim_run_dir`).
-    ``out`` may not hold a run already unless ``exist_ok`` (its run files are removed
-    first); a resume continues on its checkpoint's data set unless ``new_data``.
+    Returns:
+        The :class:`Run`: its ``path`` (``best.pt``, ``metrics.csv``…) and ``summary``.
 
-    Under torchrun (``torchrun --nproc-per-node N -m imgclf train ...``) it trains
-    data-parallel (:mod:`imgclf.train.trainer`); the returned summary is rank 0's, other
-    ranks get an empty one. After torchrun restarts a failed job (``--max-restarts``),
-    ``out`` is what lets the restarted processes find the run and resume it from its
-    ``last.pt``.
+    Example::
 
-    ``callbacks``: :class:`~imgclf.train.callbacks.Callback` instances, whose hooks the
-    trainer calls during the run, as it writes metrics.csv and TensorBoard (``--log
-    mlflow`` adds :class:`~imgclf.train.trackers.MlflowLogger`).
-
-    >>> run = imgclf.train("fast", data="c10", epochs=2)
-    >>> run = imgclf.train("fast", data="c10", time_budget="10m")
-    >>> run = imgclf.train(resume=run.path, epochs=5)
-    >>> run = imgclf.train("fast", data="photos", init="runs/fast-1")
+        clf = imgclf.load(imgclf.train("fast", data="c10", time_budget="10m"))
+        more = imgclf.train(resume="runs/fast-1", epochs=5)
     """
     started = time.perf_counter()
     env = distributed.from_env()
