@@ -102,17 +102,22 @@ def _predict(args: argparse.Namespace) -> int:
 
     Write one CSV row per image file under PATH (a folder, searched recursively; a
     .tar/.tar.gz/.tgz/.zip archive; or a text file listing image paths relative to it), in
-    natural filename order. Columns: file,label,confidence (+ label_<run> per run when
-    several) and error (why a file could not be read; empty otherwise). --format kaggle
-    writes id,label with the file stem as id. A name a spreadsheet would run as a formula
-    (one beginning with =, +, -, @, tab or CR) is written with a ' in front; --csv-raw
-    writes names as they are, for programs that read the CSV.
+    natural filename order. Columns: file,label,confidence (+ label_K,confidence_K for
+    the next classes with --top-k, label_<run> per run when several, prob_<class> per
+    class with --probs) and error (why a file could not be read; empty otherwise). Scores
+    are the vote's: the mean (soft) or weighted mean probability, or for a hard vote of
+    several runs the share of runs voting each class (--probs is refused there). --format
+    kaggle writes id,label with the file stem as id; --format jsonl (or an --out ending in
+    .jsonl) one JSON object per file, in the same order. A name a spreadsheet would run as
+    a formula (one beginning with =, +, -, @, tab or CR) is written with a ' in front;
+    --csv-raw writes names as they are, for programs that read the CSV.
     """
-    from imgclf.predict import predict
+    from imgclf.predict import default_output, predict
     from imgclf.runtime.distributed import from_env
 
-    options = pick(args, *VOTING, "tta", "format", "batch_size", "backend", "device", "csv_raw")
-    result = predict(args.runs, args.input, args.out, **options)
+    options = pick(args, *VOTING, "tta", "format", "top_k", "probs", "batch_size", "backend")
+    out = args.out or default_output(args.format)
+    result = predict(args.runs, args.input, out, **options, **pick(args, "device", "csv_raw"))
     if not from_env().is_main:  # under torchrun, rank 0 wrote the CSV and reports it
         return 0
     print(result.summary())
@@ -126,10 +131,17 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "predict", _predict)
     add_runs_argument(p)
     p.add_argument("--input", required=True, metavar="PATH", help="folder, archive or list")
-    p.add_argument("--out", default="predictions.csv", help="CSV to write (predictions.csv)")
+    where = "file to write (predictions.csv; predictions.jsonl with --format jsonl)"
+    p.add_argument("--out", help=where)
     add_vote_options(p)
     p.add_argument("--tta", action="store_true", help=TTA_HELP)
-    p.add_argument("--format", choices=["default", "kaggle"], default="default")
+    formats = "default (CSV), kaggle (CSV id,label) or jsonl (default: jsonl for an --out "
+    formats += "ending in .jsonl, else default)"
+    p.add_argument("--format", choices=["default", "kaggle", "jsonl"], help=formats)
+    # A plain int: 0 or more than the classes is the library's one-line error, not usage
+    ranked = "also write the next K-1 classes by score: label_2,confidence_2,... (1)"
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help=ranked)
+    p.add_argument("--probs", action="store_true", help="a prob_<class> column per class")
     p.add_argument("--batch-size", type=positive_int, default=256, metavar="N")
     p.add_argument("--strict", action="store_true", help="exit 1 when any file could not be read")
     raw = "write names as they are: no ' before a name a spreadsheet would run as a formula"
