@@ -26,18 +26,23 @@ def _eval(args: argparse.Namespace) -> int:
     """accuracy, per-class scores and confusion of runs on a dataset
 
     Evaluate RUN (a run folder or checkpoint) on an imported dataset or an image folder.
-    Classes are matched by name.
+    Classes are matched by name. Also top-5 accuracy (more than 5 classes) and the
+    expected calibration error (15 bins), with a reliability diagram drawn into the run
+    folder (eval_reliability.png; --out-dir to put it elsewhere).
     """
-    from imgclf.evaluate.runs import evaluate
+    from imgclf.evaluate.runs import evaluate, reliability_path
 
     if len(args.runs) > 1:
         return _eval_ensemble(args)
     run = args.runs[0]
-    metrics = evaluate(run, args.data, **pick(args, "split", "tta", "batch_size", "device"))
+    image = reliability_path(run, args.out_dir)
+    options = pick(args, "split", "tta", "batch_size", "device")
+    metrics = evaluate(run, args.data, reliability_png=image, **options)
     if args.json:
-        print(json.dumps({"run": run, **metrics.to_dict()}))
+        print(json.dumps({"run": run, **metrics.to_dict(), "reliability_image": str(image)}))
     else:
         print_metrics(run, metrics)
+        print(f"reliability diagram: {image}")
     return 0
 
 
@@ -45,7 +50,7 @@ def _eval_ensemble(args: argparse.Namespace) -> int:
     from imgclf.evaluate.compare import compare_runs
     from imgclf.io_utils import check_output_file
 
-    image = Path(args.out_dir) / "ensemble_confusion.png"
+    image = Path(args.out_dir or ".") / "ensemble_confusion.png"
     check_output_file(image, "--out-dir")  # before the runs are scored
     options = pick(args, "split", *VOTING, "tta", "batch_size", "device")
     comparison = compare_runs(args.runs, args.data, **options)
@@ -76,6 +81,12 @@ def print_metrics(run: str, metrics) -> None:
     print(f"{corner:<{width}}  " + " ".join(f"{c:>{cell}}" for c in metrics.class_names))
     for c, counts in zip(metrics.class_names, metrics.confusion, strict=True):
         print(f"{c:<{width}}  " + " ".join(f"{int(n):>{cell}}" for n in counts))
+    # after the table, whose lines scripts may count
+    top5 = metrics.top5_accuracy
+    top5 = f"top-5 accuracy {top5:.4f}  " if top5 is not None else ""
+    if metrics.calibration is not None:
+        bins = metrics.calibration.bins
+        print(f"{top5}expected calibration error {metrics.ece:.4f} ({bins} bins)")
 
 
 def _add_split_option(p: argparse.ArgumentParser, what: str) -> None:
@@ -93,8 +104,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     add_hardware_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_vote_options(p)
-    where = "with several runs: where ensemble_confusion.png goes (default: here)"
-    p.add_argument("--out-dir", default=".", metavar="DIR", help=where)
+    where = "where the plots go: one run's eval_reliability.png (default: its run folder), "
+    where += "several runs' ensemble_confusion.png (default: here)"
+    p.add_argument("--out-dir", metavar="DIR", help=where)
 
 
 def _predict(args: argparse.Namespace) -> int:

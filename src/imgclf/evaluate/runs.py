@@ -3,7 +3,9 @@
 Classes are matched by name, never by index: a checkpoint trained on
 ``[cat, dog]`` scores a folder whose classes sort as ``[dog, cat]`` correctly, and a
 different class set is an error that shows both. Loading the run and its forward pass
-are :mod:`imgclf.inference`'s; this module opens the data and scores.
+are :mod:`imgclf.inference`'s; this module opens the data, scores, and draws the
+reliability diagram (``eval_reliability.png`` in the run folder by default: the latest
+eval's, beside training's own ``reliability.png`` of the validation split).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from imgclf.errors import DataError
 from imgclf.evaluate.metrics import Metrics, compute_metrics
 from imgclf.inference.engine import run_logits
 from imgclf.inference.runs import LoadedRun, load_run
+from imgclf.io_utils import check_output_file
+
+EVAL_RELIABILITY = "eval_reliability.png"
 
 
 def open_data(data: str | Path | Dataset, source_size: Size | None = None) -> Dataset:
@@ -84,19 +89,38 @@ def evaluate(
     tta: bool = False,
     batch_size: int = 512,
     device: str | None = None,
+    reliability_png: str | Path | None = None,
 ) -> Metrics:
-    """Accuracy, loss, per-class scores and confusion matrix of a run on a dataset.
+    """Accuracy, loss, per-class scores, confusion matrix, top-5 accuracy (more than 5
+    classes) and calibration of a run on a dataset.
 
         ``run``: a run folder, a checkpoint file or a ``Run``. ``data``: a cached dataset's
         name or folder, a :class:`~imgclf.data.cache.Dataset`, or any importable source (a
         folder of class folders, an archive…), imported for the occasion at the run's
         training-cache size and removed after. ``split``: default ``test``, else ``val``, else
         ``all``. ``tta``: average over the image and its mirror (and one-pixel shifts for images
-    of 64 px or less, :mod:`imgclf.evaluate.tta`). Also callable as
-        ``imgclf.evaluate(run, data)``.
+    of 64 px or less, :mod:`imgclf.evaluate.tta`). ``reliability_png``: where to draw
+        the reliability diagram (checked before scoring; :func:`reliability_path`). Also
+        callable as ``imgclf.evaluate(run, data)``.
     """
     lr = load_run(run)
+    if reliability_png is not None:
+        check_output_file(reliability_png, "--out-dir")  # before the data is scored
     ds = open_data_for(data, [lr])[0]
     split = split or default_split(ds)
     logits, labels = run_logits(lr, ds, split, tta=tta, batch_size=batch_size, device=device)
-    return compute_metrics(logits, labels, lr.classes)
+    metrics = compute_metrics(logits, labels, lr.classes)
+    if reliability_png is not None and metrics.calibration is not None:
+        from imgclf.evaluate.plots import plot_reliability  # matplotlib only when drawing
+
+        title = f"{lr.name} on {ds.name} {split}"
+        plot_reliability(metrics.calibration, reliability_png, title=title)
+    return metrics
+
+
+def reliability_path(run: str | Path | Any, out_dir: str | Path | None = None) -> Path:
+    """Where ``imgclf eval`` draws a run's reliability diagram: ``out_dir``, else the run
+    folder (a checkpoint's own folder), as :data:`EVAL_RELIABILITY`."""
+    path = Path(getattr(run, "path", run))
+    folder = Path(out_dir) if out_dir is not None else path if path.is_dir() else path.parent
+    return folder / EVAL_RELIABILITY
