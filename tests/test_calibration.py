@@ -1,11 +1,12 @@
 """Top-5 accuracy and calibration (issue #32, item 2): the expected calibration error of
 Guo et al. 2017 (15 equal-width confidence bins) on hand-made probabilities, top-5 on a
-crafted example, and both through a real run: ``imgclf eval``'s printout, JSON and
-eval_reliability.png."""
+crafted example, and both through a real run: training's summary.json and reliability.png,
+``imgclf eval``'s printout, JSON and eval_reliability.png, and the report."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from helpers_train import make_image_folder, tiny_recipe
 from imgclf.cli import main
 from imgclf.evaluate import compute_metrics
 from imgclf.evaluate.calibration import reliability, top_k_accuracy
+from imgclf.report import build_report
 
 # ---------------------------------------------------------------------------- ECE by hand
 
@@ -128,6 +130,15 @@ def is_png(path: Path) -> bool:
         return im.format == "PNG" and im.size[0] > 100
 
 
+def test_training_writes_the_reliability_diagram_and_the_scores(six):
+    summary = json.loads((six.run / "summary.json").read_text())
+    probs, labels = val_probs(six)
+    assert summary["val_ece"] == pytest.approx(naive_ece(probs, labels), abs=1e-5)
+    top5 = (np.argsort(-probs, axis=1, kind="stable")[:, :5] == labels[:, None]).any(axis=1)
+    assert summary["val_top5_accuracy"] == pytest.approx(top5.mean(), abs=1e-6)
+    assert is_png(six.run / "reliability.png")
+
+
 def test_eval_prints_and_stores_top5_and_ece_and_draws_into_the_run(six, tmp_path, capsys):
     args = ["eval", str(six.run), "--data", str(six.data), "--split", "val"]
     image = six.run / "eval_reliability.png"
@@ -148,3 +159,20 @@ def test_eval_prints_and_stores_top5_and_ece_and_draws_into_the_run(six, tmp_pat
     image.unlink()
     assert main([*args, "--out-dir", str(tmp_path / "plots")]) == 0
     assert is_png(tmp_path / "plots" / "eval_reliability.png") and not image.exists()
+
+
+def test_report_shows_the_ece_and_the_reliability_diagram(six, tmp_path):
+    summary = json.loads((six.run / "summary.json").read_text())
+    page_path = tmp_path / "report.html"
+    build_report([six.run], page_path)
+    page = page_path.read_text(encoding="utf-8")
+    ece = f"{summary['val_ece']:.4f}"
+    assert f'<td>expected calibration error (15 bins)</td><td class="num">{ece}</td>' in page
+    assert f'<td>top-5 accuracy</td><td class="num">{summary["val_top5_accuracy"]:.4f}' in page
+    calibration = re.search(r"<h3>Calibration \(validation\)</h3><img src=\"([^\"]+)\"", page)
+    assert calibration and calibration.group(1).startswith("data:image/png;base64,")
+    md = build_report([six.run], tmp_path / "report.md")
+    text = md.path.read_text(encoding="utf-8")
+    assert "### Calibration (validation)" in text and f"| {ece} |" in text
+    link = re.search(r"!\[[^\]]*reliability diagram\]\(<([^>]+)>\)", text).group(1)
+    assert is_png(tmp_path / link)
