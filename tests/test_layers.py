@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "imgclf.models": 3,
     "imgclf.evaluate.metrics": 4,  # scoring: what training and inference both use
     "imgclf.evaluate.plots": 4,
+    "imgclf.evaluate.calibration": 4,
     "imgclf.evaluate.mistakes": 4,
     "imgclf.evaluate.tta": 4,
     "imgclf.ensemble": 4,

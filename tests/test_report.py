@@ -61,11 +61,12 @@ def test_html_has_one_comparison_row_per_run_and_embeds_every_image(trained, tmp
     assert all(name in row for name, row in zip(["run16", "run32", "swapped"], rows, strict=True))
     assert "simple" in rows[0] and "16×16" in rows[0] and "32×32" in rows[1]
     sources = re.findall(r'<img[^>]*\bsrc="([^"]*)"', page)
-    assert len(sources) == 2 * 3  # curves and confusion matrix of each run
+    assert len(sources) == 3 * 3  # curves, confusion matrix and reliability of each run
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     # nothing is fetched: no external stylesheet, script or link to another origin
     assert not re.search(r"<link\b|<script[^>]*\bsrc=|https?://|@import", page)
-    for section in ("Recipe", "Stages", "Validation", "Curves", "Confusion matrix", "Per class"):
+    sections = ("Recipe", "Stages", "Validation", "Curves", "Confusion matrix", "Calibration")
+    for section in (*sections, "Per class"):
         assert section in page
     assert "sgd, lr 0.05, momentum 0.9" in page
     # these runs got every validation image right: said, with no empty grid
@@ -94,7 +95,7 @@ def test_ensemble_section_from_compare_runs(trained, tmp_path, capsys):
     assert code == 0 and "report of 2 runs" in capsys.readouterr().out
     page = out.read_text(encoding="utf-8")
     assert 'id="ensemble"' in page and "hard vote" in page and "soft vote" in page
-    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 2 * 2 + 1
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 3 * 2 + 1
 
 
 def test_markdown_writes_pngs_beside_it(trained, tmp_path):
@@ -104,7 +105,7 @@ def test_markdown_writes_pngs_beside_it(trained, tmp_path):
     )
     text = out.read_text(encoding="utf-8")
     links = re.findall(r"!\[[^\]]*\]\(<([^>]+)>\)", text)
-    assert len(links) == 2 * 2 + 1
+    assert len(links) == 3 * 2 + 1
     for link in links:
         assert link.startswith("report_files/")
         with Image.open(out.parent / link) as im:
@@ -116,7 +117,7 @@ def test_markdown_writes_pngs_beside_it(trained, tmp_path):
     assert "## Ensemble" in text
     # a second report replaces the folder whole: no PNGs of the first remain
     build_report([trained.run32], out)
-    assert len(list((out.parent / "report_files").iterdir())) == 2
+    assert len(list((out.parent / "report_files").iterdir())) == 3
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
 
 
@@ -142,7 +143,7 @@ def test_html_shows_the_most_confident_mistakes_and_escapes_names(hostile, tmp_p
     build_report([hostile], out)
     page = out.read_text(encoding="utf-8")
     images = re.findall(r'<img src="data:image/png;base64,[^"]*" alt="([^"]*)">', page)
-    assert len(images) == 3 and images[2].endswith("most confident mistakes")
+    assert len(images) == 4 and images[3].endswith("most confident mistakes")
     with open(hostile / "mistakes.csv", newline="", encoding="utf-8") as f:
         mistakes = list(csv.DictReader(f))
     assert mistakes  # the run did make mistakes
@@ -163,7 +164,7 @@ def test_markdown_escapes_run_and_class_names_and_links_the_mistakes(hostile, tm
     report = build_report([hostile], out)
     text = out.read_text(encoding="utf-8")
     links = re.findall(r"!\[[^\]]*\]\(<([^>]+)>\)", text)
-    assert len(links) == 3 and "mistakes" in links[2]
+    assert len(links) == 4 and "mistakes" in links[3]
     for link in links:  # percent-encoded, they still lead to the PNGs written beside it
         assert (out.parent / unquote(link)).resolve() in {p.resolve() for p in report.files}
     # apart from the image links' <...>, no "<" reaches the Markdown: no raw HTML at all
@@ -210,7 +211,7 @@ def test_html_renders_in_headless_chromium(trained, tmp_path):
     body = re.search(r"<body([^>]*)>", dom.stdout)
     assert body, f"no DOM from Chromium: {dom.stderr[-2000:]}"
     attributes = dict(re.findall(r'data-([\w-]+)="([^"]*)"', body.group(1)))
-    assert attributes == {"images-ok": "true", "images": "7", "run-rows": "3"}
+    assert attributes == {"images-ok": "true", "images": "10", "run-rows": "3"}
 
     shot = tmp_path / "shot.png"
     subprocess.run(

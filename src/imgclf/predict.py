@@ -11,13 +11,20 @@ always get a row, whatever their name: the list says they are images.
 
 Output columns (``format="default"``)::
 
-    file,label,confidence[,label_<run>...],error
+    file,label,confidence[,label_2,confidence_2,...,label_K,confidence_K][,label_<run>...]
+    [,prob_<class>...],error
 
 ``error`` is always there (empty when the file was read) so the schema does not depend on
 the data; ``label_<run>`` columns appear with several runs. ``confidence`` is the
 ensemble's score of the chosen label: the model's probability for one run, the share of
 models voting for it (hard), the mean (soft) or weighted mean (weighted) probability.
-``format="kaggle"`` writes ``id,label`` with the file stem as id.
+``top_k=K`` adds the next K-1 classes by that score, ``probs=True`` every class's score
+(refused for a hard vote of several runs: it has shares, not probabilities).
+``format="kaggle"`` writes ``id,label`` with the file stem as id; ``format="jsonl"`` one
+JSON object per file, in the same order (:meth:`imgclf.inference.rows.Plan._record`):
+``file``, ``label``, ``confidence``, ``top_k`` ([label, score] pairs), ``models`` (with
+several runs), ``probs`` (when asked) and ``error`` (null when the file was read). Without
+a format, an ``out`` ending in ``.jsonl`` gets JSON Lines and any other a CSV.
 
 Decoding overlaps with compute: chunks of files are read and decoded in a thread pool
 (file reads, simplejpeg and Pillow release the GIL) while the main thread runs the models
@@ -41,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import os
 import time
 from collections import Counter
@@ -56,15 +64,15 @@ from imgclf.errors import DataError, UserError
 from imgclf.inference.decode import Item
 from imgclf.inference.engine import Autocast, Member, autocast_for, make_members, scored_chunks
 from imgclf.inference.inputs import Inputs, list_inputs
-from imgclf.inference.rows import Plan
+from imgclf.inference.rows import ROW_FORMATS, Plan
 from imgclf.inference.runs import check_vote, load_runs
-from imgclf.io_utils import check_output_file
+from imgclf.io_utils import atomic_path, check_output_file
 from imgclf.runtime import distributed
 from imgclf.runtime.device import resolve_hardware
 from imgclf.runtime.distributed import Dist
 from imgclf.runtime.onnx import resolve_backend
 
-FORMATS = ("default", "kaggle")
+FORMATS = ROW_FORMATS  # default (CSV), kaggle (CSV), jsonl
 
 
 class PredictFailures(UserError):
@@ -138,7 +146,9 @@ def predict(
     prefer: Sequence[str] | None = None,
     weights: Mapping[str, float] | Sequence[float] | Sequence[str] | None = None,
     tta: bool = False,
-    format: str = "default",
+    format: str | None = None,
+    top_k: int = 1,
+    probs: bool = False,
     batch_size: int = 256,
     strict: bool = False,
     device: str | None = None,
@@ -146,34 +156,32 @@ def predict(
     backend: str | None = None,
     csv_raw: bool = False,
 ) -> PredictResult:
-    """Label every image in ``input`` with the runs' vote; write a CSV to ``out`` atomically.
+    """Label every image in ``input`` with the runs' vote; write ``out`` atomically.
 
     ``runs``: run folders or checkpoints (one class set). ``input``: a folder, an archive,
-    a text list of image paths or one image (see the module's description). ``vote``:
-    ``hard``, ``soft`` or ``weighted``. ``prefer``: run names in hard-vote tie-break order
-    (default: the order given). ``weights``: for ``vote="weighted"``, ``{run: w}``,
-    ``["run:w", ...]`` or one number per run (default: each run's validation accuracy).
-    ``tta``: average each model's test-time views. ``format``: ``default`` or ``kaggle``.
-    ``batch_size``: files per chunk (decoded ahead, then one forward pass per model).
-    ``strict``: raise :class:`PredictFailures` (after writing ``out``) when any file could
-    not be read. ``workers``: decoding threads (default: this process's share of the
-    cores). ``backend``: ``"torch"``, ``"onnx"`` (:mod:`imgclf.runtime.onnx`) or None (per
-    model, the one measured faster), on the same preprocessing. Under torchrun the
-    processes share the files and rank 0 writes the CSV. ``csv_raw``: see imgclf.csv_safe.
+    a text list of image paths or one image; ``format`` (CSV ``default`` or ``kaggle``, or
+    ``jsonl``; None: from ``out``'s suffix), ``top_k`` and ``probs``: see the module's
+    description. ``vote``: ``hard``, ``soft`` or ``weighted``. ``prefer``: run names in
+    hard-vote tie-break order (default: as given). ``weights``: for ``vote="weighted"``,
+    ``{run: w}``, ``["run:w", ...]`` or one per run (default: validation accuracies).
+    ``tta``: average each model's test-time views. ``batch_size``: files per chunk.
+    ``strict``: raise :class:`PredictFailures` after writing if a file could not be read.
+    ``workers``: decoding threads (default: this process's share of the cores). ``backend``:
+    ``torch``, ``onnx`` or None (per model, the faster). ``csv_raw``: see imgclf.csv_safe.
     """
     started = time.perf_counter()
     check_output_file(out)  # before any model loads or file decodes: fail in a second
     env = distributed.from_env()  # under torchrun: this process's share of the files
-    _check_options(format, batch_size, vote)
+    format = _check_options(format or output_format(out), batch_size, vote)
     hw = resolve_hardware(distributed.local_device(device), "auto", "auto")
     backend = resolve_backend(backend, hw.device)
     rs = load_runs(runs)
-    plan = Plan.for_runs(rs, vote, prefer, weights, format)
+    plan = Plan.for_runs(rs, vote, prefer, weights, format, top_k, probs)
     inputs = _inputs(input, format)
     threads = workers or max(1, default_workers() // env.local_world_size)  # cores shared
     members = make_members(rs, hw.device, tta, backend)
     pipeline = _Pipeline(members, plan, hw.device, autocast_for(hw, backend), batch_size, threads)
-    write = functools.partial(_write_csv, out, plan.header(), csv_raw)  # rank 0's (torchrun)
+    write = _writer(out, plan, csv_raw)  # rank 0's (torchrun)
     failed = _label(inputs.items, pipeline.labelled, write, hw.device, env)
     result = PredictResult(
         out=Path(out),
@@ -191,6 +199,16 @@ def predict(
     return result
 
 
+def output_format(out: str | os.PathLike[str]) -> str:
+    """The format an output file's name asks for: ``jsonl`` for ``.jsonl``, else CSV."""
+    return "jsonl" if Path(out).suffix.lower() == ".jsonl" else "default"
+
+
+def default_output(format: str | None) -> str:
+    """The file ``imgclf predict`` writes without ``--out``."""
+    return "predictions.jsonl" if format == "jsonl" else "predictions.csv"
+
+
 def _inputs(input: str | os.PathLike[str], format: str) -> Inputs:
     inputs = list_inputs(input)
     if format == "kaggle":
@@ -198,12 +216,14 @@ def _inputs(input: str | os.PathLike[str], format: str) -> Inputs:
     return inputs
 
 
-def _check_options(format: str, batch_size: int, vote: str) -> None:
+def _check_options(format: str, batch_size: int, vote: str) -> str:
+    """``format``, once it and the other options are checked."""
     if format not in FORMATS:
         raise UserError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     check_vote(vote)
+    return format
 
 
 Labelled = Iterator[tuple[list, list[tuple[str, str]]]]
@@ -236,7 +256,7 @@ class _Pipeline:
                 )
 
 
-Write = Callable[[Iterable[list]], None]  # the CSV writer, given the rows of each chunk
+Write = Callable[[Iterable[list]], None]  # the file's writer, given the rows of each chunk
 
 
 def _label(
@@ -260,6 +280,20 @@ def _collect(labelled: Labelled, failed: list[tuple[str, str]]) -> Iterator[list
     for rows, bad in labelled:
         failed += bad
         yield rows
+
+
+def _writer(out: str | os.PathLike[str], plan: Plan, raw: bool) -> Write:
+    if plan.format == "jsonl":
+        return functools.partial(_write_jsonl, out)
+    return functools.partial(_write_csv, out, plan.header(), raw)
+
+
+def _write_jsonl(out: str | os.PathLike[str], parts: Iterable[list]) -> None:
+    """Every part's records, one JSON object a line, written atomically (nothing on an
+    error). Names are JSON strings, never cells a spreadsheet runs: no quoting needed."""
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in itertools.chain.from_iterable(parts):
+            f.write(json.dumps(record) + "\n")
 
 
 def _write_csv(

@@ -26,18 +26,23 @@ def _eval(args: argparse.Namespace) -> int:
     """accuracy, per-class scores and confusion of runs on a dataset
 
     Evaluate RUN (a run folder or checkpoint) on an imported dataset or an image folder.
-    Classes are matched by name.
+    Classes are matched by name. Also top-5 accuracy (more than 5 classes) and the
+    expected calibration error (15 bins), with a reliability diagram drawn into the run
+    folder (eval_reliability.png; --out-dir to put it elsewhere).
     """
-    from imgclf.evaluate.runs import evaluate
+    from imgclf.evaluate.runs import evaluate, reliability_path
 
     if len(args.runs) > 1:
         return _eval_ensemble(args)
     run = args.runs[0]
-    metrics = evaluate(run, args.data, **pick(args, "split", "tta", "batch_size", "device"))
+    image = reliability_path(run, args.out_dir)
+    options = pick(args, "split", "tta", "batch_size", "device")
+    metrics = evaluate(run, args.data, reliability_png=image, **options)
     if args.json:
-        print(json.dumps({"run": run, **metrics.to_dict()}))
+        print(json.dumps({"run": run, **metrics.to_dict(), "reliability_image": str(image)}))
     else:
         print_metrics(run, metrics)
+        print(f"reliability diagram: {image}")
     return 0
 
 
@@ -45,7 +50,7 @@ def _eval_ensemble(args: argparse.Namespace) -> int:
     from imgclf.evaluate.compare import compare_runs
     from imgclf.io_utils import check_output_file
 
-    image = Path(args.out_dir) / "ensemble_confusion.png"
+    image = Path(args.out_dir or ".") / "ensemble_confusion.png"
     check_output_file(image, "--out-dir")  # before the runs are scored
     options = pick(args, "split", *VOTING, "tta", "batch_size", "device")
     comparison = compare_runs(args.runs, args.data, **options)
@@ -76,6 +81,12 @@ def print_metrics(run: str, metrics) -> None:
     print(f"{corner:<{width}}  " + " ".join(f"{c:>{cell}}" for c in metrics.class_names))
     for c, counts in zip(metrics.class_names, metrics.confusion, strict=True):
         print(f"{c:<{width}}  " + " ".join(f"{int(n):>{cell}}" for n in counts))
+    # after the table, whose lines scripts may count
+    top5 = metrics.top5_accuracy
+    top5 = f"top-5 accuracy {top5:.4f}  " if top5 is not None else ""
+    if metrics.calibration is not None:
+        bins = metrics.calibration.bins
+        print(f"{top5}expected calibration error {metrics.ece:.4f} ({bins} bins)")
 
 
 def _add_split_option(p: argparse.ArgumentParser, what: str) -> None:
@@ -93,8 +104,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     add_hardware_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_vote_options(p)
-    where = "with several runs: where ensemble_confusion.png goes (default: here)"
-    p.add_argument("--out-dir", default=".", metavar="DIR", help=where)
+    where = "where the plots go: one run's eval_reliability.png (default: its run folder), "
+    where += "several runs' ensemble_confusion.png (default: here)"
+    p.add_argument("--out-dir", metavar="DIR", help=where)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -102,17 +114,22 @@ def _predict(args: argparse.Namespace) -> int:
 
     Write one CSV row per image file under PATH (a folder, searched recursively; a
     .tar/.tar.gz/.tgz/.zip archive; or a text file listing image paths relative to it), in
-    natural filename order. Columns: file,label,confidence (+ label_<run> per run when
-    several) and error (why a file could not be read; empty otherwise). --format kaggle
-    writes id,label with the file stem as id. A name a spreadsheet would run as a formula
-    (one beginning with =, +, -, @, tab or CR) is written with a ' in front; --csv-raw
-    writes names as they are, for programs that read the CSV.
+    natural filename order. Columns: file,label,confidence (+ label_K,confidence_K for
+    the next classes with --top-k, label_<run> per run when several, prob_<class> per
+    class with --probs) and error (why a file could not be read; empty otherwise). Scores
+    are the vote's: the mean (soft) or weighted mean probability, or for a hard vote of
+    several runs the share of runs voting each class (--probs is refused there). --format
+    kaggle writes id,label with the file stem as id; --format jsonl (or an --out ending in
+    .jsonl) one JSON object per file, in the same order. A name a spreadsheet would run as
+    a formula (one beginning with =, +, -, @, tab or CR) is written with a ' in front;
+    --csv-raw writes names as they are, for programs that read the CSV.
     """
-    from imgclf.predict import predict
+    from imgclf.predict import default_output, predict
     from imgclf.runtime.distributed import from_env
 
-    options = pick(args, *VOTING, "tta", "format", "batch_size", "backend", "device", "csv_raw")
-    result = predict(args.runs, args.input, args.out, **options)
+    options = pick(args, *VOTING, "tta", "format", "top_k", "probs", "batch_size", "backend")
+    out = args.out or default_output(args.format)
+    result = predict(args.runs, args.input, out, **options, **pick(args, "device", "csv_raw"))
     if not from_env().is_main:  # under torchrun, rank 0 wrote the CSV and reports it
         return 0
     print(result.summary())
@@ -126,10 +143,17 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "predict", _predict)
     add_runs_argument(p)
     p.add_argument("--input", required=True, metavar="PATH", help="folder, archive or list")
-    p.add_argument("--out", default="predictions.csv", help="CSV to write (predictions.csv)")
+    where = "file to write (predictions.csv; predictions.jsonl with --format jsonl)"
+    p.add_argument("--out", help=where)
     add_vote_options(p)
     p.add_argument("--tta", action="store_true", help=TTA_HELP)
-    p.add_argument("--format", choices=["default", "kaggle"], default="default")
+    formats = "default (CSV), kaggle (CSV id,label) or jsonl (default: jsonl for an --out "
+    formats += "ending in .jsonl, else default)"
+    p.add_argument("--format", choices=["default", "kaggle", "jsonl"], help=formats)
+    # A plain int: 0 or more than the classes is the library's one-line error, not usage
+    ranked = "also write the next K-1 classes by score: label_2,confidence_2,... (1)"
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help=ranked)
+    p.add_argument("--probs", action="store_true", help="a prob_<class> column per class")
     p.add_argument("--batch-size", type=positive_int, default=256, metavar="N")
     p.add_argument("--strict", action="store_true", help="exit 1 when any file could not be read")
     raw = "write names as they are: no ' before a name a spreadsheet would run as a formula"

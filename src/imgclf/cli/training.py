@@ -38,6 +38,10 @@ def print_run(run) -> None:
     print(f"confusion matrix: {run.path / 'confusion_matrix.png'}")
     if (run.path / "mistakes.png").is_file():
         print(f"worst mistakes:   {run.path / 'mistakes.png'}")
+    if (run.path / "reliability.png").is_file():
+        ece = run.summary.get("val_ece")
+        shown = f" (expected calibration error {ece:.4f})" if ece is not None else ""
+        print(f"calibration:      {run.path / 'reliability.png'}{shown}")
 
 
 def _launch_torchrun(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from imgclf.csv_safe import write_csv
+from imgclf.evaluate.calibration import ECE_BINS, Reliability, reliability, top_k_accuracy
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[Any]
 
@@ -109,6 +110,16 @@ class Metrics:
     macro_precision: float
     macro_recall: float
     macro_f1: float
+    # Whether the true class is among the 5 highest scores (ImageNet's classic measure);
+    # None with 5 classes or fewer, where it says nothing.
+    top5_accuracy: float | None = None
+    # The predictions binned by confidence, and their expected calibration error
+    # (imgclf.evaluate.calibration, Guo et al. 2017, 15 bins).
+    calibration: Reliability | None = None
+
+    @property
+    def ece(self) -> float | None:
+        return None if self.calibration is None else self.calibration.ece
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; non-finite numbers become ``None`` (JSON has no NaN)."""
@@ -130,6 +141,9 @@ class Metrics:
             "macro_precision": _json_float(self.macro_precision),
             "macro_recall": _json_float(self.macro_recall),
             "macro_f1": _json_float(self.macro_f1),
+            "top5_accuracy": None if self.top5_accuracy is None else float(self.top5_accuracy),
+            "ece": None if self.ece is None else _json_float(self.ece),
+            "ece_bins": None if self.calibration is None else self.calibration.bins,
             "class_names": list(self.class_names),
             "per_class": per_class,
             "confusion": self.confusion.tolist(),
@@ -157,6 +171,14 @@ def _mean_nll(scores: np.ndarray, labels: np.ndarray, from_probs: bool) -> float
     shifted = scores - scores.max(axis=1, keepdims=True)
     log_norm = np.log(np.exp(shifted).sum(axis=1))
     return float((log_norm - shifted[rows, labels]).mean())
+
+
+def _probabilities(scores: np.ndarray, from_probs: bool) -> np.ndarray:
+    scores = scores.astype(np.float64, copy=False)
+    if from_probs:
+        return scores
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))  # softmax, overflow-free
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def _check_inputs(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
@@ -207,6 +229,8 @@ def compute_metrics(
         macro_precision=float(precision.mean()),
         macro_recall=float(recall.mean()),
         macro_f1=float(f1.mean()),
+        top5_accuracy=top_k_accuracy(scores, labels, 5) if num_classes > 5 else None,
+        calibration=reliability(_probabilities(scores, from_probs), labels, ECE_BINS),
     )
 
 

@@ -1,4 +1,4 @@
-"""Training curves and confusion-matrix heatmaps as PNG files.
+"""Training curves, confusion-matrix heatmaps and reliability diagrams as PNG files.
 
 Figures are built from :class:`matplotlib.figure.Figure` with an explicit Agg canvas,
 never through ``pyplot``: no global figure registry to leak memory across epochs, no GUI
@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from imgclf.evaluate.calibration import Reliability
 from imgclf.io_utils import atomic_path
 
 _DPI = 100
@@ -238,3 +239,37 @@ def confusion_figure(
     for ax, (title, matrix) in zip(axes, panels, strict=True):
         _draw_confusion(fig, ax, matrix, class_names, title, normalize)
     return fig
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def reliability_figure(rel: Reliability, *, title: str = "") -> Figure:
+    """Guo et al.'s reliability diagram: each confidence bin's accuracy as a bar (its
+    count of predictions above it), the gap to the bin's mean confidence hatched, and
+    the diagonal a calibrated model follows. Bars below the diagonal: overconfident."""
+    edges, width = rel.edges, 1.0 / rel.bins
+    fig = Figure(figsize=(5.5, 5.5), layout="constrained")
+    ax = fig.subplots()
+    filled = rel.counts > 0
+    left, acc, conf = edges[:-1][filled], rel.accuracy[filled], rel.confidence[filled]
+    bars = {"width": width, "align": "edge", "edgecolor": "black", "linewidth": 0.6}
+    ax.bar(left, acc, color="tab:blue", label="accuracy", **bars)
+    gap = {"color": "tab:red", "alpha": 0.3, "hatch": "//", "label": "gap to mean confidence"}
+    ax.bar(left, conf - acc, bottom=acc, **bars, **gap)
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
+    for x, top, n in zip(left + width / 2, np.maximum(acc, conf), rel.counts[filled], strict=True):
+        ax.text(x, top + 0.01, str(int(n)), ha="center", va="bottom", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.08)  # room for the counts over a full bar
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    shown = f"ECE {rel.ece:.4f} ({rel.bins} bins, {int(rel.counts.sum())} images)"
+    ax.set_title(f"{title}\n{shown}" if title else shown, **PLAIN_TEXT)
+    return fig
+
+
+def plot_reliability(rel: Reliability, path: PathLike, *, title: str = "") -> None:
+    """The reliability diagram (:func:`reliability_figure`) as a PNG at ``path``."""
+    save_figure(reliability_figure(rel, title=title), path)

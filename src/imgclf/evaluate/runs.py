@@ -3,7 +3,9 @@
 Classes are matched by name, never by index: a checkpoint trained on
 ``[cat, dog]`` scores a folder whose classes sort as ``[dog, cat]`` correctly, and a
 different class set is an error that shows both. Loading the run and its forward pass
-are :mod:`imgclf.inference`'s; this module opens the data and scores.
+are :mod:`imgclf.inference`'s; this module opens the data, scores, and draws the
+reliability diagram (``eval_reliability.png`` in the run folder by default: the latest
+eval's, beside training's own ``reliability.png`` of the validation split).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from imgclf.errors import DataError
 from imgclf.evaluate.metrics import Metrics, compute_metrics
 from imgclf.inference.engine import run_logits
 from imgclf.inference.runs import LoadedRun, load_run
+from imgclf.io_utils import check_output_file
+
+EVAL_RELIABILITY = "eval_reliability.png"
 
 
 def open_data(data: str | Path | Dataset, source_size: Size | None = None) -> Dataset:
@@ -84,9 +89,10 @@ def evaluate(
     tta: bool = False,
     batch_size: int = 512,
     device: str | None = None,
+    reliability_png: str | Path | None = None,
 ) -> Metrics:
-    """Accuracy, loss, per-class scores and confusion matrix of a run on a dataset
-    (``imgclf eval``). Also callable as ``imgclf.evaluate(run, data)``.
+    """Accuracy, loss, per-class scores, confusion matrix, top-5 accuracy (more than 5
+    classes) and calibration of a run on a dataset (``imgclf eval``). Also callable as ``imgclf.evaluate(run, data)``.
 
     Args:
         run: a run folder, a checkpoint file or a ``Run`` (from :func:`imgclf.train`).
@@ -100,11 +106,13 @@ def evaluate(
             64 px or less, :mod:`imgclf.evaluate.tta`).
         batch_size: images per forward pass.
         device: ``"cpu"``, ``"cuda"``…; None: a GPU when there is one.
+        reliability_png: where to draw the reliability diagram (checked before scoring;
+            :func:`reliability_path`).
 
     Returns:
         :class:`~imgclf.evaluate.metrics.Metrics`: ``accuracy``, ``balanced_accuracy``,
-        ``loss``, per-class ``precision``/``recall``/``f1``, ``confusion`` and
-        ``to_dict()``.
+        ``loss``, per-class ``precision``/``recall``/``f1``, ``confusion``,
+        ``calibration`` (ECE) and ``to_dict()``.
 
     Example::
 
@@ -112,7 +120,23 @@ def evaluate(
         print(f"{m.accuracy:.2%}", m.confusion)
     """
     lr = load_run(run)
+    if reliability_png is not None:
+        check_output_file(reliability_png, "--out-dir")  # before the data is scored
     ds = open_data_for(data, [lr])[0]
     split = split or default_split(ds)
     logits, labels = run_logits(lr, ds, split, tta=tta, batch_size=batch_size, device=device)
-    return compute_metrics(logits, labels, lr.classes)
+    metrics = compute_metrics(logits, labels, lr.classes)
+    if reliability_png is not None and metrics.calibration is not None:
+        from imgclf.evaluate.plots import plot_reliability  # matplotlib only when drawing
+
+        title = f"{lr.name} on {ds.name} {split}"
+        plot_reliability(metrics.calibration, reliability_png, title=title)
+    return metrics
+
+
+def reliability_path(run: str | Path | Any, out_dir: str | Path | None = None) -> Path:
+    """Where ``imgclf eval`` draws a run's reliability diagram: ``out_dir``, else the run
+    folder (a checkpoint's own folder), as :data:`EVAL_RELIABILITY`."""
+    path = Path(getattr(run, "path", run))
+    folder = Path(out_dir) if out_dir is not None else path if path.is_dir() else path.parent
+    return folder / EVAL_RELIABILITY

@@ -23,7 +23,12 @@ from imgclf.runtime.schema import SummaryError, read_summary
 from imgclf.train.rundir import read_metrics
 
 # The run folder's images, in the order a run section shows them.
-IMAGES = {"curves": "curves.png", "confusion": "confusion_matrix.png", "mistakes": "mistakes.png"}
+IMAGES = {
+    "curves": "curves.png",
+    "confusion": "confusion_matrix.png",
+    "reliability": "reliability.png",
+    "mistakes": "mistakes.png",
+}
 MISTAKES_SHOWN = 16  # rows of mistakes.csv a report lists: the ones in mistakes.png
 
 
@@ -117,6 +122,8 @@ class RunInfo:
             ("accuracy", "val_accuracy"),
             ("balanced accuracy", "val_balanced_accuracy"),
             ("macro F1", "val_macro_f1"),
+            ("top-5 accuracy", "val_top5_accuracy"),  # more than 5 classes only
+            ("expected calibration error (15 bins)", "val_ece"),
             ("loss", "val_loss"),
         ]
         rows = [(label, _score(s.get(key))) for label, key in shown if s.get(key) is not None]

@@ -95,6 +95,9 @@ def _run_section(run: RunInfo, pngs: dict[str, bytes]) -> str:
     if "confusion" in pngs:
         alt = f"{run.name} confusion matrix"
         parts.append("<h3>Confusion matrix</h3>" + _img(pngs["confusion"], alt))
+    if "reliability" in pngs:
+        alt = f"{run.name} reliability diagram"
+        parts.append("<h3>Calibration (validation)</h3>" + _img(pngs["reliability"], alt))
     parts.append(_mistakes(run, pngs))
     if run.per_class:
         header = list(run.per_class[0])

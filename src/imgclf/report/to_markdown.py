@@ -54,6 +54,9 @@ def _run_section(run: RunInfo, links: dict[str, str]) -> str:
         parts += ["### Curves", _image(f"{run.name} curves", links["curves"])]
     if "confusion" in links:
         parts += ["### Confusion matrix", _image(f"{run.name} confusion", links["confusion"])]
+    if "reliability" in links:
+        image = _image(f"{run.name} reliability diagram", links["reliability"])
+        parts += ["### Calibration (validation)", image]
     parts += _mistakes(run, links)
     if run.per_class:
         header = list(run.per_class[0])

@@ -159,6 +159,8 @@ class SummaryFields(BaseModel):
     val_accuracy: _Fraction | None = None
     val_balanced_accuracy: _Fraction | None = None
     val_macro_f1: _Fraction | None = None
+    val_top5_accuracy: _Fraction | None = None  # more than 5 classes only
+    val_ece: _Fraction | None = None  # expected calibration error, 15 bins
     val_loss: float | None = Field(None, strict=True)  # inf where a class had probability 0
     val_count: _Count | None = None
 

@@ -1,6 +1,6 @@
 """End of a run: evaluate the best weights on the validation split and write the
-confusion matrix, per-class scores, the most confident mistakes, curves and
-``summary.json``."""
+confusion matrix, per-class scores, the most confident mistakes, the reliability diagram,
+curves and ``summary.json``."""
 
 from __future__ import annotations
 
@@ -95,8 +95,9 @@ def finish_run(run: FinishInputs) -> dict[str, Any]:
 
 
 def _evaluate(run: FinishInputs) -> dict[str, Any]:
-    """The validation split's scores and files: confusion, per-class, mistakes."""
-    from imgclf.evaluate.plots import plot_confusion
+    """The validation split's scores and files: confusion, per-class, mistakes and the
+    reliability diagram (calibration, imgclf.evaluate.calibration)."""
+    from imgclf.evaluate.plots import plot_confusion, plot_reliability
 
     started = time.perf_counter()
     name, classes = run.recipe.name, run.ds.classes
@@ -113,11 +114,16 @@ def _evaluate(run: FinishInputs) -> dict[str, Any]:
         f"balanced {metrics.balanced_accuracy:.4f}",
     )
     _write_mistakes(run, logits, labels)
+    assert metrics.calibration is not None  # compute_metrics always bins the predictions
+    plot_reliability(metrics.calibration, run.out / "reliability.png", title=f"{name}: validation")
+    top5 = {} if metrics.top5_accuracy is None else {"val_top5_accuracy": metrics.top5_accuracy}
     return dict(
         val_accuracy=round(metrics.accuracy, 6),
         val_balanced_accuracy=round(metrics.balanced_accuracy, 6),
         val_loss=round(metrics.loss, 6),
         val_macro_f1=round(metrics.macro_f1, 6),
+        **{k: round(v, 6) for k, v in top5.items()},
+        val_ece=round(metrics.calibration.ece, 6),
         val_count=metrics.count,
         tta=run.recipe.tta,
         eval_seconds=round(time.perf_counter() - started, 2),
