@@ -92,7 +92,8 @@ def evaluate(
     reliability_png: str | Path | None = None,
 ) -> Metrics:
     """Accuracy, loss, per-class scores, confusion matrix, top-5 accuracy (more than 5
-    classes) and calibration of a run on a dataset (``imgclf eval``). Also callable as ``imgclf.evaluate(run, data)``.
+    classes) and calibration of a run on a dataset (``imgclf eval``). Also callable as
+    ``imgclf.evaluate(run, data)``.
 
     Args:
         run: a run folder, a checkpoint file or a ``Run`` (from :func:`imgclf.train`).
