@@ -88,7 +88,6 @@ class StageCaches:
 
     def __init__(
         self,
-        recipe: Recipe,
         model: nn.Module,
         train: BatchLoader,
         val: BatchLoader | None,
@@ -96,16 +95,19 @@ class StageCaches:
         dist: Dist,
         say=print,
     ) -> None:
-        self.recipe, self.model, self.train, self.val = recipe, model, train, val
+        self.model, self.train, self.val = model, train, val
         self.hw, self.dist, self.say = hw, dist, say
         self.held: dict[int, FeatureCache] = {}
+        self.recipe: Recipe | None = None
 
     def get(
-        self, si: int, epochs: Callable[[int], float], cached: dict[str, bool]
+        self, recipe: Recipe, si: int, epochs: Callable[[int], float], cached: dict[str, bool]
     ) -> FeatureCache | None:
-        """Stage ``si``'s cache: held, derived from the next stage's (built now, then
-        held), or its own. ``epochs(s)``: stage ``s``'s planned epochs; ``cached``: each
-        stage's decision (a resumed run's progress), updated."""
+        """Stage ``si`` of ``recipe`` (the run's now: ``--epochs`` on a finished run adds a
+        stage)'s cache: held, derived from the next stage's (built now, then held), or its
+        own. ``epochs(s)``: stage ``s``'s planned epochs; ``cached``: each stage's decision
+        (a resumed run's progress), updated."""
+        self.recipe = recipe
         if si in self.held:
             return self.held.pop(si)
         sj = source_stage(self.model, self.recipe, si, self.dist.enabled)
@@ -121,6 +123,7 @@ class StageCaches:
     def build(self, si: int, epochs: float, cached: dict[str, bool]) -> FeatureCache | None:
         """Stage ``si``'s own cache (imgclf.train.feature_cache), with the loader set to
         that stage's augmentation and size while it is built."""
+        assert self.recipe is not None
         stage, loader = self.recipe.stages[si], self.train
         kept = loader.augment, loader.size
         loader.augment = Augment(**stage.augment_for(self.recipe).model_dump())
@@ -146,6 +149,7 @@ class StageCaches:
 
     def derive(self, si: int, later: FeatureCache) -> FeatureCache:
         """Stage ``si``'s cache from ``later``'s activations, through the blocks between."""
+        assert self.recipe is not None
         stage = self.recipe.stages[si]
         views = views_for(self.recipe, stage) or 1
         start = first_trained(self.model, self.recipe.stages[si + 1].groups())

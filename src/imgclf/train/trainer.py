@@ -132,15 +132,8 @@ class Trainer:
         self.wall_base = 0.0  # wall time of the processes before a resume
         self.stage: StageRun | None = None  # the stage training now
         self.ema: WeightEma | None = None  # the weight EMA, kept across the stages with one
-        self.caches = StageCaches(
-            recipe,
-            self.model,
-            self.train_loader,
-            self.val_loader,
-            self.hw,
-            dist,
-            lambda t: self._say(t),
-        )
+        loaders = self.train_loader, self.val_loader
+        self.caches = StageCaches(self.model, *loaders, self.hw, dist, lambda t: self._say(t))
         # Rank 0 alone calls them, and writes metrics.csv and TensorBoard (Hooks.open).
         self.hooks = Hooks(self, callbacks if dist.is_main else ())
         check_groups(self.model, recipe)
@@ -295,7 +288,7 @@ class Trainer:
             return n_train, None
         steps = self._stage_steps
         epochs = lambda sj: steps(sj) / len(self.train_loader)  # noqa: E731
-        cache = self.caches.get(si, epochs, self.progress.stage_cached)
+        cache = self.caches.get(r, si, epochs, self.progress.stage_cached)
         return n_train, cache
 
     def _clock(self, si: int, per_epoch: int) -> Replanner:
