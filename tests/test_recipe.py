@@ -501,15 +501,27 @@ def test_channels_last_on_off_survive_yaml_booleans(given: str, expected: str) -
     assert load_recipe("fast", [f"channels_last={given}"]).channels_last == expected
 
 
-def test_retired_compile_key_off_is_dropped_and_on_is_an_error() -> None:
-    """`compile` was accepted and never read (issue #29): a checkpoint's saved recipe with
-    `compile: false` still validates (resume), a recipe asking for it is told it does
-    nothing, and the key is no longer in what a run writes."""
+@pytest.mark.parametrize("value", ["true", "auto", "max-autotune"])
+def test_retired_compile_key_off_is_dropped_and_on_is_an_error(tmp_path, capsys, value) -> None:
+    """`compile` was accepted and never read (issue #29), and torch.compile measured no
+    faster on a CPU (issue #32, item 6): a checkpoint's saved recipe with `compile: false`
+    still validates (resume), a recipe asking for it is told it was removed and why, in
+    one line from the CLI, and the key is no longer in what a run writes."""
+    from imgclf.cli import main
+
     saved = load_recipe("fast").model_dump(mode="json") | {"compile": False}
     assert validate(saved, "last.pt").name == "fast"
-    with pytest.raises(RecipeError, match="'compile' is not supported"):
-        load_recipe("fast", ["compile=true"])
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe("fast", [f"compile={value}"])
+    assert "compile: was removed: torch.compile was not faster" in one_line_error(excinfo)
     assert "compile" not in load_recipe("fast").model_dump()
+    recipe = tmp_path / "compiled.yaml"
+    recipe.write_text(f"model: fast\ninput_size: 32\ncompile: {value}\n")
+    assert main(["train", str(recipe), "--data", "nothing", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {recipe}: compile: was removed: torch.compile was not")
+    assert "docs/benchmarks.md" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_binary_file_as_the_recipe_is_one_line(tmp_path, capsys) -> None:

@@ -11,7 +11,10 @@ in the checkpoint (a resumed stage keeps it, so a resume is bit for bit the run 
 continues) and rank 0's choice is every rank's.
 
 Only ``auto`` on a CPU with native bf16 is measured: a precision named in the recipe is
-kept, GPUs keep their bf16/fp16, and a CPU without native bf16 runs fp32.
+kept, GPUs keep their bf16/fp16, and a CPU without native bf16 runs fp32 (so does every
+CPU with ``IMGCLF_CPU_BF16=0``, which the test suite sets). A probe's answer is kept per
+machine, torch, thread count, network and sample shape (imgclf.train.probe_cache), so
+the same stage on the same machine is timed once (issue #32, item 6).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 from imgclf.runtime.device import Hardware
 from imgclf.runtime.distributed import Dist
+from imgclf.train import probe_cache
 
 NAMES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 # Images per timed pass: Lite0's per-image speed at 16 is within 3% of 32 and 64 on the
@@ -62,20 +66,42 @@ def pass_seconds(net: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> 
 
 def choose(net: nn.Module, sample: torch.Tensor, hw: Hardware) -> tuple[str, str]:
     """(precision, why) for training ``net`` (in its training mode) on batches like
-    ``sample``: the faster of bf16 and fp32 on a copy of ``net``, so that BatchNorm
-    statistics and the RNG of the run are untouched."""
+    ``sample``: the cached answer for this machine and network (imgclf.train.probe_cache),
+    or the faster of bf16 and fp32 timed now (:func:`probe`) and cached."""
+    x = sample[:PROBE_IMAGES]
+    key = probe_cache.key(net, x)
+    entry = probe_cache.lookup(key)
+    if entry is not None:
+        when = entry.get("when", "earlier")
+        return entry["choice"], f"{_verdict(entry)} on {when}; from {probe_cache.cache_file()}"
+    seconds = probe(net, x)
+    entry = {"choice": min(seconds, key=seconds.__getitem__), "seconds": seconds}
+    entry |= {"passes": PROBE_PASSES, "images": len(x)}
+    failed = probe_cache.store(key, entry)
+    where = f"not cached: {failed}" if failed else f"cached in {probe_cache.cache_file()}"
+    return entry["choice"], f"{_verdict(entry)}; {where}"
+
+
+def probe(net: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Seconds per forward-backward pass in each precision, on a copy of ``net``, so that
+    BatchNorm statistics and the RNG of the run are untouched."""
     rng = torch.get_rng_state()
     try:
-        probe = copy.deepcopy(net)
-        # A copy made here is an ordinary tensor even when ``sample`` was made in inference
+        copied = copy.deepcopy(net)
+        # A copy made here is an ordinary tensor even when ``x`` was made in inference
         # mode (cached activations), which autograd refuses to save for backward.
-        x = sample[:PROBE_IMAGES].clone()
-        speed = {name: len(x) / pass_seconds(probe, x, NAMES[name]) for name in ("bf16", "fp32")}
+        x = x.clone()
+        return {name: pass_seconds(copied, x, NAMES[name]) for name in ("bf16", "fp32")}
     finally:
         torch.set_rng_state(rng)
-    best = max(speed, key=speed.__getitem__)
-    why = ", ".join(f"{n} {s:.0f} images/s" for n, s in speed.items())
-    return best, why
+
+
+def _verdict(entry: dict) -> str:
+    """E.g. ``bf16 1.40x slower in a probe of 2 passes of 16 images``."""
+    bf16, fp32 = entry["seconds"]["bf16"], entry["seconds"]["fp32"]
+    ratio, word = (bf16 / fp32, "slower") if bf16 > fp32 else (fp32 / bf16, "faster")
+    passes, images = entry.get("passes", "?"), entry.get("images", "?")
+    return f"bf16 {ratio:.2f}x {word} in a probe of {passes} passes of {images} images"
 
 
 def stage_precision(
@@ -96,5 +122,5 @@ def stage_precision(
     name, why = choose(net, sample(), hw) if dist.is_main else ("fp32", "")
     name = dist.broadcast(name)
     if dist.is_main:
-        say(f"precision: {name} for this stage (timed: {why})")
+        say(f"precision: {name} for this stage ({why})")
     return NAMES[name]

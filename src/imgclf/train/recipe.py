@@ -499,8 +499,16 @@ def _read_recipe_text(path: Path) -> str:
 
 
 # Keys that recipes once had and no longer do: the value that meant "off" is dropped, so a
-# checkpoint saved before the key went still resumes; any other value is an error.
-RETIRED = {"compile": False}  # never read: torch.compile was not wired in (issue #29)
+# checkpoint saved before the key went still resumes; any other value is an error that
+# says why the key went.
+RETIRED = {"compile": False}
+RETIRED_WHY = {
+    # Never read (issue #29). Wiring it in was measured (issue #32, item 6): a compiled
+    # training step of the fast net ran 0.94x the speed of eager on the 2-core AVX2 EPYC
+    # (benchmarks/bench_compile.py, docs/benchmarks.md §13), after ~47 s of compilation.
+    "compile": "torch.compile was not faster than eager for a training step on a CPU "
+    "(docs/benchmarks.md §13) and this key never had an effect; delete the line",
+}
 
 
 def validate(data: dict, where: str = "recipe") -> Recipe:
@@ -519,9 +527,7 @@ def _drop_retired(data: dict, where: str) -> dict:
     data = dict(data)
     for key, off in RETIRED.items():
         if key in data and data.pop(key) != off:
-            raise RecipeError(
-                f"{where}: {key!r} is not supported (it never had an effect); remove it"
-            )
+            raise RecipeError(f"{where}: {key}: was removed: {RETIRED_WHY[key]}")
     return data
 
 

@@ -1,0 +1,119 @@
+"""The precision probe's results, kept per machine and network so a run times them once.
+
+A stage's bf16-or-fp32 probe (imgclf.train.precision) costs seconds; its answer depends
+on the CPU, its flags, torch, the thread count, the network and the sample's shape, and
+on nothing else that a later run changes. So the answer is stored in one small JSON file
+(``$IMGCLF_HOME/probes/precision.json``), keyed by all of those, written atomically. An
+unreadable or malformed file is treated as empty and rewritten; delete it to time again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from imgclf.errors import UserError
+from imgclf.io_utils import atomic_write_text
+from imgclf.paths import imgclf_home
+
+# A cache file past this size is not ours to parse (one entry is ~200 bytes); it is
+# ignored and rewritten. The oldest entries go first past MAX_ENTRIES.
+MAX_BYTES = 1 << 20
+MAX_ENTRIES = 500
+
+
+def cache_file() -> Path:
+    return imgclf_home() / "probes" / "precision.json"
+
+
+@cache
+def _machine() -> str:
+    """The CPU's model name and a hash of its flags (``/proc/cpuinfo``, Linux)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break  # the first CPU's block says it for all
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = " ".join(sorted(fields.get("flags", "").split()))
+    return f"{name} flags:{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+
+
+def key(net: nn.Module, x: torch.Tensor) -> str:
+    """What a probe's answer depends on: machine, torch, threads, network, sample shape.
+    The network is its class, its parameter counts and a hash of every parameter's name,
+    shape and whether it trains (which stage of which architecture)."""
+    named = [(n, p) for n, p in net.named_parameters() if not _lazy(p)]
+    params = sum(p.numel() for _, p in named)
+    trained = sum(p.numel() for _, p in named if p.requires_grad)
+    layers = ";".join(f"{n}{tuple(p.shape)}{'+' if p.requires_grad else ''}" for n, p in named)
+    digest = hashlib.sha256(layers.encode()).hexdigest()[:12]
+    layout = "channels_last" if x.dim() == 4 and _is_channels_last(x) else "contiguous"
+    shape = "x".join(map(str, x.shape))
+    return (
+        f"{_machine()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+        f"{type(net).__name__} {params} params, {trained} trained, layers:{digest} | "
+        f"{shape} {layout}"
+    )
+
+
+def _lazy(p: torch.Tensor) -> bool:
+    return isinstance(p, nn.parameter.UninitializedParameter)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _read(path: Path) -> dict[str, dict]:
+    try:
+        if path.stat().st_size > MAX_BYTES:
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if _valid(v)}
+
+
+def _valid(entry: object) -> bool:
+    if not isinstance(entry, dict) or entry.get("choice") not in ("bf16", "fp32"):
+        return False
+    seconds = entry.get("seconds")
+    return isinstance(seconds, dict) and all(
+        isinstance(seconds.get(n), (int, float)) and seconds[n] > 0 for n in ("bf16", "fp32")
+    )
+
+
+def lookup(k: str) -> dict | None:
+    """The stored entry for key ``k`` (choice, seconds per pass of each precision, passes,
+    images, when), or None."""
+    return _read(cache_file()).get(k)
+
+
+def store(k: str, entry: dict) -> str | None:
+    """Add ``entry`` under ``k``; None on success, else why it was not stored (a cache that
+    cannot be written costs a probe next time, never the run)."""
+    path = cache_file()
+    data = _read(path)
+    data.pop(k, None)
+    data[k] = entry | {"when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    data = dict(list(data.items())[-MAX_ENTRIES:])
+    try:
+        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    except (OSError, UserError) as exc:  # UserError: make_folder found a file in the way
+        return f"{type(exc).__name__}: {exc}"
+    return None
