@@ -176,3 +176,23 @@ def test_report_shows_the_ece_and_the_reliability_diagram(six, tmp_path):
     assert "### Calibration (validation)" in text and f"| {ece} |" in text
     link = re.search(r"!\[[^\]]*reliability diagram\]\(<([^>]+)>\)", text).group(1)
     assert is_png(tmp_path / link)
+
+
+def test_eval_of_a_run_it_cannot_write_to_still_scores_and_says_so(six, monkeypatch, capsys):
+    """A run on a read-only disk (os.access says so even to root there) is evaluated; the
+    diagram is left out with one line, not an error."""
+    import os
+
+    image = six.run / "eval_reliability.png"
+    image.unlink(missing_ok=True)
+    real = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == six.run else real(p, mode)
+    )
+    args = ["eval", str(six.run), "--data", str(six.data), "--split", "val"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "reliability diagram: not drawn (the run folder is read-only" in out
+    assert "expected calibration error" in out and not image.exists()
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reliability_image"] is None

@@ -38,11 +38,13 @@ def _eval(args: argparse.Namespace) -> int:
     image = reliability_path(run, args.out_dir)
     options = pick(args, "split", "tta", "batch_size", "device")
     metrics = evaluate(run, args.data, reliability_png=image, **options)
+    drawn = str(image) if image is not None else None
     if args.json:
-        print(json.dumps({"run": run, **metrics.to_dict(), "reliability_image": str(image)}))
+        print(json.dumps({"run": run, **metrics.to_dict(), "reliability_image": drawn}))
     else:
         print_metrics(run, metrics)
-        print(f"reliability diagram: {image}")
+        unwritable = "not drawn (the run folder is read-only; --out-dir DIR draws it there)"
+        print(f"reliability diagram: {drawn or unwritable}")
     return 0
 
 

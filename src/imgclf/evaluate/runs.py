@@ -11,6 +11,7 @@ eval's, beside training's own ``reliability.png`` of the validation split).
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -135,9 +136,12 @@ def evaluate(
     return metrics
 
 
-def reliability_path(run: str | Path | Any, out_dir: str | Path | None = None) -> Path:
+def reliability_path(run: str | Path | Any, out_dir: str | Path | None = None) -> Path | None:
     """Where ``imgclf eval`` draws a run's reliability diagram: ``out_dir``, else the run
-    folder (a checkpoint's own folder), as :data:`EVAL_RELIABILITY`."""
+    folder (a checkpoint's own folder), as :data:`EVAL_RELIABILITY`; None when that
+    default folder cannot be written (a run on a read-only disk is still evaluated)."""
     path = Path(getattr(run, "path", run))
     folder = Path(out_dir) if out_dir is not None else path if path.is_dir() else path.parent
+    if out_dir is None and not os.access(folder, os.W_OK):
+        return None
     return folder / EVAL_RELIABILITY
