@@ -160,6 +160,22 @@ def interrupt_at(trainer: Trainer, epoch: int, batch: int | None) -> None:
     trainer._validate = validate_then_interrupt
 
 
+def interrupt_cache_at(monkeypatch, trainer: Trainer, epoch: int, batch: int) -> None:
+    """Request Ctrl-C at (``epoch``, ``batch``) of a stage that trains on a feature cache
+    (:func:`interrupt_at` covers stages that read images)."""
+    from imgclf.train.feature_cache import FeatureCache
+
+    original = FeatureCache.iter_from
+
+    def iter_from(self, start):
+        for i, item in enumerate(original(self, start), start):
+            if self.epoch == epoch and i == batch:
+                trainer.ctrl_c.requested = True
+            yield item
+
+    monkeypatch.setattr(FeatureCache, "iter_from", iter_from)
+
+
 def interrupt_then_resume(recipe: Any, data: Path, out: Path, epoch: int = 2, batch: int = 2):
     """Train ``recipe`` in ``out``, press Ctrl-C at (``epoch``, ``batch``), then resume to the
     end. Returns the checkpoint as it was at the interrupt, for the caller's checks."""

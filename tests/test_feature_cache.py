@@ -358,8 +358,7 @@ def test_ctrl_c_in_fixres_fp16_cached_stages_then_resume_is_exact(
 ) -> None:
     """A cached stage trained at its own size on fp16 activations, then an uncached one
     at that size: stopped anywhere, the resumed run equals the uninterrupted one."""
-    from helpers_train import assert_same_run, interrupt_at
-    from imgclf.train.feature_cache import FeatureCache
+    from helpers_train import assert_same_run, interrupt_at, interrupt_cache_at
     from imgclf.train.trainer import Trainer
 
     ds = import_tiny(tmp_path)
@@ -378,15 +377,7 @@ def test_ctrl_c_in_fixres_fp16_cached_stages_then_resume_is_exact(
     out = tmp_path / "run"
     trainer = Trainer(recipe, ds, out, threads=1, progress=False)
     interrupt_at(trainer, epoch, batch)  # the image loader: the uncached stage
-    original = FeatureCache.iter_from
-
-    def iter_from(self, start):  # the cache: the cached stage
-        for i, item in enumerate(original(self, start), start):
-            if self.epoch == epoch and i == batch:
-                trainer.ctrl_c.requested = True
-            yield item
-
-    monkeypatch.setattr(FeatureCache, "iter_from", iter_from)
+    interrupt_cache_at(monkeypatch, trainer, epoch, batch)  # the cached stages
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     stopped = load_checkpoint(out / "last.pt")

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers_train import assert_same_run, import_tiny, interrupt_at, tiny_recipe
+from helpers_train import (
+    assert_same_run,
+    import_tiny,
+    interrupt_at,
+    interrupt_cache_at,
+    tiny_recipe,
+)
 from imgclf.runtime.checkpoint import load_checkpoint
 from imgclf.train import shared_cache, train
 from imgclf.train.feature_cache import FeatureCache
@@ -81,15 +87,7 @@ def test_ctrl_c_in_either_stage_then_resume_is_exact(
     out = tmp_path / "run"
     trainer = Trainer(recipe, ds, out, threads=1, progress=False)
     interrupt_at(trainer, epoch, batch)
-    original = FeatureCache.iter_from
-
-    def iter_from(self, start):  # both stages train on caches
-        for i, item in enumerate(original(self, start), start):
-            if self.epoch == epoch and i == batch:
-                trainer.ctrl_c.requested = True
-            yield item
-
-    monkeypatch.setattr(FeatureCache, "iter_from", iter_from)
+    interrupt_cache_at(monkeypatch, trainer, epoch, batch)  # the cached stages
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     stopped = load_checkpoint(out / "last.pt")
