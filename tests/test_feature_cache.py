@@ -276,6 +276,41 @@ def test_onnx_runtime_prefix_equals_eager_and_falls_back(tmp_path, monkeypatch):
     assert prefix_pass.choose(prefix, x, 10_000, None).engine == "PyTorch"
 
 
+def test_the_caches_graph_is_traced_and_else_exported_by_dynamo(tmp_path, monkeypatch):
+    """The cache's ONNX graph comes from the TorchScript exporter (seconds faster, checked
+    against eager like any engine); where that exporter fails, from the dynamo one."""
+    import numpy as np
+
+    from imgclf.runtime import onnx as onnx_mod
+
+    loader, model = _loader_and_model(tmp_path)
+    prefix, _ = model.split_at("block3")
+    x = loader.batch(torch.arange(5))  # any batch: the graph's batch is dynamic
+    used: list[bool] = []
+    export = torch.onnx.export
+
+    def recording(*args, dynamo=True, **kwargs):
+        used.append(dynamo)
+        return export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", recording)
+    for attempt in ("traced", "fallback"):
+        data = onnx_mod.traced_onnx_bytes(prefix, x[:2])
+        out = onnx_mod.ort_session(data).run(None, {"input": x.numpy()})[0]
+        with torch.inference_mode():
+            np.testing.assert_allclose(out, prefix(x).numpy(), atol=1e-4, rtol=1e-3)
+        if attempt == "traced":
+            assert used == [False]
+
+            def legacy_gone(*args, dynamo=True, **kwargs):
+                if not dynamo:
+                    raise RuntimeError("the TorchScript exporter was removed")
+                return recording(*args, dynamo=dynamo, **kwargs)
+
+            monkeypatch.setattr(torch.onnx, "export", legacy_gone)
+    assert used == [False, True]
+
+
 def test_a_stage_trains_at_its_own_size_and_validates_at_the_models(tmp_path: Path) -> None:
     """FixRes (a stage's input_size): training batches at 12 px, validation at the
     model's 16, with and without the cache, and the two paths agree."""
