@@ -276,9 +276,10 @@ def test_onnx_runtime_prefix_equals_eager_and_falls_back(tmp_path, monkeypatch):
     assert prefix_pass.choose(prefix, x, 10_000, None).engine == "PyTorch"
 
 
-def test_the_caches_graph_is_traced_and_else_exported_by_dynamo(tmp_path, monkeypatch):
-    """The cache's ONNX graph comes from the TorchScript exporter (seconds faster, checked
-    against eager like any engine); where that exporter fails, from the dynamo one."""
+def test_the_caches_graph_is_exported_once_per_module_and_kept(tmp_path, monkeypatch):
+    """The cache's ONNX graph is kept under a hash of the prefix's layers, weights and
+    input shape: the same prefix is not exported again, other weights or another size
+    are, and a damaged file is replaced; every graph answers as the prefix does."""
     import numpy as np
 
     from imgclf.runtime import onnx as onnx_mod
@@ -286,29 +287,35 @@ def test_the_caches_graph_is_traced_and_else_exported_by_dynamo(tmp_path, monkey
     loader, model = _loader_and_model(tmp_path)
     prefix, _ = model.split_at("block3")
     x = loader.batch(torch.arange(5))  # any batch: the graph's batch is dynamic
-    used: list[bool] = []
-    export = torch.onnx.export
+    exports: list[tuple] = []
+    export = onnx_mod.onnx_bytes
 
-    def recording(*args, dynamo=True, **kwargs):
-        used.append(dynamo)
-        return export(*args, dynamo=dynamo, **kwargs)
+    def counting(module, example, **kwargs):
+        exports.append(tuple(example.shape))
+        return export(module, example, **kwargs)
 
-    monkeypatch.setattr(torch.onnx, "export", recording)
-    for attempt in ("traced", "fallback"):
-        data = onnx_mod.traced_onnx_bytes(prefix, x[:2])
-        out = onnx_mod.ort_session(data).run(None, {"input": x.numpy()})[0]
+    monkeypatch.setattr(onnx_mod, "onnx_bytes", counting)
+
+    def graph(inputs: torch.Tensor) -> np.ndarray:
+        data = onnx_mod.kept_onnx_bytes(prefix, inputs[:2])
+        return onnx_mod.ort_session(data).run(None, {"input": inputs.numpy()})[0]
+
+    for _ in range(2):
         with torch.inference_mode():
-            np.testing.assert_allclose(out, prefix(x).numpy(), atol=1e-4, rtol=1e-3)
-        if attempt == "traced":
-            assert used == [False]
-
-            def legacy_gone(*args, dynamo=True, **kwargs):
-                if not dynamo:
-                    raise RuntimeError("the TorchScript exporter was removed")
-                return recording(*args, dynamo=dynamo, **kwargs)
-
-            monkeypatch.setattr(torch.onnx, "export", legacy_gone)
-    assert used == [False, True]
+            np.testing.assert_allclose(graph(x), prefix(x).numpy(), atol=1e-4, rtol=1e-3)
+    assert len(exports) == 1
+    kept = list((tmp_path / "imgclf-home" / "onnx").glob("module-*.onnx"))
+    assert len(kept) == 1
+    kept[0].write_bytes(b"damaged")
+    graph(x)
+    assert len(exports) == 2 and kept[0].read_bytes() != b"damaged"
+    with torch.no_grad():
+        next(prefix.parameters()).add_(0.5)  # other weights: another graph
+    with torch.inference_mode():
+        np.testing.assert_allclose(graph(x), prefix(x).numpy(), atol=1e-4, rtol=1e-3)
+    small = torch.nn.functional.interpolate(x, size=12)
+    graph(small)  # another input size
+    assert len(exports) == 4 and len(list(kept[0].parent.glob("module-*.onnx"))) == 3
 
 
 def test_a_stage_trains_at_its_own_size_and_validates_at_the_models(tmp_path: Path) -> None:

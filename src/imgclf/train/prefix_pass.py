@@ -108,10 +108,10 @@ def same_activations(got: torch.Tensor, want: torch.Tensor) -> bool:
 def _onnx_runner(prefix: nn.Module, sample: torch.Tensor) -> Runner:
     """``prefix`` on ONNX Runtime for inputs shaped as ``sample`` (any batch): images, or
     an earlier part's activations (imgclf.train.shared_cache)."""
-    from imgclf.runtime.onnx import OnnxNet, ort_session, traced_onnx_bytes
+    from imgclf.runtime.onnx import OnnxNet, kept_onnx_bytes, ort_session
 
     example = torch.zeros_like(sample[:2], device="cpu", dtype=torch.float32)
-    data = traced_onnx_bytes(prefix.eval(), example)
+    data = kept_onnx_bytes(prefix.eval(), example)
     return OnnxNet(ort_session(data, torch.get_num_threads(), spin=False))
 
 
