@@ -282,6 +282,7 @@ def test_the_caches_graph_is_exported_once_per_module_and_kept(tmp_path, monkeyp
     are, and a damaged file is replaced; every graph answers as the prefix does."""
     import numpy as np
 
+    from imgclf.models import create
     from imgclf.runtime import onnx as onnx_mod
 
     loader, model = _loader_and_model(tmp_path)
@@ -316,6 +317,17 @@ def test_the_caches_graph_is_exported_once_per_module_and_kept(tmp_path, monkeyp
     small = torch.nn.functional.interpolate(x, size=12)
     graph(small)  # another input size
     assert len(exports) == 4 and len(list(kept[0].parent.glob("module-*.onnx"))) == 3
+    # A pass too short to pay for an export stays eager, unless the graph is kept.
+    from imgclf.train import prefix_pass
+
+    def seconds(run, x) -> float:  # ONNX Runtime (a module) faster than eager
+        return 0.1 if isinstance(run, torch.nn.Module) else 1.0
+
+    monkeypatch.setattr(prefix_pass, "_seconds", seconds)
+    other, _ = create("complex", num_classes=3, input_size=16).eval().split_at("block3")
+    assert prefix_pass.choose(other, x, 10, None).engine == "PyTorch"
+    assert prefix_pass.choose(prefix, x, 10, None).engine.startswith("ONNX Runtime")
+    assert len(exports) == 4  # the kept graph, not a fifth export
 
 
 def test_a_stage_trains_at_its_own_size_and_validates_at_the_models(tmp_path: Path) -> None:

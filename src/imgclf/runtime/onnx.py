@@ -139,7 +139,7 @@ def kept_onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
     graph ran the pass 3.4x eager's speed against 5.1x (docs/results.md, issue #30). A
     kept file that ONNX Runtime cannot open is exported again; an unwritable cache keeps
     nothing."""
-    path = imgclf_home() / "onnx" / f"module-{_module_key(module, example)}.onnx"
+    path = kept_onnx_path(module, example)
     if path.is_file():
         try:
             data = path.read_bytes()
@@ -154,6 +154,12 @@ def kept_onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
     except OSError:
         pass  # a read-only cache folder: this run's export is all it costs
     return data
+
+
+def kept_onnx_path(module: nn.Module, example: torch.Tensor) -> Path:
+    """Where :func:`kept_onnx_bytes` keeps ``module``'s graph for inputs shaped as
+    ``example`` (a file there means no export is needed)."""
+    return imgclf_home() / "onnx" / f"module-{_module_key(module, example)}.onnx"
 
 
 def _module_key(module: nn.Module, example: torch.Tensor) -> str:
