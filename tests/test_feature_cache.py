@@ -276,6 +276,60 @@ def test_onnx_runtime_prefix_equals_eager_and_falls_back(tmp_path, monkeypatch):
     assert prefix_pass.choose(prefix, x, 10_000, None).engine == "PyTorch"
 
 
+def test_the_caches_graph_is_exported_once_per_module_and_kept(tmp_path, monkeypatch):
+    """The cache's ONNX graph is kept under a hash of the prefix's layers, weights and
+    input shape: the same prefix is not exported again, other weights or another size
+    are, and a damaged file is replaced; every graph answers as the prefix does."""
+    import numpy as np
+
+    from imgclf.models import create
+    from imgclf.runtime import onnx as onnx_mod
+
+    loader, model = _loader_and_model(tmp_path)
+    prefix, _ = model.split_at("block3")
+    x = loader.batch(torch.arange(5))  # any batch: the graph's batch is dynamic
+    exports: list[tuple] = []
+    export = onnx_mod.onnx_bytes
+
+    def counting(module, example, **kwargs):
+        exports.append(tuple(example.shape))
+        return export(module, example, **kwargs)
+
+    monkeypatch.setattr(onnx_mod, "onnx_bytes", counting)
+
+    def graph(inputs: torch.Tensor) -> np.ndarray:
+        data = onnx_mod.kept_onnx_bytes(prefix, inputs[:2])
+        return onnx_mod.ort_session(data).run(None, {"input": inputs.numpy()})[0]
+
+    for _ in range(2):
+        with torch.inference_mode():
+            np.testing.assert_allclose(graph(x), prefix(x).numpy(), atol=1e-4, rtol=1e-3)
+    assert len(exports) == 1
+    kept = list((tmp_path / "imgclf-home" / "onnx").glob("module-*.onnx"))
+    assert len(kept) == 1
+    kept[0].write_bytes(b"damaged")
+    graph(x)
+    assert len(exports) == 2 and kept[0].read_bytes() != b"damaged"
+    with torch.no_grad():
+        next(prefix.parameters()).add_(0.5)  # other weights: another graph
+    with torch.inference_mode():
+        np.testing.assert_allclose(graph(x), prefix(x).numpy(), atol=1e-4, rtol=1e-3)
+    small = torch.nn.functional.interpolate(x, size=12)
+    graph(small)  # another input size
+    assert len(exports) == 4 and len(list(kept[0].parent.glob("module-*.onnx"))) == 3
+    # A pass too short to pay for an export stays eager, unless the graph is kept.
+    from imgclf.train import prefix_pass
+
+    def seconds(run, x) -> float:  # ONNX Runtime (a module) faster than eager
+        return 0.1 if isinstance(run, torch.nn.Module) else 1.0
+
+    monkeypatch.setattr(prefix_pass, "_seconds", seconds)
+    other, _ = create("complex", num_classes=3, input_size=16).eval().split_at("block3")
+    assert prefix_pass.choose(other, x, 10, None).engine == "PyTorch"
+    assert prefix_pass.choose(prefix, x, 10, None).engine.startswith("ONNX Runtime")
+    assert len(exports) == 4  # the kept graph, not a fifth export
+
+
 def test_a_stage_trains_at_its_own_size_and_validates_at_the_models(tmp_path: Path) -> None:
     """FixRes (a stage's input_size): training batches at 12 px, validation at the
     model's 16, with and without the cache, and the two paths agree."""

@@ -136,6 +136,54 @@ def set_metadata(model_bytes: bytes, metadata: Mapping[str, str]) -> bytes:
     return model.SerializeToString()
 
 
+def kept_onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
+    """``module`` as an ONNX graph with a dynamic batch (:func:`onnx_bytes`), kept in
+    imgclf's cache under a hash of its layers, weights and input shape, for graphs used
+    inside one process and checked there against eager PyTorch (the feature cache's pass,
+    imgclf.train.prefix_pass). Every ``lite0-photo`` run exports the same frozen ImageNet
+    prefixes, which took the dynamo exporter 12.4 s (up to the head) and about 5 s (up to
+    blocks4) each time on a 2-core AVX2 EPYC; the TorchScript exporter took 0.6 s but its
+    graph ran the pass 3.4x eager's speed against 5.1x (docs/results.md, issue #30). A
+    kept file that ONNX Runtime cannot open is exported again; an unwritable cache keeps
+    nothing."""
+    path = kept_onnx_path(module, example)
+    if path.is_file():
+        try:
+            data = path.read_bytes()
+            ort_session(data, threads=1)
+            return data
+        except Exception:  # a damaged file (ONNX Runtime raises its own types): again
+            pass
+    data = onnx_bytes(module, example, dynamic_batch=True)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError:
+        pass  # a read-only cache folder: this run's export is all it costs
+    return data
+
+
+def kept_onnx_path(module: nn.Module, example: torch.Tensor) -> Path:
+    """Where :func:`kept_onnx_bytes` keeps ``module``'s graph for inputs shaped as
+    ``example`` (a file there means no export is needed)."""
+    return imgclf_home() / "onnx" / f"module-{_module_key(module, example)}.onnx"
+
+
+def _module_key(module: nn.Module, example: torch.Tensor) -> str:
+    """Its layers (their repr), every tensor of its state (names, shapes, values), the
+    input's shape and the versions that export and run the graph (30 ms for Lite0)."""
+    import onnx
+    import onnxruntime
+
+    digest = hashlib.sha256(repr(module).encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    shape = f"{tuple(example.shape[1:])}|{example.dtype}|{__version__}|{torch.__version__}"
+    digest.update(f"{shape}|{onnx.__version__}|{onnxruntime.__version__}".encode())
+    return digest.hexdigest()[:32]
+
+
 class _Named(nn.Module):
     """Gives the exported graph's argument the name ``x`` its dynamic shape refers to."""
 

@@ -14,7 +14,7 @@ and the head stage pays only for the middle blocks (at 12 and 6 px).
 
 Two stages share only at one training size, so ``lite0-photo`` (head at 224 px, the last
 blocks at 192) does not: with its head stage moved to 192 px to share, the run took 252 s
-instead of 343 s on that EPYC, but the head, trained at 192 and tested at 224, ended at a
+instead of 297 s on that EPYC, but the head, trained at 192 and tested at 224, ended at a
 validation loss of 0.54 against 0.45 and the run at 90.6% against 92.1% (docs/results.md).
 A recipe whose stages train at one size gets the shared pass without a word in it.
 
