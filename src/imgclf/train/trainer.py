@@ -286,8 +286,10 @@ class Trainer:
         self.train_loader.size = stage_size(stage, self.model)
         if not r.feature_cache:
             return n_train, None
-        steps = self._stage_steps
-        epochs = lambda sj: steps(sj) / len(self.train_loader)  # noqa: E731
+
+        def epochs(sj: int) -> float:  # stage sj's planned length
+            return self._stage_steps(sj) / len(self.train_loader)
+
         cache = self.caches.get(r, si, epochs, self.progress.stage_cached)
         return n_train, cache
 
