@@ -148,6 +148,12 @@ class Graph:
         flat.update({k: v for k, v in info.items() if isinstance(v, str)})
         return {**flat, METADATA_KEY: json.dumps(info)}
 
+    def onnx(self, example: torch.Tensor, opset: int, dynamic_batch: bool) -> bytes:
+        """The graph as ONNX bytes with its metadata (``export``; ``export --int8``
+        quantizes these)."""
+        options = {"opset": opset, "dynamic_batch": dynamic_batch, "output_name": self.output}
+        return onnx_bytes(self.module, example, metadata=self.metadata(), **options)
+
 
 def build_graph(rs: RunSet, vote: str = "soft", weights: Sequence[float] | None = None) -> Graph:
     """One run's model, or the mean vote of several, with the preprocessing of its input."""
@@ -254,18 +260,10 @@ def _exported(
     example: torch.Tensor,
     opset: int,
     dynamic_batch: bool,
-    metadata: dict[str, str],
 ) -> tuple[bytes, np.ndarray, str]:
     """The file's bytes, its outputs on ``x`` (run by its runtime) and that runtime's name."""
     if format == "onnx":
-        data = onnx_bytes(
-            graph.module,
-            example,
-            opset=opset,
-            dynamic_batch=dynamic_batch,
-            metadata=metadata,
-            output_name=graph.output,
-        )
+        data = graph.onnx(example, opset, dynamic_batch)
         return data, run_onnx(ort_session(data), x.numpy(), dynamic_batch), "ONNX Runtime"
     data, traced = _torchscript_bytes(graph, example)
     with torch.inference_mode():
@@ -356,8 +354,7 @@ def export(
     x = batch_to_input(pixels, _size(pre), pre.mean, pre.std, channels_last=False)
     expected = reference_outputs(rs, graph, pixels)
     example = x[:2] if dynamic_batch else x[:1]
-    metadata = graph.metadata()
-    data, got, runtime = _exported(graph, format, x, example, opset, dynamic_batch, metadata)
+    data, got, runtime = _exported(graph, format, x, example, opset, dynamic_batch)
     diff = float(np.abs(got.astype(np.float64) - expected).max())
     agree = bool((got.argmax(1) == expected.argmax(1)).all())
     if not diff <= ATOL:
@@ -376,7 +373,7 @@ def export(
         runtime=runtime,
         labels_agree=agree,
         seconds=time.perf_counter() - started,
-        metadata=metadata,
+        metadata=graph.metadata(),
     )
 
 

@@ -62,7 +62,6 @@ from imgclf.inference.runs import LoadedRun, load_runs
 from imgclf.io_utils import atomic_path, check_output_file
 from imgclf.runtime.onnx import (
     DEFAULT_OPSET,
-    onnx_bytes,
     ort_session,
     set_metadata,
     unsupported_reason,
@@ -271,14 +270,7 @@ def export_int8(
     calib_idx, calibrated_on = pick(ds, ("train", "all"), calibration_images, CALIBRATION_SEED)
     example = torch.zeros(2 if dynamic_batch else 1, 3, pre.input_size, pre.input_size)
     metadata = graph.metadata()
-    float_model = onnx_bytes(
-        graph.module,
-        example,
-        opset=opset,
-        dynamic_batch=dynamic_batch,
-        metadata=metadata,
-        output_name=graph.output,
-    )
+    float_model = graph.onnx(example, opset, dynamic_batch)
     calib_batch = CALIBRATION_BATCH if dynamic_batch else 1
     int8_model = quantize(float_model, batches(ds, calib_idx, pre, calib_batch), reduce_range)
     if _quantized_nodes(int8_model) == 0:
