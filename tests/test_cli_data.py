@@ -101,6 +101,8 @@ def test_info_text(tmp_path, capsys):
     assert lines[8:] == [
         "skipped files: 1",
         f"  {src / 'train' / 'cat' / 'broken.png'}: empty file (0 bytes)",
+        "warning: class 'cat': 9 training images (fewer than 10): too few to learn or "
+        "validate; add images, or merge it into a related class or drop it",
     ]
 
 
@@ -133,7 +135,7 @@ def test_info_lists_at_most_twenty_skipped_files(tmp_path, capsys):
     capsys.readouterr()
     out = run(capsys, "data", "info", "p")[1].splitlines()
     assert "skipped files: 25" in out
-    assert out[-1].endswith("p/import-report.csv")
+    assert out[out.index("skipped files: 25") + 21].endswith("p/import-report.csv")
     assert sum(line.startswith("  ") for line in out) == 21
 
 

@@ -44,7 +44,7 @@ def describe_short(ds) -> str:
 
 
 def _data_info(args: argparse.Namespace) -> int:
-    """classes, counts, size, source, skipped files"""
+    """classes, counts, size, source, skipped files, class balance warnings"""
     from imgclf.data import dataset_info, load_dataset
 
     info = dataset_info(load_dataset(args.name))
@@ -68,6 +68,10 @@ def _data_info(args: argparse.Namespace) -> int:
         print(f"  {row['path']}: {row['reason']}")
     if len(info["skipped"]) > 20:
         print(f"  … see {info['root']}/import-report.csv")
+    for line in info["warnings"]:
+        print(f"warning: {line}")
+    if not info["warnings"]:
+        print("class balance and splits: no problems found")
     return 0
 
 

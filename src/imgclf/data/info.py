@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from imgclf.data.cache import Dataset
+from imgclf.data.sanity import balance_warnings
 
 
 def dataset_info(ds: Dataset) -> dict:
     """What ``imgclf data info`` shows, as a dict: classes, counts per split, size,
-    source, validation split and skipped files."""
+    source, validation split, skipped files, and the class balance and split warnings
+    (:func:`imgclf.data.sanity.balance_warnings`)."""
+    counts = ds.counts()
     return {
         "name": ds.name,
         "root": str(ds.root),
@@ -18,7 +21,8 @@ def dataset_info(ds: Dataset) -> dict:
         "image_size": list(ds.image_size),
         "resize_policy": ds.meta["resize_policy"],
         "resized": ds.meta["resized"],
-        "counts": ds.counts(),
+        "counts": counts,
         "val_split": ds.meta["val_split"],
         "skipped": ds.skipped(),
+        "warnings": balance_warnings(counts, ds.meta["val_split"]),
     }
