@@ -17,12 +17,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
 from imgclf.errors import CheckpointError
-from imgclf.runtime.onnx import ort_session, unsupported_reason
+from imgclf.runtime.onnx import OnnxNet, ort_session, unsupported_reason
 
 SUFFIX = ".onnx"
 METADATA_KEY = "imgclf"  # the key imgclf.export writes its JSON description under
@@ -35,34 +33,23 @@ def is_exported(path: str | Path) -> bool:
     return Path(path).suffix.lower() == SUFFIX
 
 
-class ExportedNet(nn.Module):
+class ExportedNet(OnnxNet):
     """An exported graph behind the interface of the model it was exported from: the
-    normalized float batch in, logits out. A vote's graph outputs probabilities; their
-    logarithm is returned, whose softmax is those probabilities again, so every caller
-    that takes a softmax of logits (predict, serve, eval's loss) gets the vote's numbers."""
+    normalized float batch in, logits out (a graph of a fixed batch of 1, the export's
+    default, run image by image: :class:`~imgclf.runtime.onnx.OnnxNet`). A vote's graph
+    outputs probabilities; their logarithm is returned, whose softmax is those
+    probabilities again, so every caller that takes a softmax of logits (predict, serve,
+    eval's loss) gets the vote's numbers."""
 
     def __init__(self, session: Any, output: str) -> None:
-        super().__init__()
-        self.session = session
-        self.input_name = session.get_inputs()[0].name
+        super().__init__(session)
         self.output = output
-        # A graph exported without --dynamic-batch takes batches of exactly 1.
-        self.fixed_batch = session.get_inputs()[0].shape[0] == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(x.detach().cpu().float().numpy())
-        if self.fixed_batch:
-            parts = [self._run(array[i : i + 1]) for i in range(len(array))]
-            out = np.concatenate(parts) if parts else self._run(array)
-        else:
-            out = self._run(array)
-        result = torch.from_numpy(out).float()
+        result = super().forward(x).float()
         if self.output == "probabilities":
             result = torch.log(result.clamp_min(torch.finfo(torch.float32).tiny))
         return result.to(x.device)
-
-    def _run(self, array: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: array})[0]
 
 
 def read_description(path: Path) -> dict[str, Any]:

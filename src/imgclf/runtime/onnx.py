@@ -261,6 +261,8 @@ class OnnxNet(nn.Module):
         array = np.ascontiguousarray(x.detach().cpu().float().numpy())
         if self.dynamic_batch:
             return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        if len(array) == 0:  # nothing to split: the graph answers the empty batch's shape
+            return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
         name = self.input_name
         one = [self.session.run(None, {name: array[i : i + 1]})[0] for i in range(len(array))]
         return torch.from_numpy(np.concatenate(one))
