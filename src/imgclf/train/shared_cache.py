@@ -104,7 +104,6 @@ class StageCaches:
         self.model, self.train, self.val = model, train, val
         self.hw, self.dist, self.say = hw, dist, say
         self.held: dict[int, FeatureCache] = {}
-        self.recipe: Recipe | None = None
 
     def get(
         self, recipe: Recipe, si: int, epochs: Callable[[int], float], cached: dict[str, bool]
@@ -113,31 +112,31 @@ class StageCaches:
         stage)'s cache: held, derived from the next stage's (built now, then held), or its
         own. ``epochs(s)``: stage ``s``'s planned epochs; ``cached``: each stage's decision
         (a resumed run's progress), updated."""
-        self.recipe = recipe
         if si in self.held:
             return self.held.pop(si)
-        sj = source_stage(self.model, self.recipe, si, self.dist.enabled)
+        sj = source_stage(self.model, recipe, si, self.dist.enabled)
         later = None
         if sj is not None and cached.get(str(si)) is not False:
-            later = self.build(sj, epochs(sj), cached)
+            later = self.build(recipe, sj, epochs(sj), cached)
         if later is None:
-            return self.build(si, epochs(si), cached)
+            return self.build(recipe, si, epochs(si), cached)
         self.held[sj] = later
         cached[str(si)] = True
-        return self.derive(si, later)
+        return self.derive(recipe, si, later)
 
-    def build(self, si: int, epochs: float, cached: dict[str, bool]) -> FeatureCache | None:
+    def build(
+        self, recipe: Recipe, si: int, epochs: float, cached: dict[str, bool]
+    ) -> FeatureCache | None:
         """Stage ``si``'s own cache (imgclf.train.feature_cache), with the loader set to
         that stage's augmentation and size while it is built."""
-        assert self.recipe is not None
-        stage, loader = self.recipe.stages[si], self.train
+        stage, loader = recipe.stages[si], self.train
         kept = loader.augment, loader.size
-        loader.augment = Augment(**stage.augment_for(self.recipe).model_dump())
+        loader.augment = Augment(**stage.augment_for(recipe).model_dump())
         loader.size = stage_size(stage, self.model)
         try:
             cache = FeatureCache.build(
                 self.model,
-                self.recipe,
+                recipe,
                 stage,
                 loader,
                 self.val,
@@ -153,12 +152,11 @@ class StageCaches:
         cached[str(si)] = cache is not None
         return cache
 
-    def derive(self, si: int, later: FeatureCache) -> FeatureCache:
+    def derive(self, recipe: Recipe, si: int, later: FeatureCache) -> FeatureCache:
         """Stage ``si``'s cache from ``later``'s activations, through the blocks between."""
-        assert self.recipe is not None
-        stage = self.recipe.stages[si]
-        views = views_for(self.recipe, stage) or 1
-        start = first_trained(self.model, self.recipe.stages[si + 1].groups())
+        stage = recipe.stages[si]
+        views = views_for(recipe, stage) or 1
+        start = first_trained(self.model, recipe.stages[si + 1].groups())
         cut = first_trained(self.model, stage.groups())
         assert start is not None and cut is not None
         middle = between(self.model, start, cut).eval()
