@@ -46,7 +46,7 @@ from torch import nn
 from imgclf import __version__
 from imgclf.data.preprocess import Preprocess, batch_to_input
 from imgclf.errors import ExportError, UserError
-from imgclf.inference.runs import RunSet, load_runs, resolve_weights
+from imgclf.inference.runs import RunSet, declared_vote, load_runs, resolve_weights
 from imgclf.io_utils import atomic_path, check_output_file
 from imgclf.runtime.onnx import DEFAULT_OPSET, onnx_bytes, ort_session, run_onnx, unsupported_reason
 
@@ -309,6 +309,20 @@ class ExportResult:
         )
 
 
+def _export_vote(runs: Sequence[str | os.PathLike[str]], vote: str | None) -> str:
+    """The vote given, else the ensemble folders' own (read before any model loads), else
+    soft; an ensemble's hard vote cannot be one graph, so it is one line asking for one."""
+    if vote is not None:
+        return vote
+    declared = declared_vote(runs)
+    if declared == "hard":
+        raise ExportError(
+            f"{runs[0]}: the ensemble votes hard, which one graph does not do (it averages "
+            "probabilities): give --vote soft or --vote weighted"
+        )
+    return declared or "soft"
+
+
 def default_out(runs: Sequence[str | os.PathLike[str]], format: str, vote: str) -> Path:
     """Beside the run for one run (``RUN/model.onnx``), here for an ensemble."""
     suffix = SUFFIXES[format]
@@ -326,14 +340,15 @@ def export(
     format: str = "onnx",
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = False,
-    vote: str = "soft",
+    vote: str | None = None,
     weights: Mapping[str, float] | Sequence[float] | Sequence[str] | None = None,
     verify_images: int = VERIFY_IMAGES,
 ) -> ExportResult:
     """Export one run, or the ``vote`` of several, to ``out``; verified before it is written.
 
     ``dynamic_batch``: the graph takes any batch size (default: a batch of 1, what most
-    runtimes and converters expect). ``weights``: for ``vote="weighted"``, as in predict.
+    runtimes and converters expect). ``vote``: ``soft`` or ``weighted`` (None: an ensemble
+    folder's own, else soft). ``weights``: for ``vote="weighted"``, as in predict.
     The runs are loaded as a run set (:func:`imgclf.inference.runs.load_runs`); the ONNX
     mechanics are :mod:`imgclf.runtime.onnx`'s.
     """
@@ -342,6 +357,7 @@ def export(
         raise ExportError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
     if format == "onnx" and not 7 <= opset <= 23:
         raise ExportError(f"--opset {opset}: choose an ONNX opset between 7 and 23")
+    vote = _export_vote(runs, vote)
     path = Path(out) if out is not None else default_out(runs, format, vote)
     check_output_file(path)  # before the runs load and the graph is traced and verified
     rs = load_runs(runs)

@@ -259,6 +259,11 @@ def export_int8(
     path = Path(out) if out is not None else default_int8_out(run)
     check_output_file(path)  # before anything is loaded, traced or calibrated
     rs = load_runs([run])
+    if len(rs.runs) > 1:
+        raise ExportError(
+            f"--int8 quantizes one run; {run} is an ensemble of {len(rs.runs)}: export each "
+            "member folder inside it with --int8, or the whole ensemble without it"
+        )
     lr = rs.runs[0]
     if lr.exported:
         raise ExportError(

@@ -142,7 +142,7 @@ def predict(
     input: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    vote: str = "hard",
+    vote: str | None = None,
     prefer: Sequence[str] | None = None,
     weights: Mapping[str, float] | Sequence[float] | Sequence[str] | None = None,
     tta: bool = False,
@@ -158,16 +158,16 @@ def predict(
 ) -> PredictResult:
     """Label every image in ``input`` with the runs' vote; write ``out`` atomically.
 
-    ``runs``: run folders or checkpoints (one class set). ``input``: a folder, an archive,
-    a text list of image paths or one image; ``format`` (CSV ``default`` or ``kaggle``, or
-    ``jsonl``; None: from ``out``'s suffix), ``top_k`` and ``probs``: see the module's
-    description. ``vote``: ``hard``, ``soft`` or ``weighted``. ``prefer``: run names in
-    hard-vote tie-break order (default: as given). ``weights``: for ``vote="weighted"``,
-    ``{run: w}``, ``["run:w", ...]`` or one per run (default: validation accuracies).
-    ``tta``: average each model's test-time views. ``batch_size``: files per chunk.
-    ``strict``: raise :class:`PredictFailures` after writing if a file could not be read.
-    ``workers``: decoding threads (default: this process's share of the cores). ``backend``:
-    ``torch``, ``onnx`` or None (per model, the faster). ``csv_raw``: see imgclf.csv_safe.
+    ``runs``: run or ensemble folders, or checkpoints (one class set). ``input``: a folder,
+    an archive, a text list of image paths or one image; ``format`` (CSV ``default`` or
+    ``kaggle``, or ``jsonl``; None: from ``out``'s suffix), ``top_k``, ``probs``: see the
+    module's description. ``vote``: ``hard``, ``soft``, ``weighted`` or None (an ensemble
+    folder's own, else hard). ``prefer``: run names, hard-vote tie-break order (default:
+    as given). ``weights``: for ``vote="weighted"``, ``{run: w}``, ``["run:w", ...]`` or one
+    per run (default: validation accuracies). ``tta``: each model's test-time views averaged.
+    ``batch_size``: files per chunk. ``strict``: raise :class:`PredictFailures` after writing
+    if a file could not be read. ``workers``: decoding threads (default: this process's
+    share of the cores). ``backend``: torch, onnx or None. ``csv_raw``: see imgclf.csv_safe.
     """
     started = time.perf_counter()
     check_output_file(out)  # before any model loads or file decodes: fail in a second
@@ -188,7 +188,7 @@ def predict(
         rows=len(inputs.items),
         failures=len(failed),
         runs=rs.names,
-        vote=vote,
+        vote=plan.vote,
         seconds=time.perf_counter() - started,
         ignored=inputs.ignored,
         failed=failed,
@@ -216,7 +216,7 @@ def _inputs(input: str | os.PathLike[str], format: str) -> Inputs:
     return inputs
 
 
-def _check_options(format: str, batch_size: int, vote: str) -> str:
+def _check_options(format: str, batch_size: int, vote: str | None) -> str:
     """``format``, once it and the other options are checked."""
     if format not in FORMATS:
         raise UserError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")

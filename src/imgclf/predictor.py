@@ -245,7 +245,7 @@ def _path_items(given: str | os.PathLike[str]) -> Iterable[tuple[Item, Source]]:
 def load(
     model: Any,
     *,
-    vote: str = "hard",
+    vote: str | None = None,
     prefer: Sequence[str] | None = None,
     weights: Mapping[str, float] | Sequence[float] | Sequence[str] | None = None,
     backend: str | None = None,
@@ -261,8 +261,8 @@ def load(
             ``Run`` from :func:`imgclf.train`, a list of these (their ``vote``, as
             ``imgclf predict A B --vote ...``), or an ``.onnx`` file ``imgclf export``
             wrote (run by ONNX Runtime on the CPU; its preprocessing from its metadata).
-        vote: ``hard``, ``soft`` or ``weighted``, for several runs (``imgclf predict``'s
-            default: ``hard``).
+        vote: ``hard``, ``soft`` or ``weighted``, for several runs (None: an ensemble
+            folder's own, else ``hard``, as ``imgclf predict``).
         prefer: run names in hard-vote tie-break order (default: the order given).
         weights: for ``vote="weighted"``: ``{run: w}``, ``["run:w", ...]`` or one number per
             run (default: each run's validation accuracy).

@@ -73,7 +73,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=positive_int, default=18, metavar="N", help="ONNX opset (18)")
     batch = "any batch size (default: batches of 1)"
     p.add_argument("--dynamic-batch", action="store_true", help=batch)
-    combine = "how runs combine: soft or weighted (one graph averages probabilities)"
+    combine = "how runs combine: soft or weighted (one graph averages probabilities; "
+    combine += "default: an ensemble folder's own vote, else soft)"
     add_vote_option(p, "soft", combine)
     add_weights_option(p)
     int8 = "a statically quantized int8 ONNX model (default file RUN/model.int8.onnx)"

@@ -26,7 +26,10 @@ def pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
-RUNS_HELP = "run folder(s), .pt checkpoint(s), or .onnx file(s) written by imgclf export"
+RUNS_HELP = (
+    "run folder(s), ensemble folder(s) (imgclf train A B, --seeds N: their members, voted "
+    "as their ensemble.yaml says), .pt checkpoint(s), or .onnx file(s) written by imgclf export"
+)
 
 
 def add_runs_argument(p: argparse.ArgumentParser) -> None:
@@ -118,13 +121,16 @@ VOTES = ("hard", "soft", "weighted")
 
 
 def add_vote_option(p: argparse.ArgumentParser, default: str = "hard", help: str = "") -> None:
+    """``--vote``, None when not given: an ensemble folder's own vote (its ensemble.yaml)
+    is then used, else ``default`` (the library's)."""
     p.add_argument(
         "--vote",
         choices=VOTES,
-        default=default,
+        default=None,
         help=help
         or "how several runs combine (hard: majority of top-1 labels; soft: mean "
-        f"probability; weighted: weighted mean probability) ({default})",
+        f"probability; weighted: weighted mean probability) (default: an ensemble "
+        f"folder's own vote, else {default})",
     )
 
 

@@ -26,13 +26,15 @@ def _eval(args: argparse.Namespace) -> int:
     """accuracy, per-class scores and confusion of runs on a dataset
 
     Evaluate RUN (a run folder or checkpoint) on an imported dataset or an image folder.
-    Classes are matched by name. Also top-5 accuracy (more than 5 classes) and the
-    expected calibration error (15 bins), with a reliability diagram drawn into the run
-    folder (eval_reliability.png; --out-dir to put it elsewhere).
+    Several runs, or an ensemble folder (imgclf train A B, --seeds N): each member's
+    scores and each vote's. Classes are matched by name. Also top-5 accuracy (more than 5
+    classes) and the expected calibration error (15 bins), with a reliability diagram
+    drawn into the run folder (eval_reliability.png; --out-dir to put it elsewhere).
     """
     from imgclf.evaluate.runs import evaluate, reliability_path
+    from imgclf.runtime.ensemble_file import is_ensemble_dir
 
-    if len(args.runs) > 1:
+    if len(args.runs) > 1 or is_ensemble_dir(args.runs[0]):  # members' and the vote's scores
         return _eval_ensemble(args)
     run = args.runs[0]
     image = reliability_path(run, args.out_dir)
@@ -189,4 +191,4 @@ def add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["html", "md"], default=None, help=formats)
     p.add_argument("--data", help="dataset to score the ensemble of all runs on")
     _add_split_option(p, "split for the ensemble")
-    add_vote_option(p, help="the ensemble's vote (hard)")
+    add_vote_option(p, help="the ensemble's vote (default: an ensemble folder's own, else hard)")

@@ -32,6 +32,7 @@ from imgclf.inference.runs import (
     load_runs,
     prefer_order,
     resolve_weights,
+    voting,
 )
 
 # ---------------------------------------------------------------------------- comparison
@@ -184,7 +185,7 @@ def compare_runs(
     runs: Sequence[RunLike],
     data: str | os.PathLike[str] | Dataset,
     split: str | None = None,
-    vote: str = "hard",
+    vote: str | None = None,
     prefer: Sequence[str] | None = None,
     weights: Weights = None,
     tta: bool = False,
@@ -194,13 +195,15 @@ def compare_runs(
 ) -> Comparison:
     """Score each run and the hard, soft and weighted votes of all of them on ``split``.
 
-    Per-model scores are exactly ``imgclf eval``'s. ``prefer`` (run names) breaks hard-vote
-    ties; ``weights`` (``{run: w}``, ``["run:w"]`` or one number per run) default to each
+    Per-model scores are exactly ``imgclf eval``'s. An ensemble folder counts as its
+    members, and ``vote`` (None) is its own (else hard). ``prefer`` (run names) breaks
+    hard-vote ties; ``weights`` (``{run: w}``, ``["run:w"]`` or one number per run) default to each
     run's validation accuracy; without them the weighted vote is left out with a note,
     unless ``vote="weighted"`` asks for it.
     """
     check_vote(vote)
     rs = load_runs(runs)
+    vote, prefer = voting(rs, vote, prefer)
     prefer_idx = prefer_order(rs, prefer)
     datasets = open_data_for(data, rs.runs)
     ds = datasets[0]

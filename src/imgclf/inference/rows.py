@@ -23,7 +23,7 @@ import numpy as np
 from imgclf.ensemble import vote as ensemble_vote
 from imgclf.errors import UserError
 from imgclf.inference.decode import Item
-from imgclf.inference.runs import RunSet, Weights, prefer_order, resolve_weights
+from imgclf.inference.runs import RunSet, Weights, prefer_order, resolve_weights, voting
 
 ROW_FORMATS = ("default", "kaggle", "jsonl")
 
@@ -59,20 +59,22 @@ class Plan:
     def for_runs(
         cls,
         rs: RunSet,
-        vote: str,
+        vote: str | None,
         prefer: Sequence[str] | None = None,
         weights: Weights = None,
         format: str = "default",
         top_k: int = 1,
         probs: bool = False,
     ) -> Plan:
-        """The plan of ``rs``'s ``vote``. ``prefer``: run names in hard-vote tie-break
+        """The plan of ``rs``'s ``vote`` (None: an ensemble folder's own, else hard:
+        :func:`~imgclf.inference.runs.voting`). ``prefer``: run names in hard-vote tie-break
         order. ``weights``: for a weighted vote of several runs (default: each run's
         validation accuracy). ``top_k``, ``probs``: the extra columns (see the class).
         Raises :class:`~imgclf.errors.UserError` for an option the vote or format does
         not take. Check the method first (:func:`~imgclf.inference.runs.check_vote`).
         """
         many = len(rs.runs) > 1
+        vote, prefer = voting(rs, vote, prefer)
         plan = cls(
             classes=rs.classes,
             names=rs.names,

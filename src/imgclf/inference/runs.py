@@ -2,14 +2,16 @@
 order, and the options that say how they vote (``--prefer``, ``--weights``, ``--vote``).
 
 Every command that uses trained runs (``eval``, ``predict``, ``serve``, ``export``) loads
-them here, so all of them name, order and weigh runs the same way.
+them here, so all of them name, order and weigh runs the same way. An ensemble folder
+(``imgclf train A B --data D``, :mod:`imgclf.runtime.ensemble_file`) is expanded here
+into its members, and its ensemble.yaml's vote is the set's unless the command gives one.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,12 @@ from imgclf.errors import CheckpointError, UserError
 from imgclf.inference.exported import is_exported, load_exported
 from imgclf.models import build_model_from_checkpoint
 from imgclf.runtime.checkpoint import load_checkpoint
+from imgclf.runtime.ensemble_file import (
+    ENSEMBLE_FILE,
+    is_ensemble_dir,
+    member_dirs,
+    read_ensemble,
+)
 from imgclf.runtime.schema import SummaryError, read_summary
 
 RunLike = str | os.PathLike[str]
@@ -61,6 +69,11 @@ def load_run(run: str | Path | Any, device: torch.device | str = "cpu") -> Loade
     unreadable checkpoint.
     """
     path = Path(getattr(run, "path", run))
+    if is_ensemble_dir(path):
+        raise UserError(
+            f"{path} is an ensemble ({ENSEMBLE_FILE}), several runs: give it where runs vote "
+            "(imgclf eval/predict/serve/export, imgclf.load)"
+        )
     if is_exported(path):
         net, state = load_exported(path)
         return LoadedRun(path, path.parent.name, net, state)
@@ -111,6 +124,10 @@ class RunSet:
     given: list[str]  # each run as the caller named it (a path)
     classes: list[str]
     orders: list[np.ndarray]
+    # The ensemble folders' own vote and tie-break order (run names), where every run came
+    # from ensemble folders that agree on one: what a command uses unless given --vote.
+    vote: str | None = None
+    prefer: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -147,6 +164,7 @@ def load_runs(runs: Sequence[RunLike], device: torch.device | str = "cpu") -> Ru
     """
     if not runs:
         raise UserError("give at least one run folder or checkpoint")
+    runs, vote, preferred = _expand(runs)
     loaded = [load_run(r, device) for r in runs]
     for lr, name in zip(loaded, unique_names([lr.name for lr in loaded]), strict=True):
         lr.name = name
@@ -160,15 +178,63 @@ def load_runs(runs: Sequence[RunLike], device: torch.device | str = "cpu") -> Ru
             )
         where = {c: i for i, c in enumerate(lr.classes)}
         orders.append(np.array([where[c] for c in first.classes], dtype=np.int64))
-    return RunSet(loaded, [str(r) for r in runs], first.classes, orders)
+    prefer = [loaded[i].name for i in preferred]
+    return RunSet(loaded, [str(r) for r in runs], first.classes, orders, vote, prefer)
+
+
+def _expand(runs: Sequence[RunLike]) -> tuple[list[Any], str | None, list[int]]:
+    """``runs`` with every ensemble folder replaced by its members' run folders; the vote
+    of the ensembles (None unless every run came from one and they agree on it) and their
+    hard-vote preference, as indices into the expanded list."""
+    out: list[Any] = []
+    votes: set[str | None] = set()
+    preferred: list[int] = []
+    for run in runs:
+        path = Path(getattr(run, "path", run))
+        if not is_ensemble_dir(path):
+            out.append(run)
+            votes.add(None)
+            continue
+        spec = read_ensemble(path)
+        members = member_dirs(path, spec)
+        paths = [m.path for m in spec.members]
+        preferred += [len(out) + paths.index(name) for name in spec.prefer]
+        out += members
+        votes.add(spec.vote)
+    vote = votes.pop() if len(votes) == 1 else None
+    return out, vote, preferred if vote == "hard" else []
+
+
+def declared_vote(runs: Sequence[RunLike]) -> str | None:
+    """The vote the ensemble folders among ``runs`` declare (as :func:`load_runs` would
+    take it), read from their ensemble.yaml alone: no model is loaded."""
+    votes = {
+        read_ensemble(p).vote if is_ensemble_dir(p) else None
+        for p in (Path(getattr(r, "path", r)) for r in runs)
+    }
+    return votes.pop() if len(votes) == 1 else None
+
+
+def voting(
+    rs: RunSet, vote: str | None, prefer: Sequence[str] | None, default: str = "hard"
+) -> tuple[str, list[str] | None]:
+    """The vote and tie-break order a command uses: those given, else the ensemble
+    folders' own (:attr:`RunSet.vote`), else ``default`` with no preference. An ensemble's
+    preference stays with a hard vote given explicitly, unless ``prefer`` replaces it."""
+    vote = vote or rs.vote or default
+    check_vote(vote)
+    if prefer is None and vote == "hard" and rs.prefer:
+        prefer = list(rs.prefer)
+    return vote, list(prefer) if prefer is not None else None
 
 
 # ---------------------------------------------------------------------------- vote options
 
 
-def check_vote(method: str) -> None:
-    """Raise :class:`~imgclf.ensemble.EnsembleError` unless ``method`` is a vote method."""
-    if method not in VOTE_METHODS:
+def check_vote(method: str | None) -> None:
+    """Raise :class:`~imgclf.ensemble.EnsembleError` unless ``method`` is a vote method
+    (None: not given, the runs' own or the command's default, :func:`voting`)."""
+    if method is not None and method not in VOTE_METHODS:
         raise EnsembleError(
             f"unknown vote method {method!r}; choose one of: {', '.join(VOTE_METHODS)}"
         )

@@ -15,7 +15,7 @@ from typing import Any
 from imgclf.errors import UserError
 from imgclf.evaluate.compare import Comparison, compare_runs
 from imgclf.io_utils import atomic_write_text, check_output_file, make_folder
-from imgclf.report.collect import Page, RunInfo, read_runs
+from imgclf.report.collect import Page, RunInfo, read_runs, vote_sources
 from imgclf.report.to_html import render_html
 from imgclf.report.to_markdown import render_markdown
 
@@ -39,8 +39,11 @@ def _format(out: Path | None, fmt: str | None) -> str:
     return fmt
 
 
-def _ensemble(runs: list[RunInfo], ensemble: Mapping[str, Any] | Comparison | None) -> dict | None:
-    """The comparison (computed from ``compare_runs`` options unless given) and its PNG."""
+def _ensemble(
+    paths: list[str | os.PathLike[str]], ensemble: Mapping[str, Any] | Comparison | None
+) -> dict | None:
+    """The comparison (computed from ``compare_runs`` options unless given: the runs of
+    ``paths``, an ensemble folder's with its own vote unless one is given) and its PNG."""
     if ensemble is None:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -50,7 +53,7 @@ def _ensemble(runs: list[RunInfo], ensemble: Mapping[str, Any] | Comparison | No
     if isinstance(ensemble, Comparison):
         comparison = ensemble
     else:
-        comparison = compare_runs([r.path for r in runs], **dict(ensemble))
+        comparison = compare_runs(vote_sources(paths), **dict(ensemble))
     fig = confusion_figure(comparison.confusion_panels(), comparison.classes)
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
@@ -79,7 +82,7 @@ def build_report(
     out_path = out_path or Path(f"report.{fmt}")
     check_output_file(out_path)  # before runs are read and the ensemble scored
     runs = read_runs(list(paths))
-    ens = _ensemble(runs, ensemble)
+    ens = _ensemble(list(paths), ensemble)
     title = title or f"imgclf report: {len(runs)} run{'s' if len(runs) != 1 else ''}"
     generated = time.strftime("%Y-%m-%d %H:%M:%S %z")
     comparison = ens["comparison"] if ens else None

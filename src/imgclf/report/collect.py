@@ -2,6 +2,7 @@
 
 A run folder is one with ``summary.json`` or ``metrics.csv`` (a run stopped early has only
 the latter); every other file is optional, and what is missing is left out of the report.
+An ensemble folder (ensemble.yaml) is its members' run folders, in its order.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from imgclf.csv_safe import read_dicts
 from imgclf.data.sources import natural_key
 from imgclf.errors import DataError
 from imgclf.inference.runs import unique_names
+from imgclf.runtime.ensemble_file import is_ensemble_dir, member_dirs
 from imgclf.runtime.schema import SummaryError, read_summary
 from imgclf.train.rundir import read_metrics
 
@@ -45,6 +47,8 @@ def find_runs(paths: list[str | os.PathLike[str]]) -> list[Path]:
             raise DataError(f"{path}: no such folder; give run folders or a folder of them")
         if is_run_dir(path):
             runs = [path]
+        elif is_ensemble_dir(path):
+            runs = member_dirs(path)
         else:
             children = [c for c in path.iterdir() if c.is_dir() and is_run_dir(c)]
             runs = sorted(children, key=lambda c: natural_key(c.name))
@@ -55,6 +59,16 @@ def find_runs(paths: list[str | os.PathLike[str]]) -> list[Path]:
             )
         found += [r for r in runs if r.resolve() not in {f.resolve() for f in found}]
     return found
+
+
+def vote_sources(paths: list[str | os.PathLike[str]]) -> list[Path]:
+    """What the report's ensemble section votes over: an ensemble folder as it is (so its
+    ensemble.yaml's vote is the vote), every other path as its run folders."""
+    out: list[Path] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        out += [path] if is_ensemble_dir(path) else find_runs([path])
+    return out
 
 
 @dataclass

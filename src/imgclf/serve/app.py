@@ -91,7 +91,7 @@ class Predictor:
         self,
         runs: Sequence[str | os.PathLike[str]],
         *,
-        vote: str = "hard",
+        vote: str | None = None,
         prefer: Sequence[str] | None = None,
         weights: Mapping[str, float] | Sequence[float] | Sequence[str] | None = None,
         backend: str | None = None,
@@ -104,7 +104,7 @@ class Predictor:
         self.backend = resolve_backend(backend, self.hw.device)
         self.rs = load_runs(runs)
         self.plan = Plan.for_runs(self.rs, vote, prefer, weights)
-        self.vote = vote
+        self.vote = self.plan.vote  # as given, else an ensemble folder's own
         self.top_k = top_k
         self.max_bytes = max_bytes
         self.members = make_members(self.rs, self.hw.device, False, self.backend)
