@@ -8,7 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from imgclf.cli.options import add_training_options, command, pick, positive_int
+from imgclf.cli.options import (
+    add_training_options,
+    add_vote_option,
+    command,
+    pick,
+    positive_int,
+)
 from imgclf.errors import UserError
 
 
@@ -109,11 +115,12 @@ def _train(args: argparse.Namespace) -> int:
     matrix, per-class scores, summary.json and TensorBoard events.
     """
     from imgclf.train import train
+    from imgclf.train.ensemble import wants_ensemble
 
     # Before torchrun or any training: a tracker not installed is one line now.
     callbacks = _trackers(args.log)
     _launch_torchrun(args)
-    if args.recipe is None and args.resume is None and args.data is None:
+    if not args.recipe and args.resume is None and args.data is None:
         raise UserError(
             "give --data DATASET (a recipe is chosen for it), a RECIPE (see `imgclf "
             "recipes`) or --resume RUN_DIR"
@@ -121,15 +128,43 @@ def _train(args: argparse.Namespace) -> int:
     options = pick(args, "resume", "exist_ok", "new_data", "init")
     training = _training(args)
     training["overrides"] = (*training["overrides"], *_weights_override(args))
-    run = train(args.recipe, args.data, **options, **training, callbacks=callbacks)
+    if wants_ensemble(args.recipe, args.seeds, args.resume):
+        # Every train() option above reaches each member unchanged (imgclf.train.ensemble).
+        return _train_ensemble(args, {**options, **training, "callbacks": callbacks})
+    if args.vote or args.prefer:
+        raise UserError("--vote and --prefer are an ensemble's: name several recipes or --seeds N")
+    recipe = args.recipe[0] if args.recipe else None
+    run = train(recipe, args.data, **options, **training, callbacks=callbacks)
     if run.summary:  # empty on torchrun's ranks other than 0: rank 0 reports the run
         print_run(run)
     return 0
 
 
+def _train_ensemble(args: argparse.Namespace, options: dict) -> int:
+    from imgclf.train.ensemble import train_ensemble
+
+    voting = pick(args, "seeds", "vote", "prefer")
+    ensemble = train_ensemble(args.recipe, args.data, **voting, **options)
+    if not ensemble.runs or not any(run.summary for run in ensemble.runs):
+        return 0  # under torchrun, rank 0 reports
+    for member, run in zip(ensemble.spec.members, ensemble.runs, strict=True):
+        acc = run.summary.get("val_accuracy")
+        shown = f"val accuracy {acc:.4f}" if acc is not None else "no validation accuracy"
+        print(f"{member.path}: {shown}")
+    spec = ensemble.spec
+    print(f"ensemble folder:  {ensemble.path} ({len(spec.members)} members, {spec.vote} vote)")
+    print(f"members and vote: imgclf eval {ensemble.path} --data {args.data or spec.data}")
+    return 0
+
+
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "train", _train)
-    p.add_argument("recipe", nargs="?", help="recipe name (imgclf recipes) or YAML path")
+    p.add_argument(
+        "recipe",
+        nargs="*",
+        help="recipe name (imgclf recipes) or YAML path; several, or an ensemble recipe: "
+        "an ensemble, trained member by member into one folder with an ensemble.yaml",
+    )
     p.add_argument("--data", help="dataset name or cache folder (imgclf data list)")
     p.add_argument(
         "--resume",
@@ -177,7 +212,27 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "the run folder at the end; MLFLOW_TRACKING_URI, else ./mlruns; needs "
         "pip install 'imgclf[mlflow]'); metrics.csv and TensorBoard are always written",
     )
+    _add_ensemble_options(p)
     add_training_options(p)
+
+
+def _add_ensemble_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="an ensemble of N members per recipe, seeded the recipe's seed + 0..N-1, trained "
+        "one after another into one folder (eval, predict, export, serve and report take it "
+        "as one model); every other option applies to each member",
+    )
+    add_vote_option(p, "soft", "an ensemble's vote, written to its ensemble.yaml (soft)")
+    p.add_argument(
+        "--prefer",
+        nargs="+",
+        metavar="NAME",
+        help="an ensemble's hard-vote tie-break order: member folders or recipes (all of "
+        "that recipe's members), most preferred first",
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
