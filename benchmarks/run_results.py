@@ -41,6 +41,7 @@ def main() -> None:
     from imgclf.errors import RecipeError, WeightsMissing
     from imgclf.evaluate.compare import compare_runs
     from imgclf.train import train
+    from imgclf.train.ensemble_recipe import is_ensemble_recipe
     from imgclf.train.recipe import list_recipes
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,7 +53,8 @@ def main() -> None:
     p.add_argument("--ensemble", action="store_true", help="vote the runs together on val")
     p.add_argument("--threads", type=int)
     args = p.parse_args()
-    specs = list(args.runs) + (list(list_recipes()) if args.all else [])
+    singles = [name for name in list_recipes() if not is_ensemble_recipe(name)]
+    specs = list(args.runs) + (singles if args.all else [])  # an ensemble: imgclf train
     if not specs:
         p.error("name at least one RECIPE, or --all")
     done = []

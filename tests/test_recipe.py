@@ -15,6 +15,7 @@ import yaml
 
 from imgclf.errors import RecipeError
 from imgclf.models import create, model_spec
+from imgclf.train.ensemble_recipe import is_ensemble_recipe
 from imgclf.train.optim import build_optimizer, build_scheduler, lr_factor
 from imgclf.train.recipe import (
     EmaConfig,
@@ -27,7 +28,9 @@ from imgclf.train.recipe import (
 )
 from imgclf.train.stages import resolve_groups, set_trainable
 
-BUNDLED = sorted(list_recipes())
+# Single recipes; the ensemble recipes (a list of these, e.g. study-vote) are
+# tests/test_ensemble_train.py's.
+BUNDLED = sorted(name for name in list_recipes() if not is_ensemble_recipe(name))
 
 
 def one_line_error(excinfo: pytest.ExceptionInfo) -> str:

@@ -150,9 +150,17 @@ def add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _recipes(args: argparse.Namespace) -> int:
-    """list bundled recipes, or print one resolved"""
+    """list bundled recipes, or print one resolved
+
+    Ensemble recipes (a list of member recipes and their vote, e.g. study-vote) are listed
+    with the others; `imgclf train NAME --data D` trains one as an ensemble.
+    """
+    from imgclf.train.ensemble_recipe import ensemble_recipe_yaml, is_ensemble_recipe
     from imgclf.train.recipe import list_recipes, load_recipe, recipe_yaml
 
+    if args.name and is_ensemble_recipe(args.name):
+        print(ensemble_recipe_yaml(args.name), end="")
+        return 0
     if args.name:
         print(recipe_yaml(load_recipe(args.name)), end="")
         return 0
