@@ -309,3 +309,20 @@ def test_study_vote_recipe_trains_a_resnet_a_mobilenet_and_the_medium_cnn(
     assert models == ["resnet18", "mobilenet_v2", "medium"]
     assert spec.vote == "hard" and spec.prefer == [spec.members[0].path]
     assert spec.train_options["overrides"] == ["pretrained=false", "input_size=32"]
+
+
+@pytest.mark.slow  # torchrun and two processes per member: ~30 s here
+def test_nproc_per_node_trains_each_member_data_parallel(trained, tmp_path):
+    _, data, _ = trained
+    recipe = write_recipe(tmp_path / "a.yaml", tiny_recipe(epochs=1, name="a"))
+    out = tmp_path / "ddp"
+    argv = ["train", recipe, "--data", data, "--seeds", "2", "--nproc-per-node", "2"]
+    proc = cli_process(*[str(a) for a in argv], "--out", str(out), "--threads", "1", "--quiet")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert stdout.count("ensemble folder:") == 1  # rank 0 reports
+    spec = read_ensemble(out)
+    assert [m.state for m in spec.members] == ["done", "done"]
+    for m in spec.members:
+        config = yaml.safe_load((out / m.path / "config.yaml").read_text())
+        assert config["distributed"]["world_size"] == 2
