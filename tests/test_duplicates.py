@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image, ImageEnhance
 
 from conftest import save_array, write_cifar10
 from imgclf.cli import main
+from imgclf.data import load_dataset
 from imgclf.data.duplicates import NEAR_BITS, near_pairs
 from imgclf.data.fingerprints import FINGERPRINT_VERSION, FP_DTYPE, fingerprint_chunk
 from imgclf.data.importer import import_arrays, import_dataset
@@ -142,3 +144,75 @@ def test_multi_index_search_finds_what_brute_force_finds():
     expected = set(zip(i[close].tolist(), j[close].tolist(), strict=True))
     got = {(int(a), int(b)) for a, b, _ in near_pairs(fps)}
     assert len(expected) >= 500 and got == expected
+
+
+# ---------------------------------------------------------------- data check, data info
+
+
+def test_data_check_writes_groups_of_planted_copies_only(tmp_path, capsys):
+    pairs = planted_source(tmp_path / "src")
+    assert run(capsys, "data", "import", str(tmp_path / "src"), "--name", "shop")[0] == 0
+    code, out, err = run(capsys, "data", "check", "shop", "--out", str(tmp_path / "chk"))
+    assert code == 0, err
+    rows = read_csv(tmp_path / "chk" / "duplicates.csv")
+    assert list(rows[0]) == ["group", "split", "file", "distance"]
+    group_of = {r["file"]: r["group"] for r in rows}
+    assert set(group_of) == set(pairs) | set(pairs.values())  # nothing unrelated paired
+    for copy, original in pairs.items():
+        assert group_of[copy] == group_of[original]
+    assert len(set(group_of.values())) == len(pairs)
+    by_file = {r["file"]: r for r in rows}
+    assert by_file["val/a/exact.png"]["distance"] == "0"
+    assert {r["split"] for r in rows} == {"train", "val"}
+    for png in (
+        tmp_path / "chk" / "duplicates.png",
+        load_dataset("shop").version_root / "duplicates.png",
+    ):
+        with Image.open(png) as im:
+            assert im.height >= 4 * 128  # one row per cross-split pair
+    assert "exact copies: 1 groups; within train 0, val 0; across train↔val 1" in out
+
+
+def test_data_info_counts_groups_within_and_across_splits(tmp_path, capsys):
+    planted_source(tmp_path / "src")
+    # A second copy of t5 inside train, and a test split sharing a picture with val.
+    save_array(tmp_path / "src" / "train" / "b" / "t5-again.png", photo(5))
+    save_array(tmp_path / "src" / "test" / "a" / "x.png", photo(101))
+    save_array(tmp_path / "src" / "test" / "b" / "y.png", photo(300))
+    assert run(capsys, "data", "import", str(tmp_path / "src"), "--name", "shop")[0] == 0
+    info = json.loads(run(capsys, "data", "info", "shop", "--json")[1])["duplicates"]
+    assert info["exact"]["within"] == {"train": 1, "val": 0, "test": 0}
+    assert info["exact"]["across"] == {"train-val": 1, "train-test": 0, "val-test": 1}
+    assert info["near"]["across"] == {"train-val": 3, "train-test": 0, "val-test": 0}
+    assert info["near"]["within"] == {"train": 0, "val": 0, "test": 0}
+    out = run(capsys, "data", "info", "shop")[1]
+    assert "near duplicates (≤4 bits): 3 groups; within train 0, val 0, test 0; across " in out
+
+
+def test_old_dataset_gets_fingerprints_on_first_check(tmp_path, capsys):
+    planted_source(tmp_path / "src")
+    ds = import_dataset(tmp_path / "src", "old")
+    made = np.load(ds.version_root / "fingerprints.npy")
+    # As an import before fingerprints existed left it.
+    (ds.version_root / "fingerprints.npy").unlink()
+    meta = json.loads((ds.version_root / "meta.json").read_text())
+    del meta["fingerprints"]
+    (ds.version_root / "meta.json").write_text(json.dumps(meta))
+    out = run(capsys, "data", "info", "old")[1]
+    assert "duplicates: not looked for yet; run `imgclf data check old`" in out
+    code, out, err = run(capsys, "data", "check", "old", "--out", str(tmp_path / "chk"))
+    assert code == 0, err
+    assert (np.load(ds.version_root / "fingerprints.npy") == made).all()
+    assert load_dataset("old").meta["fingerprints"]["version"] == FINGERPRINT_VERSION
+    assert "near duplicates (≤4 bits): 3 groups" in run(capsys, "data", "info", "old")[1]
+
+
+def test_data_check_default_folder_and_bad_out(tmp_path, capsys, monkeypatch):
+    planted_source(tmp_path / "src")
+    assert run(capsys, "data", "import", str(tmp_path / "src"), "--name", "shop")[0] == 0
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, "data", "check", "shop")[0] == 0
+    assert (tmp_path / "shop-check" / "duplicates.csv").is_file()
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(capsys, "data", "check", "shop", "--out", str(tmp_path / "afile" / "d"))
+    assert code == 2 and err.startswith("error: --out ") and err.count("\n") == 1

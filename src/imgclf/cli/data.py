@@ -72,6 +72,45 @@ def _data_info(args: argparse.Namespace) -> int:
         print(f"warning: {line}")
     if not info["warnings"]:
         print("class balance and splits: no problems found")
+    if info["duplicates"] is None:
+        print(f"duplicates: not looked for yet; run `imgclf data check {info['name']}`")
+    else:
+        print(*describe_duplicates(info["duplicates"]), sep="\n")
+    return 0
+
+
+def describe_duplicates(counts: dict) -> list[str]:
+    """Two lines: exact and near-duplicate groups within each split and across splits."""
+    lines = []
+    for kind, what in (
+        ("exact", "exact copies"),
+        ("near", f"near duplicates (≤{counts['near_bits']} bits)"),
+    ):
+        c = counts[kind]
+        within = ", ".join(f"{s} {n}" for s, n in c["within"].items())
+        across = ", ".join(f"{k.replace('-', '↔')} {n}" for k, n in c["across"].items())
+        lines.append(
+            f"{what}: {c['groups']} groups; within {within}"
+            + (f"; across {across}" if across else "")
+        )
+    return lines
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    """find exact and near-duplicate images, within and across splits
+
+    Writes DIR/duplicates.csv (group,split,file,distance: one row per image with a
+    duplicate; distance in bits to its group's first image) and DIR/duplicates.png (the
+    closest cross-split pairs side by side, also kept in the data set folder for
+    `imgclf report`). DIR: --out, default ./NAME-check/.
+    """
+    from imgclf.data import load_dataset
+    from imgclf.data.dup_check import check_duplicates
+
+    ds = load_dataset(args.name)
+    summary = check_duplicates(ds, args.out or f"{ds.name}-check")
+    print(*describe_duplicates(summary), sep="\n")
+    print(f"wrote {summary['csv']}" + (f" and {summary['png']}" if summary["png"] else ""))
     return 0
 
 
@@ -114,6 +153,9 @@ def add_data(sub: argparse._SubParsersAction) -> None:
     info = command(dsub, "info", _data_info)
     info.add_argument("name", help="dataset name or cache folder")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    check = command(dsub, "check", _data_check)
+    check.add_argument("name", help="dataset name or cache folder")
+    check.add_argument("--out", metavar="DIR", help="output folder (default: ./NAME-check/)")
     command(dsub, "list", _data_list)
 
 
