@@ -216,3 +216,37 @@ def test_data_check_default_folder_and_bad_out(tmp_path, capsys, monkeypatch):
     (tmp_path / "afile").write_text("x")
     code, _, err = run(capsys, "data", "check", "shop", "--out", str(tmp_path / "afile" / "d"))
     assert code == 2 and err.startswith("error: --out ") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- import --dedupe
+
+
+def test_import_dedupe_keeps_the_held_out_copy_and_reports_removals(tmp_path, capsys):
+    pairs = planted_source(tmp_path / "src")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "src").rglob("*"))
+    argv = ["data", "import", str(tmp_path / "src"), "--name", "shop", "--dedupe"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert f"{len(pairs)} skipped (of them {len(pairs)} duplicates, --dedupe)" in out
+    ds = load_dataset("shop")
+    src = str(tmp_path / "src")
+    kept = {f[len(src) + 1 :] for f in ds.files()}
+    assert set(pairs) <= kept  # every val copy stays
+    assert not set(pairs.values()) & kept  # its train original is left out
+    assert len(kept) == 8 + len(pairs) + 3 - len(pairs)
+    report = {
+        r["path"][len(src) + 1 :]: r["reason"] for r in read_csv(ds.root / "import-report.csv")
+    }
+    assert set(report) == set(pairs.values())
+    for copy, original in pairs.items():
+        assert report[original].startswith(f"duplicate of {src}/{copy} (")
+        assert report[original].endswith("; left out by --dedupe")
+    assert (
+        report["train/a/t0.png"]
+        == f"duplicate of {src}/val/a/exact.png (an exact copy); left out by --dedupe"
+    )
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "src").rglob("*")) == before
+    info = json.loads(run(capsys, "data", "info", "shop", "--json")[1])
+    assert info["duplicates"]["images_in_groups"] == 0
+    fps = np.load(ds.version_root / "fingerprints.npy")
+    assert len(fps) == len(ds.labels) and (fps == fingerprint_chunk(np.asarray(ds.images))).all()

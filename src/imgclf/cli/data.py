@@ -22,7 +22,9 @@ def _data_import(args: argparse.Namespace) -> int:
     if args.src.lower() in ("cifar10", "cifar100") and not _exists(args.src):
         ds = import_named(args.src, name_as=args.name, **common)
     else:
-        ds = import_dataset(args.src, args.name, labels_csv=args.labels, **common)
+        ds = import_dataset(
+            args.src, args.name, labels_csv=args.labels, dedupe=args.dedupe, **common
+        )
     print(describe_short(ds))
     return 0
 
@@ -37,9 +39,11 @@ def describe_short(ds) -> str:
     h, w = ds.image_size
     counts = ", ".join(f"{s} {int((ds.splits == i).sum())}" for i, s in enumerate(ds.split_names))
     skipped = ds.meta["skipped"]
+    deduped = ds.meta.get("deduplicated")
+    left_out = f" (of them {deduped} duplicates, --dedupe)" if deduped else ""
     return (
         f"imported {ds.name!r}: {len(ds.labels)} images {h}×{w}, {len(ds.classes)} classes "
-        f"({counts}); {skipped} skipped; {ds.meta['import_seconds']} s → {ds.root}"
+        f"({counts}); {skipped} skipped{left_out}; {ds.meta['import_seconds']} s → {ds.root}"
     )
 
 
@@ -68,14 +72,14 @@ def _data_info(args: argparse.Namespace) -> int:
         print(f"  {row['path']}: {row['reason']}")
     if len(info["skipped"]) > 20:
         print(f"  … see {info['root']}/import-report.csv")
-    for line in info["warnings"]:
-        print(f"warning: {line}")
-    if not info["warnings"]:
-        print("class balance and splits: no problems found")
     if info["duplicates"] is None:
         print(f"duplicates: not looked for yet; run `imgclf data check {info['name']}`")
     else:
         print(*describe_duplicates(info["duplicates"]), sep="\n")
+    for line in info["warnings"]:
+        print(f"warning: {line}")
+    if not info["warnings"]:
+        print("class balance and splits: no problems found")
     return 0
 
 
@@ -150,6 +154,12 @@ def add_data(sub: argparse._SubParsersAction) -> None:
     )
     imp.add_argument("--seed", type=int, default=0, help="seed of the validation split (0)")
     imp.add_argument("--labels", metavar="CSV", help="labels CSV for a flat image folder")
+    imp.add_argument(
+        "--dedupe",
+        action="store_true",
+        help="keep one image of each exact or near-duplicate group (a val/test copy over "
+        "a train one); each left out is listed in import-report.csv, no file is touched",
+    )
     info = command(dsub, "info", _data_info)
     info.add_argument("name", help="dataset name or cache folder")
     info.add_argument("--json", action="store_true", help="print one JSON object")

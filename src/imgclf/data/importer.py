@@ -25,6 +25,7 @@ import numpy as np
 from imgclf.csv_safe import write_rows
 from imgclf.data.cache import FORMAT_VERSION, Dataset, load_dataset, publish
 from imgclf.data.decode import Size, cover_crop, decode_chunk, default_workers, probe
+from imgclf.data.dedupe import dedupe as remove_duplicates
 from imgclf.data.fingerprints import FINGERPRINTS_FILE, fingerprint_chunk, fingerprint_meta
 from imgclf.data.scan import ScannedSource, scan_source
 from imgclf.data.sources import IMAGE_EXTENSIONS, Sample, Skipped
@@ -94,6 +95,7 @@ def import_dataset(
     workers: int | None = None,
     warn: Warn = _stderr_warn,
     dest: Path | None = None,
+    dedupe: bool = False,
 ) -> Dataset:
     """Decode an image source once into the cache (``imgclf data import``).
 
@@ -108,6 +110,9 @@ def import_dataset(
             validation split (by ``seed``). ``workers``: decoding threads.
         warn: called with each warning line (default: stderr). ``dest``: the dataset's
             folder (default: ``$IMGCLF_HOME/datasets/<name>``).
+        dedupe: keep one image of each exact or near-duplicate group, a held-out split's
+            copy first (:mod:`imgclf.data.dedupe`); each one left out is a row of
+            ``import-report.csv``. The source's files are never touched.
 
     Returns:
         The ``Dataset``: classes, memory-mapped uint8 images, labels, splits. Files that
@@ -139,6 +144,7 @@ def import_dataset(
         seed=seed,
         workers=workers or default_workers(),
         warn=warn,
+        dedupe=dedupe,
     )
 
 
@@ -153,6 +159,7 @@ def _build_cache(
     seed: int,
     workers: int,
     warn: Warn,
+    dedupe: bool = False,
 ) -> Dataset:
     """Scan, decode and write a dataset in a temporary folder, then rename it into place."""
     tmp = _make_tmp(final)
@@ -162,6 +169,8 @@ def _build_cache(
         for msg in scanned.warnings:
             warn(msg)
         info = _decode_all(scanned, tmp, image_size, workers, warn)
+        if dedupe:
+            info["deduplicated"] = remove_duplicates(scanned, tmp)
         meta = _finish(scanned, info, tmp, name, source, val_fraction, seed, warn)
         meta["import_seconds"] = round(time.perf_counter() - started, 3)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -411,6 +420,7 @@ def _finish(
             else {"from": "source"}
         ),
         "skipped": len(scanned.skipped),
+        "deduplicated": info.get("deduplicated"),
         "fingerprints": fingerprint_meta(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
