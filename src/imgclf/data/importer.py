@@ -110,9 +110,7 @@ def import_dataset(
             validation split (by ``seed``). ``workers``: decoding threads.
         warn: called with each warning line (default: stderr). ``dest``: the dataset's
             folder (default: ``$IMGCLF_HOME/datasets/<name>``).
-        dedupe: keep one image of each exact or near-duplicate group, a held-out split's
-            copy first (:mod:`imgclf.data.dedupe`); each one left out is a row of
-            ``import-report.csv``. The source's files are never touched.
+        dedupe: keep one image per duplicate group (:mod:`imgclf.data.dedupe`).
 
     Returns:
         The ``Dataset``: classes, memory-mapped uint8 images, labels, splits. Files that
