@@ -7,17 +7,22 @@ are the connected components of the near-duplicate pairs, so a chain of re-encod
 one group.
 
 The search is multi-index hashing (Norouzi, Punjani & Fleet, "Fast Search in Hamming
-Space with Multi-Index Hashing", CVPR 2012): split the 64 bits into NEAR_BITS + 1
-substrings; two hashes at most NEAR_BITS apart agree exactly on at least one of them
-(pigeonhole), so only pairs sharing a substring value are compared, each with one XOR
-and popcount. Exact, no pair within the threshold is missed, and memory is the 24-byte
-fingerprints plus the candidate block being checked.
+Space with Multi-Index Hashing", CVPR 2012) with pairs of substrings as keys: the 64
+bits are cut into 6 substrings of 10-11 bits; two hashes at most NEAR_BITS (4) apart
+differ in at most 4 of them, so they agree exactly on at least 2 (pigeonhole), and so on
+both substrings of one of the 15 pairs. Only hashes sharing a 21-22-bit key are compared
+(one XOR and popcount each). Exact: no pair within the threshold is missed. One 13-bit
+substring of 5 as key (plain MIH) compared 6.9M candidates at 50k CIFAR images and 122M
+at 200k (quadratic: N²/2^13 per key); 22-bit keys make that N²/2^22 per key, so the 15
+sorts of 2N keys dominate and the time grows near-linearly (docs/results.md,
+"Duplicates"). Memory: the 24-byte fingerprints plus one block of candidates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 
@@ -29,8 +34,9 @@ import numpy as np
 # exactly 31 bits set (median split of 63 coefficients), so distances are even: 4 and 5
 # are the same threshold.
 NEAR_BITS = 4
-# Bit widths of the substrings, summing to 64 (bit 63 is always 0, so one is 12 wide).
-_CHUNKS = (13, 13, 13, 13, 12)
+# Bit widths of the substrings, summing to 64 (bit 63 is always 0). NEAR_BITS + 2 of
+# them: pigeonhole leaves two equal for any pair within the threshold.
+_CHUNKS = (11, 11, 11, 11, 10, 10)
 # Candidate pairs checked per block: 4M pairs take ~100 MB of index arrays at a time.
 _BLOCK = 1 << 22
 
@@ -55,19 +61,23 @@ def hash_distance(fps: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return np.minimum(popcount(a ^ fps["phash"][j]), popcount(a ^ fps["flip"][j])).astype(np.int64)
 
 
-def _substrings(hashes: np.ndarray) -> Iterator[np.ndarray]:
-    shift = 0
+def _keys(hashes: np.ndarray) -> Iterator[np.ndarray]:
+    """For each pair of substrings, both side by side as one integer per hash."""
+    parts, shift = [], 0
     for width in _CHUNKS:
-        yield ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
+        parts.append(((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64))
         shift += width
+    for a, b in combinations(range(len(_CHUNKS)), 2):
+        yield ((parts[a] << _CHUNKS[b]) | parts[b]).astype(np.int32)  # 22 bits: sorts faster
 
 
 def _bucket_pairs(keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Every pair of positions (a < b) with equal ``keys``, in blocks of about _BLOCK."""
-    order = np.argsort(keys, kind="stable")
+    order = np.argsort(keys)  # the order within a run of equal keys does not matter
     sorted_keys = keys[order]
     # Each sorted position pairs with the later positions of its run of equal keys.
-    ends = np.searchsorted(sorted_keys, sorted_keys, side="right")
+    run_ends = np.r_[np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1, len(keys)]
+    ends = np.repeat(run_ends, np.diff(run_ends, prepend=0))
     later = ends - np.arange(len(keys)) - 1
     total = np.cumsum(later)
     start = 0
@@ -84,14 +94,14 @@ def _bucket_pairs(keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 def near_pairs(fps: np.ndarray, max_bits: int = NEAR_BITS) -> np.ndarray:
     """P×3 int64 (i, j, bits), i < j, of every pair of images whose hashes (one of them
     mirrored or not) are at most ``max_bits`` apart. Exact: multi-index hashing."""
-    if max_bits >= len(_CHUNKS):
-        raise ValueError(f"max_bits {max_bits}: this index finds at most {len(_CHUNKS) - 1}")
+    if max_bits > len(_CHUNKS) - 2:
+        raise ValueError(f"max_bits {max_bits}: this index finds at most {len(_CHUNKS) - 2}")
     n = len(fps)
     # Index both hashes of every image; a pair of mirror hashes says what the pair of
     # plain hashes says, so only pairs with a plain hash on one side are checked.
     hashes = np.concatenate([fps["phash"], fps["flip"]])
     found = []
-    for keys in _substrings(hashes):
+    for keys in _keys(hashes):
         for a, b in _bucket_pairs(keys):
             keep = ((a < n) | (b < n)) & (a % n != b % n)
             a, b = a[keep], b[keep]
