@@ -250,3 +250,38 @@ def test_import_dedupe_keeps_the_held_out_copy_and_reports_removals(tmp_path, ca
     assert info["duplicates"]["images_in_groups"] == 0
     fps = np.load(ds.version_root / "fingerprints.npy")
     assert len(fps) == len(ds.labels) and (fps == fingerprint_chunk(np.asarray(ds.images))).all()
+
+
+# ---------------------------------------------------------------- eval
+
+
+def test_eval_reports_accuracy_without_train_duplicates(tmp_path, capsys):
+    import imgclf
+    from helpers_train import tiny_recipe
+    from imgclf.evaluate.runs import evaluate
+    from imgclf.inference.engine import run_logits
+    from imgclf.inference.runs import load_run
+
+    planted_source(tmp_path / "src", n_train=12)
+    ds = import_dataset(tmp_path / "src", "shop")
+    trained = imgclf.train(
+        tiny_recipe(epochs=1), ds, out=tmp_path / "run", threads=1, progress=False
+    )
+    leaked = len(PLANTED)
+    summary = json.loads((trained.path / "summary.json").read_text())
+    assert summary["val_duplicate_free"]["with_train_duplicate"] == leaked
+    assert summary["val_duplicate_free"]["count"] == summary["val_count"] - leaked == 3
+    code, out, err = run(capsys, "eval", str(trained.path), "--data", "shop", "--json")
+    assert code == 0, err
+    free = json.loads(out)["duplicate_free"]
+    logits, labels = run_logits(load_run(trained.path), load_dataset("shop"), "val")
+    correct = (logits.argmax(1) == labels).numpy()
+    files = load_dataset("shop").files()
+    clean = np.array(["other" in files[i] for i in load_dataset("shop").indices("val")])
+    assert free == {"accuracy": correct[clean].mean(), "count": 3, "with_train_duplicate": leaked}
+    assert summary["val_duplicate_free"]["accuracy"] == free["accuracy"]
+    text = run(capsys, "eval", str(trained.path), "--data", "shop")[1]
+    assert f"{leaked} images have a near duplicate in train: accuracy " in text
+    assert f"{free['accuracy']:.4f} on the 3 without" in text
+    # A split without train copies (train itself) reports nothing extra.
+    assert evaluate(trained.path, "shop", split="train").duplicate_free is None

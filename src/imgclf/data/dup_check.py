@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from imgclf.csv_safe import write_csv
 from imgclf.data.cache import Dataset
 from imgclf.data.duplicates import Duplicates, duplicate_counts, find_duplicates
-from imgclf.data.fingerprints import ensure_fingerprints, has_fingerprints
+from imgclf.data.fingerprints import FINGERPRINTS_FILE, ensure_fingerprints, has_fingerprints
 from imgclf.io_utils import atomic_path, atomic_write_text, make_folder
 
 DUPLICATES_CSV = "duplicates.csv"
@@ -133,3 +133,22 @@ def stored_summary(ds: Dataset) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def train_duplicates(ds: Dataset, split: str) -> np.ndarray | None:
+    """For each image of ``split`` (in ``ds.indices(split)`` order), whether it has an
+    exact or near duplicate in train: what makes its score partly a training score.
+    None where that cannot be said: no fingerprints (an old data set before its first
+    ``data check``), no train split, or ``split`` is train or all."""
+    root = ds.version_root or ds.root
+    if split in ("train", "all") or "train" not in ds.split_names:
+        return None
+    if not has_fingerprints(root, ds.meta):
+        return None
+    pairs = find_duplicates(np.load(root / FINGERPRINTS_FILE)).pairs
+    code, train = ds.split_names.index(split), ds.split_names.index("train")
+    a, b = ds.splits[pairs[:, 0]], ds.splits[pairs[:, 1]]
+    hit = np.zeros(len(ds.labels), dtype=bool)
+    hit[pairs[(a == code) & (b == train), 0]] = True
+    hit[pairs[(b == code) & (a == train), 1]] = True
+    return hit[ds.indices(split)]
