@@ -285,3 +285,26 @@ def test_eval_reports_accuracy_without_train_duplicates(tmp_path, capsys):
     assert f"{free['accuracy']:.4f} on the 3 without" in text
     # A split without train copies (train itself) reports nothing extra.
     assert evaluate(trained.path, "shop", split="train").duplicate_free is None
+
+
+def test_report_shows_the_data_sets_check_once_it_has_run(tmp_path, capsys):
+    import imgclf
+    from helpers_train import tiny_recipe
+
+    planted_source(tmp_path / "src")
+    ds = import_dataset(tmp_path / "src", "shop")
+    trained = imgclf.train(
+        tiny_recipe(epochs=1), ds, out=tmp_path / "run", threads=1, progress=False
+    )
+    html = tmp_path / "r.html"
+    assert run(capsys, "report", str(trained.path), "--out", str(html))[0] == 0
+    assert "Duplicates in the data set" not in html.read_text()
+    assert run(capsys, "data", "check", "shop", "--out", str(tmp_path / "chk"))[0] == 0
+    assert run(capsys, "report", str(trained.path), "--out", str(html))[0] == 0
+    text = html.read_text()
+    section = text[text.index("Duplicates in the data set (imgclf data check)") :]
+    section = section[: section.index("</section>")]
+    assert (
+        '<td>exact</td><td class="num">1</td><td>train 0, val 0</td><td>train↔val 1</td>' in section
+    )
+    assert '<img src="data:image/png;base64,' in section and "closest cross-split pairs" in section
