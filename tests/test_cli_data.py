@@ -101,6 +101,11 @@ def test_info_text(tmp_path, capsys):
     assert lines[8:] == [
         "skipped files: 1",
         f"  {src / 'train' / 'cat' / 'broken.png'}: empty file (0 bytes)",
+        # Every image of a class is one solid colour: one exact-copy group per class.
+        "exact copies: 2 groups; within train 2, test 2, val 1; "
+        "across train↔test 2, train↔val 2, test↔val 2",
+        "near duplicates (≤4 bits): 0 groups; within train 0, test 0, val 0; "
+        "across train↔test 0, train↔val 0, test↔val 0",
         "warning: class 'cat': 9 training images (fewer than 10): too few to learn or "
         "validate; add images, or merge it into a related class or drop it",
     ]

@@ -579,6 +579,7 @@ def test_cache_layout_and_memory_mapped_load(tmp_path, imgclf_home):
     root = imgclf_home / "datasets" / "pets"
     assert sorted(p.name for p in root.iterdir()) == [
         "files.csv",
+        "fingerprints.npy",
         "images.npy",
         "import-report.csv",
         "labels.npy",

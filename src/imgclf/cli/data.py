@@ -22,7 +22,9 @@ def _data_import(args: argparse.Namespace) -> int:
     if args.src.lower() in ("cifar10", "cifar100") and not _exists(args.src):
         ds = import_named(args.src, name_as=args.name, **common)
     else:
-        ds = import_dataset(args.src, args.name, labels_csv=args.labels, **common)
+        ds = import_dataset(
+            args.src, args.name, labels_csv=args.labels, dedupe=args.dedupe, **common
+        )
     print(describe_short(ds))
     return 0
 
@@ -37,9 +39,11 @@ def describe_short(ds) -> str:
     h, w = ds.image_size
     counts = ", ".join(f"{s} {int((ds.splits == i).sum())}" for i, s in enumerate(ds.split_names))
     skipped = ds.meta["skipped"]
+    deduped = ds.meta.get("deduplicated")
+    left_out = f" (of them {deduped} duplicates, --dedupe)" if deduped else ""
     return (
         f"imported {ds.name!r}: {len(ds.labels)} images {h}×{w}, {len(ds.classes)} classes "
-        f"({counts}); {skipped} skipped; {ds.meta['import_seconds']} s → {ds.root}"
+        f"({counts}); {skipped} skipped{left_out}; {ds.meta['import_seconds']} s → {ds.root}"
     )
 
 
@@ -68,10 +72,49 @@ def _data_info(args: argparse.Namespace) -> int:
         print(f"  {row['path']}: {row['reason']}")
     if len(info["skipped"]) > 20:
         print(f"  … see {info['root']}/import-report.csv")
+    if info["duplicates"] is None:
+        print(f"duplicates: not looked for yet; run `imgclf data check {info['name']}`")
+    else:
+        print(*describe_duplicates(info["duplicates"]), sep="\n")
     for line in info["warnings"]:
         print(f"warning: {line}")
     if not info["warnings"]:
         print("class balance and splits: no problems found")
+    return 0
+
+
+def describe_duplicates(counts: dict) -> list[str]:
+    """Two lines: exact and near-duplicate groups within each split and across splits."""
+    lines = []
+    for kind, what in (
+        ("exact", "exact copies"),
+        ("near", f"near duplicates (≤{counts['near_bits']} bits)"),
+    ):
+        c = counts[kind]
+        within = ", ".join(f"{s} {n}" for s, n in c["within"].items())
+        across = ", ".join(f"{k.replace('-', '↔')} {n}" for k, n in c["across"].items())
+        lines.append(
+            f"{what}: {c['groups']} groups; within {within}"
+            + (f"; across {across}" if across else "")
+        )
+    return lines
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    """find exact and near-duplicate images, within and across splits
+
+    Writes DIR/duplicates.csv (group,split,file,distance: one row per image with a
+    duplicate; distance in bits to its group's first image) and DIR/duplicates.png (the
+    closest cross-split pairs side by side, also kept in the data set folder for
+    `imgclf report`). DIR: --out, default ./NAME-check/.
+    """
+    from imgclf.data import load_dataset
+    from imgclf.data.dup_check import check_duplicates
+
+    ds = load_dataset(args.name)
+    summary = check_duplicates(ds, args.out or f"{ds.name}-check")
+    print(*describe_duplicates(summary), sep="\n")
+    print(f"wrote {summary['csv']}" + (f" and {summary['png']}" if summary["png"] else ""))
     return 0
 
 
@@ -111,9 +154,18 @@ def add_data(sub: argparse._SubParsersAction) -> None:
     )
     imp.add_argument("--seed", type=int, default=0, help="seed of the validation split (0)")
     imp.add_argument("--labels", metavar="CSV", help="labels CSV for a flat image folder")
+    imp.add_argument(
+        "--dedupe",
+        action="store_true",
+        help="keep one image of each exact or near-duplicate group (a val/test copy over "
+        "a train one); each left out is listed in import-report.csv, no file is touched",
+    )
     info = command(dsub, "info", _data_info)
     info.add_argument("name", help="dataset name or cache folder")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    check = command(dsub, "check", _data_check)
+    check.add_argument("name", help="dataset name or cache folder")
+    check.add_argument("--out", metavar="DIR", help="output folder (default: ./NAME-check/)")
     command(dsub, "list", _data_list)
 
 

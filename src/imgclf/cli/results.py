@@ -91,6 +91,13 @@ def print_metrics(run: str, metrics) -> None:
     if metrics.calibration is not None:
         bins = metrics.calibration.bins
         print(f"{top5}expected calibration error {metrics.ece:.4f} ({bins} bins)")
+    free = getattr(metrics, "duplicate_free", None)
+    if free:
+        acc = "n/a" if free["accuracy"] is None else f"{free['accuracy']:.4f}"
+        print(
+            f"{free['with_train_duplicate']} images have a near duplicate in train: accuracy "
+            f"{metrics.accuracy:.4f} on all {metrics.count}, {acc} on the {free['count']} without"
+        )
 
 
 def _add_split_option(p: argparse.ArgumentParser, what: str) -> None:

@@ -8,6 +8,7 @@ A dataset folder (``$IMGCLF_HOME/datasets/NAME``) holds:
 ``files.csv``         index, split, label, source path of every sample
 ``import-report.csv`` every file that did not become a sample, with the reason
 ``meta.json``         classes, counts, image size, source, split policy
+``fingerprints.npy``  24 bytes an image: exact and perceptual hashes (data/fingerprints.py)
 
 Loads read the arrays with ``mmap_mode="r"``: opening a 50,000-image set costs
 milliseconds, and pages come in as batches touch them.

@@ -25,6 +25,8 @@ import numpy as np
 from imgclf.csv_safe import write_rows
 from imgclf.data.cache import FORMAT_VERSION, Dataset, load_dataset, publish
 from imgclf.data.decode import Size, cover_crop, decode_chunk, default_workers, probe
+from imgclf.data.dedupe import dedupe as remove_duplicates
+from imgclf.data.fingerprints import FINGERPRINTS_FILE, fingerprint_chunk, fingerprint_meta
 from imgclf.data.scan import ScannedSource, scan_source
 from imgclf.data.sources import IMAGE_EXTENSIONS, Sample, Skipped
 from imgclf.data.splits import stratified_split
@@ -93,6 +95,7 @@ def import_dataset(
     workers: int | None = None,
     warn: Warn = _stderr_warn,
     dest: Path | None = None,
+    dedupe: bool = False,
 ) -> Dataset:
     """Decode an image source once into the cache (``imgclf data import``).
 
@@ -107,6 +110,7 @@ def import_dataset(
             validation split (by ``seed``). ``workers``: decoding threads.
         warn: called with each warning line (default: stderr). ``dest``: the dataset's
             folder (default: ``$IMGCLF_HOME/datasets/<name>``).
+        dedupe: keep one image per duplicate group (:mod:`imgclf.data.dedupe`).
 
     Returns:
         The ``Dataset``: classes, memory-mapped uint8 images, labels, splits. Files that
@@ -138,6 +142,7 @@ def import_dataset(
         seed=seed,
         workers=workers or default_workers(),
         warn=warn,
+        dedupe=dedupe,
     )
 
 
@@ -152,6 +157,7 @@ def _build_cache(
     seed: int,
     workers: int,
     warn: Warn,
+    dedupe: bool = False,
 ) -> Dataset:
     """Scan, decode and write a dataset in a temporary folder, then rename it into place."""
     tmp = _make_tmp(final)
@@ -161,6 +167,8 @@ def _build_cache(
         for msg in scanned.warnings:
             warn(msg)
         info = _decode_all(scanned, tmp, image_size, workers, warn)
+        if dedupe:
+            info["deduplicated"] = remove_duplicates(scanned, tmp)
         meta = _finish(scanned, info, tmp, name, source, val_fraction, seed, warn)
         meta["import_seconds"] = round(time.perf_counter() - started, 3)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -256,12 +264,12 @@ def _decode_all(
         guesses = [_header_size(s) for s in scanned.samples[:CHUNK]]
         target = _target_size([g for g in guesses if g is not None] or [(32, 32)], None)
     images = tmp / "images.npy"
-    kept, natives, reasons = _decode_into(scanned.samples, images, target, workers)
+    kept, natives, reasons, fps = _decode_into(scanned.samples, images, target, workers)
     if image_size is None:
         best = _target_size([n for n in natives if n is not None] or [target], None)
         if best != target:
             target = best
-            kept, natives, reasons = _decode_into(scanned.samples, images, target, workers)
+            kept, natives, reasons, fps = _decode_into(scanned.samples, images, target, workers)
     for s, reason in zip(scanned.samples, reasons, strict=True):
         if reason is not None:
             _skip(scanned, s, reason, warn)
@@ -271,6 +279,7 @@ def _decode_all(
     scanned.samples = kept
     for s in kept:  # the compressed bytes are no longer needed
         s.data = s.array = None
+    np.save(tmp / FINGERPRINTS_FILE, fps)
     resized = sum(1 for n in natives if n is not None and n != target)
     return {"image_size": list(target), "resized": resized}
 
@@ -281,8 +290,10 @@ def _header_size(s: Sample) -> Size | None:
 
 def _decode_into(
     samples: list[Sample], path: Path, target: Size, workers: int
-) -> tuple[list[Sample], list[Size | None], list[str | None]]:
-    """Decode all samples at ``target`` into a .npy file; returns kept samples, sizes, reasons."""
+) -> tuple[list[Sample], list[Size | None], list[str | None], np.ndarray]:
+    """Decode all samples at ``target`` into a .npy file; returns kept samples, sizes,
+    reasons, and the kept images' fingerprints (made from each decoded chunk while it is
+    in memory: imgclf.data.fingerprints)."""
     shape = (len(samples), *target, 3)
     path.unlink(missing_ok=True)  # a second pass: the first pass's space is free again
     _check_space(path.parent, shape)
@@ -292,19 +303,25 @@ def _decode_into(
     kept: list[Sample] = []
     natives: list[Size | None] = []
     reasons: list[str | None] = []
+    fps = []
 
     def work(chunk: list[Sample]):
         if all(s.array is not None for s in chunk):  # CIFAR batches: already decoded
-            arrays = [
-                s.array if s.array.shape[:2] == target else cover_crop(s.array, target)
-                for s in chunk
-            ]
-            return np.stack(arrays), [s.array.shape[:2] for s in chunk], [None] * len(chunk)
-        return decode_chunk([(s.data, s.path) for s in chunk], target)
+            arrays = np.stack(
+                [
+                    s.array if s.array.shape[:2] == target else cover_crop(s.array, target)
+                    for s in chunk
+                ]
+            )
+            sizes, why = [s.array.shape[:2] for s in chunk], [None] * len(chunk)
+        else:
+            arrays, sizes, why = decode_chunk([(s.data, s.path) for s in chunk], target)
+        return arrays, sizes, why, fingerprint_chunk(arrays)
 
     results = _thread_map(work, chunks, workers)
-    for chunk, (arrays, sizes, why) in zip(chunks, results, strict=True):
+    for chunk, (arrays, sizes, why, fp) in zip(chunks, results, strict=True):
         images[len(kept) : len(kept) + len(arrays)] = arrays
+        fps.append(fp)
         kept += [s for s, r in zip(chunk, why, strict=True) if r is None]
         natives += sizes
         reasons += why
@@ -313,7 +330,7 @@ def _decode_into(
     if len(kept) < len(samples):  # some files failed: trim the unused tail
         arr = np.load(path, mmap_mode="r")[: len(kept)].copy()
         np.save(path, arr)
-    return kept, natives, reasons
+    return kept, natives, reasons, np.concatenate(fps)
 
 
 # Besides the images: labels, split codes, files.csv, the report and the .npy header.
@@ -401,6 +418,8 @@ def _finish(
             else {"from": "source"}
         ),
         "skipped": len(scanned.skipped),
+        "deduplicated": info.get("deduplicated"),
+        "fingerprints": fingerprint_meta(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

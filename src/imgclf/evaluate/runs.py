@@ -21,10 +21,11 @@ import numpy as np
 
 from imgclf.data.cache import Dataset, load_dataset, resolve_dataset_dir
 from imgclf.data.decode import Size
+from imgclf.data.dup_check import train_duplicates
 from imgclf.data.importer import import_dataset
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import DataError
-from imgclf.evaluate.metrics import Metrics, compute_metrics
+from imgclf.evaluate.metrics import Metrics, compute_metrics, duplicate_free_scores
 from imgclf.inference.engine import run_logits
 from imgclf.inference.runs import LoadedRun, load_run
 from imgclf.io_utils import check_output_file
@@ -114,7 +115,8 @@ def evaluate(
     Returns:
         :class:`~imgclf.evaluate.metrics.Metrics`: ``accuracy``, ``balanced_accuracy``,
         ``loss``, per-class ``precision``/``recall``/``f1``, ``confusion``,
-        ``calibration`` (ECE) and ``to_dict()``.
+        ``calibration`` (ECE), ``duplicate_free`` (accuracy without the images that
+        have a near duplicate in train, when some do) and ``to_dict()``.
 
     Example::
 
@@ -128,6 +130,8 @@ def evaluate(
     split = split or default_split(ds)
     logits, labels = run_logits(lr, ds, split, tta=tta, batch_size=batch_size, device=device)
     metrics = compute_metrics(logits, labels, lr.classes)
+    free = duplicate_free_scores(logits, labels, train_duplicates(ds, split))
+    metrics = dataclasses.replace(metrics, duplicate_free=free)
     if reliability_png is not None and metrics.calibration is not None:
         from imgclf.evaluate.plots import plot_reliability  # matplotlib only when drawing
 

@@ -7,6 +7,8 @@ An ensemble folder (ensemble.yaml) is its members' run folders, in its order.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import sys
@@ -17,6 +19,8 @@ from typing import Any
 import yaml
 
 from imgclf.csv_safe import read_dicts
+from imgclf.data.cache import resolve_dataset_dir
+from imgclf.data.dup_check import PAIRS_PNG, SUMMARY_JSON
 from imgclf.data.sources import natural_key
 from imgclf.errors import DataError
 from imgclf.inference.runs import unique_names
@@ -83,6 +87,8 @@ class RunInfo:
     # no validation split), [] when the model made no mistake
     mistakes: list[dict[str, str]] | None = None
     images: dict[str, Path] = field(default_factory=dict)  # key of IMAGES → existing file
+    # The run's data set's last `imgclf data check` (its duplicates.json), if it was run
+    duplicates: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ what the report shows
 
@@ -203,7 +209,30 @@ def read_run(path: Path, name: str) -> RunInfo:
     if (path / "mistakes.csv").is_file():
         info.mistakes = _read_csv(path / "mistakes.csv")
     info.images = {k: path / f for k, f in IMAGES.items() if (path / f).is_file()}
+    _read_check(info)
     return info
+
+
+def _read_check(info: RunInfo) -> None:
+    """The duplicates summary and picture ``imgclf data check`` kept beside the run's
+    data set (found by the path config.yaml records, else by name), when there is one."""
+    places = []
+    recorded = (info.config.get("dataset") or {}).get("path")
+    if recorded:
+        places.append(Path(recorded))
+    name = info.summary.get("dataset")
+    if isinstance(name, str) and name:
+        with contextlib.suppress(DataError):  # a data set removed since: nothing to show
+            places.append(resolve_dataset_dir(name))
+    for place in places:
+        folder = place.resolve()
+        try:
+            info.duplicates = json.loads((folder / SUMMARY_JSON).read_text())
+        except (OSError, ValueError):
+            continue
+        if (folder / PAIRS_PNG).is_file():
+            info.images["duplicates"] = folder / PAIRS_PNG
+        return
 
 
 def read_runs(paths: list[str | os.PathLike[str]]) -> list[RunInfo]:

@@ -99,6 +99,7 @@ def _run_section(run: RunInfo, pngs: dict[str, bytes]) -> str:
         alt = f"{run.name} reliability diagram"
         parts.append("<h3>Calibration (validation)</h3>" + _img(pngs["reliability"], alt))
     parts.append(_mistakes(run, pngs))
+    parts.append(_duplicates(run, pngs))
     if run.per_class:
         header = list(run.per_class[0])
         rows = [[short_number(row.get(h, "")) for h in header] for row in run.per_class]
@@ -124,6 +125,25 @@ def _mistakes(run: RunInfo, pngs: dict[str, bytes]) -> str:
         parts.append(f"<details><summary>{escape(shown)} mistakes</summary>{listed}</details>")
     elif run.mistakes == []:
         parts.append('<p class="meta">no mistakes on the validation split</p>')
+    return "\n".join(parts)
+
+
+def _duplicates(run: RunInfo, pngs: dict[str, bytes]) -> str:
+    """The data set's duplicate groups within and across splits and its closest
+    cross-split pairs, from its last ``imgclf data check``."""
+    d = run.duplicates
+    if not d:
+        return ""
+    rows = []
+    for kind in ("exact", "near"):
+        c = d.get(kind) or {}
+        within = ", ".join(f"{s} {n}" for s, n in (c.get("within") or {}).items())
+        across = ", ".join(f"{k.replace('-', '↔')} {n}" for k, n in (c.get("across") or {}).items())
+        rows.append([kind, str(c.get("groups", "")), within, across])
+    parts = ["<h3>Duplicates in the data set (imgclf data check)</h3>"]
+    parts.append(table(["kind", "groups", "within splits", "across splits"], rows))
+    if "duplicates" in pngs:
+        parts.append(_img(pngs["duplicates"], f"{run.name}: closest cross-split pairs"))
     return "\n".join(parts)
 
 

@@ -13,8 +13,15 @@ import torch
 import torch.nn as nn
 
 from imgclf.data.cache import Dataset
+from imgclf.data.dup_check import train_duplicates
 from imgclf.data.loader import BatchLoader
-from imgclf.evaluate.metrics import compute_metrics, infer, write_confusion_csv, write_per_class_csv
+from imgclf.evaluate.metrics import (
+    compute_metrics,
+    duplicate_free_scores,
+    infer,
+    write_confusion_csv,
+    write_per_class_csv,
+)
 from imgclf.evaluate.mistakes import GRID_MAX, plot_mistakes, top_mistakes, write_mistakes_csv
 from imgclf.evaluate.tta import TTA
 from imgclf.models.restore import load_weights
@@ -125,6 +132,9 @@ def _evaluate(run: FinishInputs) -> dict[str, Any]:
         **{k: round(v, 6) for k, v in top5.items()},
         val_ece=round(metrics.calibration.ece, 6),
         val_count=metrics.count,
+        # Accuracy without the val images that have a near duplicate in train (null
+        # when none has): imgclf.data.dup_check.train_duplicates.
+        val_duplicate_free=duplicate_free_scores(logits, labels, train_duplicates(run.ds, "val")),
         tta=run.recipe.tta,
         eval_seconds=round(time.perf_counter() - started, 2),
     )
