@@ -1,0 +1,183 @@
+"""Final fits (issue #34, item 1): ``imgclf train RECIPE --data D --final [--from RUN]``.
+
+The reference for what a final fit trains is independent of it: the same recipe trained
+normally on a copy of the data set whose validation images are relabelled as training
+ones (so it has no val split); the final fit must end with the same weights, bit for bit
+on CPU, and the same training rows. The data set has a test split, which neither sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+
+import imgclf
+from helpers_train import (
+    assert_same_weights,
+    load_pt,
+    make_image_folder,
+    metric_rows,
+    tiny_recipe,
+    write_recipe,
+)
+from imgclf.cli import main
+from imgclf.runtime.checkpoint import load_checkpoint
+from imgclf.train.recipe import load_recipe
+from imgclf.train.rundir import METRIC_COLUMNS
+
+TRAIN_COLUMNS = ("stage", "epoch", "stage_epoch", "lr", "train_loss", "train_acc")
+
+
+def quiet_main(*argv: object) -> tuple[int, str, str]:
+    """``imgclf ARGV`` in this process, its stdout and stderr captured (usable in a
+    module-scoped fixture, where capsys is not)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A data set with train (val carved out of it) and test splits, the tiny recipe, its
+    validation run, and a final fit of it from the command line with --from."""
+    root = tmp_path_factory.mktemp("final")
+    make_image_folder(root / "src" / "train", per_class=14)
+    make_image_folder(root / "src" / "test", per_class=4, seed=1)
+    ds = imgclf.import_dataset(root / "src", "tiny", dest=root / "tiny", warn=lambda m: None)
+    recipe = write_recipe(root / "tiny.yaml", tiny_recipe(epochs=2))
+    val = imgclf.train(recipe, ds, out=root / "val", threads=1, progress=False)
+    final = root / "final"
+    code, out, err = quiet_main(
+        "train", recipe, "--data", ds.root, "--out", final, "--final", "--from", val.path,
+        "--threads", "1", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    return SimpleNamespace(
+        root=root, ds=ds, recipe=recipe, val=val.path, final=final, out=out, err=err
+    )
+
+
+def merged(ds):
+    """``ds`` with its validation images relabelled as training ones and no val split."""
+    names = ds.split_names
+    splits = ds.splits.copy()
+    splits[splits == names.index("val")] = names.index("train")
+    renamed = ["merged" if n == "val" else n for n in names]
+    return dataclasses.replace(ds, splits=splits, meta={**ds.meta, "split_names": renamed})
+
+
+def test_a_final_fit_trains_on_train_and_val_as_a_run_on_both_would(runs, tmp_path):
+    ds = runs.ds
+    assert {"train", "val", "test"} <= set(ds.split_names) and len(ds.indices("val")) > 0
+    reference = imgclf.train(
+        tiny_recipe(epochs=2), merged(ds), out=tmp_path / "ref", threads=1, progress=False
+    )
+    assert_same_weights(runs.final / "last.pt", reference.path / "last.pt")
+    assert_same_weights(runs.final / "best.pt", runs.final / "last.pt")  # the last epoch
+    assert metric_rows(runs.final) == metric_rows(reference.path)
+    summary = json.loads((runs.final / "summary.json").read_text())
+    n = len(ds.indices("train")) + len(ds.indices("val"))
+    assert summary["final"] is True and summary["final_images"] == n
+    assert summary["final_splits"] == ["train", "val"]
+    assert (
+        summary["images_seen"]
+        == json.loads((reference.path / "summary.json").read_text())["images_seen"]
+    )
+    assert summary["best_epoch"] == summary["epochs"] == 2
+
+
+def test_a_final_fit_reports_no_validation_and_names_its_validation_run(runs):
+    summary = json.loads((runs.final / "summary.json").read_text())
+    val_summary = json.loads((runs.val / "summary.json").read_text())
+    assert not [k for k in summary if k.startswith("val_")]  # no validation number at all
+    assert summary["final_from"] == {
+        "run": str(runs.val.resolve()),
+        "val_accuracy": val_summary["val_accuracy"],
+    }
+    assert load_checkpoint(runs.final / "best.pt")["final"] == {
+        "from": str(runs.val.resolve()),
+        "from_val_accuracy": val_summary["val_accuracy"],
+    }
+    assert yaml.safe_load((runs.final / "config.yaml").read_text())["final"] is True
+    header = (runs.final / "metrics.csv").read_text().splitlines()[0]
+    assert header.split(",") == METRIC_COLUMNS  # readers keep their columns; val is empty
+    for row in metric_rows(runs.final):
+        assert row["val_loss"] == row["val_acc"] == ""
+    assert not (runs.final / "confusion.csv").exists()
+    assert "val accuracy 0" not in runs.out and "confusion matrix" not in runs.out
+    assert "no validation accuracy can be reported" in runs.out
+    assert f"chosen by:        {runs.val.resolve()} (val accuracy " in runs.out
+    assert "final fit: training on train + val of 'tiny'" in runs.err  # even with --quiet
+    # Read back as a recipe (to repeat the run), config.yaml is the recipe alone.
+    assert load_recipe(runs.final / "config.yaml").model == "simple"
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("other-recipe", "with recipe 'tiny'; this final fit trains 'simple' with 'other'"),
+        ("other-settings", "other settings (optimizer.lr: 0.05 there, 0.2 here)"),
+        ("final-itself", "is a final fit itself"),
+        ("not-a-run", "not a finished run folder (no summary.json)"),
+        ("no-final", "--from names the validation run of a final fit: add --final"),
+    ],
+)
+def test_from_must_be_a_validation_run_of_this_recipe(runs, tmp_path, case, expected):
+    recipe, source, extra = runs.recipe, runs.val, ["--final"]
+    if case == "other-recipe":
+        recipe = write_recipe(tmp_path / "other.yaml", tiny_recipe(epochs=2, name="other"))
+    elif case == "other-settings":
+        extra.extend(["--set", "optimizer.lr=0.2"])
+    elif case == "final-itself":
+        source = runs.final
+    elif case == "not-a-run":
+        source = tmp_path
+    else:
+        extra = []
+    out = tmp_path / "run"
+    code, _, err = quiet_main(
+        "train", recipe, "--data", runs.ds.root, "--out", out, "--from", source, *extra
+    )
+    assert code == 2 and expected in error_line(err)
+    assert not out.exists()  # refused before any folder is made
+
+
+def test_early_stopping_is_refused_in_a_final_fit(runs, tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", runs.recipe, "--data", runs.ds.root, "--out", out, "--final"]
+    code, _, err = quiet_main(*argv, "--set", "early_stopping.patience=2")
+    assert code == 2
+    assert error_line(err).startswith(
+        "error: --final trains on the validation images too: early stopping "
+        "(early_stopping.patience 2) cannot be used; "
+    )
+    assert not out.exists()
+
+
+def test_training_indices_are_train_and_val_in_the_data_set_s_order(runs):
+    from imgclf.train.final import training_indices
+
+    ds = runs.ds
+    both = training_indices(ds, final=True)
+    expected = np.flatnonzero(
+        np.isin(ds.splits, [ds.split_names.index(s) for s in ("train", "val")])
+    )
+    assert np.array_equal(both, expected)
+    assert np.array_equal(training_indices(ds, final=False), ds.indices("train"))
+    assert not np.isin(ds.indices("test"), both).any()
+    assert load_pt(runs.val / "best.pt")["final"] is None  # a normal run records none
+
