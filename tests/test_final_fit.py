@@ -181,3 +181,76 @@ def test_training_indices_are_train_and_val_in_the_data_set_s_order(runs):
     assert not np.isin(ds.indices("test"), both).any()
     assert load_pt(runs.val / "best.pt")["final"] is None  # a normal run records none
 
+
+# ---------------------------------------------------------------- eval, report, predict…
+
+
+def test_eval_of_a_final_fit_on_its_own_val_split_says_it_trained_on_those_images(runs):
+    data = runs.ds.root
+    code, out, err = quiet_main("eval", runs.final, "--data", data, "--split", "val", "--json")
+    assert code == 0
+    scored = json.loads(out)
+    assert scored["held_out"] is False and scored["trained_on"] == ["val"]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: final (a final fit) trained on ")
+    assert "the val images of 'tiny': its val scores are not held-out ones" in lines[0]
+    # The test split, and the validation run on its own val split, are held out: no line.
+    for run, split in ((runs.final, "test"), (runs.val, "val")):
+        code, out, err = quiet_main("eval", run, "--data", data, "--split", split, "--json")
+        assert code == 0 and err == ""
+        assert json.loads(out)["held_out"] is True and json.loads(out)["trained_on"] == []
+    # Several runs: the comparison notes it (the vote's scores are not held out either).
+    code, out, _ = quiet_main("eval", runs.final, runs.val, "--data", data, "--split", "val")
+    assert code == 0 and "note: final (a final fit) trained on the val images" in out
+
+
+def test_report_marks_a_final_fit(runs, tmp_path):
+    code, _, err = quiet_main("report", runs.final, runs.val, "--out", tmp_path / "r.md")
+    assert code == 0, err
+    text = (tmp_path / "r.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| final |"))
+    assert "final fit (trained on val)" in row  # the comparison's val accuracy column
+    val = json.loads((runs.val / "summary.json").read_text())["val_accuracy"]
+    n = len(runs.ds.indices("train")) + len(runs.ds.indices("val"))
+    assert (
+        f"| fit | final fit (trained on val): train + val, {n} images, no validation score; "
+        f"settings chosen by {runs.val.resolve()} at val accuracy {val:.4f} |"
+    ) in text
+    assert "| fit |" not in text.split("## val")[-1]  # the validation run is not marked
+
+
+def test_predict_export_and_serve_take_a_final_fit(runs, tmp_path):
+    from imgclf.serve import Predictor, create_app
+
+    images = runs.root / "src" / "test"
+    csv_path = tmp_path / "p.csv"
+    code, _, err = quiet_main("predict", runs.final, "--input", images, "--out", csv_path)
+    assert code == 0, err
+    rows = csv_path.read_text().splitlines()
+    labels = {r.split(",")[0]: r.split(",")[1] for r in rows[1:]}
+    assert len(labels) == 12 and sum(f.split("/")[0] == lab for f, lab in labels.items()) >= 9
+    onnx = tmp_path / "final.onnx"
+    code, out, err = quiet_main("export", runs.final, "--out", onnx, "--opset", "18")
+    assert code == 0 and "ONNX Runtime matches PyTorch" in out, err
+    code, _, err = quiet_main("predict", onnx, "--input", images, "--out", tmp_path / "o.csv")
+    assert code == 0, err
+    exported = [r.split(",")[:2] for r in (tmp_path / "o.csv").read_text().splitlines()[1:]]
+    assert {f: lab for f, lab in exported} == labels
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    app = create_app(Predictor([runs.final]))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        one = images / "a" / "0.png"
+        got = client.post("/predict", files=[("file", (one.name, one.read_bytes()))])
+        assert got.status_code == 200
+        assert got.json()["predictions"][0]["label"] == labels["a/0.png"]
+
+
+def test_int8_export_of_a_final_fit_verifies_on_the_test_split(runs, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from imgclf.export_int8 import export_int8
+
+    result = export_int8(runs.final, tmp_path / "m.int8.onnx", min_agreement=0)
+    # Not the val split it trained on (a normal run verifies on val: test_export_int8).
+    assert result.verified_on == "12 test images of 'tiny'"
