@@ -9,9 +9,13 @@ on CPU, and the same training rows. The data set has a test split, which neither
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import io
 import json
+import signal
+import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +24,9 @@ import yaml
 
 import imgclf
 from helpers_train import (
+    assert_same_run,
     assert_same_weights,
+    cli_process,
     load_pt,
     make_image_folder,
     metric_rows,
@@ -254,3 +260,102 @@ def test_int8_export_of_a_final_fit_verifies_on_the_test_split(runs, tmp_path):
     result = export_int8(runs.final, tmp_path / "m.int8.onnx", min_agreement=0)
     # Not the val split it trained on (a normal run verifies on val: test_export_int8).
     assert result.verified_on == "12 test images of 'tiny'"
+
+
+# ---------------------------------------------------------------- resume, --time, DDP
+
+
+@pytest.fixture(scope="module")
+def long_final(tmp_path_factory):
+    """A data set whose epochs take long enough for a signal to land inside one (54 steps
+    of batch 4, as test_faults'), and an uninterrupted final fit of the tiny recipe on it."""
+    root = tmp_path_factory.mktemp("final-long")
+    folder = make_image_folder(root / "src", per_class=80)
+    ds = imgclf.import_dataset(folder, "long", dest=root / "long", warn=lambda m: None)
+    recipe = write_recipe(root / "long.yaml", tiny_recipe(epochs=3, batch_size=4))
+    reference = imgclf.train(
+        recipe, ds.root, out=root / "reference", final=True, threads=1, progress=False
+    )
+    with open(reference.path / "metrics.csv", newline="") as f:
+        seconds = max(float(row["seconds"]) for row in csv.DictReader(f))
+    return recipe, ds.root, reference.path, seconds
+
+
+@pytest.mark.slow  # a real child process killed with SIGKILL: ~15-30 s here
+def test_kill_9_then_resume_of_a_final_fit_equals_an_uninterrupted_one(long_final, tmp_path):
+    recipe, data, reference, seconds = long_final
+    out = tmp_path / "killed"
+    proc = cli_process(
+        "train", str(recipe), "--data", str(data), "--out", str(out), "--final",
+        "--threads", "1", "--quiet",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "last.pt").exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.005)
+        time.sleep(0.4 * seconds)  # inside epoch 2
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists(), "killed after training had finished"
+    assert 1 <= load_checkpoint(out / "last.pt")["position"]["epoch"] < 3
+    code, stdout, err = quiet_main("train", "--resume", out, "--threads", "1", "--quiet")
+    assert code == 0, err
+    assert "final fit: training on train + val of 'long'" in err  # from the checkpoint
+    assert "no validation accuracy can be reported" in stdout
+    assert_same_run(out, reference)
+    assert json.loads((out / "summary.json").read_text())["final"] is True
+
+
+def test_a_final_fit_resumes_only_as_a_final_fit(runs, tmp_path):
+    code, _, err = quiet_main("train", "--resume", runs.val, "--final")
+    assert code == 2 and "is not a final fit, and --resume continues a run as it was" in err
+    code, _, err = quiet_main("train", "--resume", runs.final, "--final", "--from", tmp_path)
+    assert code == 2 and "with the validation run it was started with: drop --from" in err
+
+
+def test_a_time_budget_prices_train_and_val_with_no_validation_pass(runs, tmp_path, monkeypatch):
+    from imgclf.train import budget
+
+    probed = []
+    probe = budget._probe_stage
+
+    def spy(job, stage, forward):
+        probed.append((job.train_loader.num_samples, job.val_loader))
+        return probe(job, stage, forward)
+
+    monkeypatch.setattr(budget, "_probe_stage", spy)
+    run = imgclf.train(
+        runs.recipe, runs.ds, out=tmp_path / "run", final=True, time_budget=6, progress=False
+    )
+    n = len(runs.ds.indices("train")) + len(runs.ds.indices("val"))
+    assert probed == [(n, None)]  # the larger set priced, no validation pass
+    summary = run.summary
+    assert summary["final"] is True and summary["budget_seconds"] == 6
+    assert summary["trained_epochs"] > 0 and not [k for k in summary if k.startswith("val_")]
+    assert load_checkpoint(run.path / "last.pt")["plan"]["budget_seconds"] == 6
+
+
+def test_two_processes_train_a_final_fit_like_one(runs, tmp_path):
+    """`--final --nproc-per-node 2` (torchrun, CPU Gloo): the single-process final fit's
+    weights and rows, every rank on its share of train + val."""
+    from test_distributed import NO_AUGMENT, assert_close_runs, run_job
+
+    recipe = write_recipe(tmp_path / "noaug.yaml", tiny_recipe(epochs=2, **NO_AUGMENT))
+    data = runs.ds.root
+    one = imgclf.train(recipe, data, out=tmp_path / "one", final=True, threads=1, progress=False)
+    two = tmp_path / "two"
+    run_job(
+        [sys.executable, "-m", "imgclf", "train", str(recipe), "--data", str(data), "--final",
+         "--out", str(two), "--nproc-per-node", "2", "--quiet"],
+    )  # fmt: skip
+    assert_close_runs(two, one.path)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["final"] is True and summary["world_size"] == 2
+    assert summary["images_seen"] == one.summary["images_seen"]
