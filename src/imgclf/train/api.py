@@ -214,7 +214,7 @@ def _start(trainer: Trainer, job: _Job) -> None:
     elif job.init is not None:
         lines.append(init_from.start_from(trainer.model, job.init, trainer.ds.classes))
     if job.final is not None:
-        lines.append(job.final.describe(trainer.ds.name, trainer.train_loader.num_samples))
+        lines.append(job.final.describe(trainer.ds, trainer.train_loader.num_samples))
     # Printed even with --quiet: it says what is being trained, as the chosen recipe's line.
     if trainer.dist.is_main:
         for line in lines:

@@ -95,23 +95,23 @@ class FinalFit:
             return None
         return cls(record["from"], record["from_val_accuracy"])
 
-    def describe(self, dataset: str, images: int) -> str:
+    def describe(self, ds: Dataset, images: int) -> str:
         """The line a final fit starts with: what it trains on and what chose it."""
         source = "no validation run named (--from RUN records one)"
         if self.source is not None:
             source = f"settings validated by {self.source} (val accuracy "
             source += f"{self.source_val_accuracy:.4f})"
         return (
-            f"final fit: training on {' + '.join(FINAL_SPLITS)} of {dataset!r} ({images:,} "
+            f"final fit: training on {' + '.join(final_splits(ds))} of {ds.name!r} ({images:,} "
             f"images; test stays out), no validation, best.pt = the last epoch; {source}"
         )
 
-    def summary(self, images: int) -> dict[str, Any]:
+    def summary(self, ds: Dataset, images: int) -> dict[str, Any]:
         """``summary.json``'s fields of a final fit that trained on ``images`` images."""
         source = None
         if self.source is not None:
             source = {"run": self.source, "val_accuracy": self.source_val_accuracy}
-        return {"final_from": source, "final_splits": list(FINAL_SPLITS), "final_images": images}
+        return {"final_from": source, "final_splits": final_splits(ds), "final_images": images}
 
 
 def refuse_selection(recipe: Recipe) -> None:
@@ -125,12 +125,17 @@ def refuse_selection(recipe: Recipe) -> None:
         )
 
 
+def final_splits(ds: Dataset) -> list[str]:
+    """The splits of :data:`FINAL_SPLITS` that ``ds`` has (one without a val split: train)."""
+    return [s for s in FINAL_SPLITS if ds.has_split(s)]
+
+
 def training_indices(ds: Dataset, final: bool) -> np.ndarray:
     """The samples a run trains on, in the data set's order: its train split, or in a
     final fit every split of :data:`FINAL_SPLITS` it has (the test split stays out)."""
     if not final:
         return ds.indices("train")
-    parts = [ds.indices(s) for s in FINAL_SPLITS if ds.has_split(s)]
+    parts = [ds.indices(s) for s in final_splits(ds)]
     return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
 

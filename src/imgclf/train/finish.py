@@ -84,7 +84,7 @@ def finish_run(run: FinishInputs) -> dict[str, Any]:
     # and, instead, the run whose validation chose its settings (imgclf.train.final).
     summary["final"] = run.final is not None
     if run.final is not None:
-        summary.update(run.final.summary(run.train_images))
+        summary.update(run.final.summary(run.ds, run.train_images))
     summary["init_from"] = run.recipe.init  # the weights it started from (--init), or None
     if run.plan is not None:  # what a time budget bought on this machine
         summary.update(_budget_summary(run.plan, run.steps_per_epoch))
