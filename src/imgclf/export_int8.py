@@ -60,6 +60,7 @@ from imgclf.export import METADATA_KEY, build_graph
 from imgclf.inference.engine import label_map
 from imgclf.inference.runs import LoadedRun, load_runs
 from imgclf.io_utils import atomic_path, check_output_file
+from imgclf.runtime.final_fit import trained_splits
 from imgclf.runtime.onnx import (
     DEFAULT_OPSET,
     ort_session,
@@ -70,6 +71,7 @@ from imgclf.runtime.onnx import (
 CALIBRATION_IMAGES = 256
 CALIBRATION_SEED = 0
 VERIFY_IMAGES = 2000  # at most, drawn with a fixed seed from a larger split
+VERIFY_SPLITS = ("val", "test", "all")  # the first that has images
 MIN_AGREEMENT = 0.90
 # Per-channel QDQ (QuantizeLinear's ``axis``) is opset 13's.
 MIN_OPSET = 13
@@ -150,15 +152,20 @@ def run_dataset(lr: LoadedRun, pre: Preprocess) -> Dataset:
     return ds
 
 
-def pick(ds: Dataset, splits: tuple[str, ...], count: int, seed: int) -> tuple[np.ndarray, str]:
+def pick(
+    ds: Dataset, splits: tuple[str, ...], count: int, seed: int, trained: tuple[str, ...] = ()
+) -> tuple[np.ndarray, str]:
     """Up to ``count`` indices of the first non-empty split of ``splits`` (a fixed-seed
-    sample where it holds more), sorted so a memory-mapped cache is read in order."""
+    sample where it holds more), sorted so a memory-mapped cache is read in order, and
+    what they are: marked when the run trained on them (``trained``: its splits)."""
     for split in splits:
         idx = ds.indices(split) if ds.has_split(split) else np.empty(0, dtype=np.int64)
         if len(idx):
             if len(idx) > count:
                 idx = np.sort(np.random.default_rng(seed).choice(idx, count, replace=False))
-            return idx, f"{len(idx)} {split} images of {ds.name!r}"
+            seen = split in trained or (split == "all" and bool(trained))
+            mark = " (trained on: not a held-out accuracy)" if seen else ""
+            return idx, f"{len(idx)} {split} images of {ds.name!r}{mark}"
     raise ExportError(f"--int8: data set {ds.name!r} holds no images")
 
 
@@ -281,7 +288,13 @@ def export_int8(
     if _quantized_nodes(int8_model) == 0:
         raise ExportError(f"--int8: nothing in {lr.name}'s graph could be quantized")
     models = (float_model, int8_model)
-    result = verify(models, ds, label_map(rs.classes, ds), pre, verify_images, dynamic_batch)
+    # A final fit trained on its val images (imgclf.runtime.final_fit): its accuracies come
+    # from the test split where there is one, and say so where they are not held out.
+    trained = trained_splits(lr.state)
+    splits = ("test", "val", "all") if "val" in trained else VERIFY_SPLITS
+    mapping = label_map(rs.classes, ds)
+    checked = (verify_images, dynamic_batch, splits, trained)
+    result = verify(models, ds, mapping, pre, *checked)
     result.path, result.run, result.calibrated_on = path, lr.name, calibrated_on
     result.metadata = {**metadata, **_described(result, metadata, reduce_range)}
     data = set_metadata(int8_model, result.metadata)
@@ -299,11 +312,14 @@ def verify(
     pre: Preprocess,
     count: int,
     dynamic_batch: bool,
+    splits: tuple[str, ...] = VERIFY_SPLITS,
+    trained: tuple[str, ...] = (),
 ) -> Int8Result:
-    """The float and int8 models' labels on up to ``count`` validation images (else test,
-    else every image): their agreement and both accuracies. ``mapping``: data label → the
-    models' class index."""
-    idx, verified_on = pick(ds, ("val", "test", "all"), count, CALIBRATION_SEED)
+    """The float and int8 models' labels on up to ``count`` images of the first split of
+    ``splits`` that has some (validation, else test, else every image): their agreement
+    and both accuracies. ``mapping``: data label → the models' class index; ``trained``:
+    the splits the run trained on, marked in ``verified_on``."""
+    idx, verified_on = pick(ds, splits, count, CALIBRATION_SEED, trained)
     truth = mapping[ds.labels[idx]]
     fixed = not dynamic_batch
     expected, got = (labels_of(m, batches(ds, idx, pre, VERIFY_BATCH), fixed) for m in models)

@@ -20,7 +20,9 @@ from imgclf.errors import UserError
 
 def print_run(run) -> None:
     acc = run.summary.get("val_accuracy")
-    if acc is not None:
+    if run.summary.get("final"):
+        print_final(run)
+    elif acc is not None:
         print(
             f"val accuracy {acc:.4f} (balanced {run.summary['val_balanced_accuracy']:.4f}, "
             f"macro F1 {run.summary['val_macro_f1']:.4f}) on {run.summary['val_count']} "
@@ -41,13 +43,32 @@ def print_run(run) -> None:
         print(f"warning: {text}")
     print(f"run folder:       {run.path}")
     print(f"curves:           {run.path / 'curves.png'}")
-    print(f"confusion matrix: {run.path / 'confusion_matrix.png'}")
+    if (run.path / "confusion_matrix.png").is_file():  # none without validation
+        print(f"confusion matrix: {run.path / 'confusion_matrix.png'}")
     if (run.path / "mistakes.png").is_file():
         print(f"worst mistakes:   {run.path / 'mistakes.png'}")
     if (run.path / "reliability.png").is_file():
         ece = run.summary.get("val_ece")
         shown = f" (expected calibration error {ece:.4f})" if ece is not None else ""
         print(f"calibration:      {run.path / 'reliability.png'}{shown}")
+
+
+def print_final(run) -> None:
+    """A final fit's lines in place of its validation accuracy: why there is none, and
+    the validation run (--from) that chose its settings."""
+    s = run.summary
+    print(
+        f"final fit on {' + '.join(s.get('final_splits') or [])} ({s.get('final_images', 0):,} "
+        f"{s['dataset']} images): no validation accuracy can be reported, its validation "
+        "images were trained on"
+    )
+    source = s.get("final_from")
+    if source:
+        print(f"chosen by:        {source['run']} (val accuracy {source['val_accuracy']:.4f})")
+    else:
+        print("chosen by:        no validation run named (--from RUN records it)")
+    data = f"{run.path} --data {s['dataset']}"
+    print(f"held-out score:   imgclf eval {data} --split test (or a folder it never saw)")
 
 
 def _launch_torchrun(args: argparse.Namespace) -> None:
@@ -126,6 +147,7 @@ def _train(args: argparse.Namespace) -> int:
             "recipes`) or --resume RUN_DIR"
         )
     options = pick(args, "resume", "exist_ok", "new_data", "init")
+    options["final"] = _final(args)
     training = _training(args)
     training["overrides"] = (*training["overrides"], *_weights_override(args))
     if wants_ensemble(args.recipe, args.seeds, args.resume):
@@ -213,6 +235,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "pip install 'imgclf[mlflow]'); metrics.csv and TensorBoard are always written",
     )
     _add_ensemble_options(p)
+    _add_final_options(p)
     add_training_options(p)
 
 
@@ -233,6 +256,29 @@ def _add_ensemble_options(p: argparse.ArgumentParser) -> None:
         help="an ensemble's hard-vote tie-break order: member folders or recipes (all of "
         "that recipe's members), most preferred first",
     )
+
+
+def _add_final_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--final",
+        action="store_true",
+        help="final fit: train on train + val (test stays out) with the recipe's schedule, no "
+        "validation, best.pt the last epoch; early stopping is refused",
+    )
+    p.add_argument(
+        "--from",
+        dest="final_from",
+        metavar="RUN",
+        help="with --final: the validation run that chose the settings (same model, recipe, "
+        "data set and settings), recorded with its val accuracy in summary.json",
+    )
+
+
+def _final(args: argparse.Namespace) -> bool | str:
+    """``--final`` and ``--from RUN`` as train()'s ``final``: False, True or RUN."""
+    if args.final_from is not None and not args.final:
+        raise UserError("--from names the validation run of a final fit: add --final")
+    return args.final_from if args.final_from is not None else args.final
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ them, so every command names and combines runs the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from imgclf.data.cache import Dataset
 from imgclf.ensemble import hard_vote, vote_shares, weighted_vote
 from imgclf.errors import UserError
 from imgclf.evaluate.metrics import Metrics, compute_metrics
-from imgclf.evaluate.runs import default_split, open_data_for
+from imgclf.evaluate.runs import default_split, not_held_out, open_data_for
 from imgclf.inference.engine import run_logits
 from imgclf.inference.runs import (
     RunLike,
@@ -34,6 +35,7 @@ from imgclf.inference.runs import (
     resolve_weights,
     voting,
 )
+from imgclf.runtime.final_fit import trained_on
 
 # ---------------------------------------------------------------------------- comparison
 
@@ -209,6 +211,7 @@ def compare_runs(
     ds = datasets[0]
     split = split or default_split(ds)
     probs, models, labels = [], {}, None
+    notes: list[str] = []
     for lr, order, run_ds in zip(rs.runs, rs.orders, datasets, strict=True):
         logits, run_labels = run_logits(
             lr, run_ds, split, tta=tta, batch_size=batch_size, device=device
@@ -216,13 +219,16 @@ def compare_runs(
         logits = logits[:, torch.from_numpy(order)]  # columns in the first run's order
         if labels is None:
             labels = run_labels.numpy()  # the first run's class order is the reference
-        models[lr.name] = compute_metrics(logits, labels, rs.classes)
+        seen = trained_on(lr.state, run_ds.root, split)
+        if seen:  # the vote's scores are not held out either
+            notes.append(not_held_out(lr.name, lr.state, run_ds.name, split, seen))
+        scores = compute_metrics(logits, labels, rs.classes)
+        models[lr.name] = dataclasses.replace(scores, trained_on=seen)
         probs.append(_softmax(logits))
     assert labels is not None
     stacked = np.stack(probs)
     votes = {"hard": _hard_metrics(stacked, labels, rs.classes, prefer_idx)}
     votes["soft"] = compute_metrics(stacked.mean(axis=0), labels, rs.classes, from_probs=True)
-    notes: list[str] = []
     weight_map = _weighted(rs, stacked, labels, weights, vote, votes, notes)
     return Comparison(
         names=rs.names,

@@ -119,6 +119,9 @@ class Metrics:
     # Accuracy without the images that have a near duplicate in train, when some do
     # (duplicate_free_scores); None otherwise.
     duplicate_free: dict[str, Any] | None = None
+    # The splits among these images that the scored model trained on (empty: held out),
+    # as imgclf.evaluate.runs finds them; None: not asked (scores inside training, votes).
+    trained_on: tuple[str, ...] | None = None
 
     @property
     def ece(self) -> float | None:
@@ -136,7 +139,11 @@ class Metrics:
             }
             for i, name in enumerate(self.class_names)
         ]
+        held_out = {}
+        if self.trained_on is not None:
+            held_out = {"held_out": not self.trained_on, "trained_on": list(self.trained_on)}
         return {
+            **held_out,
             "count": self.count,
             "accuracy": _json_float(self.accuracy),
             "balanced_accuracy": _json_float(self.balanced_accuracy),

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from imgclf.evaluate.metrics import Metrics, compute_metrics, duplicate_free_sco
 from imgclf.inference.engine import run_logits
 from imgclf.inference.runs import LoadedRun, load_run
 from imgclf.io_utils import check_output_file
+from imgclf.runtime.final_fit import final_record, trained_on
 
 EVAL_RELIABILITY = "eval_reliability.png"
 
@@ -92,6 +95,7 @@ def evaluate(
     batch_size: int = 512,
     device: str | None = None,
     reliability_png: str | Path | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Metrics:
     """Accuracy, loss, per-class scores, confusion matrix, top-5 accuracy (more than 5
     classes) and calibration of a run on a dataset (``imgclf eval``). Also callable as
@@ -111,6 +115,8 @@ def evaluate(
         device: ``"cpu"``, ``"cuda"``…; None: a GPU when there is one.
         reliability_png: where to draw the reliability diagram (checked before scoring;
             :func:`reliability_path`).
+        warn: called with the warning line when the run trained on these images (a final
+            fit on its validation split; default: stderr); ``trained_on`` says which.
 
     Returns:
         :class:`~imgclf.evaluate.metrics.Metrics`: ``accuracy``, ``balanced_accuracy``,
@@ -132,12 +138,35 @@ def evaluate(
     metrics = compute_metrics(logits, labels, lr.classes)
     free = duplicate_free_scores(logits, labels, train_duplicates(ds, split))
     metrics = dataclasses.replace(metrics, duplicate_free=free)
+    seen = trained_on(lr.state, ds.root, split)
+    if seen:
+        (warn or _stderr_warn)(not_held_out(lr.name, lr.state, ds.name, split, seen))
+    metrics = dataclasses.replace(metrics, trained_on=seen)
     if reliability_png is not None and metrics.calibration is not None:
         from imgclf.evaluate.plots import plot_reliability  # matplotlib only when drawing
 
         title = f"{lr.name} on {ds.name} {split}"
         plot_reliability(metrics.calibration, reliability_png, title=title)
     return metrics
+
+
+def not_held_out(
+    name: str, state: dict[str, Any], dataset: str, split: str, seen: tuple[str, ...]
+) -> str:
+    """The warning for scores of run ``name`` (its checkpoint ``state``) on ``split`` of
+    ``dataset``, which holds the splits it trained on, ``seen``: a final fit on its own
+    validation split above all, whose training saw those images
+    (:func:`imgclf.runtime.final_fit.trained_on`)."""
+    what = " (a final fit)" if final_record(state) is not None else ""
+    return (
+        f"{name}{what} trained on the {' and '.join(seen)} images of {dataset!r}: its "
+        f"{split} scores are not held-out ones; score it on the test split, or a folder it "
+        "never saw"
+    )
+
+
+def _stderr_warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
 
 
 def reliability_path(run: str | Path | Any, out_dir: str | Path | None = None) -> Path | None:

@@ -73,6 +73,9 @@ def vote_sources(paths: list[str | os.PathLike[str]]) -> list[Path]:
         path = Path(given).expanduser()
         out += [path] if is_ensemble_dir(path) else find_runs([path])
     return out
+# How the report marks a final fit, which has no validation score: its training saw the
+# validation images (issue #34).
+FINAL_MARK = "final fit (trained on val)"
 
 
 @dataclass
@@ -109,7 +112,26 @@ class RunInfo:
         ]
         if c.get("label_smoothing"):
             rows.append(("label smoothing", str(c["label_smoothing"])))
+        if self.final:
+            rows.append(("fit", self.final_text()))
         return rows
+
+    @property
+    def final(self) -> bool:
+        """A final fit (imgclf.train.final): config.yaml says so from its start."""
+        return bool(self.summary.get("final") or self.config.get("final"))
+
+    def final_text(self) -> str:
+        """What a final fit trained on, and the validation run that chose its settings."""
+        s = self.summary
+        images = f", {s['final_images']:,} images" if s.get("final_images") else ""
+        source = s.get("final_from") or {}
+        chosen = "no validation run named"
+        if source.get("run"):
+            chosen = f"settings chosen by {source['run']}"
+            if source.get("val_accuracy") is not None:
+                chosen += f" at val accuracy {source['val_accuracy']:.4f}"
+        return f"{FINAL_MARK}: train + val{images}, no validation score; {chosen}"
 
     def stage_rows(self) -> list[dict[str, str]]:
         """One row per stage of the recipe, with what its epochs reached."""
@@ -177,7 +199,7 @@ class RunInfo:
             "epochs": str(self.epochs),
             "params": f"{s['parameters']:,}" if "parameters" in s else "",
             "train time": _duration(s.get("train_seconds")),
-            "val accuracy": f"{acc:.4f}" if acc is not None else "",
+            "val accuracy": FINAL_MARK if self.final else f"{acc:.4f}" if acc is not None else "",
             # older runs, and runs stopped before their summary, have neither: left blank
             "val balanced acc": _score(s.get("val_balanced_accuracy")),
             "val macro F1": _score(s.get("val_macro_f1")),

@@ -33,6 +33,7 @@ from imgclf.train import init_from, more
 from imgclf.train.budget import parse_duration
 from imgclf.train.callbacks import Callback
 from imgclf.train.choose import choose_recipe
+from imgclf.train.final import FinalFit, read_source, refuse_selection
 from imgclf.train.recipe import Recipe, load_recipe, validate
 from imgclf.train.rundir import (
     check_run_dir,
@@ -62,6 +63,7 @@ def train(
     new_data: bool = False,
     init: str | Path | None = None,
     callbacks: Sequence[Callback] = (),
+    final: bool | str | Path = False,
 ) -> Run:
     """Train a recipe on a dataset (``imgclf train``).
 
@@ -75,12 +77,13 @@ def train(
             continue from its ``last.pt`` (on its data set unless ``new_data``).
         time_budget: ``"10m"``, ``"1h30m"`` or seconds: stages scaled to fit, evaluation
             included. ``device``, ``threads``, ``progress``: as ``imgclf train``'s options.
-
         init: a run or checkpoint to start from (classes matched by name:
             :mod:`imgclf.train.init_from`); ``resume`` and ``epochs`` on a finished run:
             that many epochs more (:mod:`imgclf.train.more`).
         callbacks: :class:`~imgclf.train.callbacks.Callback` instances, whose hooks the
             trainer calls as it writes metrics.csv and TensorBoard.
+        final: True: a final fit (:mod:`imgclf.train.final`), on train + val, no validation;
+            a run folder: that, and the validation run that chose its settings (--from).
 
     Returns:
         The :class:`Run`: its ``path`` (``best.pt``, ``metrics.csv``…) and ``summary``.
@@ -92,9 +95,8 @@ def train(
     """
     started = time.perf_counter()
     env = distributed.from_env()
-    args = _Args(
-        recipe, data, out, epochs, tuple(overrides), resume, time_budget, exist_ok, new_data, init
-    )
+    given = (recipe, data, out, epochs, tuple(overrides), resume, time_budget, exist_ok)
+    args = _Args(*given, new_data, init, final)
     job = _resolve(args, env)
     device, threads = _per_process(job.recipe, env, device, threads)
     dist = distributed.init(resolve_device(device))
@@ -120,6 +122,7 @@ class _Args:
     exist_ok: bool
     new_data: bool
     init: str | Path | None = None
+    final: bool | str | Path = False  # True, or the validation run that chose it (--from)
 
 
 @dataclass
@@ -134,6 +137,7 @@ class _Job:
     exist_ok: bool
     more: more.More | None = None  # epochs added to a finished run
     init: dict | None = None  # the checkpoint a fresh run starts from (--init)
+    final: FinalFit | None = None  # a final fit (--final), from a checkpoint on resume
 
 
 def _resolve(args: _Args, env: Dist) -> _Job:
@@ -144,10 +148,42 @@ def _resolve(args: _Args, env: Dist) -> _Job:
     budget = _budget_seconds(args)
     if args.resume is not None:
         rec, state, out_dir, added = _resumed(args)
-        return _Job(rec, _dataset(args, state), out_dir, state, budget, args.exist_ok, added)
+        job = _Job(rec, _dataset(args, state), out_dir, state, budget, args.exist_ok, added)
+        job.final = _final_resumed(args, state)
+        return job
     rec, out_dir = _fresh(args, env)
     source = init_from.load_source(rec) if rec.init is not None else None
-    return _Job(rec, _dataset(args, None), out_dir, None, budget, args.exist_ok, init=source)
+    ds = _dataset(args, None)
+    job = _Job(rec, ds, out_dir, None, budget, args.exist_ok, init=source)
+    job.final = _final_fresh(args, rec, ds)
+    return job
+
+
+def _final_fresh(args: _Args, rec: Recipe, ds: Dataset) -> FinalFit | None:
+    """A fresh run's final fit (None: a normal run), its recipe checked for what would
+    select by validation and its --from run read and checked (imgclf.train.final)."""
+    if args.final is False:
+        return None
+    refuse_selection(rec)
+    return FinalFit() if args.final is True else read_source(args.final, rec, ds)
+
+
+def _final_resumed(args: _Args, state: dict) -> FinalFit | None:
+    """A resumed run's final fit, as its checkpoint records it; --final and --from may
+    only repeat what it was started with (the same command again after a kill)."""
+    final = FinalFit.from_state(state)
+    if args.final is not False and final is None:
+        raise CheckpointError(
+            f"--final: {state['path']} is not a final fit, and --resume continues a run as it "
+            "was started: drop --final, or start a final fit in a new --out"
+        )
+    given = None if isinstance(args.final, bool) else args.final
+    if given is not None and final.source != str(Path(given).expanduser().resolve()):
+        raise CheckpointError(
+            f"--from {given}: --resume continues {state['path']} with the validation run it "
+            "was started with: drop --from"
+        )
+    return final
 
 
 def _trainer(job: _Job, dist: Dist, started: float, **options: Any) -> Trainer:
@@ -162,6 +198,7 @@ def _trainer(job: _Job, dist: Dist, started: float, **options: Any) -> Trainer:
         budget_seconds=job.budget,
         started=started,
         dist=dist,
+        final=job.final,
         **options,
     )
     _start(trainer, job)
@@ -169,16 +206,19 @@ def _trainer(job: _Job, dist: Dist, started: float, **options: Any) -> Trainer:
 
 
 def _start(trainer: Trainer, job: _Job) -> None:
-    """What _trainer adds to a trainer that --epochs or --init asks for."""
+    """What _trainer adds to a trainer that --epochs or --init asks for, and a final
+    fit's line."""
+    lines = []
     if job.more is not None:
-        line = more.extend(trainer, job.more)
+        lines.append(more.extend(trainer, job.more))
     elif job.init is not None:
-        line = init_from.start_from(trainer.model, job.init, trainer.ds.classes)
-    else:
-        return
+        lines.append(init_from.start_from(trainer.model, job.init, trainer.ds.classes))
+    if job.final is not None:
+        lines.append(job.final.describe(trainer.ds, trainer.train_loader.num_samples))
     # Printed even with --quiet: it says what is being trained, as the chosen recipe's line.
     if trainer.dist.is_main:
-        print(line, file=sys.stderr)
+        for line in lines:
+            print(line, file=sys.stderr)
 
 
 def _per_process(
@@ -201,7 +241,7 @@ def _follow_restart(args: _Args, env: Dist) -> None:
         args.resume, args.exist_ok = restarted
     if args.resume is not None:  # the checkpoint holds the recipe, its length and plan
         args.overrides, args.epochs, args.time_budget, args.new_data = (), None, None, False
-        args.init = None
+        args.init, args.final = None, False  # and a final fit's record
 
 
 def _budget_seconds(args: _Args) -> float | None:

@@ -29,6 +29,7 @@ from imgclf.runtime.checkpoint import load_checkpoint
 from imgclf.runtime.device import Hardware
 from imgclf.train.adapt import Adapted
 from imgclf.train.budget import Plan
+from imgclf.train.final import FinalFit
 from imgclf.train.recipe import Recipe
 from imgclf.train.rundir import write_json
 from imgclf.train.state import Progress
@@ -52,6 +53,8 @@ class FinishInputs:
     hw: Hardware
     threads: int
     started: float  # time.perf_counter() when train() began, in this process
+    final: FinalFit | None = None  # a final fit (no validation split to evaluate on)
+    train_images: int = 0  # images an epoch trains on
 
 
 def finish_run(run: FinishInputs) -> dict[str, Any]:
@@ -84,6 +87,11 @@ def finish_run(run: FinishInputs) -> dict[str, Any]:
     if run.val_loader is not None:
         summary.update(_evaluate(run))
     summary["images_seen"] = run.progress.images_seen
+    # A final fit trained on the validation images: no val_* score (its val_loader is None)
+    # and, instead, the run whose validation chose its settings (imgclf.train.final).
+    summary["final"] = run.final is not None
+    if run.final is not None:
+        summary.update(run.final.summary(run.ds, run.train_images))
     summary["init_from"] = run.recipe.init  # the weights it started from (--init), or None
     if run.plan is not None:  # what a time budget bought on this machine
         summary.update(_budget_summary(run.plan, run.steps_per_epoch))

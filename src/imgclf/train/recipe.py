@@ -63,7 +63,7 @@ def _yaml(text: str) -> Any:
 
 # A run's config.yaml is the resolved recipe plus these facts about the run; reading it
 # back as a recipe (to repeat the run) skips them.
-RUN_INFO_KEYS = ("dataset", "adapted", "hardware", "distributed", "imgclf_version")
+RUN_INFO_KEYS = ("dataset", "adapted", "hardware", "distributed", "imgclf_version", "final")
 
 
 def _not_a_switch(wanted: str) -> BeforeValidator:

@@ -19,6 +19,7 @@ from imgclf.models import create, model_spec
 from imgclf.runtime.device import Hardware
 from imgclf.runtime.distributed import Dist
 from imgclf.train.adapt import Adapted, class_weights, sample_weights
+from imgclf.train.final import training_indices
 from imgclf.train.recipe import Recipe, recipe_yaml
 from imgclf.train.stages import resolve_groups
 
@@ -69,13 +70,20 @@ def check_groups(model: nn.Module, recipe: Recipe) -> None:
 
 
 def make_loaders(
-    recipe: Recipe, ds: Dataset, model: nn.Module, hw: Hardware, dist: Dist, batch: int
+    recipe: Recipe,
+    ds: Dataset,
+    model: nn.Module,
+    hw: Hardware,
+    dist: Dist,
+    batch: int,
+    final: bool = False,
 ) -> tuple[BatchLoader, BatchLoader | None]:
     """The training loader (this rank's share of each global ``batch``, augmented) and
-    the validation one (None without a validation split), at the model's input."""
+    the validation one (None without a validation split, or in a ``final`` fit, which
+    trains on it: imgclf.train.final), at the model's input."""
     common = dict(size=model.input_size, mean=model.mean, std=model.std)
     common.update(channels_last=hw.channels_last, device=hw.device)
-    train_idx = ds.indices("train")
+    train_idx = training_indices(ds, final)
     if len(train_idx) == 0:
         raise CheckpointError(f"dataset {ds.name!r} has no training images")
     if len(train_idx) < dist.world_size:
@@ -100,7 +108,7 @@ def make_loaders(
         **common,
     )
     val = None
-    if ds.has_split("val"):
+    if ds.has_split("val") and not final:
         val_idx = ds.indices("val")
         val = BatchLoader(
             ds.images[val_idx], ds.labels[val_idx], batch_size=recipe.eval_batch_size, **common
@@ -156,9 +164,10 @@ def config_yaml(
     threads: int,
     dist: Dist,
     train: BatchLoader,
+    final: bool = False,
 ) -> str:
     """``config.yaml``: the recipe, then the data set, what adapt() changed, the hardware
-    and (data-parallel) the processes."""
+    and (data-parallel) the processes; ``final: true`` for a final fit."""
     extra: dict[str, Any] = {
         "dataset": {"name": ds.name, "path": str(ds.root), "classes": ds.classes},
         "adapted": {
@@ -180,5 +189,7 @@ def config_yaml(
             "backend": dist.backend,
             "batch_per_process": train.batch_size,
         }
+    if final:  # read back as a recipe, config.yaml drops it (recipe.RUN_INFO_KEYS)
+        extra["final"] = True
     extra["imgclf_version"] = __version__
     return recipe_yaml(recipe) + yaml.safe_dump(extra, sort_keys=False)

@@ -19,6 +19,7 @@ from imgclf import __version__
 from imgclf.data.cache import Dataset
 from imgclf.errors import CheckpointError
 from imgclf.models.restore import load_weights
+from imgclf.runtime.final_fit import FINAL_KEY
 from imgclf.train.budget import Plan
 from imgclf.train.lookahead import Lookahead
 from imgclf.train.recipe import Recipe
@@ -102,13 +103,15 @@ def to_checkpoint(
     scheduler: Any = None,
     lookahead: Lookahead | None = None,
     ema_state: dict[str, Any] | None = None,
+    final: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of a run: the model and what rebuilds its input (name, args,
     classes, size, normalisation, the cache's image size), the recipe and data set, where
     training stands, and, mid-stage, the optimizer, schedule and Lookahead states (None at
     a stage's end: the next stage builds its own), the weight EMA's state (whenever the
     stage keeps one: the next stage may carry it on; None otherwise, and in checkpoints
-    from before it existed), the global RNG and a budget's plan."""
+    from before it existed), the global RNG, a budget's plan and a final fit's record
+    (imgclf.runtime.final_fit; None: a normal run)."""
     mid_stage = optimizer is not None
     return {
         "imgclf_version": __version__,
@@ -132,6 +135,7 @@ def to_checkpoint(
         "ema_state": ema_state,
         "torch_rng": torch.get_rng_state(),
         "plan": plan.to_dict() if plan is not None else None,
+        FINAL_KEY: final,
     }
 
 

@@ -51,6 +51,7 @@ from imgclf.train.budget import Plan, PlanInputs, Replanner, agreed_plan
 from imgclf.train.callbacks import Callback, Hooks
 from imgclf.train.ema import WeightEma, ema_summary, stage_ema, validated
 from imgclf.train.feature_cache import FeatureCache
+from imgclf.train.final import FinalFit
 from imgclf.train.finish import FinishInputs, finish_run
 from imgclf.train.guards import (
     CtrlC,
@@ -106,12 +107,14 @@ class Trainer:
         started: float | None = None,
         dist: Dist = SINGLE,
         callbacks: Sequence[Callback] = (),
+        final: FinalFit | None = None,
     ) -> None:
         self.started = started if started is not None else time.perf_counter()
         self.dist = dist
         self.budget_seconds = budget_seconds
         self.plan: Plan | None = None  # a time budget's steps per stage (imgclf.train.budget)
         self.recipe, self.ds, self.out = recipe, ds, out
+        self.final = final  # a final fit: trains on train + val (imgclf.train.final)
         self.threads = set_threads(threads)
         self.hw: Hardware = resolve_hardware(device, recipe.precision, recipe.channels_last)
         self.show_progress = progress and dist.is_main  # one process speaks for the job
@@ -121,11 +124,12 @@ class Trainer:
         self.resume_state = state  # until the stage it stopped in has restored from it
         self.model = build_model(recipe, len(ds.classes), self.hw, fresh=state is None)
         pretrained = model_spec(recipe.model).kind == "pretrained" and recipe.pretrained
+        # The train split's size in a final fit too: its batch is the validation run's.
         self.adapted = adapt(recipe, pretrained, len(ds.indices("train")))
         if dist.enabled:
             self.adapted = share_batch(self.adapted, dist)
         self.train_loader, self.val_loader = make_loaders(
-            recipe, ds, self.model, self.hw, dist, self.adapted.batch_size
+            recipe, ds, self.model, self.hw, dist, self.adapted.batch_size, final is not None
         )
         self.loss_weights = loss_weights(recipe, self.train_loader, len(ds.classes), self.hw)
         self.position, self.progress = Position(), Progress()
@@ -465,7 +469,8 @@ class Trainer:
         lookahead = self.stage.lookahead if self.stage is not None else None
         ema = self.ema.state_dict() if self.ema is not None else None
         run = (self.model, self.ds, self.recipe, self.position, self.progress, self.plan)
-        return to_checkpoint(*run, optimizer, scheduler, lookahead, ema)
+        final = self.final.record() if self.final is not None else None
+        return to_checkpoint(*run, optimizer, scheduler, lookahead, ema, final=final)
 
     def _checkpoint_mid_epoch(self, acc: dict, started: float, optimizer, scheduler) -> None:
         elapsed = time.perf_counter() - started
@@ -572,9 +577,8 @@ class Trainer:
         callbacks' start (metrics.csv and TensorBoard first)."""
         make_folder(self.out, "--out")
         write_launch_marker(self.out, launch_ids)  # torchrun: every node's agent
-        config = config_yaml(
-            self.recipe, self.ds, self.adapted, self.hw, self.threads, self.dist, self.train_loader
-        )
+        run = (self.recipe, self.ds, self.adapted, self.hw, self.threads, self.dist)
+        config = config_yaml(*run, self.train_loader, self.final is not None)
         atomic_write_text(self.out / "config.yaml", config)
         self.hooks.open()
         self.hooks("on_train_start")
@@ -583,4 +587,5 @@ class Trainer:
         # In FinishInputs' field order.
         run = (self.out, self.model, self.recipe, self.ds, self.val_loader, self.hooks.rows)
         trained = (self.progress, self.plan, len(self.train_loader), self.adapted)
-        return FinishInputs(*run, *trained, self.hw, self.threads, self.started)
+        final = (self.final, self.train_loader.num_samples)
+        return FinishInputs(*run, *trained, self.hw, self.threads, self.started, *final)
