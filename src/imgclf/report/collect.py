@@ -73,6 +73,8 @@ def vote_sources(paths: list[str | os.PathLike[str]]) -> list[Path]:
         path = Path(given).expanduser()
         out += [path] if is_ensemble_dir(path) else find_runs([path])
     return out
+
+
 # How the report marks a final fit, which has no validation score: its training saw the
 # validation images (issue #34).
 FINAL_MARK = "final fit (trained on val)"
