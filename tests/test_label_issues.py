@@ -6,6 +6,7 @@ PyTorch on ~40 images: seconds)."""
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -136,30 +137,29 @@ def _image(cls: str, rng: np.random.Generator) -> np.ndarray:
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def _folder(root: Path, per_class: int = 10, planted: bool = True) -> Path:
-    """``root/train/<class>/*.png``; with ``planted``, one red image filed under green."""
+def _folder(root: Path, per_class: int = 10) -> Path:
+    """``root/{train,val}/<class>/*.png``, and one red image filed under train/green."""
     rng = np.random.default_rng(0)
-    for cls in CLASSES:
-        (root / "train" / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(_image(cls, rng)).save(root / "train" / cls / f"{i:02d}.png")
-    if planted:
-        Image.fromarray(_image("red", rng)).save(root / "train" / "green" / "planted.png")
+    for split, n in (("train", per_class), ("val", 2)):
+        for cls in CLASSES:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(_image(cls, rng)).save(root / split / cls / f"{i:02d}.png")
+    Image.fromarray(_image("red", rng)).save(root / "train" / "green" / "planted.png")
     return root
 
 
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
-    """A generated set with one planted flip, imported and checked by the CLI once."""
+    """A generated set with one planted flip, imported and checked by the CLI once:
+    (exit code, --out folder, the data set's folder)."""
     base = tmp_path_factory.mktemp("labels")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IMGCLF_HOME", str(base / "home"))
-        src = str(_folder(base / "src"))
-        assert main(["data", "import", src, "--name", "planted", "--val-fraction", "0"]) == 0
+        assert main(["data", "import", str(_folder(base / "src")), "--name", "planted"]) == 0
         out = base / "out"
         code = main(["data", "check", "planted", "--labels", "--out", str(out)])
-    dataset = (base / "home" / "datasets" / "planted").resolve()
-    return code, out, dataset
+    return code, out, base / "home" / "datasets" / "planted"
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -182,11 +182,31 @@ def test_cli_ranks_the_planted_flip_first(checked, capsys):
 
 def test_gallery_and_copies_in_the_dataset_folder(checked):
     _, out, dataset = checked
+    assert dataset.is_symlink()  # the name points at the version folder the files are in
     for folder in (out, dataset):
         with Image.open(folder / PNG_NAME) as png:
             assert png.format == "PNG" and png.width > 100
     assert (dataset / CSV_NAME).read_bytes() == (out / CSV_NAME).read_bytes()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files
+
+
+def test_report_shows_the_suspects_of_the_runs_data_set(checked, tmp_path):
+    from helpers_train import tiny_recipe
+    from imgclf.report import build_report
+    from imgclf.train import train
+
+    _, _, dataset = checked
+    run = train(tiny_recipe(epochs=1), dataset, out=tmp_path / "run", threads=1, progress=False)
+    build_report([run.path], tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    section = page.split("<h3>Suspect training labels (planted)</h3>", 1)[1].split("<h3>")[0]
+    assert re.search(r'<img src="data:image/png;base64,[^"]+" alt="run suspect training', section)
+    assert "<td>train/green/planted.png</td><td>green</td><td>red</td>" in section
+    report = build_report([run.path], tmp_path / "report.md")
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "### Suspect training labels (planted)" in text
+    assert "| 1 | train/green/planted.png | green | red |" in text
+    assert tmp_path / "report_files" / "run-label_issues.png" in report.files
 
 
 @pytest.mark.parametrize(

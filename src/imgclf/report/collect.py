@@ -18,6 +18,8 @@ import yaml
 from imgclf.csv_safe import read_dicts
 from imgclf.data.sources import natural_key
 from imgclf.errors import DataError
+from imgclf.evaluate.label_issues import CSV_NAME as LABEL_ISSUES_CSV
+from imgclf.evaluate.label_issues import PNG_NAME as LABEL_ISSUES_PNG
 from imgclf.inference.runs import unique_names
 from imgclf.runtime.schema import SummaryError, read_summary
 from imgclf.train.rundir import read_metrics
@@ -30,6 +32,10 @@ IMAGES = {
     "mistakes": "mistakes.png",
 }
 MISTAKES_SHOWN = 16  # rows of mistakes.csv a report lists: the ones in mistakes.png
+LABEL_ISSUES_NOTE = (
+    "training images whose given label the out-of-fold predictions of a pretrained "
+    "backbone contradict (imgclf data check --labels; lower score = more suspect)"
+)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -69,6 +75,9 @@ class RunInfo:
     # no validation split), [] when the model made no mistake
     mistakes: list[dict[str, str]] | None = None
     images: dict[str, Path] = field(default_factory=dict)  # key of IMAGES → existing file
+    # rows of label_issues.csv in the run's data set folder (`imgclf data check --labels`),
+    # most suspect first; None when that data set was never checked
+    label_issues: list[dict[str, str]] | None = None
 
     # ------------------------------------------------------------ what the report shows
 
@@ -146,6 +155,16 @@ class RunInfo:
             )
         return rows
 
+    def label_issue_rows(self) -> list[dict[str, str]]:
+        """The suspect labels the report lists: those in the data set's gallery."""
+        rows = (self.label_issues or [])[:MISTAKES_SHOWN]
+        return [{"#": str(i), **row} for i, row in enumerate(rows, start=1)]
+
+    @property
+    def dataset_name(self) -> str:
+        dataset = self.config.get("dataset") or {}
+        return str(self.summary.get("dataset") or dataset.get("name") or "?")
+
     def comparison_row(self) -> dict[str, str]:
         s = self.summary
         acc = self.val_accuracy
@@ -189,7 +208,21 @@ def read_run(path: Path, name: str) -> RunInfo:
     if (path / "mistakes.csv").is_file():
         info.mistakes = _read_csv(path / "mistakes.csv")
     info.images = {k: path / f for k, f in IMAGES.items() if (path / f).is_file()}
+    _read_label_issues(info)
     return info
+
+
+def _read_label_issues(info: RunInfo) -> None:
+    """The suspect labels that `imgclf data check --labels` left in the folder of the data
+    set the run was trained on (config.yaml's dataset path), when there are any."""
+    dataset = info.config.get("dataset") or {}
+    if not isinstance(dataset, dict) or not dataset.get("path"):
+        return
+    folder = Path(str(dataset["path"]))
+    if (folder / LABEL_ISSUES_CSV).is_file():
+        info.label_issues = _read_csv(folder / LABEL_ISSUES_CSV)
+    if (folder / LABEL_ISSUES_PNG).is_file():
+        info.images["label_issues"] = folder / LABEL_ISSUES_PNG
 
 
 def read_runs(paths: list[str | os.PathLike[str]]) -> list[RunInfo]:
