@@ -248,6 +248,30 @@ def test_sets_too_small_for_the_folds_are_one_line_errors(tmp_path, capsys, coun
     assert not out.exists()  # nothing written, not even the folder
 
 
+def test_no_suspects_leave_the_header_alone_and_no_stale_gallery(tmp_path):
+    from imgclf.data import load_dataset
+    from imgclf.evaluate.label_issues import write_outputs
+
+    rng = np.random.default_rng(0)
+    for cls in ("red", "green"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(_image(cls, rng)).save(tmp_path / "src" / cls / f"{i}.png")
+    main(["data", "import", str(tmp_path / "src"), "--name", "clean", "--val-fraction", "0"])
+    ds = load_dataset("clean")
+    idx = ds.indices("train")
+    labels = np.asarray(ds.labels[idx])
+    issues = confident_issues(np.eye(2)[labels] * 0.8 + 0.1, labels)  # all agree
+    assert len(issues.ranked) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / PNG_NAME).write_bytes(b"an older check's gallery")
+    written, notes = write_outputs(ds, out, idx, labels, issues, [])
+    assert (out / CSV_NAME).read_text() == "file,given,suggested,score\n"
+    assert not (out / PNG_NAME).exists() and not (ds.root / PNG_NAME).exists()
+    assert written == [out / CSV_NAME, ds.root / CSV_NAME] and notes == []
+
+
 def test_check_without_labels_says_what_to_add(tmp_path, capsys):
     assert main(["data", "check", "nothing", "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == "error: data check: nothing to check; add --labels\n"

@@ -109,20 +109,11 @@ def find_label_issues(
     issues = confident_issues(fitted.probs, labels, rank_by)
     rows = issue_rows(ds, indices, labels, issues)
     written, notes = write_outputs(ds, out, indices, labels, issues, rows)
-    seconds = fitted.feature_seconds, fitted.fold_seconds
+    times = {"feature_seconds": fitted.feature_seconds, "fold_seconds": fitted.fold_seconds}
     return LabelCheck(
-        ds.name,
-        rec.name,
-        folds,
-        indices,
-        labels,
-        fitted.probs,
-        issues,
-        rows,
-        written,
-        notes,
-        *seconds,
-    )
+        ds.name, rec.name, folds, indices, labels, fitted.probs, issues, rows, written, notes,
+        **times,
+    )  # fmt: skip
 
 
 def issue_rows(
@@ -158,9 +149,15 @@ def write_outputs(
     figure = gallery(ds, indices, labels, issues) if rows else None
     written: list[Path] = []
     notes: list[str] = []
-    for folder in (out, ds.version_root or ds.root):
+    version = ds.version_root or ds.root
+    for folder in (out, version):
         try:
-            written += _write_into(folder, rows, figure)
+            files = _write_into(folder, rows, figure)
+            # Said as the data set's name in the cache where that still is this version.
+            shown = (
+                ds.root if folder == version and ds.root.resolve() == version.resolve() else folder
+            )
+            written += [shown / f.name for f in files]
         except (OSError, UserError) as exc:
             if folder == out:
                 raise
