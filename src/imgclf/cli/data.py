@@ -1,11 +1,19 @@
-"""`imgclf data import|info|list`, `imgclf models` and `imgclf recipes`."""
+"""`imgclf data import|info|check|list`, `imgclf models` and `imgclf recipes`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from imgclf.cli.options import command, fraction, pick, positive_int
+from imgclf.cli.options import (
+    MOST,
+    add_hardware_options,
+    command,
+    fraction,
+    pick,
+    positive_int,
+    whole_number,
+)
 
 
 def _data_import(args: argparse.Namespace) -> int:
@@ -101,21 +109,65 @@ def describe_duplicates(counts: dict) -> list[str]:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    """find exact and near-duplicate images, within and across splits
+    """find duplicate images and, with --labels, suspect training labels
 
     Writes DIR/duplicates.csv (group,split,file,distance: one row per image with a
     duplicate; distance in bits to its group's first image) and DIR/duplicates.png (the
     closest cross-split pairs side by side, also kept in the data set folder for
     `imgclf report`). DIR: --out, default ./NAME-check/.
+
+    --labels: also rank the training images whose given label a pretrained backbone's
+    out-of-fold predictions find improbable (confident learning), into
+    DIR/label_issues.csv (file,given,suggested,score; most suspect first) and a gallery
+    DIR/label_issues.png, copied into the data set's folder for `imgclf report`.
     """
     from imgclf.data import load_dataset
     from imgclf.data.dup_check import check_duplicates
 
     ds = load_dataset(args.name)
-    summary = check_duplicates(ds, args.out or f"{ds.name}-check")
+    out = args.out or f"{ds.name}-check"
+    if args.labels:
+        # Before the duplicates are written: a set too small for the folds is one line
+        # and leaves nothing behind.
+        from imgclf.evaluate.label_issues import describe, find_label_issues
+
+        options = pick(args, "folds", "seed", "rank_by", "model", "device")
+        check = find_label_issues(args.name, out, recipe=args.recipe, **options)
+    summary = check_duplicates(ds, out)
     print(*describe_duplicates(summary), sep="\n")
     print(f"wrote {summary['csv']}" + (f" and {summary['png']}" if summary["png"] else ""))
+    if args.labels:
+        print("\n".join(describe(check)))
     return 0
+
+
+# imgclf.evaluate.confident.RANK_BY, spelt out: importing it would import torch at --help.
+RANK_BY = ("self_confidence", "normalized_margin")
+
+
+def add_data_check(dsub: argparse._SubParsersAction) -> None:
+    check = command(dsub, "check", _data_check)
+    check.add_argument("name", help="dataset name or cache folder")
+    check.add_argument("--out", metavar="DIR", help="output folder (default ./NAME-check/)")
+    check.add_argument("--labels", action="store_true", help="rank suspect training labels")
+    check.add_argument("--folds", type=_folds, default=5, metavar="K", help="folds (5)")
+    check.add_argument(
+        "--recipe", default="lite0-photo", help="whose pretrained backbone (lite0-photo)"
+    )
+    check.add_argument("--model", help="another pretrained model instead of the recipe's")
+    check.add_argument(
+        "--rank-by",
+        choices=RANK_BY,
+        default="self_confidence",
+        help="the score: the out-of-fold probability of the given label (default), or its "
+        "margin over the likeliest other class",
+    )
+    check.add_argument("--seed", type=int, default=0, help="seed of the folds (0)")
+    add_hardware_options(check)
+
+
+def _folds(text: str) -> int:
+    return whole_number(text, 2, MOST)  # each fold is held out once: two at least
 
 
 def _data_list(args: argparse.Namespace) -> int:
@@ -163,9 +215,7 @@ def add_data(sub: argparse._SubParsersAction) -> None:
     info = command(dsub, "info", _data_info)
     info.add_argument("name", help="dataset name or cache folder")
     info.add_argument("--json", action="store_true", help="print one JSON object")
-    check = command(dsub, "check", _data_check)
-    check.add_argument("name", help="dataset name or cache folder")
-    check.add_argument("--out", metavar="DIR", help="output folder (default: ./NAME-check/)")
+    add_data_check(dsub)
     command(dsub, "list", _data_list)
 
 

@@ -90,26 +90,32 @@ def mistakes_figure(
     images: Any, mistakes: Sequence[Mistake], class_names: Sequence[str], *, title: str = ""
 ):
     """A grid of ``images[i]`` (H×W×3 uint8, one per mistake, same order), captioned."""
-    from matplotlib.figure import Figure
-
-    from imgclf.evaluate.plots import PLAIN_TEXT
-
     if len(images) != len(mistakes):
         raise ValueError(f"{len(images)} images for {len(mistakes)} mistakes")
     if not mistakes:
         raise ValueError("no mistakes to plot")
-    columns = min(_GRID_COLUMNS, len(mistakes))
-    rows = math.ceil(len(mistakes) / columns)
+    return thumbnail_grid(images, [caption(m, class_names) for m in mistakes], title=title)
+
+
+def thumbnail_grid(images: Any, captions: Sequence[str], *, title: str = ""):
+    """Thumbnails of ``images`` (H×W×3 uint8), each above its caption of up to three lines,
+    four to a row: the mistakes gallery's and the suspect labels' (imgclf.evaluate.label_issues)."""
+    from matplotlib.figure import Figure
+
+    from imgclf.evaluate.plots import PLAIN_TEXT
+
+    columns = min(_GRID_COLUMNS, len(captions))
+    rows = math.ceil(len(captions) / columns)
     # a cell 2.9 in tall for 2.4 wide: room for three caption lines under a square thumbnail
     fig = Figure(figsize=(2.4 * columns, 2.9 * rows), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax, image, m in zip(axes, images, mistakes, strict=False):
+    for ax, image, text in zip(axes, images, captions, strict=False):
         # nearest: 32 px thumbnails stay sharp pixels rather than a blur
         ax.imshow(np.asarray(image, dtype=np.uint8), interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_xlabel(caption(m, class_names), fontsize=8, **PLAIN_TEXT)
-    for ax in axes[len(mistakes) :]:
+        ax.set_xlabel(text, fontsize=8, **PLAIN_TEXT)
+    for ax in axes[len(captions) :]:
         ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=10, **PLAIN_TEXT)

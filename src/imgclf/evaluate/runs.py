@@ -135,19 +135,24 @@ def evaluate(
     ds = open_data_for(data, [lr])[0]
     split = split or default_split(ds)
     logits, labels = run_logits(lr, ds, split, tta=tta, batch_size=batch_size, device=device)
-    metrics = compute_metrics(logits, labels, lr.classes)
-    free = duplicate_free_scores(logits, labels, train_duplicates(ds, split))
-    metrics = dataclasses.replace(metrics, duplicate_free=free)
-    seen = trained_on(lr.state, ds.root, split)
-    if seen:
-        (warn or _stderr_warn)(not_held_out(lr.name, lr.state, ds.name, split, seen))
-    metrics = dataclasses.replace(metrics, trained_on=seen)
+    metrics = _held_out_metrics(lr, ds, split, logits, labels, warn)
     if reliability_png is not None and metrics.calibration is not None:
         from imgclf.evaluate.plots import plot_reliability  # matplotlib only when drawing
 
         title = f"{lr.name} on {ds.name} {split}"
         plot_reliability(metrics.calibration, reliability_png, title=title)
     return metrics
+
+
+def _held_out_metrics(lr, ds: Dataset, split: str, logits, labels, warn) -> Metrics:
+    """The scores, with what they cannot claim: the accuracy without the images that have
+    a near duplicate in train, and the splits the run trained on (warned about)."""
+    metrics = compute_metrics(logits, labels, lr.classes)
+    free = duplicate_free_scores(logits, labels, train_duplicates(ds, split))
+    seen = trained_on(lr.state, ds.root, split)
+    if seen:
+        (warn or _stderr_warn)(not_held_out(lr.name, lr.state, ds.name, split, seen))
+    return dataclasses.replace(metrics, duplicate_free=free, trained_on=seen)
 
 
 def not_held_out(

@@ -23,6 +23,8 @@ from imgclf.data.cache import resolve_dataset_dir
 from imgclf.data.dup_check import PAIRS_PNG, SUMMARY_JSON
 from imgclf.data.sources import natural_key
 from imgclf.errors import DataError
+from imgclf.evaluate.label_issues import CSV_NAME as LABEL_ISSUES_CSV
+from imgclf.evaluate.label_issues import PNG_NAME as LABEL_ISSUES_PNG
 from imgclf.inference.runs import unique_names
 from imgclf.runtime.ensemble_file import is_ensemble_dir, member_dirs
 from imgclf.runtime.schema import SummaryError, read_summary
@@ -36,6 +38,10 @@ IMAGES = {
     "mistakes": "mistakes.png",
 }
 MISTAKES_SHOWN = 16  # rows of mistakes.csv a report lists: the ones in mistakes.png
+LABEL_ISSUES_NOTE = (
+    "training images whose given label the out-of-fold predictions of a pretrained "
+    "backbone contradict (imgclf data check --labels; lower score = more suspect)"
+)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -94,6 +100,9 @@ class RunInfo:
     images: dict[str, Path] = field(default_factory=dict)  # key of IMAGES → existing file
     # The run's data set's last `imgclf data check` (its duplicates.json), if it was run
     duplicates: dict[str, Any] | None = None
+    # rows of label_issues.csv in the run's data set folder (`imgclf data check --labels`),
+    # most suspect first; None when that data set was never checked
+    label_issues: list[dict[str, str]] | None = None
 
     # ------------------------------------------------------------ what the report shows
 
@@ -190,6 +199,16 @@ class RunInfo:
             )
         return rows
 
+    def label_issue_rows(self) -> list[dict[str, str]]:
+        """The suspect labels the report lists: those in the data set's gallery."""
+        rows = (self.label_issues or [])[:MISTAKES_SHOWN]
+        return [{"#": str(i), **row} for i, row in enumerate(rows, start=1)]
+
+    @property
+    def dataset_name(self) -> str:
+        dataset = self.config.get("dataset") or {}
+        return str(self.summary.get("dataset") or dataset.get("name") or "?")
+
     def comparison_row(self) -> dict[str, str]:
         s = self.summary
         acc = self.val_accuracy
@@ -234,6 +253,7 @@ def read_run(path: Path, name: str) -> RunInfo:
         info.mistakes = _read_csv(path / "mistakes.csv")
     info.images = {k: path / f for k, f in IMAGES.items() if (path / f).is_file()}
     _read_check(info)
+    _read_label_issues(info)
     return info
 
 
@@ -257,6 +277,19 @@ def _read_check(info: RunInfo) -> None:
         if (folder / PAIRS_PNG).is_file():
             info.images["duplicates"] = folder / PAIRS_PNG
         return
+
+
+def _read_label_issues(info: RunInfo) -> None:
+    """The suspect labels that `imgclf data check --labels` left in the folder of the data
+    set the run was trained on (config.yaml's dataset path), when there are any."""
+    dataset = info.config.get("dataset") or {}
+    if not isinstance(dataset, dict) or not dataset.get("path"):
+        return
+    folder = Path(str(dataset["path"]))
+    if (folder / LABEL_ISSUES_CSV).is_file():
+        info.label_issues = _read_csv(folder / LABEL_ISSUES_CSV)
+    if (folder / LABEL_ISSUES_PNG).is_file():
+        info.images["label_issues"] = folder / LABEL_ISSUES_PNG
 
 
 def read_runs(paths: list[str | os.PathLike[str]]) -> list[RunInfo]:

@@ -15,7 +15,14 @@ import base64
 from collections.abc import Sequence
 from html import escape
 
-from imgclf.report.collect import Page, RunInfo, ensemble_table, short_number, weights_text
+from imgclf.report.collect import (
+    LABEL_ISSUES_NOTE,
+    Page,
+    RunInfo,
+    ensemble_table,
+    short_number,
+    weights_text,
+)
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
@@ -100,6 +107,7 @@ def _run_section(run: RunInfo, pngs: dict[str, bytes]) -> str:
         parts.append("<h3>Calibration (validation)</h3>" + _img(pngs["reliability"], alt))
     parts.append(_mistakes(run, pngs))
     parts.append(_duplicates(run, pngs))
+    parts.append(_label_issues(run, pngs))
     if run.per_class:
         header = list(run.per_class[0])
         rows = [[short_number(row.get(h, "")) for h in header] for row in run.per_class]
@@ -144,6 +152,24 @@ def _duplicates(run: RunInfo, pngs: dict[str, bytes]) -> str:
     parts.append(table(["kind", "groups", "within splits", "across splits"], rows))
     if "duplicates" in pngs:
         parts.append(_img(pngs["duplicates"], f"{run.name}: closest cross-split pairs"))
+    return "\n".join(parts)
+
+
+def _label_issues(run: RunInfo, pngs: dict[str, bytes]) -> str:
+    """The training images whose labels `imgclf data check --labels` found suspect."""
+    if run.label_issues is None:
+        return ""  # the run's data set was never checked
+    parts = [f"<h3>Suspect training labels ({escape(run.dataset_name)})</h3>"]
+    if not run.label_issues:
+        parts.append('<p class="meta">none found by imgclf data check --labels</p>')
+        return "\n".join(parts)
+    parts.append(f'<p class="meta">{escape(LABEL_ISSUES_NOTE)}</p>')
+    if "label_issues" in pngs:
+        parts.append(_img(pngs["label_issues"], f"{run.name} suspect training labels"))
+    rows = run.label_issue_rows()
+    listed = table(list(rows[0]), [list(r.values()) for r in rows])
+    shown = f"{len(rows)} of {len(run.label_issues)}"
+    parts.append(f"<details><summary>{escape(shown)} suspects</summary>{listed}</details>")
     return "\n".join(parts)
 
 

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from html import escape
 from urllib.parse import quote
 
-from imgclf.report.collect import Page, RunInfo, ensemble_table, short_number, weights_text
+from imgclf.report.collect import (
+    LABEL_ISSUES_NOTE,
+    Page,
+    RunInfo,
+    ensemble_table,
+    short_number,
+    weights_text,
+)
 
 # CommonMark's backslash escapes for the characters that start inline markup here;
 # "<", ">" and "&" become entities instead (a backslash does not stop an HTML block).
@@ -58,6 +65,7 @@ def _run_section(run: RunInfo, links: dict[str, str]) -> str:
         image = _image(f"{run.name} reliability diagram", links["reliability"])
         parts += ["### Calibration (validation)", image]
     parts += _mistakes(run, links)
+    parts += _label_issues(run, links)
     if run.per_class:
         header = list(run.per_class[0])
         rows = [[short_number(row.get(h, "")) for h in header] for row in run.per_class]
@@ -77,6 +85,19 @@ def _mistakes(run: RunInfo, links: dict[str, str]) -> list[str]:
     elif run.mistakes == []:
         parts.append("no mistakes on the validation split")
     return parts
+
+
+def _label_issues(run: RunInfo, links: dict[str, str]) -> list[str]:
+    if run.label_issues is None:
+        return []  # the run's data set was never checked
+    parts = [f"### Suspect training labels ({text(run.dataset_name)})"]
+    if not run.label_issues:
+        return [*parts, text("none found by imgclf data check --labels")]
+    parts.append(text(LABEL_ISSUES_NOTE))
+    if "label_issues" in links:
+        parts.append(_image(f"{run.name} suspect training labels", links["label_issues"]))
+    rows = run.label_issue_rows()
+    return [*parts, table(list(rows[0]), [list(r.values()) for r in rows])]
 
 
 def _ensemble_section(ensemble: dict, link: str) -> str:
