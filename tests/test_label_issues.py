@@ -272,9 +272,14 @@ def test_no_suspects_leave_the_header_alone_and_no_stale_gallery(tmp_path):
     assert written == [out / CSV_NAME, ds.root / CSV_NAME] and notes == []
 
 
-def test_check_without_labels_says_what_to_add(tmp_path, capsys):
-    assert main(["data", "check", "nothing", "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == "error: data check: nothing to check; add --labels\n"
+def test_check_without_labels_looks_for_duplicates_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("IMGCLF_HOME", str(tmp_path / "home"))
+    assert main(["data", "import", str(_folder(tmp_path / "src", 6)), "--name", "p"]) == 0
+    out = tmp_path / "out"
+    assert main(["data", "check", "p", "--out", str(out)]) == 0
+    assert "near duplicates" in capsys.readouterr().out
+    assert (out / "duplicates.csv").is_file()
+    assert not (out / "label_issues.csv").exists()  # suspect labels only with --labels
 
 
 def test_the_parser_offers_the_rankings_the_rule_has():
