@@ -10,6 +10,7 @@ milliseconds); the references are the same runs named one by one, as before this
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import time
 from pathlib import Path
@@ -326,3 +327,19 @@ def test_nproc_per_node_trains_each_member_data_parallel(trained, tmp_path):
     for m in spec.members:
         config = yaml.safe_load((out / m.path / "config.yaml").read_text())
         assert config["distributed"]["world_size"] == 2
+
+
+def test_final_reaches_every_member_and_the_hint_scores_the_test_split(tmp_path, capsys):
+    """``--seeds 2 --final``: each member a final fit (train + val, no validation), and the
+    printout points at the test split, not at the val images the members trained on."""
+    src = make_image_folder(tmp_path / "src", per_class=8)
+    ds = import_dataset(src, "tiny", dest=tmp_path / "tiny", warn=lambda msg: None)
+    recipe = write_recipe(tmp_path / "a.yaml", tiny_recipe(epochs=1, name="a"))
+    out = tmp_path / "ens"
+    argv = [recipe, "--data", ds.root, "--seeds", 2, "--final", "--out", out, "--threads", 1]
+    code, stdout, _ = run_cli(capsys, "train", *argv, "--quiet")
+    assert code == 0
+    for member in read_ensemble(out).members:
+        summary = json.loads((out / member.path / "summary.json").read_text())
+        assert summary["final"] is True and "val_accuracy" not in summary
+    assert f"imgclf eval {out} --data {ds.root} --split test" in stdout

@@ -175,7 +175,10 @@ def _train_ensemble(args: argparse.Namespace, options: dict) -> int:
         print(f"{member.path}: {shown}")
     spec = ensemble.spec
     print(f"ensemble folder:  {ensemble.path} ({len(spec.members)} members, {spec.vote} vote)")
-    print(f"members and vote: imgclf eval {ensemble.path} --data {args.data or spec.data}")
+    command = f"imgclf eval {ensemble.path} --data {args.data or spec.data}"
+    if options.get("final"):  # its members trained on val: only test or a folder is held out
+        command += " --split test (or a folder they never saw)"
+    print(f"members and vote: {command}")
     return 0
 
 
