@@ -198,3 +198,21 @@ def test_blockwise_search_finds_what_the_full_matrix_finds(monkeypatch):
         zip(i.tolist(), j.tolist(), strict=True)
     )
     np.testing.assert_allclose(got["cosine"], sim[got["i"], got["j"]], rtol=1e-6)
+
+
+def test_the_picture_keeps_half_its_rows_for_the_embeddings_pairs():
+    from imgclf.data.dup_check import closest_cross_pairs
+    from imgclf.data.duplicates import Duplicates
+
+    # Images 0-9 in train, 10-19 in val: five hash pairs (2-6 bits), three by embedding.
+    pairs = np.array([[k, 10 + k, 2 + k] for k in range(5)] + [[k, 10 + k, 20] for k in (5, 6, 7)])
+    embedded = np.r_[np.zeros(5, bool), np.ones(3, bool)]
+    none = np.zeros(20, dtype=np.int64)
+    dups = Duplicates(none, none, none, pairs, embedded)
+    splits = np.repeat([0, 1], 10)
+    shown = closest_cross_pairs(dups, splits, k=4)
+    assert shown[:, 0].tolist() == [0, 1, 5, 6] and shown[:, 3].tolist() == [0, 0, 1, 1]
+    # Fewer hash pairs than half: the embedding's fill the rest, and the other way round.
+    assert closest_cross_pairs(dups, splits, k=8)[:, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    hash_only = Duplicates(none, none, none, pairs[:5], embedded[:5])
+    assert len(closest_cross_pairs(hash_only, splits, k=4)) == 4

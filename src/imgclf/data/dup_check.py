@@ -91,14 +91,20 @@ def _csv_rows(dups: Duplicates, splits: np.ndarray, names: list[str], files: lis
 
 def closest_cross_pairs(dups: Duplicates, splits: np.ndarray, k: int = PAIRS_SHOWN) -> np.ndarray:
     """Up to ``k`` pairs (i, j, bits, found by the embedding alone: 0/1) from different
-    splits, closest in bits first."""
+    splits, closest in bits first. Up to half of them are the embedding's own where it
+    found any (they are many bits apart, so closest-first would never show them, and
+    they are the pairs a person should judge: the embedding's mistakes would be there)."""
     p = np.concatenate([dups.pairs, dups.embedded[:, None].astype(np.int64)], axis=1)
     cross = p[splits[p[:, 0]] != splits[p[:, 1]]]
-    return cross[np.lexsort((cross[:, 1], cross[:, 0], cross[:, 2]))][:k]
+    cross = cross[np.lexsort((cross[:, 1], cross[:, 0], cross[:, 2]))]
+    by_hash, by_embedding = cross[cross[:, 3] == 0], cross[cross[:, 3] == 1]
+    shown = min(len(by_embedding), max(k // 2, k - len(by_hash)))
+    return np.concatenate([by_hash[: k - shown], by_embedding[:shown]])
 
 
 def draw_pairs(ds: Dataset, pairs: np.ndarray, path: Path) -> None:
-    """Each pair on a row, with its splits, files and distance under the images."""
+    """Each pair on a row, with its splits, files and distance under the images (and
+    whether the embedding found it)."""
     caption = 30
     row_h = _TILE + caption
     sheet = Image.new("RGB", (2 * _TILE + 24, row_h * len(pairs) + 8), "white")
