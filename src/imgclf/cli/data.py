@@ -122,7 +122,7 @@ def _data_check(args: argparse.Namespace) -> int:
     and, on photo sets (stored images of 64 px or more), pretrained Lite0 embeddings at
     cosine similarity 0.93 or more (crops and small rotations, which the hash misses:
     such pairs are often 10-30 bits apart). The embedding's features (one pass of Lite0,
-    ~10 ms an image on 2 CPU cores) are kept in the data set's folder: a second check and
+    10-30 ms an image on 2 CPU cores) are kept in the data set's folder: a second check and
     --labels read them back. --no-embed: the hash alone.
 
     --labels: also rank the training images whose given label a pretrained backbone's

@@ -40,8 +40,8 @@ from imgclf.data.embed_pairs import (
 from imgclf.io_utils import check_output_dir
 
 # Photo sets, the rule: stored images at least 64 px on their shorter side. Below that
-# (CIFAR's 32 px) the embedding would cost ~100× the import (Lite0 at 224 px: ~10 ms an
-# image on a 2-core CPU, against 4.8 s for CIFAR-10's 50,000 images: docs/results.md),
+# (CIFAR's 32 px) the embedding would cost 100× the import or more (Lite0 at 224 px:
+# 10-30 ms an image on a 2-core CPU, against 4.8 s for CIFAR-10's 50,000: docs/results.md),
 # while the issue holds the check to ≤ 25% of the import; such sets keep the hash alone.
 PHOTO_MIN_SIDE = 64
 EMBED_RECIPE = "lite0-photo"  # its backbone: Lite0 with ImageNet weights, at 224 px
