@@ -14,9 +14,10 @@ brightened by up to ±12%, each a new picture to the exact hash), imported with
 photos (/tmp/clothing/clothing-small) with 100 training photos copied into validation
 once per transformation (JPEG re-save q60-95, resize 50-150%, crop 80-95%, brightness
 ±15%, mirror, rotation ±5°), imported at 224 px and checked: recall of the planted pairs
-per transformation (a copy in the same group as its original) at NEAR_BITS and at other
-thresholds, and the share of the other photos that were paired. Results are in
-docs/results.md, "Duplicates".
+per transformation (a copy in the same group as its original) for the hash, Lite0's
+embedding and both, and the share of the other photos that were paired (false pairs);
+then the same at other bit and cosine thresholds. Results are in docs/results.md,
+"Duplicates".
 """
 
 from __future__ import annotations
@@ -44,16 +45,20 @@ def _timed(fn):
     return out, time.perf_counter() - started
 
 
-def _check(ds, label: str) -> dict:
-    from imgclf.data.dup_check import check_duplicates
+def _check(ds, label: str, embed: bool = True) -> dict:
+    """``data check``'s duplicate part as the CLI runs it (on a photo set with ``embed``
+    the embedding too; a 32-px set keeps the hash alone either way), and the hash's
+    search alone, timed."""
     from imgclf.data.duplicates import find_duplicates
     from imgclf.data.fingerprints import FINGERPRINTS_FILE
+    from imgclf.evaluate.near_copies import check_data_duplicates
 
     fps = np.load(ds.version_root / FINGERPRINTS_FILE)
     _, search = _timed(lambda: find_duplicates(fps))
     with tempfile.TemporaryDirectory() as out:
-        summary, check = _timed(lambda: check_duplicates(ds, out))
+        summary, check = _timed(lambda: check_data_duplicates(ds, out, use_embedding=embed))
     print(f"{label}: search {search:.2f} s, check (search + csv + png) {check:.2f} s")
+    print(f"  {summary['embedding_note']}")
     for kind in ("exact", "near"):
         c = summary[kind]
         print(f"  {kind}: {c['groups']} groups, within {c['within']}, across {c['across']}")
@@ -136,37 +141,33 @@ def _plant(dest: Path) -> dict[str, str]:
     return planted
 
 
-def bench_planted() -> None:
-    from imgclf.data.dup_check import relative_files
-    from imgclf.data.duplicates import NEAR_BITS, find_duplicates, hash_distance
-    from imgclf.data.fingerprints import FINGERPRINTS_FILE
-    from imgclf.data.importer import import_dataset
+def _recall(group: np.ndarray, copies, origs, kinds, others) -> tuple[dict, float]:
+    """Per transformation, the share of copies in their original's group; and the share
+    of the non-planted photos in any group (the false pairs)."""
+    same = (group[copies] == group[origs]) & (group[copies] > 0)
+    per = {name: float(same[kinds == name].mean()) for name in TRANSFORMS}
+    per["all"] = float(same.mean())
+    return per, float((group[others] > 0).mean())
 
-    with tempfile.TemporaryDirectory() as tmp:
-        planted = _plant(Path(tmp) / "clothing")
-        ds, wall = _timed(lambda: import_dataset(Path(tmp) / "clothing", "bench-planted"))
-    t = _check(ds, f"clothing + {len(planted)} planted")
-    print(f"  import {wall:.2f} s; check / import = {t['check'] / wall:.1%}")
-    files = relative_files(ds)
-    index = {f: i for i, f in enumerate(files)}
-    fps = np.load(ds.version_root / FINGERPRINTS_FILE)
-    dups = find_duplicates(fps)
-    copies = np.array([index[c] for c in planted])
-    origs = np.array([index[o] for o in planted.values()])
-    kinds = np.array([c.split("-")[1] for c in planted])
-    same = (dups.group[copies] == dups.group[origs]) & (dups.group[copies] > 0)
+
+def _groups(n: int, pairs: np.ndarray) -> np.ndarray:
+    from imgclf.data.duplicates import components
+
+    root = components(n, pairs[:, 0], pairs[:, 1]) if len(pairs) else np.arange(n)
+    sizes = np.bincount(root, minlength=n)
+    return np.where(sizes[root] > 1, root + 1, 0)
+
+
+def _hash_thresholds(fps, copies, origs, kinds, others) -> None:
+    """Recall and false pairs of the hash alone at other bit thresholds."""
+    from imgclf.data.duplicates import hash_distance
+
     dist = hash_distance(fps, copies, origs)
-    print(f"recall of planted pairs at ≤{NEAR_BITS} bits (same group) and by threshold:")
+    print("hash alone, share of planted copies within the bits (any threshold):")
     for name in TRANSFORMS:
         m = kinds == name
         by_t = " ".join(f"≤{b}:{(dist[m] <= b).mean():.0%}" for b in (2, 4, 6, 8, 12, 16))
-        print(f"  {name:<10} {same[m].mean():.1%}   {by_t}")
-    print(f"  all        {same.mean():.1%}; without crops {same[kinds != 'crop'].mean():.1%}")
-    involved = np.zeros(len(files), dtype=bool)
-    involved[copies] = involved[origs] = True
-    others = np.flatnonzero(~involved)
-    paired = (dups.group[others] > 0).mean()
-    print(f"non-planted photos paired at ≤{NEAR_BITS} bits: {paired:.2%} of {len(others)}")
+        print(f"  {name:<10} {by_t}")
     ph, fl = fps["phash"][others], fps["flip"][others]
     nearest = np.full(len(others), 64)
     for start in range(0, len(others), 512):
@@ -175,9 +176,71 @@ def bench_planted() -> None:
         d[np.arange(len(a)), start + np.arange(len(a))] = 64
         nearest[start : start + 512] = d.min(axis=1)
     print(
-        "  … at other thresholds: "
+        "  non-planted photos with another within: "
         + " ".join(f"≤{b}:{(nearest <= b).mean():.2%}" for b in (2, 4, 6, 8, 12))
     )
+
+
+def _cosine_thresholds(features, fps, planted_idx, others) -> None:
+    """Recall (embedding alone / with the hash) and false pairs at other cosines."""
+    from imgclf.data.duplicates import near_pairs
+    from imgclf.evaluate.near_copies import cosine_pairs
+
+    copies, origs, kinds = planted_idx
+    n, hashed = len(fps), near_pairs(fps)[:, :2]
+    print("by cosine threshold: recall embedding / both (crops; rotations), false pairs both")
+    for t in (0.90, 0.92, 0.93, 0.935, 0.94, 0.95, 0.96):
+        found = cosine_pairs(features, t)
+        emb = np.stack([found["i"], found["j"]], axis=1)
+        e, _ = _recall(_groups(n, emb), copies, origs, kinds, others)
+        b, false = _recall(_groups(n, np.concatenate([emb, hashed])), *planted_idx, others)
+        print(
+            f"  ≥{t:<6} {e['all']:.1%} / {b['all']:.1%} "
+            f"(crops {e['crop']:.0%} / {b['crop']:.0%}; rotations {e['rotate']:.0%} / "
+            f"{b['rotate']:.0%}); false {false:.2%}"
+        )
+
+
+def bench_planted() -> None:
+    from imgclf.data.dup_check import relative_files
+    from imgclf.data.duplicates import find_duplicates
+    from imgclf.data.fingerprints import FINGERPRINTS_FILE
+    from imgclf.data.importer import import_dataset
+    from imgclf.evaluate.near_copies import EMBED_COSINE, embedding_pairs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        planted = _plant(Path(tmp) / "clothing")
+        ds, wall = _timed(lambda: import_dataset(Path(tmp) / "clothing", "bench-planted"))
+    t = _check(ds, f"clothing + {len(planted)} planted (hash only)", embed=False)
+    print(f"  import {wall:.2f} s; hash check / import = {t['check'] / wall:.1%}")
+    found = embedding_pairs(ds)
+    how = "reused" if found.reused else f"computed in {found.feature_seconds:.1f} s"
+    print(f"embedding: features {how}, search {found.search_seconds:.2f} s")
+    files = relative_files(ds)
+    index = {f: i for i, f in enumerate(files)}
+    fps = np.load(ds.version_root / FINGERPRINTS_FILE)
+    copies = np.array([index[c] for c in planted])
+    origs = np.array([index[o] for o in planted.values()])
+    kinds = np.array([c.split("-")[1] for c in planted])
+    involved = np.zeros(len(files), dtype=bool)
+    involved[copies] = involved[origs] = True
+    others = np.flatnonzero(~involved)
+    emb = np.stack([found.pairs["i"], found.pairs["j"]], axis=1)
+    methods = {
+        "hash": find_duplicates(fps).group,
+        f"embedding ≥{EMBED_COSINE}": _groups(len(fps), emb),
+        "both": find_duplicates(fps, extra=emb).group,
+    }
+    print("recall of planted pairs (copy in its original's group):")
+    print(f"  {'':<18}" + "".join(f"{k:>11}" for k in (*TRANSFORMS, "all")) + "  false pairs")
+    for name, group in methods.items():
+        per, false = _recall(group, copies, origs, kinds, others)
+        cells = "".join(f"{per[k]:>11.1%}" for k in (*TRANSFORMS, "all"))
+        print(f"  {name:<18}{cells}  {false:.2%} of {len(others)}")
+    _hash_thresholds(fps, copies, origs, kinds, others)
+    features = np.load(found.features, mmap_mode="r") if found.features else None
+    if features is not None:
+        _cosine_thresholds(features, fps, (copies, origs, kinds), others)
 
 
 def main() -> None:

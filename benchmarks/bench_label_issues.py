@@ -86,13 +86,17 @@ def flipped_copy(ds, share: float, seed: int, home: Path):
 
 def grid(ds, seed: int) -> Iterator[tuple[float, str, float, object]]:
     """Weight decays × rankings on one feature pass of the flipped copy ``ds``."""
+    import torch
+
     from imgclf.evaluate.confident import confident_issues
-    from imgclf.train.out_of_fold import backbone_features, cross_validate
+    from imgclf.train.backbone_features import dataset_features
+    from imgclf.train.out_of_fold import cross_validate
     from imgclf.train.recipe import load_recipe
 
     idx = ds.indices("train")
     labels = np.asarray(ds.labels[idx], dtype=np.int64)
-    features = backbone_features(ds, load_recipe("lite0-photo"), idx, say=lambda s: None)
+    stored = dataset_features(ds, load_recipe("lite0-photo"), say=lambda s: None)
+    features = torch.from_numpy(np.asarray(stored.features[idx], dtype=np.float32))
     for decay in (0.01, 0.1, 1.0, 10.0):
         probs, _ = cross_validate(features, labels, len(ds.classes), seed=seed, weight_decay=decay)
         loss = float(-np.log(probs[np.arange(len(labels)), labels]).mean())

@@ -94,10 +94,11 @@ def _data_info(args: argparse.Namespace) -> int:
 def describe_duplicates(counts: dict) -> list[str]:
     """Two lines: exact and near-duplicate groups within each split and across splits."""
     lines = []
-    for kind, what in (
-        ("exact", "exact copies"),
-        ("near", f"near duplicates (≤{counts['near_bits']} bits)"),
-    ):
+    embedding = counts.get("embedding")
+    near = f"≤{counts['near_bits']} bits"
+    if embedding:
+        near += f", or embedding cosine ≥ {embedding['cosine']}"
+    for kind, what in (("exact", "exact copies"), ("near", f"near duplicates ({near})")):
         c = counts[kind]
         within = ", ".join(f"{s} {n}" for s, n in c["within"].items())
         across = ", ".join(f"{k.replace('-', '↔')} {n}" for k, n in c["across"].items())
@@ -112,9 +113,17 @@ def _data_check(args: argparse.Namespace) -> int:
     """find duplicate images and, with --labels, suspect training labels
 
     Writes DIR/duplicates.csv (group,split,file,distance: one row per image with a
-    duplicate; distance in bits to its group's first image) and DIR/duplicates.png (the
-    closest cross-split pairs side by side, also kept in the data set folder for
-    `imgclf report`). DIR: --out, default ./NAME-check/.
+    duplicate; distance: bits between its perceptual hash and its group's first image's,
+    0-63, whatever found the pair) and DIR/duplicates.png (the closest cross-split pairs
+    side by side, also kept in the data set folder for `imgclf report`). DIR: --out,
+    default ./NAME-check/.
+
+    Near duplicates: hashes at most 4 bits apart (re-saves, resizes, mirrors, brightness)
+    and, on photo sets (stored images of 64 px or more), pretrained Lite0 embeddings at
+    cosine similarity 0.93 or more (crops and small rotations, which the hash misses:
+    such pairs are often 10-30 bits apart). The embedding's features (one pass of Lite0,
+    10-30 ms an image on 2 CPU cores) are kept in the data set's folder: a second check and
+    --labels read them back. --no-embed: the hash alone.
 
     --labels: also rank the training images whose given label a pretrained backbone's
     out-of-fold predictions find improbable (confident learning), into
@@ -122,7 +131,7 @@ def _data_check(args: argparse.Namespace) -> int:
     DIR/label_issues.png, copied into the data set's folder for `imgclf report`.
     """
     from imgclf.data import load_dataset
-    from imgclf.data.dup_check import check_duplicates
+    from imgclf.evaluate.near_copies import check_data_duplicates
 
     ds = load_dataset(args.name)
     out = args.out or f"{ds.name}-check"
@@ -132,8 +141,10 @@ def _data_check(args: argparse.Namespace) -> int:
         from imgclf.evaluate.label_issues import describe, find_label_issues
 
         options = pick(args, "folds", "seed", "rank_by", "model", "device")
-        check = find_label_issues(args.name, out, recipe=args.recipe, **options)
-    summary = check_duplicates(ds, out)
+        check = find_label_issues(ds, out, recipe=args.recipe, **options)
+    embed = not args.no_embed
+    summary = check_data_duplicates(ds, out, use_embedding=embed, device=args.device)
+    print(summary["embedding_note"])
     print(*describe_duplicates(summary), sep="\n")
     print(f"wrote {summary['csv']}" + (f" and {summary['png']}" if summary["png"] else ""))
     if args.labels:
@@ -150,6 +161,12 @@ def add_data_check(dsub: argparse._SubParsersAction) -> None:
     check.add_argument("name", help="dataset name or cache folder")
     check.add_argument("--out", metavar="DIR", help="output folder (default ./NAME-check/)")
     check.add_argument("--labels", action="store_true", help="rank suspect training labels")
+    check.add_argument(
+        "--no-embed",
+        action="store_true",
+        help="near duplicates by the perceptual hash alone, without the backbone embedding "
+        "that photo sets (64 px or more) get by default for crops",
+    )
     check.add_argument("--folds", type=_folds, default=5, metavar="K", help="folds (5)")
     check.add_argument(
         "--recipe", default="lite0-photo", help="whose pretrained backbone (lite0-photo)"
@@ -210,7 +227,8 @@ def add_data(sub: argparse._SubParsersAction) -> None:
         "--dedupe",
         action="store_true",
         help="keep one image of each exact or near-duplicate group (a val/test copy over "
-        "a train one); each left out is listed in import-report.csv, no file is touched",
+        "a train one); each left out is listed in import-report.csv, no file is touched. "
+        "By the perceptual hash only (no model runs at import): crops need `data check`",
     )
     info = command(dsub, "info", _data_info)
     info.add_argument("name", help="dataset name or cache folder")

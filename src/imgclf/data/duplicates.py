@@ -4,7 +4,10 @@ Two images are near duplicates when their 63-bit perceptual hashes (or one's and
 other's mirror hash) differ in at most :data:`NEAR_BITS` bits
 (:mod:`imgclf.data.fingerprints`); exact duplicates have the same stored pixels. Groups
 are the connected components of the near-duplicate pairs, so a chain of re-encodes is
-one group.
+one group. Pairs found another way (the backbone embedding of ``data check``,
+imgclf.evaluate.near_copies: crops the hash misses) join the same groups
+(:func:`find_duplicates`'s ``extra``); every pair and every ``distance`` is still measured
+in hash bits, so the number keeps one meaning whatever found the pair.
 
 The search is multi-index hashing (Norouzi, Punjani & Fleet, "Fast Search in Hamming
 Space with Multi-Index Hashing", CVPR 2012) with pairs of substrings as keys: the 64
@@ -48,7 +51,8 @@ class Duplicates:
     group: np.ndarray  # group number (1, 2, …) or 0 for an image without duplicates
     distance: np.ndarray  # bits from the group's first image (its lowest index); 0 alone
     exact_group: np.ndarray  # the same for exact copies only (same stored pixels)
-    pairs: np.ndarray  # P×3 int64: i < j and their distance, every pair within threshold
+    pairs: np.ndarray  # P×3 int64: i < j and their hash bits, every pair found
+    embedded: np.ndarray  # P bool: found by the embedding alone (hash bits over threshold)
 
 
 def popcount(x: np.ndarray) -> np.ndarray:
@@ -144,17 +148,39 @@ def _numbered(root: np.ndarray) -> np.ndarray:
     return out
 
 
-def find_duplicates(fps: np.ndarray, max_bits: int = NEAR_BITS) -> Duplicates:
-    """Exact and near-duplicate groups of the fingerprints ``fps`` (one per image)."""
+def with_extra_pairs(
+    fps: np.ndarray, pairs: np.ndarray, extra: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The hash's ``pairs`` (P×3) and the ``extra`` ones (Q×2 image indices, either order)
+    not among them, with their hash bits; and which rows came from ``extra`` alone."""
+    embedded = np.zeros(len(pairs), dtype=bool)
+    if extra is None or not len(extra):
+        return pairs, embedded
+    extra = np.asarray(extra, dtype=np.int64)
+    i, j = extra.min(axis=1), extra.max(axis=1)
+    keep = i != j
+    i, j = i[keep], j[keep]
+    both = np.concatenate([pairs, np.stack([i, j, hash_distance(fps, i, j)], axis=1)])
+    flags = np.r_[embedded, np.ones(len(i), dtype=bool)]
+    # return_index gives each pair's first row: the hash's where both found it.
+    _, first = np.unique(both[:, 0] * len(fps) + both[:, 1], return_index=True)
+    return both[first], flags[first]
+
+
+def find_duplicates(
+    fps: np.ndarray, max_bits: int = NEAR_BITS, extra: np.ndarray | None = None
+) -> Duplicates:
+    """Exact and near-duplicate groups of the fingerprints ``fps`` (one per image);
+    ``extra``: more pairs of near duplicates (Q×2 indices) to group with the hash's."""
     n = len(fps)
-    pairs = near_pairs(fps, max_bits)
+    pairs, embedded = with_extra_pairs(fps, near_pairs(fps, max_bits), extra)
     root = components(n, pairs[:, 0], pairs[:, 1])
     distance = hash_distance(fps, root, np.arange(n))
     _, exact_root = np.unique(fps["exact"], return_inverse=True)
     # The lowest index of each exact value, so exact groups number like the near ones.
     lowest = np.full(exact_root.max() + 1 if n else 0, n, dtype=np.int64)
     np.minimum.at(lowest, exact_root, np.arange(n))
-    return Duplicates(_numbered(root), distance, _numbered(lowest[exact_root]), pairs)
+    return Duplicates(_numbered(root), distance, _numbered(lowest[exact_root]), pairs, embedded)
 
 
 def split_counts(group: np.ndarray, splits: np.ndarray, split_names: list[str]) -> dict:
@@ -178,15 +204,20 @@ def split_counts(group: np.ndarray, splits: np.ndarray, split_names: list[str]) 
     return {"groups": groups, "within": within, "across": across}
 
 
-def duplicate_counts(dups: Duplicates, splits: np.ndarray, split_names: list[str]) -> dict:
+def duplicate_counts(
+    dups: Duplicates, splits: np.ndarray, split_names: list[str], embedding: dict | None = None
+) -> dict:
     """What ``data info`` shows: exact-copy groups, and near-duplicate groups that are
-    more than exact copies, within each split and across each pair of splits."""
+    more than exact copies, within each split and across each pair of splits;
+    ``embedding``: the record of the embedding search whose pairs ``dups`` holds too
+    (None: the hash alone)."""
     exact_only = _all_exact(dups)
     near = np.where(np.isin(dups.group, exact_only), 0, dups.group)
     return {
         "exact": split_counts(dups.exact_group, splits, split_names),
         "near": split_counts(near, splits, split_names),
         "near_bits": NEAR_BITS,
+        "embedding": embedding,
         "images_in_groups": int((dups.group > 0).sum()),
     }
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from imgclf.data.cache import Dataset
-from imgclf.data.duplicates import duplicate_counts, find_duplicates
-from imgclf.data.fingerprints import FINGERPRINTS_FILE, has_fingerprints
+from imgclf.data.duplicates import duplicate_counts
+from imgclf.data.embed_pairs import dataset_duplicates
 from imgclf.data.sanity import balance_warnings
 
 
@@ -36,8 +34,10 @@ def dataset_info(ds: Dataset) -> dict:
 
 
 def _duplicates(ds: Dataset) -> dict | None:
-    root = ds.version_root or ds.root
-    if not has_fingerprints(root, ds.meta):
+    """The hash's groups, joined by the embedding pairs the last ``data check`` stored
+    where it found any: read, never computed here (no network runs for ``data info``)."""
+    found = dataset_duplicates(ds)
+    if found is None:
         return None
-    dups = find_duplicates(np.load(root / FINGERPRINTS_FILE))
-    return duplicate_counts(dups, ds.splits, ds.split_names)
+    dups, embedding = found
+    return duplicate_counts(dups, ds.splits, ds.split_names, embedding)

@@ -58,6 +58,7 @@ class LabelCheck:
     notes: list[str]
     feature_seconds: float
     fold_seconds: float
+    features_reused: bool = False  # read from the data set's folder (an earlier check's)
 
     @property
     def accuracy(self) -> float:
@@ -109,7 +110,11 @@ def find_label_issues(
     issues = confident_issues(fitted.probs, labels, rank_by)
     rows = issue_rows(ds, indices, labels, issues)
     written, notes = write_outputs(ds, out, indices, labels, issues, rows)
-    times = {"feature_seconds": fitted.feature_seconds, "fold_seconds": fitted.fold_seconds}
+    times = {
+        "feature_seconds": fitted.feature_seconds,
+        "fold_seconds": fitted.fold_seconds,
+        "features_reused": fitted.features_reused,
+    }
     return LabelCheck(
         ds.name, rec.name, folds, indices, labels, fitted.probs, issues, rows, written, notes,
         **times,
@@ -199,10 +204,15 @@ def describe(check: LabelCheck, shown: int = 10) -> list[str]:
     """What ``data check --labels`` prints: the count, the top ``shown`` suspects, the
     files written."""
     n, found = len(check.labels), len(check.rows)
+    features = (
+        "features reused from the data set's folder"
+        if check.features_reused
+        else f"features {check.feature_seconds:.1f} s"
+    )
     lines = [
         f"label issues in {check.dataset!r}: {found} of {n} training images "
         f"({found / max(n, 1):.1%}); out-of-fold accuracy {check.accuracy:.1%} "
-        f"(recipe {check.recipe}, {check.folds} folds: features {check.feature_seconds:.1f} s, "
+        f"(recipe {check.recipe}, {check.folds} folds: {features}, "
         f"folds {check.fold_seconds:.1f} s)"
     ]
     lines += [f"  {f}: {g} → {s} (score {sc})" for f, g, s, sc in check.rows[:shown]]

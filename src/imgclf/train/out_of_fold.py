@@ -7,11 +7,11 @@ label during training agrees with it, wrong or not (Northcutt et al., JAIR 2021,
 use cross-validation to obtain out-of-sample predicted probabilities"; cleanlab's
 ``estimate_cv_predicted_probabilities``, 5 folds by default).
 
-The features are the frozen prefix's (everything before the ``head`` group: for Lite0 its
-pooled 1,280 channels) through the feature-cache machinery a head stage of training uses
-(imgclf.train.feature_cache): the pass runs on ONNX Runtime where that is faster (the
-graph kept under $IMGCLF_HOME/onnx and shared with the photo recipe's head stage) and
-images are resized to the model's input by the one preprocessing definition
+The features are the pretrained backbone's before its head (for Lite0 its pooled 1,280
+channels), from the one pass over the data set that imgclf.train.backbone_features runs
+and keeps in the data set's folder, the pass ``data check``'s near copies by embedding
+read too: whichever check comes first computes them, the other reads them back. Images
+are resized to the model's input by the one preprocessing definition
 (imgclf.data.preprocess), so a 32-px set goes to Lite0 at 224 px as in training. Each fold
 then fits a multinomial logistic regression on the other folds' (scaled) features
 with L-BFGS from zero weights: convex, so the same features give the same probabilities
@@ -29,13 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from imgclf.data.cache import Dataset
-from imgclf.data.loader import BatchLoader
-from imgclf.errors import DataError, RecipeError
-from imgclf.models import model_spec
-from imgclf.runtime.device import resolve_hardware
-from imgclf.train.feature_cache import FeatureCache
-from imgclf.train.recipe import AugmentConfig, Recipe, StageConfig
-from imgclf.train.setup import build_model
+from imgclf.errors import DataError
+from imgclf.train.backbone_features import dataset_features
+from imgclf.train.recipe import Recipe
 
 DEFAULT_FOLDS = 5  # cleanlab's default (estimate_cv_predicted_probabilities, cv_n_folds=5)
 # L2 penalty on the weights (the loss is the mean cross-entropy plus WEIGHT_DECAY/2·|W|²)
@@ -52,12 +48,14 @@ MAX_ITER = 100
 @dataclass(frozen=True)
 class OutOfFold:
     """``probs[i]``: class probabilities of training image ``i`` from the head fitted on
-    the folds without it; ``fold[i]``: its fold; the two parts' seconds."""
+    the folds without it; ``fold[i]``: its fold; the two parts' seconds, and whether the
+    features were read from the data set's folder (an earlier check's) instead."""
 
     probs: np.ndarray  # N×C float64
     fold: np.ndarray  # N int64
     feature_seconds: float
     fold_seconds: float
+    features_reused: bool = False
 
 
 def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -153,47 +151,6 @@ def check_folds(ds: Dataset, labels: np.ndarray, folds: int) -> None:
         )
 
 
-def backbone_features(
-    ds: Dataset,
-    recipe: Recipe,
-    indices: np.ndarray,
-    device: str | None = None,
-    say: Callable[[str], None] = print,
-) -> torch.Tensor:
-    """Features N×D of images ``indices`` before the model's head: ``recipe``'s
-    pretrained model at its input size, images unaugmented, through
-    :class:`~imgclf.train.feature_cache.FeatureCache` as a head-only stage (which says
-    the engine it chose)."""
-    spec = model_spec(recipe.model)
-    if spec.kind != "pretrained" or not recipe.pretrained:
-        raise RecipeError(
-            f"model {recipe.model!r} would start untrained here: suspect labels need a "
-            "pretrained backbone's features; use the default recipe (lite0-photo) or "
-            "another with pretrained: true"
-        )
-    hw = resolve_hardware(device, recipe.precision, recipe.channels_last)
-    model = build_model(recipe, len(ds.classes), hw, fresh=True)
-    # One view, the image itself: a head stage without augmentation.
-    stage = StageConfig(train=model.head_group, augment=AugmentConfig(crop_padding=0, flip=False))
-    loader = BatchLoader(
-        ds.images[indices],
-        ds.labels[indices],
-        batch_size=recipe.batch_size,
-        size=model.input_size,
-        mean=model.mean,
-        std=model.std,
-        channels_last=hw.channels_last,
-        device=hw.device,
-    )
-    cache = FeatureCache.build(model, recipe, stage, loader, None, hw.autocast_dtype, say)
-    if cache is None:
-        raise RecipeError(
-            f"model {recipe.model!r}: no features cached before its head (the line above "
-            "says why, or the model cannot be split there)"
-        )
-    return cache.features[0].float().cpu()
-
-
 def out_of_fold(
     ds: Dataset,
     recipe: Recipe,
@@ -208,8 +165,9 @@ def out_of_fold(
     labels = np.asarray(ds.labels[indices], dtype=np.int64)
     check_folds(ds, labels, folds)
     started = time.perf_counter()
-    features = backbone_features(ds, recipe, indices, device, say)
+    stored = dataset_features(ds, recipe, device, say)
+    features = torch.from_numpy(np.asarray(stored.features[indices], dtype=np.float32))
     fitted = time.perf_counter()
     probs, fold = cross_validate(features, labels, len(ds.classes), folds, seed)
     done = time.perf_counter()
-    return OutOfFold(probs, fold, fitted - started, done - fitted)
+    return OutOfFold(probs, fold, fitted - started, done - fitted, stored.reused)
