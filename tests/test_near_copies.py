@@ -182,6 +182,22 @@ def test_no_embed_and_small_images_keep_the_hash_alone(checked, monkeypatch, cap
     assert "not used: images of 32×32 px are under the 64 px of a photo set" in out
 
 
+def test_a_large_photo_set_skips_the_embedding_unless_asked(checked, monkeypatch, capsys, tmp_path):
+    """Past EMBED_AUTO_MAX images the feature pass would take an hour: the hash alone,
+    said so with the switch that asks for it; --embed runs it (features reused here)."""
+    home, _, _ = checked
+    monkeypatch.setenv("IMGCLF_HOME", str(home))
+    ds = load_dataset("shop")
+    monkeypatch.setattr(near_copies, "EMBED_AUTO_MAX", len(ds.labels) - 1)
+    code, out, err = cli(capsys, "data", "check", "shop", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    assert f"over the {len(ds.labels) - 1:,} whose feature pass takes minutes" in out
+    assert "--embed to run it anyway" in out and read_csv(tmp_path / "a" / "duplicates.csv") == []
+    code, out, err = cli(capsys, "data", "check", "shop", "--embed", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert read_csv(tmp_path / "b" / "duplicates.csv") != []  # the crop, found again
+
+
 def test_blockwise_search_finds_what_the_full_matrix_finds(monkeypatch):
     rng = np.random.default_rng(0)
     base = rng.random((60, 16)).astype(np.float32)

@@ -123,7 +123,8 @@ def _data_check(args: argparse.Namespace) -> int:
     cosine similarity 0.93 or more (crops and small rotations, which the hash misses:
     such pairs are often 10-30 bits apart). The embedding's features (one pass of Lite0,
     10-30 ms an image on 2 CPU cores) are kept in the data set's folder: a second check and
-    --labels read them back. --no-embed: the hash alone.
+    --labels read them back. --no-embed: the hash alone; --embed: the embedding on
+    sets of more than 20,000 images too.
 
     --labels: also rank the training images whose given label a pretrained backbone's
     out-of-fold predictions find improbable (confident learning), into
@@ -142,7 +143,7 @@ def _data_check(args: argparse.Namespace) -> int:
 
         options = pick(args, "folds", "seed", "rank_by", "model", "device")
         check = find_label_issues(ds, out, recipe=args.recipe, **options)
-    embed = not args.no_embed
+    embed = False if args.no_embed else (True if args.embed else None)
     summary = check_data_duplicates(ds, out, use_embedding=embed, device=args.device)
     print(summary["embedding_note"])
     print(*describe_duplicates(summary), sep="\n")
@@ -161,11 +162,18 @@ def add_data_check(dsub: argparse._SubParsersAction) -> None:
     check.add_argument("name", help="dataset name or cache folder")
     check.add_argument("--out", metavar="DIR", help="output folder (default ./NAME-check/)")
     check.add_argument("--labels", action="store_true", help="rank suspect training labels")
-    check.add_argument(
+    embedding = check.add_mutually_exclusive_group()
+    embedding.add_argument(
         "--no-embed",
         action="store_true",
         help="near duplicates by the perceptual hash alone, without the backbone embedding "
-        "that photo sets (64 px or more) get by default for crops",
+        "that photo sets (64 px or more, up to 20,000 images) get by default for crops",
+    )
+    embedding.add_argument(
+        "--embed",
+        action="store_true",
+        help="the backbone embedding on a photo set of more than 20,000 images too (its "
+        "feature pass: 10-30 ms an image on 2 CPU cores)",
     )
     check.add_argument("--folds", type=_folds, default=5, metavar="K", help="folds (5)")
     check.add_argument(

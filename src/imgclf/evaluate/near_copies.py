@@ -52,6 +52,10 @@ EMBED_RECIPE = "lite0-photo"  # its backbone: Lite0 with ImageNet weights, at 22
 # the other photos are paired; 0.92 pairs 1.33% of them, over the issue's 1%; 0.94 pairs
 # 0.18% but finds 90.2% (crops 47%). 0.93 leaves about half of each target's slack.
 EMBED_COSINE = 0.93
+# Images up to which a photo set gets the embedding without asking: its feature pass then
+# takes minutes (10-30 ms an image on 2 cores: 3-10 min at 20,000) and the N² search
+# seconds. Past it, an hour and more; the check says so and `--embed` asks for it anyway.
+EMBED_AUTO_MAX = 20_000
 # Rows × columns of one block of the similarity matrix: 1024 × 8192 fp32 is 32 MB.
 _ROWS, _COLS = 1024, 8192
 
@@ -133,24 +137,20 @@ def check_data_duplicates(
     ds: Dataset,
     out_dir: str | Path,
     *,
-    use_embedding: bool = True,
+    use_embedding: bool | None = None,
     device: str | None = None,
     say: Callable[[str], None] = print,
 ) -> dict:
     """``data check``'s duplicates: the hash's pairs, and on a photo set (``embed``) the
     embedding's (``use_embedding``), grouped together into ``out_dir``
     (imgclf.data.dup_check). The summary
-    says under ``embedding_note`` what the embedding did or why it did not run."""
+    says under ``embedding_note`` what the embedding did or why it did not run.
+    ``use_embedding``: None (default) on photo sets up to :data:`EMBED_AUTO_MAX` images."""
     check_output_dir(out_dir)  # before minutes of features, not after
     root = ds.version_root or ds.root
-    h, w = ds.image_size
-    if not use_embedding or not is_photo_set(ds):
+    why = _no_embedding(ds, use_embedding)
+    if why:
         forget_embedding_pairs(root)  # readers agree with this check: the hash alone
-        why = (
-            "skipped (--no-embed)"
-            if not use_embedding
-            else f"not used: images of {h}×{w} px are under the {PHOTO_MIN_SIDE} px of a photo set"
-        )
         summary = check_duplicates(ds, out_dir)
         summary["embedding_note"] = f"near copies by embedding: {why}; the hash alone"
         return summary
@@ -158,6 +158,21 @@ def check_data_duplicates(
     summary = check_duplicates(ds, out_dir, as_index_pairs(found.pairs), found.record)
     summary["embedding_note"] = describe_search(found)
     return summary
+
+
+def _no_embedding(ds: Dataset, use_embedding: bool | None) -> str | None:
+    """Why this check goes by the hash alone, or None to use the embedding too."""
+    h, w = ds.image_size
+    if use_embedding is False:
+        return "skipped (--no-embed)"
+    if not is_photo_set(ds):
+        return f"not used: images of {h}×{w} px are under the {PHOTO_MIN_SIDE} px of a photo set"
+    if use_embedding is None and len(ds.labels) > EMBED_AUTO_MAX:
+        return (
+            f"not used: {len(ds.labels):,} images, over the {EMBED_AUTO_MAX:,} whose feature "
+            "pass takes minutes (10-30 ms an image on 2 cores); --embed to run it anyway"
+        )
+    return None
 
 
 def describe_search(found: EmbeddingSearch) -> str:
