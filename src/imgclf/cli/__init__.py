@@ -51,6 +51,14 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+# Allocations between two collections of the youngest generation (Python's default: 700).
+# Importing torch, timm and the rest for a training run makes ~460,000 objects, and at the
+# default the collector made 7 full passes over them before the first epoch: 0.5-0.9 s of
+# a 250-photo run on a 2-core CPU, none at 20,000 (docs/results.md, issue #30). Cyclic
+# garbage is still collected, 20,000 allocations at a time.
+GC_YOUNG = 20_000
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command line (``sys.argv[1:]`` by default); returns the exit code. A user
     mistake is one ``error:`` line and its code (2), never a traceback."""
@@ -90,7 +98,10 @@ def entry() -> None:
     ~460,000 objects that torch, timm and ONNX Runtime leave took 0.8-1.2 s of a training
     run's exit on a 2-core CPU, against 0.3-0.4 s without them (docs/results.md, issue
     #30). Frozen objects in reference cycles are then left to the process's end, not
-    finalized: every file a command writes is closed (or written atomically) by then."""
+    finalized: every file a command writes is closed (or written atomically) by then.
+
+    The cycle collector also runs less often while the process lives (:data:`GC_YOUNG`)."""
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
     code = main()
     if _torchrun_worker():
         for stream in (sys.stdout, sys.stderr):
