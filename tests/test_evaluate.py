@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -92,6 +93,47 @@ def test_balanced_accuracy_leaves_out_a_class_without_samples_macro_f1_counts_it
     assert result.macro_f1 == pytest.approx(
         f1_score(labels, predicted, labels=[0, 1, 2], average="macro", zero_division=0)
     )
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 7, 12])
+def test_per_class_scores_are_sklearns_to_the_bit(num_classes):
+    """The confusion matrix and per-class precision, recall, F1 and support, computed
+    without sklearn (issue #30, small sets), equal sklearn's exactly on random
+    predictions, classes without samples or never predicted included; and so do the
+    macro F1 and balanced accuracy built on them."""
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+    )
+
+    rng = np.random.default_rng(num_classes)
+    for n in (1, 5, 50, 333):
+        labels = rng.integers(0, max(1, num_classes - 1), n)  # the last class: no samples
+        scores = rng.normal(size=(n, num_classes))
+        scores[:, 0] -= 1.5  # class 0 rarely predicted, sometimes never
+        result = compute_metrics(scores, labels, [f"c{i}" for i in range(num_classes)])
+        predicted = scores.argmax(axis=1)
+        every = list(range(num_classes))
+        want = precision_recall_fscore_support(
+            labels, predicted, labels=every, average=None, zero_division=0
+        )
+        for got, expected in zip(
+            (result.precision, result.recall, result.f1, result.support), want, strict=True
+        ):
+            assert got.tolist() == expected.tolist()
+        assert (
+            result.confusion.tolist() == confusion_matrix(labels, predicted, labels=every).tolist()
+        )
+        assert result.macro_f1 == f1_score(
+            labels, predicted, labels=every, average="macro", zero_division=0
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true"
+            assert result.balanced_accuracy == pytest.approx(
+                balanced_accuracy_score(labels, predicted), abs=1e-15
+            )
 
 
 def test_logits_give_the_same_metrics_as_probs_whatever_the_row_shift(metrics):

@@ -229,7 +229,8 @@ def test_onnx_runtime_prefix_equals_eager_and_falls_back(tmp_path, monkeypatch):
     """When a pass is long enough to pay for an export, ONNX Runtime runs the prefix if it
     is faster, and its activations equal eager fp32's within the export tolerance; a
     prefix it cannot run, or IMGCLF_CACHE_ENGINE=torch, keeps PyTorch."""
-    from imgclf.train import prefix_pass
+    from imgclf.train import prefix_pass, probe_cache
+    from imgclf.train.prefix_pass import same_activations
 
     loader, model = _loader_and_model(tmp_path)
     prefix, _ = model.split_at("block3")
@@ -254,20 +255,24 @@ def test_onnx_runtime_prefix_equals_eager_and_falls_back(tmp_path, monkeypatch):
     assert prefix_pass.same_activations(small + 9e-5, small)
     assert not prefix_pass.same_activations(small + 2e-4, small)
     assert not prefix_pass.same_activations(small * 2, small)
-    # Activations that differ fall back to PyTorch, and say so.
+    # Activations that differ fall back to PyTorch, and say so. Each case times afresh:
+    # the timings and the check kept by the previous one would answer it.
+    engine_file = probe_cache.cache_file("engine")
+    engine_file.unlink()
     said: list[str] = []
     monkeypatch.setattr(prefix_pass, "same_activations", lambda got, want: False)
     assert prefix_pass.choose(prefix, x, 10_000, None, said.append).engine == "PyTorch"
     assert said == ["feature cache: PyTorch (ONNX Runtime's activations differ from PyTorch's)"]
-    monkeypatch.undo()
-    monkeypatch.setattr(prefix_pass, "WORTH_SECONDS", 0.0)
-    monkeypatch.setattr(prefix_pass, "_seconds", seconds)
+    # Not monkeypatch.undo(): it would also undo the test's own IMGCLF_HOME, and the
+    # timings kept below would land in the real one.
+    monkeypatch.setattr(prefix_pass, "same_activations", same_activations)
     said = []
 
     def broken(*args):
         raise RuntimeError("Unsupported: aten::weird_op\nmore")
 
     monkeypatch.setattr(prefix_pass, "_onnx_runner", broken)
+    engine_file.unlink()
     assert prefix_pass.choose(prefix, x, 10_000, None, said.append).engine == "PyTorch"
     assert said == [
         "feature cache: PyTorch (ONNX Runtime failed: Unsupported: aten::weird_op more)"
@@ -298,8 +303,8 @@ def test_the_caches_graph_is_exported_once_per_module_and_kept(tmp_path, monkeyp
     monkeypatch.setattr(onnx_mod, "onnx_bytes", counting)
 
     def graph(inputs: torch.Tensor) -> np.ndarray:
-        data = onnx_mod.kept_onnx_bytes(prefix, inputs[:2])
-        return onnx_mod.ort_session(data).run(None, {"input": inputs.numpy()})[0]
+        session = onnx_mod.kept_onnx_session(prefix, inputs[:2])
+        return session.run(None, {"input": inputs.numpy()})[0]
 
     for _ in range(2):
         with torch.inference_mode():

@@ -236,3 +236,54 @@ def test_a_weights_file_with_nan_is_refused(tmp_path):
     assert str(excinfo.value) == (
         f"{path}: its weights hold NaN or infinite values ('conv.weight'); use another weights file"
     )
+
+
+def test_the_screening_sums_flag_exactly_the_tensors_holding_nan_or_infinity():
+    """nonfinite screens with one sum per tensor (issue #30, small sets): finite values
+    whose sum overflows (fp32 near its maximum, fp16 past 65,504) are not flagged, every
+    NaN or infinity is, whatever the dtype and wherever it sits, and the answer is the
+    element-by-element check's on every tensor."""
+    big = torch.finfo(torch.float32).max
+    tensors = {
+        "fine": torch.randn(50),
+        "overflowing fp32": torch.full((4,), big),
+        "overflowing fp16": torch.full((8,), 60000.0, dtype=torch.float16),
+        "nan": torch.tensor([1.0, float("nan"), 2.0]),
+        "inf": torch.tensor([float("inf")]),
+        "both infinities": torch.tensor([float("inf"), float("-inf")]),
+        "bf16 -inf": torch.tensor([0.5, float("-inf")], dtype=torch.bfloat16),
+        "fp16 nan": torch.tensor([float("nan")], dtype=torch.float16),
+        "integers": torch.tensor([1, 2]),  # not floating point: skipped
+        "empty": torch.empty(0),
+        "not a tensor": 3.0,
+    }
+    assert torch.isinf(tensors["overflowing fp32"].sum())  # the sums do overflow
+    assert torch.isinf(tensors["overflowing fp16"].sum())
+    elementwise = [
+        name
+        for name, t in tensors.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+    assert elementwise == ["nan", "inf", "both infinities", "bf16 -inf", "fp16 nan"]
+    assert nonfinite(tensors) == elementwise
+
+
+def test_finite_weights_cost_one_elementwise_check_not_one_per_tensor(monkeypatch):
+    """A model's few hundred finite tensors are screened by their sums: one isfinite call
+    on the stacked sums, not one per tensor (which took 110-130 ms for Lite0's 296 at
+    every check on a 2-core CPU)."""
+    calls: list[int] = []
+    isfinite = torch.isfinite
+
+    def counting(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t.numel())
+        return isfinite(t)
+
+    monkeypatch.setattr(torch, "isfinite", counting)
+    weights = {f"layer{i}.weight": torch.randn(3, 4) for i in range(300)}
+    assert nonfinite(weights) == []
+    assert calls == [300]
+    weights["layer7.weight"][1, 2] = float("nan")
+    calls.clear()
+    assert nonfinite(weights) == ["layer7.weight"]
+    assert calls == [300, 12]  # the sums, then the one flagged tensor element by element

@@ -24,7 +24,10 @@ Default backend: per model, the one measured faster on this project's CPU
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib
+import importlib.metadata
 import io
 import json
 import os
@@ -136,22 +139,28 @@ def set_metadata(model_bytes: bytes, metadata: Mapping[str, str]) -> bytes:
     return model.SerializeToString()
 
 
-def kept_onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
-    """``module`` as an ONNX graph with a dynamic batch (:func:`onnx_bytes`), kept in
-    imgclf's cache under a hash of its layers, weights and input shape, for graphs used
-    inside one process and checked there against eager PyTorch (the feature cache's pass,
-    imgclf.train.prefix_pass). Every ``lite0-photo`` run exports the same frozen ImageNet
-    prefixes, which took the dynamo exporter 12.4 s (up to the head) and about 5 s (up to
-    blocks4) each time on a 2-core AVX2 EPYC; the TorchScript exporter took 0.6 s but its
-    graph ran the pass 3.4x eager's speed against 5.1x (docs/results.md, issue #30). A
-    kept file that ONNX Runtime cannot open is exported again; an unwritable cache keeps
-    nothing."""
-    path = kept_onnx_path(module, example)
+def kept_onnx_session(
+    module: nn.Module,
+    example: torch.Tensor,
+    *,
+    threads: int | None = None,
+    spin: bool = True,
+    path: Path | None = None,
+):
+    """An ONNX Runtime session (:func:`ort_session`) on ``module``'s graph with a dynamic
+    batch (:func:`onnx_bytes`), kept in imgclf's cache under a hash of its layers, weights
+    and input shape (``path``: :func:`kept_onnx_path`, where the caller has it), for
+    graphs used inside one process and checked there against eager PyTorch (the feature
+    cache's pass, imgclf.train.prefix_pass). Every ``lite0-photo`` run exports the same
+    frozen ImageNet prefixes, which took the dynamo exporter 12.4 s (up to the head) and
+    about 5 s (up to blocks4) each time on a 2-core AVX2 EPYC; the TorchScript exporter
+    took 0.6 s but its graph ran the pass 3.4x eager's speed against 5.1x (docs/results.md,
+    issue #30). A kept file that ONNX Runtime cannot open is exported again (the session
+    that opens it is the one returned: one per graph); an unwritable cache keeps nothing."""
+    path = path or kept_onnx_path(module, example)
     if path.is_file():
         try:
-            data = path.read_bytes()
-            ort_session(data, threads=1)
-            return data
+            return ort_session(path.read_bytes(), threads, spin)
         except Exception:  # a damaged file (ONNX Runtime raises its own types): again
             pass
     data = onnx_bytes(module, example, dynamic_batch=True)
@@ -160,28 +169,39 @@ def kept_onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
             tmp.write_bytes(data)
     except OSError:
         pass  # a read-only cache folder: this run's export is all it costs
-    return data
+    return ort_session(data, threads, spin)
 
 
 def kept_onnx_path(module: nn.Module, example: torch.Tensor) -> Path:
-    """Where :func:`kept_onnx_bytes` keeps ``module``'s graph for inputs shaped as
+    """Where :func:`kept_onnx_session` keeps ``module``'s graph for inputs shaped as
     ``example`` (a file there means no export is needed)."""
-    return imgclf_home() / "onnx" / f"module-{_module_key(module, example)}.onnx"
+    return imgclf_home() / "onnx" / f"module-{module_key(module, example)}.onnx"
 
 
-def _module_key(module: nn.Module, example: torch.Tensor) -> str:
+def module_key(module: nn.Module, example: torch.Tensor) -> str:
     """Its layers (their repr), every tensor of its state (names, shapes, values), the
     input's shape and the versions that export and run the graph (30 ms for Lite0)."""
-    import onnx
-    import onnxruntime
-
     digest = hashlib.sha256(repr(module).encode())
     for name, tensor in module.state_dict().items():
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
     shape = f"{tuple(example.shape[1:])}|{example.dtype}|{__version__}|{torch.__version__}"
-    digest.update(f"{shape}|{onnx.__version__}|{onnxruntime.__version__}".encode())
+    digest.update(f"{shape}|{onnx_versions()}".encode())
     return digest.hexdigest()[:32]
+
+
+@functools.cache
+def onnx_versions() -> str:
+    """``onnx|onnxruntime`` versions, from the installed packages' metadata: the strings
+    their ``__version__`` give, without importing onnx (1.3 s under load on a 2-core CPU,
+    for a run whose graphs are all kept: docs/results.md, issue #30)."""
+    found = []
+    for name in ("onnx", "onnxruntime"):
+        try:
+            found.append(importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:  # e.g. onnxruntime-gpu: ask it
+            found.append(importlib.import_module(name).__version__)
+    return "|".join(found)
 
 
 class _Named(nn.Module):
@@ -271,15 +291,11 @@ class OnnxNet(nn.Module):
 def _cache_key(checkpoint: str | os.PathLike[str], wrapper: str) -> str:
     """The checkpoint's content (its bytes: 21-27 ms for Lite0's 13.8 MB here, about what
     hashing its state dict costs), the wrapper and the versions that made the graph."""
-    import onnx
-    import onnxruntime
-
     digest = hashlib.sha256()
     with open(checkpoint, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    versions = f"{wrapper}|{__version__}|{torch.__version__}|{onnx.__version__}"
-    digest.update(f"{versions}|{onnxruntime.__version__}".encode())
+    digest.update(f"{wrapper}|{__version__}|{torch.__version__}|{onnx_versions()}".encode())
     return digest.hexdigest()[:32]
 
 

@@ -132,6 +132,10 @@ class FeatureCache:
         self.features = features
         self.val_features = val_features
         self.val_labels = val_labels
+        # The prefix whose eager fp32 activations val_features are, batch for batch as the
+        # validation loader yields them (set by build; None: another engine, batch or
+        # dtype): what lets the final evaluation start from them (imgclf.train.cached_eval).
+        self.val_prefix: nn.Module | None = None
         self.epoch = 0
 
     @classmethod
@@ -212,14 +216,12 @@ class FeatureCache:
         )
         aug = Augment(**stage.augment_for(recipe).model_dump())
         fixed = View.all(views, aug, train.seed)
-        # A stage trained smaller than the test size (FixRes) validates at the test size:
-        # eager PyTorch, as the engine chosen may be fixed to the training size.
-        val_engine = None
-        if val is not None and val.size != train.size:
-            run = prefix_pass.eager(prefix, autocast_dtype, sample.device)
-            val_engine = PrefixPass(run, val.batch_size, "PyTorch")
+        val_engine = _val_engine(prefix, train, val, autocast_dtype) or engine
         val = val if with_val else None
-        return cls.compute(suffix, train, val, fixed, engine, dist, val_engine, storage)
+        cache = cls.compute(suffix, train, val, fixed, engine, dist, val_engine, storage)
+        if val is not None and _eager_fp32(val_engine, val, autocast_dtype, storage):
+            cache.val_prefix = prefix
+        return cache
 
     # The trainer iterates this like a BatchLoader.
     def __len__(self) -> int:
@@ -296,6 +298,35 @@ def _storage(
         say(f"feature cache skipped: {placed}; the stage runs the whole network instead")
         return None
     return placed
+
+
+def _val_engine(
+    prefix: nn.Module, train: BatchLoader, val: BatchLoader | None, dtype: torch.dtype | None
+) -> PrefixPass | None:
+    """A stage trained smaller than the test size (FixRes) validates at the test size:
+    eager PyTorch at the validation loader's batch, as the engine chosen for the
+    training images may be fixed to their size; None: the training images' engine."""
+    if val is None or val.size == train.size:
+        return None
+    return PrefixPass(prefix_pass.eager(prefix, dtype, val.device), val.batch_size, "PyTorch")
+
+
+def _eager_fp32(
+    engine: PrefixPass, val: BatchLoader, autocast_dtype: torch.dtype | None, storage: Placement
+) -> bool:
+    """Whether the validation activations are the prefix's own in the validation loader's
+    forward: eager PyTorch, fp32, at that loader's batch size, over all of its images in
+    order (one process, unshuffled, unaugmented), kept in fp32, on the CPU."""
+    return (
+        engine.engine == "PyTorch"
+        and engine.batch_size == val.batch_size
+        and autocast_dtype is None
+        and storage.dtype == torch.float32
+        and val.device.type == "cpu"
+        and (val.rank, val.world_size) == (0, 1)
+        and not val.shuffle
+        and not val.augment.enabled
+    )
 
 
 def pays(engine: PrefixPass, passes: int, uncached: float) -> bool:

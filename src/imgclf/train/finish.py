@@ -29,6 +29,7 @@ from imgclf.runtime.checkpoint import load_checkpoint
 from imgclf.runtime.device import Hardware
 from imgclf.train.adapt import Adapted
 from imgclf.train.budget import Plan
+from imgclf.train.cached_eval import CachedVal, final_network
 from imgclf.train.final import FinalFit
 from imgclf.train.recipe import Recipe
 from imgclf.train.rundir import write_json
@@ -55,6 +56,8 @@ class FinishInputs:
     started: float  # time.perf_counter() when train() began, in this process
     final: FinalFit | None = None  # a final fit (no validation split to evaluate on)
     train_images: int = 0  # images an epoch trains on
+    # The last stage's cached validation activations (imgclf.train.cached_eval).
+    cached_val: CachedVal | None = None
 
 
 def finish_run(run: FinishInputs) -> dict[str, Any]:
@@ -65,8 +68,11 @@ def finish_run(run: FinishInputs) -> dict[str, Any]:
 
     out, model = run.out, run.model
     best = out / "best.pt"
-    if best.is_file():
-        load_weights(model, load_checkpoint(best)["model_state"], str(best))
+    state = load_checkpoint(best)["model_state"] if best.is_file() else None
+    # Decided before best.pt is loaded: while the model holds the cached prefix's weights.
+    cached = final_network(run.cached_val, model, state, run.recipe, run.hw)
+    if state is not None:
+        load_weights(model, state, str(best))
     summary: dict[str, Any] = {
         "recipe": run.recipe.name,
         "model": model.name,
@@ -85,7 +91,7 @@ def finish_run(run: FinishInputs) -> dict[str, Any]:
         summary["images_per_second"] = round(run.rows[-1]["images_per_second"], 1)
         plot_curves(run.rows, out / "curves.png", title=f"{run.recipe.name} on {run.ds.name}")
     if run.val_loader is not None:
-        summary.update(_evaluate(run))
+        summary.update(_evaluate(run, cached))
     summary["images_seen"] = run.progress.images_seen
     # A final fit trained on the validation images: no val_* score (its val_loader is None)
     # and, instead, the run whose validation chose its settings (imgclf.train.final).
@@ -109,15 +115,19 @@ def finish_run(run: FinishInputs) -> dict[str, Any]:
     return summary
 
 
-def _evaluate(run: FinishInputs) -> dict[str, Any]:
+def _evaluate(run: FinishInputs, cached: CachedVal | None = None) -> dict[str, Any]:
     """The validation split's scores and files: confusion, per-class, mistakes and the
-    reliability diagram (calibration, imgclf.evaluate.calibration)."""
+    reliability diagram (calibration, imgclf.evaluate.calibration). ``cached``: the
+    prefix's activations the network's forward would compute first (final_network)."""
     from imgclf.evaluate.plots import plot_confusion, plot_reliability
 
     started = time.perf_counter()
     name, classes = run.recipe.name, run.ds.classes
-    net = TTA(run.model) if run.recipe.tta else run.model
-    logits, labels = infer(net, run.val_loader, autocast_dtype=run.hw.autocast_dtype)
+    assert run.val_loader is not None
+    net, batches = TTA(run.model) if run.recipe.tta else run.model, run.val_loader
+    if cached is not None:
+        net, batches = cached.suffix, cached.batches(run.val_loader.batch_size)
+    logits, labels = infer(net, batches, autocast_dtype=run.hw.autocast_dtype)
     metrics = compute_metrics(logits, labels, classes)
     write_confusion_csv(metrics, run.out / "confusion.csv")
     write_per_class_csv(metrics, run.out / "per_class.csv")

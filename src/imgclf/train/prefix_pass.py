@@ -7,6 +7,13 @@ best setting and 3.6× faster than eager at batch 64 (docs/benchmarks.md §3), b
 wins depends on the CPU and the network, so each cache measures both on the same batch,
 keeps the faster, and uses ONNX Runtime only where its outputs equal eager fp32's within
 :data:`ATOL` (the tolerance of ``imgclf export``'s own check).
+
+Those timings and that check are kept per machine, thread count and prefix (its graph's
+key: layers, weights, input shape, versions) in ``$IMGCLF_HOME/probes/engine.json``
+(imgclf.train.probe_cache), as the precision probe's are: every ``lite0-photo`` run
+freezes the same ImageNet prefixes, and timing both engines cost a 250-photo run about
+5 s of its 25 (docs/results.md, issue #30). A later run takes the same engine, so the
+same features, without running either twice.
 """
 
 from __future__ import annotations
@@ -15,11 +22,13 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from imgclf.errors import one_line
+from imgclf.train import probe_cache
 
 # Images per ONNX Runtime call: batch 8 ran Lite0's prefix fastest of 8, 16 and 64 up to
 # the head on a 2-core CPU, level with 16 up to blocks6 (docs/benchmarks.md §3); eager
@@ -70,31 +79,83 @@ def choose(
     say: Callable[[str], None] = print,
 ) -> PrefixPass:
     """Eager or ONNX Runtime for ``prefix``, timed on ``sample`` (one batch of inputs, at
-    the loader's batch size), for a cache of ``passes`` images in all."""
+    the loader's batch size), for a cache of ``passes`` images in all; on a CPU, the
+    timings and the check kept from an earlier run where there are some (and kept now
+    where there were none)."""
     run = eager(prefix, dtype, sample.device)
-    with torch.inference_mode():
-        eager_s = _seconds(run, sample) / len(sample)
+    if sample.device.type != "cpu":  # probes are kept for CPUs (machine: the CPU's model)
+        with torch.inference_mode():
+            eager_s = _seconds(run, sample) / len(sample)
+        return PrefixPass(run, len(sample), "PyTorch", eager_s, eager_s)
+    path = _kept_path(prefix, sample)
+    key = _key(path.stem, sample, dtype)
+    kept = probe_cache.lookup(key, "engine")
+    timed = dict(kept or {})
+    try:
+        return _engine(prefix, sample, passes, run, path, timed, say)
+    finally:
+        if timed != (kept or {}):
+            probe_cache.store(key, timed, "engine")  # unwritable: timed again next time
+
+
+def _engine(
+    prefix: nn.Module,
+    sample: torch.Tensor,
+    passes: int,
+    run: Runner,
+    path: Path,
+    timed: dict,
+    say: Callable[[str], None],
+) -> PrefixPass:
+    """:func:`choose`'s decision, from the seconds and the check in ``timed`` (its kept
+    entry), measuring and adding to ``timed`` what it lacks."""
+    if "eager" not in timed:
+        with torch.inference_mode():
+            timed["eager"] = _seconds(run, sample) / len(sample)
+    eager_s = timed["eager"]
     torch_pass = PrefixPass(run, len(sample), "PyTorch", eager_s, eager_s)
     h, w = sample.shape[-2:]
-    if sample.device.type != "cpu" or h != w or os.environ.get(ENGINE_ENV) == "torch":
+    if h != w or os.environ.get(ENGINE_ENV) == "torch":
         return torch_pass
-    if eager_s * passes < WORTH_SECONDS and not _kept(prefix, sample):
+    if eager_s * passes < WORTH_SECONDS and not path.is_file():
         return torch_pass  # an export and a check would cost more than they save
+    earlier = timed.get("when", "earlier") if "ort" in timed else None
     try:
-        ort = _onnx_runner(prefix, sample)
-        with torch.inference_mode():
-            same = same_activations(ort(sample), prefix(sample))
-            ort_s = _seconds(ort, sample[:ORT_BATCH]) / len(sample[:ORT_BATCH])
+        ort = _onnx_runner(prefix, sample, path) if timed.get("same") is not False else None
+        if ort is not None and earlier is None:
+            with torch.inference_mode():
+                timed["same"] = same_activations(ort(sample), prefix(sample))
+                timed["ort"] = _seconds(ort, sample[:ORT_BATCH]) / len(sample[:ORT_BATCH])
+            timed["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
     except Exception as exc:  # an op the exporter or ONNX Runtime lacks: stay eager
+        for tried in ("ort", "same", "when"):  # and try again next time
+            timed.pop(tried, None)
         say(f"feature cache: PyTorch (ONNX Runtime failed: {one_line(str(exc))[:120]})")
         return torch_pass
-    if not same:
+    if ort is None or not timed["same"]:
         say("feature cache: PyTorch (ONNX Runtime's activations differ from PyTorch's)")
         return torch_pass
+    ort_s = timed["ort"]
     if ort_s < eager_s:
         speed = f"ONNX Runtime, {eager_s / ort_s:.1f}× PyTorch's speed"
+        speed += f", timed {earlier}" if earlier else ""
         return PrefixPass(ort, ORT_BATCH, speed, ort_s, eager_s)
     return torch_pass
+
+
+def _key(graph: str, sample: torch.Tensor, dtype: torch.dtype | None) -> str:
+    """What the timings and the check depend on: the machine, the threads, the prefix's
+    graph (:func:`imgclf.runtime.onnx.module_key`: layers, weights, input shape, torch,
+    onnx and onnxruntime versions), the batch, its memory layout and eager's autocast."""
+    layout = "channels_last" if sample.dim() == 4 and _channels_last(sample) else "contiguous"
+    return (
+        f"{probe_cache.machine()} | {torch.get_num_threads()} threads | graph {graph} | "
+        f"batch {len(sample)} {layout} | autocast {dtype}"
+    )
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def same_activations(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -105,13 +166,17 @@ def same_activations(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool((got - want).abs().max() <= ATOL * scale)
 
 
-def _onnx_runner(prefix: nn.Module, sample: torch.Tensor) -> Runner:
+def _onnx_runner(prefix: nn.Module, sample: torch.Tensor, path: Path) -> Runner:
     """``prefix`` on ONNX Runtime for inputs shaped as ``sample`` (any batch): images, or
-    an earlier part's activations (imgclf.train.shared_cache)."""
-    from imgclf.runtime.onnx import OnnxNet, kept_onnx_bytes, ort_session
+    an earlier part's activations (imgclf.train.shared_cache); its graph kept at ``path``
+    (:func:`_kept_path`) or exported there now."""
+    from imgclf.runtime.onnx import OnnxNet, kept_onnx_session
 
-    data = kept_onnx_bytes(prefix.eval(), _example(sample))
-    return OnnxNet(ort_session(data, torch.get_num_threads(), spin=False))
+    threads = torch.get_num_threads()
+    example = _example(sample)
+    return OnnxNet(
+        kept_onnx_session(prefix.eval(), example, threads=threads, spin=False, path=path)
+    )
 
 
 def _example(sample: torch.Tensor) -> torch.Tensor:
@@ -120,13 +185,13 @@ def _example(sample: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(sample[:2], device="cpu", dtype=torch.float32)
 
 
-def _kept(prefix: nn.Module, sample: torch.Tensor) -> bool:
-    """Whether an earlier run kept this prefix's graph (the same frozen ImageNet layers
-    in every run of a recipe): then no export is paid, and a short pass may use it too
-    (a 250-photo set's head cache: ~12 s of eager PyTorch on a 2-core CPU)."""
+def _kept_path(prefix: nn.Module, sample: torch.Tensor) -> Path:
+    """Where an earlier run kept this prefix's graph (the same frozen ImageNet layers in
+    every run of a recipe): a file there means no export is paid, and a short pass may
+    use it too (a 250-photo set's head cache: ~12 s of eager PyTorch on a 2-core CPU)."""
     from imgclf.runtime.onnx import kept_onnx_path
 
-    return kept_onnx_path(prefix, _example(sample)).is_file()
+    return kept_onnx_path(prefix, _example(sample))
 
 
 def _seconds(run: Runner, x: torch.Tensor) -> float:

@@ -1,10 +1,13 @@
-"""The precision probe's results, kept per machine and network so a run times them once.
+"""Probes' results, kept per machine and network so that a run times them once.
 
 A stage's bf16-or-fp32 probe (imgclf.train.precision) costs seconds; its answer depends
 on the CPU, its flags, torch, the thread count, the network and the sample's shape, and
 on nothing else that a later run changes. So the answer is stored in one small JSON file
-(``$IMGCLF_HOME/probes/precision.json``), keyed by all of those, written atomically. An
-unreadable or malformed file is treated as empty and rewritten; delete it to time again.
+(``$IMGCLF_HOME/probes/precision.json``), keyed by all of those, written atomically. The
+feature cache's choice of engine (imgclf.train.prefix_pass: eager PyTorch's and ONNX
+Runtime's seconds per image, and whether their activations agreed) is kept the same way
+in ``probes/engine.json``. An unreadable or malformed file, or entry, is treated as
+missing and rewritten; delete the file to time again.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import json
 import platform
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -29,12 +33,13 @@ MAX_BYTES = 1 << 20
 MAX_ENTRIES = 500
 
 
-def cache_file() -> Path:
-    return imgclf_home() / "probes" / "precision.json"
+def cache_file(kind: str = "precision") -> Path:
+    """The file of one kind of probe: ``precision`` or ``engine``."""
+    return imgclf_home() / "probes" / f"{kind}.json"
 
 
 @cache
-def _machine() -> str:
+def machine() -> str:
     """The CPU's model name and a hash of its flags (``/proc/cpuinfo``, Linux)."""
     fields: dict[str, str] = {}
     try:
@@ -63,7 +68,7 @@ def key(net: nn.Module, x: torch.Tensor) -> str:
     layout = "channels_last" if x.dim() == 4 and _is_channels_last(x) else "contiguous"
     shape = "x".join(map(str, x.shape))
     return (
-        f"{_machine()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+        f"{machine()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
         f"{type(net).__name__} {params} params, {trained} trained, layers:{digest} | "
         f"{shape} {layout}"
     )
@@ -77,7 +82,7 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def _read(path: Path) -> dict[str, dict]:
+def _read(path: Path, valid: Callable[[object], bool]) -> dict[str, dict]:
     try:
         if path.stat().st_size > MAX_BYTES:
             return {}
@@ -86,10 +91,10 @@ def _read(path: Path) -> dict[str, dict]:
         return {}
     if not isinstance(data, dict):
         return {}
-    return {k: v for k, v in data.items() if _valid(v)}
+    return {k: v for k, v in data.items() if valid(v)}
 
 
-def _valid(entry: object) -> bool:
+def _valid_precision(entry: object) -> bool:
     if not isinstance(entry, dict) or entry.get("choice") not in ("bf16", "fp32"):
         return False
     seconds = entry.get("seconds")
@@ -98,17 +103,37 @@ def _valid(entry: object) -> bool:
     )
 
 
-def lookup(k: str) -> dict | None:
-    """The stored entry for key ``k`` (choice, seconds per pass of each precision, passes,
-    images, when), or None."""
-    return _read(cache_file()).get(k)
+def _valid_engine(entry: object) -> bool:
+    """Eager PyTorch's seconds per image, and ONNX Runtime's with whether its activations
+    agreed with eager's where it was tried."""
+    if not isinstance(entry, dict) or not _positive(entry.get("eager")):
+        return False
+    if "ort" not in entry:
+        return True
+    return _positive(entry["ort"]) and isinstance(entry.get("same"), bool)
 
 
-def store(k: str, entry: dict) -> str | None:
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+_VALID: dict[str, Callable[[object], bool]] = {
+    "precision": _valid_precision,
+    "engine": _valid_engine,
+}
+
+
+def lookup(k: str, kind: str = "precision") -> dict | None:
+    """The stored entry for key ``k`` in the ``kind`` file (precision: choice, seconds per
+    pass of each precision, passes, images, when), or None."""
+    return _read(cache_file(kind), _VALID[kind]).get(k)
+
+
+def store(k: str, entry: dict, kind: str = "precision") -> str | None:
     """Add ``entry`` under ``k``; None on success, else why it was not stored (a cache that
     cannot be written costs a probe next time, never the run)."""
-    path = cache_file()
-    data = _read(path)
+    path = cache_file(kind)
+    data = _read(path, _VALID[kind])
     data.pop(k, None)
     data[k] = entry | {"when": time.strftime("%Y-%m-%d %H:%M:%S")}
     data = dict(list(data.items())[-MAX_ENTRIES:])

@@ -48,6 +48,7 @@ from imgclf.runtime.finite import checkpoint_tensors, nonfinite
 from imgclf.train import precision
 from imgclf.train.adapt import adapt
 from imgclf.train.budget import Plan, PlanInputs, Replanner, agreed_plan
+from imgclf.train.cached_eval import CachedVal
 from imgclf.train.callbacks import Callback, Hooks
 from imgclf.train.ema import WeightEma, ema_summary, stage_ema, validated
 from imgclf.train.feature_cache import FeatureCache
@@ -138,6 +139,7 @@ class Trainer:
         self.ema: WeightEma | None = None  # the weight EMA, kept across the stages with one
         loaders = self.train_loader, self.val_loader
         self.caches = StageCaches(self.model, *loaders, self.hw, dist, lambda t: self._say(t))
+        self.cached_val: CachedVal | None = None  # the last stage's (imgclf.train.cached_eval)
         # Rank 0 alone calls them, and writes metrics.csv and TensorBoard (Hooks.open).
         self.hooks = Hooks(self, callbacks if dist.is_main else ())
         check_groups(self.model, recipe)
@@ -295,6 +297,7 @@ class Trainer:
             return self._stage_steps(sj) / len(self.train_loader)
 
         cache = self.caches.get(r, si, epochs, self.progress.stage_cached)
+        self.cached_val = CachedVal.of(cache)  # where the final evaluation may start
         return n_train, cache
 
     def _clock(self, si: int, per_epoch: int) -> Replanner:
@@ -588,4 +591,6 @@ class Trainer:
         run = (self.out, self.model, self.recipe, self.ds, self.val_loader, self.hooks.rows)
         trained = (self.progress, self.plan, len(self.train_loader), self.adapted)
         final = (self.final, self.train_loader.num_samples)
-        return FinishInputs(*run, *trained, self.hw, self.threads, self.started, *final)
+        return FinishInputs(
+            *run, *trained, self.hw, self.threads, self.started, *final, self.cached_val
+        )
