@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -22,6 +24,17 @@ from PIL import Image
 # recomputed scores) are fp32 ones; bf16 autocast on an AVX512-BF16 CPU moved them by 1e-4
 # (imgclf.runtime.device).
 os.environ["IMGCLF_CPU_BF16"] = "0"
+# The process's own IMGCLF_HOME, under the per-test one below: a test's
+# monkeypatch.undo() (which also undoes that fixture's setenv) then falls back to this
+# session's folder, never to the user's ~/.cache/imgclf (kept ONNX graphs and engine
+# timings were found written there by such tests).
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="imgclf-test-home-"))
+os.environ["IMGCLF_HOME"] = str(SESSION_HOME)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
+
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 # Distinct solid colours per class, so a class mix-up shows in the pixels.
