@@ -8,14 +8,16 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from imgclf.cli import main
+from imgclf.data.dup_check import relative_files
 from imgclf.evaluate.confident import confident_issues, label_quality, thresholds
-from imgclf.evaluate.label_issues import CSV_NAME, PNG_NAME, relative_file
+from imgclf.evaluate.label_issues import CSV_NAME, PNG_NAME
 from imgclf.train.out_of_fold import cross_validate, stratified_folds
 
 # ------------------------------------------------------------------ the rule, by hand
@@ -114,9 +116,13 @@ def test_a_named_model_replaces_the_recipes_at_its_own_input_size():
     assert check_recipe("lite0-photo", None).input_size == 224
 
 
-def test_relative_file():
-    assert relative_file("/data/photos/train/cat/1.jpg", "/data/photos") == "train/cat/1.jpg"
-    assert relative_file("arrays[3]", "arrays") == "arrays[3]"
+def test_files_are_named_relative_to_the_imported_folder():
+    """label_issues.csv names files as duplicates.csv does (one helper for both)."""
+    ds = SimpleNamespace(
+        meta={"source": "/data/photos"},
+        files=lambda: ["/data/photos/train/cat/1.jpg", "/elsewhere/2.jpg", "arrays[3]"],
+    )
+    assert relative_files(ds) == ["train/cat/1.jpg", "/elsewhere/2.jpg", "arrays[3]"]
 
 
 # ------------------------------------------------------------------ the command

@@ -132,10 +132,11 @@ def _data_check(args: argparse.Namespace) -> int:
     DIR/label_issues.png, copied into the data set's folder for `imgclf report`.
     """
     from imgclf.data import load_dataset
+    from imgclf.data.dup_check import default_check_dir
     from imgclf.evaluate.near_copies import check_data_duplicates
 
     ds = load_dataset(args.name)
-    out = args.out or f"{ds.name}-check"
+    out = args.out or default_check_dir(ds)
     if args.labels:
         # Before the duplicates are written: a set too small for the folds is one line
         # and leaves nothing behind.

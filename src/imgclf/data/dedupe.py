@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.duplicates import find_duplicates
+from imgclf.data.duplicates import find_duplicates, hash_distance
 from imgclf.data.fingerprints import FINGERPRINTS_FILE
 from imgclf.data.scan import ScannedSource
 from imgclf.data.sources import Skipped
@@ -35,13 +35,9 @@ def dedupe(scanned: ScannedSource, folder: Path) -> int:
     first = np.r_[True, g[1:] != g[:-1]]
     keeper = order[first][np.cumsum(first) - 1]  # each member's group's kept image
     removed = order[~first]
-    for i, k in zip(removed, keeper[~first], strict=True):
-        bits = int(
-            min(
-                np.bitwise_count(fps["phash"][i] ^ fps["phash"][k]),
-                np.bitwise_count(fps["phash"][i] ^ fps["flip"][k]),
-            )
-        )
+    kept_for = keeper[~first]
+    distances = hash_distance(fps, removed, kept_for)
+    for i, k, bits in zip(removed, kept_for, distances, strict=True):
         how = "an exact copy" if fps["exact"][i] == fps["exact"][k] else f"{bits} bits apart"
         scanned.skipped.append(
             Skipped(

@@ -23,6 +23,11 @@ PAIRS_SHOWN = 8  # rows of the picture: enough to judge at a glance, small enoug
 _TILE = 128  # px per image in the picture; CIFAR's 32 px are scaled up 4×
 
 
+def default_check_dir(ds: Dataset) -> Path:
+    """``./NAME-check/``: where ``data check`` writes without ``--out``."""
+    return Path(f"{ds.name}-check")
+
+
 def dataset_fingerprints(ds: Dataset) -> np.ndarray:
     """The data set's fingerprints; one imported before they existed gets them now, from
     its images.npy in chunks, with a progress bar on a terminal (stored for next time)."""

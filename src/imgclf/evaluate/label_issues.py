@@ -27,6 +27,7 @@ import numpy as np
 
 from imgclf.csv_safe import write_csv
 from imgclf.data.cache import Dataset, load_dataset
+from imgclf.data.dup_check import default_check_dir, relative_files
 from imgclf.errors import UserError
 from imgclf.evaluate.confident import LabelIssues, RankBy, confident_issues
 from imgclf.io_utils import check_output_dir, make_folder
@@ -66,18 +67,6 @@ class LabelCheck:
         return float((self.probs.argmax(axis=1) == self.labels).mean())
 
 
-def default_out(name: str) -> Path:
-    """``./NAME-check/``: where ``data check`` writes without ``--out``."""
-    return Path(f"{name}-check")
-
-
-def relative_file(source: str, origin: str) -> str:
-    """A sample's source path relative to the imported folder or archive ``origin``
-    (files.csv holds it whole); unchanged when it does not lie under it."""
-    start = origin.rstrip("/") + "/"
-    return source[len(start) :] if source.startswith(start) else source
-
-
 def check_recipe(recipe: str | Path | Recipe, model: str | None) -> Recipe:
     """The recipe whose backbone gives the features; ``model`` replaces its model (at
     that model's own input size)."""
@@ -101,7 +90,7 @@ def find_label_issues(
     improbable (confident learning), and write :data:`CSV_NAME` and :data:`PNG_NAME` into
     ``out_dir`` (default ``./NAME-check/``) and the data set's folder."""
     ds = data if isinstance(data, Dataset) else load_dataset(data)
-    out = Path(out_dir) if out_dir is not None else default_out(ds.name)
+    out = Path(out_dir) if out_dir is not None else default_check_dir(ds)
     check_output_dir(out)  # before minutes of features, not after
     rec = check_recipe(recipe, model)
     indices = ds.indices("train")
@@ -125,11 +114,10 @@ def issue_rows(
     ds: Dataset, indices: np.ndarray, labels: np.ndarray, issues: LabelIssues
 ) -> list[tuple[str, str, str, str]]:
     """The CSV's rows (:data:`CSV_COLUMNS`), most suspect first."""
-    files = ds.files()
-    origin = str(ds.meta.get("source", ""))
+    files = relative_files(ds)
     return [
         (
-            relative_file(files[int(indices[i])], origin),
+            files[int(indices[i])],
             ds.classes[int(labels[i])],
             ds.classes[int(issues.suggested[i])],
             f"{issues.score[i]:.6f}",

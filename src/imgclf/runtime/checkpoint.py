@@ -131,7 +131,7 @@ def check_same_dataset(state: dict[str, Any], root: Path) -> None:
     last component is not resolved since a cache entry is a link to its current version.
     """
     saved = Path(state["dataset"])
-    if _folder_key(saved) == _folder_key(root):
+    if folder_key(saved) == folder_key(root):
         return
     raise CheckpointError(
         f"{state['path']} was trained on data set {saved.name!r} ({saved}), but --data gives "
@@ -140,7 +140,9 @@ def check_same_dataset(state: dict[str, Any], root: Path) -> None:
     )
 
 
-def _folder_key(path: Path) -> Path:
+def folder_key(path: Path) -> Path:
+    """How two data set paths are compared: the folder resolved, the last component not
+    (a cache entry is a link to its current version)."""
     path = path.expanduser()
     return path.parent.resolve() / path.name
 

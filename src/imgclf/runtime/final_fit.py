@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.errors import CheckpointError
-from imgclf.runtime.checkpoint import _folder_key
+from imgclf.runtime.checkpoint import folder_key
 
 FINAL_KEY = "final"
 _FIELDS = ("from", "from_val_accuracy")
@@ -60,6 +60,6 @@ def trained_on(state: dict[str, Any], root: Path, split: str) -> tuple[str, ...]
     occasion) shares none as far as anyone can tell; ``all`` holds every split."""
     # Compared as a resume compares them (imgclf.runtime.checkpoint.check_same_dataset).
     saved = state.get("dataset")
-    if not saved or _folder_key(Path(saved)) != _folder_key(Path(root)):
+    if not saved or folder_key(Path(saved)) != folder_key(Path(root)):
         return ()
     return tuple(s for s in trained_splits(state) if split in (s, "all"))

@@ -250,9 +250,14 @@ def _budget_seconds(args: _Args) -> float | None:
         return None
     if args.resume is not None:
         raise RecipeError("--time: a resumed run keeps the plan of its budget; drop --time")
-    if args.epochs is not None:
+    return checked_budget(args.time_budget, args.epochs)
+
+
+def checked_budget(given: str | float, epochs: int | None) -> float:
+    """``--time`` in seconds, refused beside ``--epochs`` or when not above zero (a run's
+    and an ensemble's, imgclf.train.ensemble)."""
+    if epochs is not None:
         raise RecipeError("--time and --epochs both set the length; give one of them")
-    given = args.time_budget
     budget = parse_duration(given) if isinstance(given, str) else float(given)
     if not budget > 0:
         raise RecipeError(f"--time {given}: the budget must be more than zero")

@@ -68,29 +68,18 @@ def _pretrained(recipe: Recipe) -> None:
 
 
 def backbone_features(
-    ds: Dataset,
-    recipe: Recipe,
-    indices: np.ndarray | None = None,
-    device: str | None = None,
-    say: Callable[[str], None] = print,
-    hw: Hardware | None = None,
+    ds: Dataset, recipe: Recipe, hw: Hardware, say: Callable[[str], None] = print
 ) -> torch.Tensor:
-    """Features N×D (fp32, CPU) of images ``indices`` (None: all, read from the
-    memory-mapped images without a copy) before the model's head: ``recipe``'s
-    pretrained model at its input size, through
-    :class:`~imgclf.train.feature_cache.FeatureCache` as a head-only stage (which says
-    the engine it chose)."""
-    _pretrained(recipe)
-    hw = hw or resolve_hardware(device, recipe.precision, recipe.channels_last)
+    """Features N×D (fp32, CPU) of every image of ``ds`` (read from the memory-mapped
+    images without a copy) before the model's head: ``recipe``'s pretrained model at its
+    input size, through :class:`~imgclf.train.feature_cache.FeatureCache` as a head-only
+    stage (which says the engine it chose)."""
     model = build_model(recipe, len(ds.classes), hw, fresh=True)
     # One view, the image itself: a head stage without augmentation.
     stage = StageConfig(train=model.head_group, augment=AugmentConfig(crop_padding=0, flip=False))
-    images, labels = ds.images, ds.labels
-    if indices is not None:
-        images, labels = images[indices], labels[indices]
     loader = BatchLoader(
-        images,
-        labels,
+        ds.images,
+        ds.labels,
         batch_size=recipe.batch_size,
         size=model.input_size,
         mean=model.mean,
@@ -161,7 +150,7 @@ def dataset_features(
     if stored is not None:
         return StoredFeatures(stored, identity, True, 0.0, path)
     started = time.perf_counter()
-    features = backbone_features(ds, recipe, None, device, say, hw).numpy()
+    features = backbone_features(ds, recipe, hw, say).numpy()
     # fp16 halves the file; its 3 significant digits are far finer than the cosine
     # threshold or the logistic regression need. Values beyond its range stay fp32.
     if np.abs(features).max(initial=0.0) <= FP16_SAFE:

@@ -47,8 +47,8 @@ from imgclf.runtime.ensemble_file import (
     write_ensemble,
 )
 from imgclf.runtime.schema import read_summary
-from imgclf.train.api import train
-from imgclf.train.budget import describe_duration, parse_duration
+from imgclf.train.api import checked_budget, train
+from imgclf.train.budget import describe_duration
 from imgclf.train.choose import choose_recipe
 from imgclf.train.ensemble_recipe import is_ensemble_recipe, load_ensemble_recipe
 from imgclf.train.recipe import load_recipe
@@ -146,12 +146,7 @@ def _check_resume(recipes, seeds, vote, prefer, out, time_budget, exist_ok, opti
 def _budget(time_budget: str | float | None, options: dict[str, Any]) -> float | None:
     if time_budget is None:
         return None
-    if options.get("epochs") is not None:
-        raise RecipeError("--time and --epochs both set the length; give one of them")
-    budget = parse_duration(time_budget) if isinstance(time_budget, str) else float(time_budget)
-    if not budget > 0:
-        raise RecipeError(f"--time {time_budget}: the budget must be more than zero")
-    return budget
+    return checked_budget(time_budget, options.get("epochs"))
 
 
 # ---------------------------------------------------------------------------- the plan

@@ -51,7 +51,7 @@ import yaml
 
 from imgclf.data.cache import Dataset
 from imgclf.errors import RecipeError, UserError
-from imgclf.runtime.checkpoint import _folder_key
+from imgclf.runtime.checkpoint import folder_key
 from imgclf.runtime.final_fit import FINAL_SPLITS, final_record
 from imgclf.runtime.schema import read_summary
 from imgclf.train.recipe import Recipe, load_recipe
@@ -174,7 +174,7 @@ def _check_same(where: str, theirs: Recipe, ours: Recipe, path: Path, ds: Datase
             "drop --from"
         )
     data = (_read_yaml(path / "config.yaml").get("dataset") or {}).get("path")
-    if data is None or _folder_key(Path(str(data))) != _folder_key(ds.root):
+    if data is None or folder_key(Path(str(data))) != folder_key(ds.root):
         raise UserError(
             f"{where} validated on data set {data}, not {ds.root}: the accuracy it chose "
             "the settings by is another data set's; name a run on this one, or drop --from"

@@ -126,7 +126,6 @@ def _engine(
             with torch.inference_mode():
                 timed["same"] = same_activations(ort(sample), prefix(sample))
                 timed["ort"] = _seconds(ort, sample[:ORT_BATCH]) / len(sample[:ORT_BATCH])
-            timed["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
     except Exception as exc:  # an op the exporter or ONNX Runtime lacks: stay eager
         for tried in ("ort", "same", "when"):  # and try again next time
             timed.pop(tried, None)
@@ -147,15 +146,11 @@ def _key(graph: str, sample: torch.Tensor, dtype: torch.dtype | None) -> str:
     """What the timings and the check depend on: the machine, the threads, the prefix's
     graph (:func:`imgclf.runtime.onnx.module_key`: layers, weights, input shape, torch,
     onnx and onnxruntime versions), the batch, its memory layout and eager's autocast."""
-    layout = "channels_last" if sample.dim() == 4 and _channels_last(sample) else "contiguous"
+    layout = probe_cache.memory_layout(sample)
     return (
         f"{probe_cache.machine()} | {torch.get_num_threads()} threads | graph {graph} | "
         f"batch {len(sample)} {layout} | autocast {dtype}"
     )
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def same_activations(got: torch.Tensor, want: torch.Tensor) -> bool:

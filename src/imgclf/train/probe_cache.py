@@ -65,7 +65,7 @@ def key(net: nn.Module, x: torch.Tensor) -> str:
     trained = sum(p.numel() for _, p in named if p.requires_grad)
     layers = ";".join(f"{n}{tuple(p.shape)}{'+' if p.requires_grad else ''}" for n, p in named)
     digest = hashlib.sha256(layers.encode()).hexdigest()[:12]
-    layout = "channels_last" if x.dim() == 4 and _is_channels_last(x) else "contiguous"
+    layout = memory_layout(x)
     shape = "x".join(map(str, x.shape))
     return (
         f"{machine()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
@@ -78,8 +78,10 @@ def _lazy(p: torch.Tensor) -> bool:
     return isinstance(p, nn.parameter.UninitializedParameter)
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+def memory_layout(x: torch.Tensor) -> str:
+    """``channels_last`` or ``contiguous``: what a probe's timing also depends on."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return "channels_last" if x.dim() == 4 and channels_last else "contiguous"
 
 
 def _read(path: Path, valid: Callable[[object], bool]) -> dict[str, dict]:
