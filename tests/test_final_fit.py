@@ -99,6 +99,7 @@ def test_a_final_fit_trains_on_train_and_val_as_a_run_on_both_would(runs, tmp_pa
     n = len(ds.indices("train")) + len(ds.indices("val"))
     assert summary["final"] is True and summary["final_images"] == n
     assert summary["final_splits"] == ["train", "val"]
+    assert summary["final_held_out"] == ["test"]  # what its held-out score is taken on
     assert (
         summary["images_seen"]
         == json.loads((reference.path / "summary.json").read_text())["images_seen"]
@@ -127,6 +128,8 @@ def test_a_final_fit_reports_no_validation_and_names_its_validation_run(runs):
     assert "val accuracy 0" not in runs.out and "confusion matrix" not in runs.out
     assert "no validation accuracy can be reported" in runs.out
     assert f"chosen by:        {runs.val.resolve()} (val accuracy " in runs.out
+    assert f"held-out score:   imgclf eval {runs.final} --data " in runs.out
+    assert runs.out.split("held-out score:")[1].split("\n")[0].endswith("--split test")
     assert "final fit: training on train + val of 'tiny'" in runs.err  # even with --quiet
     # Read back as a recipe (to repeat the run), config.yaml is the recipe alone.
     assert load_recipe(runs.final / "config.yaml").model == "simple"

@@ -67,8 +67,18 @@ def print_final(run) -> None:
         print(f"chosen by:        {source['run']} (val accuracy {source['val_accuracy']:.4f})")
     else:
         print("chosen by:        no validation run named (--from RUN records it)")
-    data = f"{run.path} --data {s['dataset']}"
-    print(f"held-out score:   imgclf eval {data} --split test (or a folder it never saw)")
+    print(f"held-out score:   {held_out_command(run.path, s)}")
+
+
+def held_out_command(path, summary: dict) -> str:
+    """How to score a final fit (or an ensemble of them) on images it never trained on:
+    its data set's test split where there is one, else a folder of labelled images."""
+    if "test" in (summary.get("final_held_out") or []):
+        return f"imgclf eval {path} --data {summary['dataset']} --split test"
+    return (
+        f"imgclf eval {path} FOLDER (labelled images it never saw: {summary['dataset']!r} "
+        "has no test split)"
+    )
 
 
 def _launch_torchrun(args: argparse.Namespace) -> None:
@@ -177,7 +187,7 @@ def _train_ensemble(args: argparse.Namespace, options: dict) -> int:
     print(f"ensemble folder:  {ensemble.path} ({len(spec.members)} members, {spec.vote} vote)")
     command = f"imgclf eval {ensemble.path} --data {args.data or spec.data}"
     if options.get("final"):  # its members trained on val: only test or a folder is held out
-        command += " --split test (or a folder they never saw)"
+        command = held_out_command(ensemble.path, ensemble.runs[-1].summary)
     print(f"members and vote: {command}")
     return 0
 

@@ -111,7 +111,14 @@ class FinalFit:
         source = None
         if self.source is not None:
             source = {"run": self.source, "val_accuracy": self.source_val_accuracy}
-        return {"final_from": source, "final_splits": final_splits(ds), "final_images": images}
+        trained = final_splits(ds)
+        held_out = [s for s in ds.split_names if s not in trained]  # test, where there is one
+        return {
+            "final_from": source,
+            "final_splits": trained,
+            "final_held_out": held_out,
+            "final_images": images,
+        }
 
 
 def refuse_selection(recipe: Recipe) -> None:
