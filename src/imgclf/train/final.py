@@ -101,9 +101,10 @@ class FinalFit:
         if self.source is not None:
             source = f"settings validated by {self.source} (val accuracy "
             source += f"{self.source_val_accuracy:.4f})"
+        out = "; test stays out" if ds.has_split("test") else ""
         return (
             f"final fit: training on {' + '.join(final_splits(ds))} of {ds.name!r} ({images:,} "
-            f"images; test stays out), no validation, best.pt = the last epoch; {source}"
+            f"images{out}), no validation, best.pt = the last epoch; {source}"
         )
 
     def summary(self, ds: Dataset, images: int) -> dict[str, Any]:
