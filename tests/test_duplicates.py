@@ -256,6 +256,27 @@ def test_import_dedupe_keeps_the_held_out_copy_and_reports_removals(tmp_path, ca
     assert len(fps) == len(ds.labels) and (fps == fingerprint_chunk(np.asarray(ds.images))).all()
 
 
+def test_dedupe_says_when_the_copies_were_filed_under_two_classes(tmp_path, capsys):
+    """One photo under a and under b (the clothing photos hold such a pair): one copy is
+    kept, and the report row and a warning say the labels disagree."""
+    for i in range(4):
+        save_array(tmp_path / "src" / "train" / "ab"[i % 2] / f"t{i}.png", photo(i))
+    save_array(tmp_path / "src" / "train" / "b" / "same.png", photo(0))  # t0 is under a
+    argv = ["data", "import", str(tmp_path / "src"), "--name", "mixed", "--dedupe"]
+    code, _, err = run(capsys, *argv, "--val-fraction", "0")
+    assert code == 0, err
+    src = str(tmp_path / "src")
+    (row,) = read_csv(load_dataset("mixed").root / "import-report.csv")
+    copies = {
+        f"{src}/train/a/t0.png": "'a' here and 'b'",
+        f"{src}/train/b/same.png": "'b' here and 'a'",
+    }
+    assert row["path"] in copies  # one of the two left out, the other kept
+    assert f"filed under {copies[row['path']]} there: one label is wrong" in row["reason"]
+    assert row["reason"].endswith("; left out by --dedupe")
+    assert f"{row['path']}: duplicate of " in err and "--dedupe keeps the " in err
+
+
 # ---------------------------------------------------------------- eval
 
 

@@ -4,6 +4,7 @@ validation split is cut, so no copy of a held-out image stays in train."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,13 @@ _KEEP_ORDER = {"test": 0, "val": 1, "train": 2}
 _ROWS = 1024  # images copied at a time when the arrays are rewritten without the removed
 
 
-def dedupe(scanned: ScannedSource, folder: Path) -> int:
+def dedupe(scanned: ScannedSource, folder: Path, warn: Callable[[str], None]) -> int:
     """Leave out of ``scanned.samples`` and of ``folder``'s images.npy and fingerprints.npy
     every image but one of each duplicate group (``find_duplicates``); each removed file
-    becomes an import-report row naming the file it duplicates. Returns how many."""
+    becomes an import-report row naming the file it duplicates. A copy filed under
+    another class than the one kept is a label conflict, which no rule here can settle:
+    its row and a ``warn`` line say so (the clothing photos hold one: the same skirt
+    filed under skirt and under shorts). Returns how many were left out."""
     fps = np.load(folder / FINGERPRINTS_FILE)
     dups = find_duplicates(fps)
     samples = scanned.samples
@@ -39,11 +43,12 @@ def dedupe(scanned: ScannedSource, folder: Path) -> int:
     distances = hash_distance(fps, removed, kept_for)
     for i, k, bits in zip(removed, kept_for, distances, strict=True):
         how = "an exact copy" if fps["exact"][i] == fps["exact"][k] else f"{bits} bits apart"
-        scanned.skipped.append(
-            Skipped(
-                samples[i].source, f"duplicate of {samples[k].source} ({how}); left out by --dedupe"
-            )
-        )
+        reason = f"duplicate of {samples[k].source} ({how})"
+        if samples[i].label != samples[k].label:
+            mine, theirs = (scanned.classes[samples[x].label] for x in (i, k))
+            reason += f", filed under {mine!r} here and {theirs!r} there: one label is wrong"
+            warn(f"{samples[i].source}: {reason}; --dedupe keeps the {theirs!r} copy")
+        scanned.skipped.append(Skipped(samples[i].source, f"{reason}; left out by --dedupe"))
     keep = np.setdiff1d(np.arange(len(samples)), removed)
     scanned.samples = [samples[i] for i in keep]
     np.save(folder / FINGERPRINTS_FILE, fps[keep])

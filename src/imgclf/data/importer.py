@@ -168,7 +168,7 @@ def _build_cache(
             warn(msg)
         info = _decode_all(scanned, tmp, image_size, workers, warn)
         if dedupe:
-            info["deduplicated"] = remove_duplicates(scanned, tmp)
+            info["deduplicated"] = remove_duplicates(scanned, tmp, warn)
         meta = _finish(scanned, info, tmp, name, source, val_fraction, seed, warn)
         meta["import_seconds"] = round(time.perf_counter() - started, 3)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
